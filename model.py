@@ -1,0 +1,417 @@
+"""
+A Mixture-of-Recursions language model, in one file. Read this, then router.py,
+then kv_cache.py.
+
+The network is a Llama-style decoder (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
+
+  1. Parameter sharing. Of the n_layer layers of a vanilla model, a *recursion
+     block* of n_layer / R layers is kept and applied R times ("sharing"):
+        cycle            layers 1..k, 1..k, ... (the block is reused as a whole)
+        sequence         layers 1,1,..,2,2,..   (each layer repeated in place)
+        middle_cycle     first and last layer unique, the middle shared as cycle
+        middle_sequence  first and last layer unique, the middle shared as sequence
+     middle_cycle was the paper's best and is what every MoR config here uses.
+  2. Routing. Before each recursion step a router (router.py) picks which tokens
+     take part; the others keep their hidden state. A token's *depth* is the
+     number of steps it ran. Vanilla is sharing='none' with R=1; the recursive
+     baseline shares weights but sends every token through all R steps.
+  3. Depth-wise batching. Each step gathers only its active tokens into a packed
+     [N, d] tensor, runs the block on that, and scatters the result back. A
+     token that exited costs nothing: no projection, no MLP, no attention.
+  4. KV caching (kv_cache.py): attention at step r among the tokens active at r
+     (recursion-wise), or against the K/V that step 0 wrote (share-first).
+
+Layers work on packed tokens [N, d] everywhere; only attention (kv_cache.py)
+lays them out as [rows, K] grids for scaled_dot_product_attention.
+"""
+import math
+import os
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kv_cache import KVCache, SequenceKV
+from router import ActiveSet, ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
+
+
+# -----------------------------------------------------------------------------
+# Building blocks (each maps 1:1 onto transformers' LlamaDecoderLayer)
+
+def rotate_half(x):
+    """Rotary embeddings, the rotate-half convention of transformers' Llama."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x [N, heads, hd]; cos/sin [N, hd] for each token's own position."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.n_kv_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, rope, kv, slot, act):
+        """x [N, d] packed active tokens -> [N, d]. kv decides which keys they see."""
+        N = x.shape[0]
+        cos, sin = rope
+        q = apply_rope(self.q_proj(x).view(N, self.n_head, self.head_dim), cos, sin)   # (N, nh, hd)
+        k = v = None
+        if kv.wants_kv(slot):  # share-first: deeper steps reuse step 0's K/V, no projections
+            k = apply_rope(self.k_proj(x).view(N, self.n_kv_head, self.head_dim), cos, sin)  # (N, nkv, hd)
+            v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
+        return self.o_proj(kv.attend(slot, q, k, v, act))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer. Norm weights belong to the layer, so they are shared with it."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, kv, slot, act):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, kv, slot, act))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+# -----------------------------------------------------------------------------
+# Configuration and the layer plan
+
+SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("none", "expert_choice", "token_choice")
+KV_MODES = ("recursion", "share_first")
+
+
+@dataclass
+class MoRConfig:
+    # shape (a Llama decoder)
+    vocab_size: int = 65
+    block_size: int = 256           # context length
+    n_layer: int = 6                # layers of the equivalent vanilla model
+    n_head: int = 6
+    n_kv_head: int = 0              # 0 = n_head (no grouping); fewer = grouped-query attention
+    n_embd: int = 384
+    intermediate_size: int = 0      # 0 = 8/3 * n_embd rounded up to a multiple of 32 (Llama's ratio)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True     # lm_head shares the token embedding matrix
+    # recursion (section 1 of the paper)
+    n_recursion: int = 1            # R: how many times the shared block is applied
+    sharing: str = "none"           # none | cycle | sequence | middle_cycle | middle_sequence
+    # routing (router.py) and caching (kv_cache.py)
+    router: str = "none"            # none (every token, every step) | expert_choice | token_choice
+    kv_mode: str = "recursion"      # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
+    capacity: tuple = ()            # expert-choice keep fraction per step; () = (R - r) / R
+    router_arch: str = "linear"     # linear | mlp
+    router_fn: str = "sigmoid"      # expert-choice gate: sigmoid | tanh
+    router_alpha: float = 0.1       # gate scale g = alpha * sigmoid(logit / temperature)
+    router_temperature: float = 1.0
+    router_aux: str = "loss"        # expert-choice inference rule: loss (BCE on the router) | router (aux router)
+    router_aux_weight: float = 0.001
+    router_z_weight: float = 0.0
+    balancing: str = "loss"         # token-choice: loss | loss_free | none
+    router_balance_weight: float = 0.1
+    balance_bias_rate: float = 1e-3  # loss-free bias step u
+    router_entropy_weight: float = 0.0
+    target_depth: float = 0.0       # token-choice: pull the mean depth towards this (0 = off)
+    target_depth_weight: float = 0.0
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if not self.intermediate_size:
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        self.capacity = tuple(self.capacity)
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.sharing in SHARING, f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        need(self.kv_mode in KV_MODES, f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        need(self.balancing in ("loss", "loss_free", "none"), f"balancing must be loss | loss_free | none")
+        need(self.router_fn in ("sigmoid", "tanh"), f"router_fn must be sigmoid | tanh, got {self.router_fn!r}")
+        need(self.router_aux in ("loss", "router"), f"router_aux must be loss | router, got {self.router_aux!r}")
+        need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
+        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        need(self.n_recursion >= 1, "n_recursion must be >= 1")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.sharing != "none" or self.n_recursion == 1,
+             "sharing='none' means one pass (n_recursion=1); to recurse pick cycle, sequence, middle_cycle or middle_sequence")
+        need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
+        need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
+        if self.router == "expert_choice":
+            cap = self.capacity_schedule(self.n_recursion)
+            need(len(cap) == self.n_recursion, f"capacity needs {self.n_recursion} entries, got {len(cap)}")
+            need(all(0 < c <= 1 for c in cap), f"capacity fractions must lie in (0, 1], got {cap}")
+            need(all(a >= b for a, b in zip(cap, cap[1:])), f"capacity must not increase step to step, got {cap}")
+            need(self.kv_mode != "share_first" or cap[0] == 1,
+                 "kv_mode='share_first' needs every token at step 0 (capacity[0] = 1): step 0 writes the shared K/V")
+
+    def capacity_schedule(self, R):
+        """Expert-choice keep fraction per step: the configured list, or (R - r) / R."""
+        return self.capacity if self.capacity else tuple((R - r) / R for r in range(R))
+
+
+@dataclass
+class LayerPlan:
+    """Which unique layer runs where. layers = [prelude..., shared block..., coda...]."""
+    n_pre: int
+    n_shared: int
+    n_post: int
+    n_recursion: int
+    steps: list        # steps[r] = indices into the unique layers for recursion step r
+    n_dropped: int     # layers of the vanilla count that do not fit the sharing pattern
+
+    @property
+    def n_unique(self):
+        return self.n_pre + self.n_shared + self.n_post
+
+    @property
+    def full_depth_layers(self):
+        return self.n_pre + sum(len(s) for s in self.steps) + self.n_post
+
+    def layers_per_depth(self):
+        """Layer applications a token of depth d costs, d = 0..R (for depth_summary)."""
+        k = self.n_shared if self.n_recursion > 1 else len(self.steps[0])
+        return [self.n_pre + self.n_post + d * k for d in range(self.n_recursion + 1)]
+
+
+def layer_plan(n_layer, R, sharing):
+    """Section 1 of the paper: L layers, R recursions. Layers that don't divide are dropped
+    (R=4 on a 32-layer model with middle_cycle: 1 + 4*7 + 1 = 30 layer applications)."""
+    if sharing == "none":
+        return LayerPlan(0, n_layer, 0, 1, [list(range(n_layer))], 0)
+    middle = sharing.startswith("middle_")
+    edge = 1 if middle else 0
+    inner = n_layer - 2 * edge
+    k = inner // R
+    if k < 1:
+        raise ValueError(f"sharing={sharing!r} with n_layer={n_layer} leaves {inner} layers for "
+                         f"{R} recursions: need n_layer >= {R + 2 * edge}")
+    if sharing.endswith("cycle"):
+        unrolled = [i for _ in range(R) for i in range(k)]     # 1..k, 1..k, ...
+    else:
+        unrolled = [i for i in range(k) for _ in range(R)]     # 1,1,..,2,2,..
+    steps = [[edge + i for i in unrolled[r * k:(r + 1) * k]] for r in range(R)]
+    return LayerPlan(edge, k, edge, R, steps, inner - k * R)
+
+
+# -----------------------------------------------------------------------------
+# The model
+
+class MoR(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.plan = layer_plan(cfg.n_layer, cfg.n_recursion, cfg.sharing)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(self.plan.n_unique))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.router = {"none": None, "expert_choice": ExpertChoiceRouter,
+                       "token_choice": TokenChoiceRouter}[cfg.router]
+        if self.router is not None:
+            self.router = self.router(cfg, cfg.n_recursion)
+        # rotary tables for every position, float32 (cast at use, as transformers does)
+        hd = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)                           # (block_size, hd)
+        self.register_buffer("rope_cos", angles.cos(), persistent=False)
+        self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        # init: N(0, 0.02); residual projections scaled by the number of layer applications
+        self.apply(self._init_weights)
+        depth = self.plan.full_depth_layers
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
+        self.last_depth = None   # [B, T] depth of each token in the last forward
+        self.last_route = None   # RouteState of the last forward: router losses and stats
+        self.last_flops = 0      # forward FLOPs actually executed in the last forward
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Unique parameters (shared layers count once). Tied embeddings counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def rope(self, pos):
+        return self.rope_cos[pos], self.rope_sin[pos]
+
+    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False):
+        """idx [B, T] token ids -> (logits [B, T, V], loss or None).
+
+        kv:   a KVCache to continue from (generation), or None for a whole-sequence pass.
+        rule: how expert-choice picks tokens: 'topk' (training; sees the whole sequence)
+              or 'causal' (threshold / aux router; what generation uses). Default:
+              'topk' in train mode, 'causal' in eval mode. Token-choice is causal always.
+        """
+        cfg, plan = self.config, self.plan
+        B, T = idx.shape
+        start = kv.seq_len if kv is not None else 0
+        if start + T > cfg.block_size:
+            raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
+        rule = rule or ("topk" if self.training else "causal")
+        attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0)
+        state = RouteState()
+
+        h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
+        everyone = ActiveSet.everyone(B, T, start, idx.device)
+        rope_all = self.rope(everyone.pos)
+        flops = 0
+        for i in range(plan.n_pre):                              # unshared first layer(s): every token
+            h = self.layers[i](h, rope_all, attn, ("pre", i), everyone)
+            flops += self._layer_flops(B * T, True)
+        depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
+        act = everyone
+        for r in range(plan.n_recursion):                       # the recursion: R steps of the shared block
+            gate = None
+            if self.router is not None:                          # who runs step r (router.py)
+                act, gate = self.router.route(r, h, act, state, rule)
+            if act.n == 0:
+                break                                            # everyone exited: nothing left to run
+            dense = act.n == B * T
+            x_in = h if dense else h[act.flat]                   # gather: (N, d)
+            rope = rope_all if dense else self.rope(act.pos)
+            x = x_in
+            for j, li in enumerate(plan.steps[r]):
+                x = self.layers[li](x, rope, attn, ("rec", r, j), act)
+                flops += self._layer_flops(act.n, attn.wants_kv(("rec", r, j)))
+            if gate is not None:                                 # h <- h + g * f(h) for the tokens that ran
+                x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
+            h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
+            depth[act.flat] += 1
+        for i in range(plan.n_post):                             # unshared last layer(s): every token
+            li = plan.n_pre + plan.n_shared + i
+            h = self.layers[li](h, rope_all, attn, ("post", i), everyone)
+            flops += self._layer_flops(B * T, True)
+
+        h = h.view(B, T, cfg.n_embd)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(self.norm(h))
+        flops += 2 * h.shape[0] * h.shape[1] * cfg.n_embd * cfg.vocab_size
+        flops += 4 * attn.attn_pairs * cfg.n_embd                # QK^T and AV: 2 * 2 * pairs * heads * hd
+        if kv is not None:
+            kv.seq_len += T
+        self.last_depth, self.last_route, self.last_flops = depth.view(B, T), state, flops
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            if self.training:
+                loss = loss + state.total_loss()
+        return logits, loss
+
+    def _layer_flops(self, n, with_kv):
+        """Matmul FLOPs of one layer over n tokens (attention scores counted separately)."""
+        cfg = self.config
+        hd = cfg.n_embd // cfg.n_head
+        per_token = cfg.n_embd * cfg.n_head * hd * 2 + 3 * cfg.n_embd * cfg.intermediate_size   # q, o, MLP
+        if with_kv:
+            per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
+        return 2 * n * per_token
+
+    def dense_flops_per_token(self, T):
+        """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
+        cfg, n = self.config, self.plan.full_depth_layers
+        return (self._layer_flops(1, True) * n + 2 * cfg.n_embd * cfg.vocab_size
+                + 4 * cfg.n_embd * n * (T + 1) / 2)
+
+    # -- training helpers -------------------------------------------------------
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW; weight decay on matrices (linear weights, embeddings), not on norms."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def depth_stats(self, depth=None):
+        """depth_summary (router.py) of the last forward's depths."""
+        depth = self.last_depth if depth is None else depth
+        return depth_summary(depth.flatten(), self.plan.layers_per_depth())
+
+    # -- generation -------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
+        """Sample max_new_tokens after idx [B, T0] with a KV cache. temperature 0 = greedy.
+
+        Expert-choice decides causally (sigmoid(logit) > 0.5 or the aux router);
+        token-choice by argmax. When the context fills up, the cache is rebuilt from
+        the last half of the context (positions restart at 0, as in training).
+        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths
+        (each token's depth when it was read as input).
+        """
+        B, T0 = idx.shape
+        bs = self.config.block_size
+        if T0 > bs:
+            raise ValueError(f"the prompt is {T0} tokens but the model's context is {bs} (block_size): shorten it")
+        if T0 == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        kv = KVCache(self, B)
+        logits, _ = self(idx, kv=kv, rule="causal", last_only=True)
+        depths = [self.last_depth]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k)          # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+            if i == max_new_tokens - 1 and not return_depths:
+                break              # the last token's logits are not needed
+            if kv.seq_len >= bs:   # context full: keep the last half and re-prefill
+                kv = KVCache(self, B)
+                logits, _ = self(idx[:, -(bs // 2):], kv=kv, rule="causal", last_only=True)
+                depths.append(self.last_depth[:, -1:])
+            else:
+                logits, _ = self(nxt, kv=kv, rule="causal", last_only=True)
+                depths.append(self.last_depth)
+        if return_depths:
+            return idx, torch.cat(depths, dim=1)
+        return idx
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
