@@ -172,9 +172,10 @@ class KVCache:
         is_causal, mask = False, None
         if act.slot is None and st.uniform[off] and L == act.K:
             is_causal = True   # the rows hold exactly this call's tokens: plain causal attention
-        elif not (act.slot is None and act.K == 1 and st.uniform[off]):
+        elif not (act.T == 1 and st.uniform[off]):
             # general case: a key is visible if it exists in its row and is not in the future.
-            # (One new token per row with equal-length rows needs no mask: it sees everything.)
+            # (Decoding one token per row, with equal-length rows, needs no mask: the new
+            # token is the latest, so it sees every entry.)
             valid = torch.arange(L, device=q.device) < lengths[:, None]                          # (rows, L)
             mask = (valid[:, None, :] & (key_pos[:, None, :] <= act.qpos[:, :, None]))[:, None]  # (rows,1,K,L)
         y = sdpa(qg, kg, vg, mask, is_causal=is_causal)

@@ -406,6 +406,85 @@ class MoR(nn.Module):
         return idx
 
 
+# -----------------------------------------------------------------------------
+# Checkpoints and MFU
+
+def save_checkpoint(obj, path):
+    """Atomic save: write a temporary file beside the target, then rename over it.
+    A crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load with weights_only=True (tensors and plain Python values only: no code runs)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}. Train one first (python train.py ...) "
+                         f"or point out_dir at the folder that holds ckpt.pt.")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                         f"It may be truncated or corrupt: delete it and train again, or restore a copy.")
+    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not a nanoMoR checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. Matched against torch.cuda.get_device_name().
+# Order matters: more specific names first.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def gpu_peak_flops(device):
+    """Peak bf16 FLOP/s of the GPU actually present, or None (CPU, MPS, or a GPU not in the table)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)
+
+
+# -----------------------------------------------------------------------------
+# Export: a model without sharing is a LlamaForCausalLM, weight for weight
+
+def export_hf(model, out_dir, tokenizer=None):
+    """Write a transformers LlamaForCausalLM directory (config, safetensors, tokenizer).
+
+    Only a vanilla model (sharing='none', no router) has a Llama equivalent. Our
+    module names are Llama's, so the state dict maps by adding the 'model.' prefix.
+    tokenizer: a data.Tokenizer (its to_hf() gives a transformers tokenizer), or None.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = model.config
+    if cfg.sharing != "none" or cfg.router != "none":
+        raise ValueError(f"only a model without sharing or routing exports to Llama "
+                         f"(this one has sharing={cfg.sharing!r}, router={cfg.router!r})")
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.n_embd // cfg.n_head, max_position_embeddings=cfg.block_size, rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = LlamaForCausalLM(hf_cfg)
+    sd = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+          for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.to_hf().save_pretrained(out_dir)
+    return out_dir
+
+
 def sample_next(logits, temperature=1.0, top_k=None):
     """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
     if temperature == 0:

@@ -147,8 +147,10 @@ class ExpertChoiceRouter(nn.Module):
         self.R = n_recursion
         self.capacity = cfg.capacity_schedule(n_recursion)
         self.nets = nn.ModuleList(RouterNet(cfg.n_embd, 1, cfg.router_arch) for _ in range(self.R))
-        # the auxiliary router: its own weights, trained on detached inputs, decides at inference
-        self.aux_nets = (nn.ModuleList(RouterNet(cfg.n_embd, 1, "mlp") for _ in range(self.R))
+        # the auxiliary router: its own weights, trained on detached inputs, decides at inference.
+        # Steps with capacity 1 choose nothing, so they need none.
+        self.aux_nets = (nn.ModuleDict({str(r): RouterNet(cfg.n_embd, 1, "mlp")
+                                        for r in range(self.R) if self.capacity[r] < 1.0})
                          if cfg.router_aux == "router" else None)
         self.cfg = cfg
 
@@ -170,7 +172,7 @@ class ExpertChoiceRouter(nn.Module):
         if self.capacity[r] >= 1.0:                              # nothing to choose: everyone runs
             state.log_step(r, prev.n, B * T)
             return prev, gate
-        aux_logit = self.aux_nets[r](h_cand.detach()).squeeze(-1) if self.aux_nets is not None else None
+        aux_logit = self.aux_nets[str(r)](h_cand.detach()).squeeze(-1) if self.aux_nets is not None else None
         decide = aux_logit if aux_logit is not None else logit   # the logit the inference rule reads
 
         if rule == "topk":
