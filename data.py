@@ -152,6 +152,19 @@ class Tokenizer:
             return ''.join(map(self.chars.__getitem__, ids))
         return self.enc.decode([self.ids[i] for i in ids])  # bytes split across tokens rejoin here
 
+    def to_hf(self):
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (for model.export_hf).
+        char: every character is a word of a WordLevel vocab; Fuse joins them back without spaces."""
+        if self.kind != 'char':
+            _fail("exporting the remapped bpe vocabulary to transformers is not supported "
+                  "(no HF tokenizer can express the remap): train the model to export with tokenizer='char'")
+        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+        tk = HFTokenizer(models.WordLevel(dict(self.stoi), unk_token='[UNK]'))   # unknown char: an error, as here
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')  # one piece per character
+        tk.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False)
+
 
 # -----------------------------------------------------------------------------
 # Prepare once into flat token files; read them back by memmap

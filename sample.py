@@ -37,12 +37,12 @@ base_layers = 2                 # layers every token runs before routing starts
 keep_ratio = 1.0                # expert_choice: fraction of active tokens that continue at each group
 depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # confidence (top-1 prob) / entropy (nats) exit threshold; None = default
-routers = ""                    # trained router weights (router tuning, train.py config/hf_router_tune.py)
-hard_threshold = 0.5            # trained routers: a token continues when its gate > this
+routers = ""                    # trained router weights for expert_choice / token_choice (a router file)
 no_skip = False                 # run every layer for every token: the exact full-depth mode
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
+export_hf = ""                  # instead of sampling: write out_dir's checkpoint as a transformers Llama folder here
 # -----------------------------------------------------------------------------
 config = configure(globals())
 torch.manual_seed(seed)
@@ -111,7 +111,7 @@ if hf:
     try:
         adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
                                        keep_ratio=keep_ratio, depth=depth, threshold=threshold,
-                                       router_path=routers or None, hard_threshold=hard_threshold)
+                                       router_path=routers or None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
@@ -130,8 +130,8 @@ if hf:
     for row in out:
         print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
         print("---------------")
-    print(f"{stats['generated']} new tokens: {stats['tokens_per_s']:.1f} tok/s, "
-          f"{stats['ms_per_token']:.2f} ms/token (prefill {1000 * stats['prefill_s']:.0f} ms)")
+    print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
+          f"{stats['ms_per_token']:.2f} ms per decode step (prefill {1000 * stats['prefill_s']:.0f} ms)")
     trace = None
     if return_depth_trace:
         row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]
@@ -144,12 +144,19 @@ if hf:
         hf_wrap.write_prometheus(stats, prometheus)
 else:
     # ---- our own checkpoint ------------------------------------------------------
-    from model import MoR, MoRConfig, load_checkpoint
+    from model import MoR, MoRConfig, export_hf as export, load_checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
     tok = data.Tokenizer.from_meta(ckpt["tokenizer"])
+    if export_hf:
+        try:
+            export(model.float(), export_hf, tok)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        print(f"wrote a transformers LlamaForCausalLM to {export_hf}: python sample.py --hf {export_hf}")
+        raise SystemExit(0)
     try:
         ids = tok.encode(prompt)
     except ValueError as e:

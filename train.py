@@ -134,25 +134,24 @@ def get_batch(split, gen):
 # model: from scratch, or resumed from out_dir/ckpt.pt
 model_args = {k: config[k] for k in model_keys if k in config}
 model_args.update(vocab_size=vocab_size, capacity=tuple(capacity))
+try:
+    model_config = MoRConfig(**model_args)   # validates, and fills derived values (n_kv_head, intermediate_size)
+except ValueError as e:
+    raise SystemExit(f"error: bad model config: {e}")
 iter_num, best_val_loss, ckpt = 0, float("inf"), None
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "resume":
     ckpt = load_checkpoint(ckpt_path, device)
-    saved = ckpt["model_args"]
-    diff = {k: (saved.get(k), v) for k, v in model_args.items() if k in saved and saved[k] != v}
+    saved, wanted = ckpt["model_args"], asdict(model_config)
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise SystemExit(f"error: {ckpt_path} does not match this config ({lines}). "
                          f"Resume with the config it was trained with, or use a new out_dir.")
-    model_args = saved
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 elif init_from != "scratch":
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-try:
-    model_config = MoRConfig(**model_args)
-    model = MoR(model_config)
-except ValueError as e:
-    raise SystemExit(f"error: bad model config: {e}")
+model = MoR(model_config)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
@@ -270,7 +269,7 @@ peak = gpu_peak_flops(device)
 dense_fpt = raw_model.dense_flops_per_token(block_size)   # vanilla of the same depth and shape
 if master and peak is None and device_type == "cuda":
     print(f"note: {torch.cuda.get_device_name()} is not in model.py's peak-FLOPs table: MFU is not reported")
-t0 = time.time()
+t0, iters_timed = time.time(), 0
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -285,8 +284,8 @@ while True:
             dv = ev["val_depth"]
             line += f" | val mean depth {dv['mean_depth']:.2f}, compute saved {dv['compute_saved_pct']:.1f}%"
         if router == "expert_choice":
-            agree = " ".join(f"{ev[k]:.3f}" for k in sorted(ev) if k.startswith("agree"))
-            line += f" | top-k val {ev['val_topk']:.4f}, causal rule agrees with top-k: {agree}"
+            agree = ", ".join(f"step {k[5:]} {ev[k]:.3f}" for k in sorted(ev) if k.startswith("agree"))
+            line += f" | top-k val {ev['val_topk']:.4f} | causal rule agrees with top-k: {agree}"
         print(line)
         append_csv(os.path.join(out_dir, "eval_log.csv"),
                    {"iter": iter_num, "train_loss": ev["train"], "val_loss": ev["val"],
@@ -299,6 +298,8 @@ while True:
             print(f"saved {ckpt_path}")
     if eval_only or iter_num >= max_iters:
         break
+    if eval_now:
+        t0, iters_timed = time.time(), 0   # time training only, not evaluation
 
     # forward/backward over gradient_accumulation_steps micro-batches
     flops = 0
@@ -326,10 +327,11 @@ while True:
         raw_model.router.update_bias(load)
 
     iter_num += 1
+    iters_timed += 1
     if iter_num % log_interval == 0 and master:
         if device_type == "cuda":
             torch.cuda.synchronize()
-        dt = (time.time() - t0) / log_interval
+        dt = (time.time() - t0) / iters_timed
         flops = float(flops)
         mfu = flops / dt / peak if peak else None   # per process, against this GPU's peak
         lossf = loss.item() * gradient_accumulation_steps
@@ -337,7 +339,7 @@ while True:
                "tokens_per_s": tokens_per_iter / dt, "mfu": mfu if mfu is not None else "",
                "flops_per_token": flops / 3 / (batch_size * block_size * gradient_accumulation_steps),
                "vanilla_flops_per_token": dense_fpt}
-        row.update({f"loss_{k}": float(v) for k, (w, v) in route.losses.items()})
+        row.update({f"loss_{k}": float(v.detach()) for k, (w, v) in route.losses.items()})
         row.update({k: float(v) for k, v in route.stats.items() if k.startswith("frac")})
         append_csv(os.path.join(out_dir, "train_log.csv"), row)
         extra = ""
@@ -348,7 +350,7 @@ while True:
         print(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {1000 * dt:.1f} ms/iter, "
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, "
               f"GFLOPs/token {row['flops_per_token'] / 1e9:.4f} (vanilla {dense_fpt / 1e9:.4f}){extra}")
-        t0 = time.time()
+        t0, iters_timed = time.time(), 0
     if log_depth_hist_every and iter_num % log_depth_hist_every == 0 and router != "none":
         log_depths(iter_num, "train", raw_model.depth_stats())
 

@@ -222,10 +222,15 @@ def test_loss_free_bias_moves_loads_towards_balance():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_matches_transformers_llama(tmp_path, tie):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from data import Tokenizer
+    text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+    tok = Tokenizer.build("char", text)
     m = tiny(n_layer=3, tie_embeddings=tie, rope_theta=500.0).eval()
-    export_hf(m, tmp_path)
+    export_hf(m, tmp_path, tok)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tok(text)["input_ids"] == tok.encode(text) and hf_tok.decode(tok.encode(text)) == text
     x = torch.randint(0, V, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(m(x)[0], hf(x).logits, atol=1e-5, rtol=1e-5)

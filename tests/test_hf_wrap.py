@@ -1,0 +1,315 @@
+"""
+Tests for hf_wrap.py on tiny random-weight models built from configs (offline, no downloads, a few seconds).
+
+Golden outputs: router "none" must give model.generate's greedy tokens and logits; fixed depth d must equal HF's
+own generate on the model cut to its first base_layers + d-groups layers. Routing must really skip work: forward
+hooks on the projections count the rows each layer is fed.
+"""
+import os
+import sys
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, MistralConfig,
+                          Qwen2Config, Qwen3Config)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hf_wrap  # noqa: E402
+from hf_wrap import DepthAdapter  # noqa: E402
+
+VOCAB, LAYERS = 128, 6
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              initializer_range=0.1, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+CONFIGS = {
+    "llama": lambda **kw: LlamaConfig(**{**COMMON, **kw}),
+    # a window of 8 keys, far shorter than the 40+ generated tokens: the window decides the output
+    "mistral": lambda **kw: MistralConfig(sliding_window=8, **{**COMMON, **kw}),
+    # Qwen2: q/k/v biases, and per-layer types (layers 3..5 sliding) from use_sliding_window + max_window_layers
+    "qwen2": lambda **kw: Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=3,
+                                      **{**COMMON, **kw}),
+    # Qwen3: q_norm/k_norm, and head_dim 32 != hidden_size / heads = 16
+    "qwen3": lambda **kw: Qwen3Config(head_dim=32, **{**COMMON, **kw}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU then cannot stall them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(arch, **kw):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch](**kw)).eval()
+
+
+def prompts(batch):
+    """(ids, mask): batch 1 unpadded, or left-padded rows of lengths 12, 8, 5."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (batch, 12), generator=g)
+    mask = torch.ones_like(ids)
+    for row, n_pad in enumerate([0, 4, 7][:batch]):
+        mask[row, :n_pad] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def hf_greedy(model, ids, mask, n):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+class RowCounter:
+    """Forward hooks on every layer's projections: calls and rows (tokens) each one was fed."""
+
+    NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj")
+
+    def __init__(self, model):
+        self.calls, self.rows, self.handles = {}, {}, []
+        for l, layer in enumerate(model.model.layers):
+            for name in self.NAMES:
+                module = layer.get_submodule(name)
+                self.calls[l, name], self.rows[l, name] = 0, 0
+                self.handles.append(module.register_forward_hook(self._hook(l, name, module.in_features)))
+
+    def _hook(self, l, name, width):
+        def hook(module, args, out):
+            self.calls[l, name] += 1
+            self.rows[l, name] += args[0].numel() // width
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# -----------------------------------------------------------------------------
+# Full depth is the model itself
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_full_depth_matches_generate(arch, batch):
+    model = tiny(arch)
+    ids, mask = prompts(batch)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 40)
+    out, stats = DepthAdapter(model, router="none").generate(ids, attention_mask=mask, max_new_tokens=40,
+                                                             return_logits=True)
+    assert torch.equal(out, ref_ids)
+    torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+    assert stats["compute_saved_pct"] == 0 and stats["kv_only_layer_calls"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_expert_choice_keep_all_is_full_depth(arch):
+    model = tiny(arch)
+    ids, mask = prompts(3)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 24)
+    ad = DepthAdapter(model, router="expert_choice", keep_ratio=1.0)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=24, return_logits=True)
+    assert torch.equal(out, ref_ids)
+    torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+    assert stats["depth_hist"][-1] == stats["tokens"]
+
+
+def test_sliding_window_matters():
+    """Guard for the test above: ignoring Mistral's window would change the output."""
+    model = tiny("mistral")
+    ids, mask = prompts(3)
+    _, ref_logits = hf_greedy(model, ids, mask, 30)
+    ad = DepthAdapter(model)
+    ad.windows = [None] * LAYERS
+    _, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=30, return_logits=True)
+    assert (stats["logits"] - ref_logits).abs().max() > 1e-2
+
+
+# -----------------------------------------------------------------------------
+# Fixed depth: exactly base + d groups, equal to HF on the truncated model
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_fixed_depth_equals_truncated_model(arch):
+    model = tiny(arch)
+    ad = DepthAdapter(model, router="fixed", R=3, base_layers=2, depth=1)   # groups of layers 2-3, 4, 5
+    n_layers = ad.layers_per_depth[1]
+    assert n_layers == 4
+    cut = AutoModelForCausalLM.from_config(CONFIGS[arch](num_hidden_layers=n_layers)).eval()
+    cut.load_state_dict(model.state_dict(), strict=False)
+    ids, mask = prompts(3)
+    ref_ids, ref_logits = hf_greedy(cut, ids, mask, 70)
+    counter = RowCounter(model)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=70, return_logits=True)
+    counter.remove()
+    assert torch.equal(out, ref_ids)
+    torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+    chunks = 1 + 69                                                # prefill + decode steps
+    for l in range(LAYERS):
+        for name in RowCounter.NAMES:
+            assert counter.calls[l, name] == (chunks if l < n_layers else 0), (l, name)
+    assert stats["depth_hist"] == [0, stats["tokens"], 0, 0] and stats["kv_only_layer_calls"] == 0
+
+
+# -----------------------------------------------------------------------------
+# Routed: exited tokens get no compute; K/V of exited tokens stay consistent
+
+def test_exited_tokens_get_no_compute():
+    model = tiny("qwen2")
+    ad = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=4, base_layers=2)   # groups of 1 layer
+    ids, mask = prompts(3)
+    counter = RowCounter(model)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=20, return_trace=True)
+    counter.remove()
+    depths = torch.tensor([d for _, _, d in stats["trace"]])
+    T0, steps = ids.shape[1], stats["new_tokens"] - 1
+    for l in range(ad.base_layers):                                 # base layers: every slot, padding included
+        assert counter.rows[l, "mlp.gate_proj"] == 3 * (T0 + steps)
+    kv_only = 0
+    for g, group in enumerate(ad.groups):
+        for l in group:
+            ran = int((depths > g).sum())                           # tokens whose depth covers group g
+            for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):
+                assert counter.rows[l, name] == ran, (l, name)
+            kv_only += counter.rows[l, "self_attn.k_proj"] - ran    # the rest of k_proj's rows: K/V-only fill
+    assert kv_only == stats["kv_only_layer_calls"] > 0
+    assert 0 < stats["compute_saved_pct"] < 100
+
+
+def test_group_skipped_when_every_row_exits():
+    model = tiny("llama")
+    ids, mask = prompts(3)
+    # every top-1 probability is >= 1e-6: all tokens exit after the base layers
+    ad = DepthAdapter(model, router="confidence", threshold=1e-6)
+    counter = RowCounter(model)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=30)
+    counter.remove()
+    for l in range(ad.base_layers, LAYERS):
+        for name in RowCounter.NAMES:
+            assert counter.calls[l, name] == 0, (l, name)
+    assert stats["depth_hist"][0] == stats["tokens"] and stats["easy"] == stats["tokens"]
+    fixed0, _ = DepthAdapter(model, router="fixed", depth=0).generate(ids, attention_mask=mask, max_new_tokens=30)
+    assert torch.equal(out, fixed0)
+
+
+def test_token_choice_group_calls_follow_the_trace():
+    """Decode: group g is launched at a step only if some row's token goes that deep."""
+    model = tiny("mistral")
+    ad = DepthAdapter(model, router="token_choice", R=4)
+    ids, mask = prompts(3)
+    counter = RowCounter(model)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=30, return_trace=True)
+    counter.remove()
+    by_column = {}
+    for _, col, d in stats["trace"]:
+        by_column[col] = max(by_column.get(col, 0), d)
+    T0 = ids.shape[1]
+    decode_max = [by_column[c] for c in sorted(by_column) if c >= T0]
+    prefill_max = max(by_column[c] for c in by_column if c < T0)
+    for g, group in enumerate(ad.groups):
+        launches = (prefill_max > g) + sum(d > g for d in decode_max)
+        assert all(counter.calls[l, "mlp.gate_proj"] == launches for l in group), g
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_routed_decode_equals_one_shot_prefill(arch):
+    """Over 70 tokens at batch 3 (left padded), decoding token by token (lazy K/V fill across steps) must equal
+    one prefill of the whole sequence (fill inside one chunk): same depths per token, same final logits.
+    token_choice decides per token from its own state, so both runs route identically."""
+    model = tiny(arch)
+    ad = DepthAdapter(model, router="token_choice", R=4)
+    ids, mask = prompts(3)
+    out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=70, return_trace=True, return_logits=True)
+    assert stats["kv_only_layer_calls"] > 0 and 0 < stats["mean_depth"] < 4
+    full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - 1 - ids.shape[1], dtype=mask.dtype)], 1)
+    _, again = ad.generate(out[:, :-1], attention_mask=full_mask, max_new_tokens=1, return_trace=True,
+                           return_logits=True)
+    assert sorted(again["trace"]) == sorted(stats["trace"])
+    torch.testing.assert_close(again["logits"][:, 0], stats["logits"][:, -1], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(stats["logits"]).all()
+
+
+def test_threshold_routers_count_difficulty():
+    model = tiny("qwen3")
+    ids, mask = prompts(3)
+    for router, threshold in [("confidence", 0.05), ("entropy", 4.5)]:
+        _, stats = DepthAdapter(model, router=router, threshold=threshold).generate(ids, attention_mask=mask,
+                                                                                    max_new_tokens=16)
+        assert stats["easy"] + stats["medium"] + stats["hard"] == stats["tokens"] == 3 * 15
+
+
+# -----------------------------------------------------------------------------
+# Learned routers: warning when random, file round trip
+
+def test_random_router_warns(capsys):
+    DepthAdapter(tiny("llama"), router="token_choice")
+    assert "WARNING" in capsys.readouterr().err
+    DepthAdapter(tiny("llama"), router="expert_choice", keep_ratio=0.5)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "random" in err.lower()
+
+
+def test_router_file_round_trip(tmp_path, capsys):
+    model = tiny("llama")
+    path = str(tmp_path / "routers.pt")
+    a = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=3)
+    for router in a.routers:                         # stand-in for training: an MLP router would work the same
+        torch.nn.init.normal_(router.net.weight)
+    a.save_routers(path, steps=0)
+    capsys.readouterr()
+    b = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=3, router_path=path)
+    assert "WARNING" not in capsys.readouterr().err
+    for pa, pb in zip(a.routers.parameters(), b.routers.parameters()):
+        assert torch.equal(pa, pb)
+    ids, mask = prompts(3)
+    out_a, st_a = a.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
+    out_b, st_b = b.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
+    assert torch.equal(out_a, out_b) and st_a["trace"] == st_b["trace"]
+    mlp = DepthAdapter(model, router="token_choice", R=3)
+    mlp.routers = hf_wrap.make_routers("token_choice", 64, 3, mlp_hidden=16)
+    mlp.save_routers(str(tmp_path / "mlp.pt"))
+    loaded = DepthAdapter(model, router="token_choice", R=3, router_path=str(tmp_path / "mlp.pt"))
+    assert loaded.routers[0].mlp_hidden == 16
+    with pytest.raises(ValueError, match="R"):
+        DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=2, router_path=path)
+
+
+# -----------------------------------------------------------------------------
+# Errors a person can act on
+
+def test_bad_arguments():
+    model = tiny("llama")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
+        DepthAdapter(gpt2)
+    cases = [dict(router="mod"), dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(R=5, base_layers=2),
+             dict(base_layers=0), dict(router="fixed"), dict(router="fixed", depth=5),
+             dict(router="confidence", threshold=1.5)]
+    for kwargs in cases:
+        with pytest.raises(ValueError):
+            DepthAdapter(model, **kwargs)
+    ids, mask = prompts(3)
+    with pytest.raises(ValueError, match="LEFT"):
+        DepthAdapter(model).generate(ids, attention_mask=mask.flip(1))
+
+
+def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="not a directory"):
+        hf_wrap.load_hf(str(tmp_path / "missing"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="cache"):
+        hf_wrap.load_hf("nanomor-tests/not-a-cached-model")
+    tiny("qwen3").save_pretrained(tmp_path / "qwen3")
+    model, tokenizer = hf_wrap.load_hf(str(tmp_path / "qwen3"))
+    assert model.config.model_type == "qwen3" and tokenizer is None
+    assert "tokenizer is None" in capsys.readouterr().err
+
+
+def test_stats_writers(tmp_path):
+    _, stats = DepthAdapter(tiny("llama"), router="fixed", depth=2).generate(prompts(1)[0], max_new_tokens=5)
+    hf_wrap.write_stats_csv(stats, str(tmp_path / "s.csv"))
+    text = (tmp_path / "s.csv").read_text()
+    assert "mean_depth,2.0" in text and "depth_hist_2,4" in text
+    hf_wrap.write_prometheus(stats, str(tmp_path / "s.prom"))
+    prom = (tmp_path / "s.prom").read_text()
+    assert 'nanomor_depth_tokens{depth="2"} 4' in prom and "nanomor_tokens_per_s " in prom

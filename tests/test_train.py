@@ -1,0 +1,127 @@
+"""train.py and sample.py end to end, as a user runs them: training smoke runs, resume
+that continues (not replays) the run, clear errors for bad input, sampling from every
+router's checkpoint, and DDP through torchrun on CPU (gloo)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device=cpu", "--n_layer=4", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--compile=False"]
+
+
+def run(script, *args, ok=True, env=None):
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Shakespeare prepared once for this module."""
+    import data
+    d = str(tmp_path_factory.mktemp("data"))
+    data.prepare("shakespeare", "char", d)
+    return d
+
+
+def test_smoke_train_then_sample(tmp_path, data_dir):
+    out = str(tmp_path / "out")
+    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3")
+    assert "step 6:" in p.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    with open(os.path.join(out, "train_log.csv")) as f:
+        header = f.readline()
+    for col in ("loss", "lr", "ms_per_iter", "tokens_per_s", "mfu"):
+        assert col in header
+    s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=20", "--prompt=ROMEO:", "--device=cpu")
+    assert "\nROMEO:" in s.stdout and "tok/s" in s.stdout
+
+
+def test_resume_continues_exactly(tmp_path, data_dir):
+    """8 iterations straight == 4 iterations, then resume to 8: same weights, same optimizer state."""
+    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run("train.py", *common, f"--out_dir={a}", "--max_iters=8")
+    run("train.py", *common, f"--out_dir={b}", "--max_iters=4")
+    first_leg = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    run("train.py", *common, f"--out_dir={b}", "--max_iters=8", "--init_from=resume")
+    ca = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)
+    cb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    assert first_leg["iter_num"] == 4 and ca["iter_num"] == cb["iter_num"] == 8
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert not torch.equal(first_leg["model"]["layers.0.mlp.up_proj.weight"], cb["model"]["layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_errors_are_clear(tmp_path, data_dir):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3", ok=False)
+    assert p.returncode != 0 and "n_layer" in p.stderr and "does not match" in p.stderr
+    ckpt = os.path.join(out, "ckpt.pt")
+    good = open(ckpt, "rb").read()
+    with open(ckpt, "wb") as f:
+        f.write(good[: len(good) // 2])   # a truncated file
+    for script, args in (("train.py", [*TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume"]),
+                         ("sample.py", [f"--out_dir={out}", "--device=cpu"])):
+        p = run(script, *args, ok=False)
+        assert p.returncode != 0 and "corrupt" in p.stderr and "Traceback" not in p.stderr
+    p = run("sample.py", f"--out_dir={tmp_path / 'nowhere'}", ok=False)
+    assert "no checkpoint" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_keys_and_values(tmp_path):
+    p = run("train.py", "--lerning_rate=0.1", ok=False)
+    assert p.returncode != 0 and "learning_rate" in p.stderr and "Traceback" not in p.stderr
+    p = run("train.py", "--max_iters=lots", ok=False)
+    assert p.returncode != 0 and "max_iters" in p.stderr and "Traceback" not in p.stderr
+    p = run("train.py", "config/nope.py", ok=False)
+    assert p.returncode != 0 and "nope.py" in p.stderr and "Traceback" not in p.stderr
+    p = run("train.py", "--sharing=spiral", "--n_recursion=2", f"--out_dir={tmp_path}", f"--data_dir={tmp_path}",
+            "--max_iters=0", ok=False)
+    assert p.returncode != 0 and "sharing must be one of" in p.stderr and "Traceback" not in p.stderr
+    assert "learning_rate" in run("train.py", "--help").stdout
+
+
+@pytest.mark.parametrize("variant", [
+    ["--router=expert_choice", "--kv_mode=recursion"],
+    ["--router=expert_choice", "--kv_mode=share_first", "--router_aux=router"],
+    ["--router=token_choice", "--kv_mode=share_first", "--balancing=loss_free"],
+])
+def test_every_router_checkpoint_samples_with_depths(tmp_path, data_dir, variant):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycle", *variant,
+        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
+        "--log_depth_hist_every=1")
+    assert os.path.exists(os.path.join(out, "depth_hist.csv"))
+    csv_path = str(tmp_path / "hist.csv")
+    s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=30", "--return_depth_trace", f"--csv={csv_path}",
+            "--device=cpu", "--prompt=KING:")
+    assert "depth trace" in s.stdout and "compute saved" in s.stdout and "depth 3 |" in s.stdout
+    assert open(csv_path).readline().strip() == "depth,tokens,fraction"
+
+
+def test_prompt_longer_than_context(tmp_path, data_dir):
+    out = str(tmp_path / "out")
+    run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1")
+    p = run("sample.py", f"--out_dir={out}", "--prompt=" + "a" * 40, "--device=cpu", ok=False)
+    assert p.returncode != 0 and "context" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_with_torchrun(tmp_path, data_dir):
+    out = str(tmp_path / "out")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run([*torchrun, "train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}",
+                        "--max_iters=4", "--eval_interval=2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 process(es)" in p.stdout and "step 4:" in p.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert len(ckpt["rng"]["train_gen"]) == 2    # each rank's batch stream saved for resume
