@@ -143,6 +143,7 @@ class KVCache:
         self.R = model.plan.n_recursion
         self.stores = {}   # ('pre', i) / ('rec', j) / ('post', i) -> _Store (created on first write)
         self.seq_len = 0   # tokens fed so far; the next token's position
+        self.horizon = None  # continuous batching: rows differ in length; read this many slots (set per call)
         self.dropout_p = 0.0
         self.attn_pairs = 0
 
@@ -150,9 +151,10 @@ class KVCache:
         return not _shares_first(self.kv_mode, slot)
 
     def _where(self, slot):
-        """The store a slot reads and writes, and its row offset in that store."""
-        if slot[0] != "rec":
-            return slot, 0
+        """The store a slot reads and writes, and its row offset in that store.
+        ('rec', None, j): continuous batching, the ActiveSet already holds storage rows."""
+        if slot[0] != "rec" or slot[1] is None:
+            return (slot if slot[0] != "rec" else ("rec", slot[2])), 0
         r = 0 if self.kv_mode == "share_first" else slot[1]
         return ("rec", slot[2]), r * self.B
 
@@ -161,7 +163,7 @@ class KVCache:
         if k is not None:
             self._write(key, off, k, v, act)
         st = self.stores[key]
-        L = st.bound[off]                                              # upper bound on keys per row
+        L = self.horizon or st.bound[off]                              # upper bound on keys per row
         if act.all_rows:   # every batch row is in this call: slice, no copy
             sl = slice(off, off + self.B)
             kg, vg, lengths, key_pos = st.k[sl, :, :L], st.v[sl, :, :L], st.length[sl], st.pos[sl, :L]
@@ -187,7 +189,7 @@ class KVCache:
             rows = self.B * (self.R if key[0] == "rec" and self.kv_mode == "recursion" else 1)
             self.stores[key] = _Store(rows, self.n_kv_head, self.max_len, self.head_dim, k.dtype, k.device)
         st = self.stores[key]
-        if st.bound.get(off, 0) + act.K > self.max_len:
+        if self.horizon is None and st.bound.get(off, 0) + act.K > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} tokens); generate() re-prefills before this")
         b = act.b + off
         w = st.length[b] + act.s                                       # write index inside each row

@@ -405,6 +405,111 @@ class MoR(nn.Module):
             return idx, torch.cat(depths, dim=1)
         return idx
 
+    @torch.no_grad()
+    def generate_continuous(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Continuous depth-wise batching (the paper's section 2.3 throughput engine).
+
+        generate() runs recursion step r on the rows whose token reached step r, so
+        calls shrink step by step: at decode, a call costs about the same whether it
+        has 3 rows or 32 (reading the block's weights dominates). Here every call of
+        the shared block takes one in-flight token from *each* sequence, whatever step
+        that token is at: the weights are the same at every step, so one call serves
+        them all. A token that exits goes through the last layer, the LM head and
+        sampling; its sequence's next token runs the first layer and rejoins the pool
+        at step 0 in the same tick. The block always runs on a full batch, and a
+        token costs exactly as many block applications as its depth.
+
+        Each token sees exactly what it sees in generate(), so the outputs are the same
+        (a test checks it). Needs cycle or middle_cycle sharing (one block for every
+        step), recursion-wise caching, and capacity 1 at step 0. The prompt is
+        prefilled as in generate(). Returns (idx [B, T0 + new], depths [B, new - 1]
+        of the decoded tokens, stats {ticks, block_rows, mean rows per block call}).
+        """
+        cfg, plan, dev = self.config, self.plan, idx.device
+        if not (cfg.sharing.endswith("cycle") and plan.n_recursion > 1) or cfg.kv_mode != "recursion":
+            raise ValueError("continuous depth-wise batching needs one block for every step (sharing cycle or "
+                             "middle_cycle) and kv_mode='recursion'")
+        if cfg.router == "expert_choice" and cfg.capacity_schedule(plan.n_recursion)[0] < 1:
+            raise ValueError("continuous depth-wise batching needs capacity 1 at step 0")
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > cfg.block_size:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size "
+                             f"{cfg.block_size}: continuous decoding does not re-prefill")
+        kv = KVCache(self, B)
+        logits, _ = self(idx, kv=kv, rule="causal", last_only=True)        # prefill, as in generate()
+        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        out[:, 0] = sample_next(logits[:, -1], temperature, top_k)[:, 0]
+        n_out = torch.ones(B, dtype=torch.long, device=dev)               # tokens generated per sequence
+        depths = torch.zeros(B, max(0, max_new_tokens - 1), dtype=torch.long, device=dev)
+        pos = torch.full((B,), T0, dtype=torch.long, device=dev)          # position of each in-flight token
+        h = torch.zeros(B, cfg.n_embd, device=dev, dtype=self.embed_tokens.weight.dtype)
+        step = torch.zeros(B, dtype=torch.long, device=dev)               # the step each token runs next
+        gate = torch.ones(B, device=dev)
+        memo = {"depth": torch.zeros(B, dtype=torch.long, device=dev), "p": torch.ones(B, device=dev)}
+        shared = plan.steps[0]                                            # the block, the same at every step
+        ticks = rows_run = 0
+
+        def edge_layers(x, lanes, which):
+            """The unshared first or last layer(s), one token per lane, each lane its own row."""
+            act = ActiveSet.one_per_row(lanes, pos[lanes])
+            first = plan.n_pre + plan.n_shared if which == "post" else 0
+            for i in range(plan.n_pre if which == "pre" else plan.n_post):
+                x = self.layers[first + i](x, self.rope(pos[lanes]), kv, (which, i), act)
+            return x
+
+        def enter(lanes):
+            """A new token per lane: embed, first layer(s), and the step-0 routing decision."""
+            kv.horizon = int(pos.max()) + 1
+            x = edge_layers(self.embed_tokens(out[lanes, n_out[lanes] - 1]), lanes, "pre")
+            h[lanes] = x.to(h.dtype)
+            step[lanes] = 0
+            if self.router is not None:
+                keep, g = self.router.decide(0, x, lanes, pos[lanes], memo)
+                assert bool(keep.all()), "step 0 takes every token"
+                gate[lanes] = 1.0 if g is None else g.float()
+
+        alive = n_out < max_new_tokens
+        enter(alive.nonzero().squeeze(1))
+        while bool(alive.any()):
+            lanes = alive.nonzero().squeeze(1)                            # every in-flight token: a full call
+            kv.horizon = int(pos.max()) + 1
+            act = ActiveSet.one_per_row(step[lanes] * B + lanes, pos[lanes])   # cache row of (step, sequence)
+            x_in = h[lanes]
+            x = x_in
+            for j, li in enumerate(shared):
+                x = self.layers[li](x, self.rope(pos[lanes]), kv, ("rec", None, j), act)
+            if self.router is not None and not getattr(self.router, "forced", False):
+                x = x_in + gate[lanes, None].to(x.dtype) * (x - x_in)    # h <- h + g * f(h)
+            h[lanes] = x
+            step[lanes] += 1
+            ticks, rows_run = ticks + 1, rows_run + lanes.numel()
+            # route: which tokens go on to their next step
+            go_on = step[lanes] < plan.n_recursion
+            if self.router is not None:
+                for r in range(1, plan.n_recursion):
+                    at = (step[lanes] == r).nonzero().squeeze(1)
+                    if at.numel():
+                        keep, g = self.router.decide(r, h[lanes[at]], lanes[at], pos[lanes[at]], memo)
+                        go_on[at] = keep
+                        if g is not None:
+                            gate[lanes[at]] = g.float()
+            done = lanes[~go_on]
+            if done.numel() == 0:
+                continue
+            # exits: last layer(s), LM head, sampling; then the sequence's next token enters
+            x = edge_layers(h[done], done, "post")
+            logits = self.lm_head(self.norm(x))
+            depths[done, n_out[done] - 1] = step[done]
+            out[done, n_out[done]] = sample_next(logits, temperature, top_k)[:, 0]
+            n_out[done] += 1
+            pos[done] += 1
+            alive = n_out < max_new_tokens
+            nxt = done[alive[done]]
+            if nxt.numel():
+                enter(nxt)
+        stats = {"ticks": ticks, "block_rows": rows_run, "rows_per_block_call": rows_run / max(1, ticks)}
+        return torch.cat((idx, out), dim=1), depths, stats
+
 
 # -----------------------------------------------------------------------------
 # Checkpoints and MFU

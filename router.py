@@ -113,6 +113,15 @@ class ActiveSet:
         return ActiveSet(flat, b, s, start + t, rows, counts, qpos, valid, None if full else slot,
                          B, T, K, n_rows == B, start)
 
+    @staticmethod
+    def one_per_row(rows, pos):
+        """One token for each of `rows` (cache rows), at positions pos [n]: continuous batching,
+        where every item of a call comes from its own sequence (and recursion step)."""
+        n, dev = rows.numel(), rows.device
+        ones = torch.ones(n, dtype=torch.long, device=dev)
+        return ActiveSet(rows, rows, torch.zeros_like(rows), pos, rows, ones, pos[:, None], None, None,
+                         n, 1, 1, False, -1)
+
     def subset(self, keep):
         """The tokens of this set where keep [N] is True (hierarchical selection)."""
         mask = torch.zeros(self.B * self.T, dtype=torch.bool, device=keep.device)
@@ -159,6 +168,20 @@ class ExpertChoiceRouter(nn.Module):
         z = logit / self.cfg.router_temperature
         return self.cfg.router_alpha * (torch.sigmoid(z) if self.cfg.router_fn == "sigmoid" else torch.tanh(z))
 
+    def decide(self, r, h, lanes=None, pos=None, memo=None):
+        """The causal rule for tokens about to enter step r, h [N, d] -> (keep [N] bool, gate [N]).
+
+        A token continues when sigmoid(logit) > 0.5, i.e. logit > 0 (or the aux router's
+        logit): it reads only the token itself, so no future token can change it.
+        (lanes, pos, memo: unused here; token-choice and forced depths need them.)
+        """
+        logit = self.nets[r](h).squeeze(-1)
+        gate = self.gate(logit)
+        if self.capacity[r] >= 1.0:                              # nothing to choose: everyone runs
+            return torch.ones_like(logit, dtype=torch.bool), gate
+        decide = self.aux_nets[str(r)](h).squeeze(-1) if self.aux_nets is not None else logit
+        return decide > 0, gate
+
     def route(self, r, h, prev, state, rule):
         """Pick the tokens that run step r among prev (the tokens that ran step r-1).
 
@@ -167,43 +190,65 @@ class ExpertChoiceRouter(nn.Module):
         """
         cfg, B, T = self.cfg, prev.B, prev.T
         h_cand = h if prev.n == B * T else h[prev.flat]          # router sees candidates only
-        logit = self.nets[r](h_cand).squeeze(-1)                 # [Nc]
-        gate = self.gate(logit)
-        if self.capacity[r] >= 1.0:                              # nothing to choose: everyone runs
-            state.log_step(r, prev.n, B * T)
-            return prev, gate
-        aux_logit = self.aux_nets[str(r)](h_cand.detach()).squeeze(-1) if self.aux_nets is not None else None
-        decide = aux_logit if aux_logit is not None else logit   # the logit the inference rule reads
+        if rule == "causal" or self.capacity[r] >= 1.0:
+            keep, gate = self.decide(r, h_cand)
+            act = prev if self.capacity[r] >= 1.0 else prev.subset(keep)
+            state.log_step(r, act.n, B * T)
+            return act, (gate if act is prev else gate[keep])
 
-        if rule == "topk":
-            # Training: exactly k = capacity_r * T tokens per sequence. Candidates fill
-            # a full [B, Kc] grid because every row kept the same count at step r-1.
-            assert prev.slot is None and prev.all_rows, "top-k routing needs full rows; use rule='causal'"
-            k = max(1, int(self.capacity[r] * T))
-            Kc = prev.K
-            top = logit.view(B, Kc).topk(min(k, Kc), dim=1).indices.sort(dim=1).values   # keep causal order
-            chosen = prev.flat.view(B, Kc).gather(1, top)                                  # [B, k] in the call
-            act = ActiveSet.from_topk(chosen % T, B, T, prev.start)
-            target = torch.zeros_like(logit).view(B, Kc).scatter(1, top, 1.0).view(-1)
-            # Auxiliary loss: train `decide` towards the top-k decision so that
-            # sigmoid(decide) > 0.5 reproduces it causally at inference.
-            state.add_loss("aux", cfg.router_aux_weight, F.binary_cross_entropy_with_logits(decide, target))
-            state.add_stat(f"agree{r}", ((decide > 0).float() == target).float().mean())
-            gate = gate.view(B, Kc).gather(1, top).view(-1)
-        else:
-            # Inference: a token continues when sigmoid(logit) > 0.5. Only the token
-            # itself is read, so no future token can change a past decision.
-            keep = decide > 0
-            act = prev.subset(keep)
-            gate = gate[keep]
+        # Training: exactly k = capacity_r * T tokens per sequence. Candidates fill a
+        # full [B, Kc] grid because every row kept the same count at step r-1.
+        assert prev.slot is None and prev.all_rows, "top-k routing needs full rows; use rule='causal'"
+        logit = self.nets[r](h_cand).squeeze(-1)                 # [Nc]
+        k, Kc = max(1, int(self.capacity[r] * T)), prev.K
+        top = logit.view(B, Kc).topk(min(k, Kc), dim=1).indices.sort(dim=1).values   # keep causal order
+        chosen = prev.flat.view(B, Kc).gather(1, top)                                  # [B, k] in the call
+        act = ActiveSet.from_topk(chosen % T, B, T, prev.start)
+        gate = self.gate(logit).view(B, Kc).gather(1, top).view(-1)
+        # Auxiliary loss: train the deciding logit towards the top-k decision, so that
+        # sigmoid(logit) > 0.5 reproduces it causally at inference.
+        decide = self.aux_nets[str(r)](h_cand.detach()).squeeze(-1) if self.aux_nets is not None else logit
+        target = torch.zeros_like(logit).view(B, Kc).scatter(1, top, 1.0).view(-1)
+        state.add_loss("aux", cfg.router_aux_weight, F.binary_cross_entropy_with_logits(decide.float(), target.float()))
+        state.add_stat(f"agree{r}", ((decide > 0).float() == target).float().mean())
         if cfg.router_z_weight > 0:  # one logit per token: its logsumexp is the logit itself
             state.add_loss("z", cfg.router_z_weight, logit.float().pow(2).mean())
         state.log_step(r, act.n, B * T)
         return act, gate
 
 
-class TokenChoiceRouter(nn.Module):
+class _DepthFirst(nn.Module):
+    """Routers that fix each token's depth before the first step (token-choice, forced).
+    Subclasses give assign(h, b, pos) -> (depth [N] in 1..R, gate at the last step [N] or None)."""
+
+    def route(self, r, h, prev, state, rule):
+        B, T = prev.B, prev.T
+        if r == 0:
+            state.tc = self.assign(h, prev.b, prev.pos, state)
+        depth, p = state.tc
+        act = prev if r == 0 else ActiveSet.from_mask((depth > r).view(B, T), prev.start)
+        state.log_step(r, act.n, B * T)
+        if p is None:
+            return act, None
+        # the output at a token's last step is gated by the probability of its choice
+        d, p = (depth, p) if act.n == B * T else (depth[act.flat], p[act.flat])
+        return act, torch.where(d == r + 1, p.to(h.dtype), 1.0)
+
+    def decide(self, r, h, lanes, pos, memo):
+        """Continuous batching: the same rule per token; memo keeps each lane's choice."""
+        if r == 0:
+            d, p = self.assign(h, lanes, pos, RouteState())
+            memo["depth"][lanes] = d
+            if p is not None:
+                memo["p"][lanes] = p.float()
+        d = memo["depth"][lanes]
+        gate = None if self.forced else torch.where(d == r + 1, memo["p"][lanes].to(h.dtype), 1.0)
+        return d > r, gate
+
+
+class TokenChoiceRouter(_DepthFirst):
     """One router before the first step: each token picks its depth 1..R."""
+    forced = False
 
     def __init__(self, cfg, n_recursion):
         super().__init__()
@@ -213,17 +258,16 @@ class TokenChoiceRouter(nn.Module):
         self.register_buffer("bias", torch.zeros(n_recursion), persistent=True)
         self.cfg = cfg
 
-    def route(self, r, h, prev, state, rule):
-        cfg, B, T = self.cfg, prev.B, prev.T
-        if r == 0:
-            logit = self.net(h).float() / cfg.router_temperature      # [B*T, R]
-            prob = logit.softmax(-1)
-            score = prob + self.bias if cfg.balancing == "loss_free" else prob
-            choice = score.argmax(-1)                                  # depth - 1
-            state.tc = (choice + 1, prob.gather(1, choice[:, None]).squeeze(1))
-            load = torch.bincount(choice, minlength=self.R).float() / choice.numel()   # f_i
-            state.add_stat("load", load.detach())
-            if cfg.balancing == "loss" and self.training:   # Switch-style: R * sum_i f_i * P_i
+    def assign(self, h, b, pos, state):
+        cfg = self.cfg
+        logit = self.net(h).float() / cfg.router_temperature      # [N, R]
+        prob = logit.softmax(-1)
+        score = prob + self.bias if cfg.balancing == "loss_free" else prob
+        choice = score.argmax(-1)                                  # depth - 1
+        load = torch.bincount(choice, minlength=self.R).float() / choice.numel()   # f_i
+        state.add_stat("load", load)
+        if self.training:
+            if cfg.balancing == "loss":   # Switch-style: R * sum_i f_i * P_i
                 state.add_loss("balance", cfg.router_balance_weight, self.R * (load * prob.mean(0)).sum())
             if cfg.router_z_weight > 0:
                 state.add_loss("z", cfg.router_z_weight, torch.logsumexp(logit, -1).pow(2).mean())
@@ -233,18 +277,29 @@ class TokenChoiceRouter(nn.Module):
             if cfg.target_depth > 0:  # pull the expected depth towards a compute budget
                 expected = (prob * torch.arange(1, self.R + 1, device=h.device)).sum(-1).mean()
                 state.add_loss("depth", cfg.target_depth_weight, (expected - cfg.target_depth) ** 2)
-        depth, p = state.tc
-        act = prev if r == 0 else ActiveSet.from_mask((depth > r).view(B, T), prev.start)
-        # the output at a token's last step is gated by the probability of its choice
-        d = depth if act.n == B * T else depth[act.flat]
-        gate = torch.where(d == r + 1, (p if act.n == B * T else p[act.flat]).to(h.dtype), 1.0)
-        state.log_step(r, act.n, B * T)
-        return act, gate
+        return choice + 1, prob.gather(1, choice[:, None]).squeeze(1)
 
     @torch.no_grad()
     def update_bias(self, load):
         """Loss-free balancing, after each optimizer step: bias_i += u * sign(mean load - load_i)."""
         self.bias += self.cfg.balance_bias_rate * torch.sign(load.mean() - load)
+
+
+class ForcedDepthRouter(_DepthFirst):
+    """Benchmarks only: each token's depth is a fixed hash of (row, position), drawn from
+    `probs` (probabilities of depths 1..R). Throughput at a chosen depth distribution,
+    independent of (untrained) router weights; no gates."""
+    forced = True
+
+    def __init__(self, probs):
+        super().__init__()
+        self.R = len(probs)
+        self.register_buffer("cum", torch.tensor(probs, dtype=torch.float64).cumsum(0), persistent=False)
+
+    def assign(self, h, b, pos, state):
+        u = ((pos * 2654435761 + b * 40503 + 12345) % 2**32).double() / 2**32   # uniform-ish in [0, 1)
+        depth = torch.searchsorted(self.cum.to(u.device), u, right=True).clamp(max=self.R - 1) + 1
+        return depth, None
 
 
 class RouteState:

@@ -257,3 +257,36 @@ def test_export_refuses_shared_models(tmp_path):
 def test_bad_configs_explain_themselves(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny(**kw)
+
+
+@pytest.mark.parametrize("kw,forced", [
+    (dict(n_recursion=3, sharing="middle_cycle", router="expert_choice"), False),
+    (dict(n_recursion=3, sharing="cycle", router="token_choice"), False),
+    (dict(n_recursion=3, sharing="middle_cycle"), False),
+    (dict(n_recursion=4, sharing="middle_cycle", router="expert_choice"), True),
+])
+def test_continuous_batching_decodes_the_same_tokens(kw, forced):
+    """Continuous depth-wise batching mixes tokens of different sequences and depths in one
+    block call; every token must still see exactly what per-step decoding shows it."""
+    from router import ForcedDepthRouter
+    m = spread_router(tiny(n_layer=6, **kw)).eval()
+    if forced:
+        m.router = ForcedDepthRouter([0.25] * 4)
+    x = torch.randint(0, V, (4, 5))
+    ref, ref_depth = m.generate(x, 20, temperature=0, return_depths=True)
+    out, depth, stats = m.generate_continuous(x, 20, temperature=0)
+    assert torch.equal(out, ref)
+    assert torch.equal(depth, ref_depth[:, 5:-1])        # the decoded tokens (the last is never fed back)
+    if m.router is not None:
+        assert depth.min() < depth.max()                  # mixed depths, so calls really mixed steps
+    # a token costs exactly its depth in block rows: nothing ran for tokens that had exited
+    assert stats["block_rows"] == int(depth.sum())
+
+
+def test_continuous_batching_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="cycle"):
+        tiny(n_layer=6, n_recursion=3, sharing="sequence", router="expert_choice").generate_continuous(
+            torch.zeros(1, 3, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="recursion"):
+        tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first").generate_continuous(
+            torch.zeros(1, 3, dtype=torch.long), 4)

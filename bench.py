@@ -1,0 +1,318 @@
+"""
+Benchmarks, always MoR against vanilla in the same run, same shape, same machine.
+
+  python bench.py                     # training + decode; GPU: GPT-2-124M-like, bf16, compiled. CPU: tiny
+  python bench.py --mode=train        # ms/iter, tokens/s, MFU, executed FLOPs/token, peak memory
+  python bench.py --mode=decode       # batched greedy decoding: per-step and continuous depth-wise batching
+  python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
+  python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
+
+Models are built with random weights: speed does not depend on what the weights say,
+except through routing. Untrained routers route arbitrarily, so decode uses a forced
+depth distribution by default (depth_dist='forced': depths 1..R equally likely, the
+split expert-choice's default capacities give); depth_dist='router' uses the model's
+own routers and the table says which was used.
+"""
+import csv
+import time
+
+import torch
+
+from configurator import autocast_context, autodetect_device, configure
+from model import MoR, MoRConfig, gpu_peak_flops
+from router import ForcedDepthRouter
+
+# -----------------------------------------------------------------------------
+mode = "all"                    # all | train | decode | hf
+size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
+n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
+n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
+n_head = 0                      # 0 = default (gpt2: 12, tiny: 4)
+vocab_size = 0                  # 0 = default (gpt2: 50304, tiny: 256)
+block_size = 0                  # 0 = default (gpt2: 1024, tiny: 128)
+batch_size = 0                  # training micro-batch; 0 = default (gpt2: 12, tiny: 8)
+sharing = "cycle"               # cycle keeps every variant at exactly n_layer layer applications
+train_iters = 20                # timed training steps per variant (after warmup_iters)
+warmup_iters = 5
+decode_batches = ()             # batch sizes to decode at; () = 1, 2, 4, ... up to the largest that fits
+prompt_len = 0                  # 0 = default (gpt2: 128, tiny: 16)
+new_tokens = 0                  # tokens generated per sequence; 0 = default (gpt2: 128, tiny: 32)
+depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
+device = "auto"
+dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
+compile = True                  # torch.compile the training step on CUDA (ignored on CPU)
+profile = False                 # write a torch.profiler trace (bench_trace_<variant>.json) per training variant
+report_csv = ""                 # write every row of every table here
+plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())
+torch.manual_seed(seed)
+device = autodetect_device(device)
+device_type = device.split(":")[0]
+ctx, dtype = autocast_context(device_type, dtype)
+if size == "auto":
+    size = "gpt2" if device_type == "cuda" else "tiny"
+SIZES = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50304, block_size=1024, batch_size=12,
+                      prompt_len=128, new_tokens=128),
+         "tiny": dict(n_layer=12, n_embd=128, n_head=4, vocab_size=256, block_size=128, batch_size=8,
+                      prompt_len=16, new_tokens=32)}
+if size not in SIZES:
+    raise SystemExit(f"error: size must be auto, gpt2 or tiny, got {size!r}")
+for k, v in SIZES[size].items():
+    if not globals()[k]:
+        globals()[k] = v
+use_compile = compile and device_type == "cuda"
+rows = []   # every result row, for --report_csv
+
+
+def sync():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(R=1, router="none", kv_mode="recursion", **kw):
+    cfg = MoRConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                    n_recursion=R, sharing="none" if R == 1 else sharing, router=router, kv_mode=kv_mode, **kw)
+    return MoR(cfg).to(device)
+
+
+def print_table(title, table, cols):
+    print(f"\n{title}")
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in table)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in table:
+        print("  ".join(fmt(r.get(c)).rjust(w) for c, w in zip(cols, widths)))
+
+
+def fmt(v):
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+# -----------------------------------------------------------------------------
+# Training throughput: forward + backward + AdamW step, same shape for every variant
+
+TRAIN_VARIANTS = [
+    ("vanilla", dict()),
+    ("recursive R=3", dict(R=3)),
+    ("MoR-3 expert-choice, recursion-wise", dict(R=3, router="expert_choice")),
+    ("MoR-3 expert-choice, share-first", dict(R=3, router="expert_choice", kv_mode="share_first")),
+    ("MoR-3 token-choice, recursion-wise", dict(R=3, router="token_choice")),
+    ("MoR-3 token-choice, share-first", dict(R=3, router="token_choice", kv_mode="share_first")),
+]
+
+
+def bench_train():
+    peak = gpu_peak_flops(device)
+    table = []
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+    for name, kw in TRAIN_VARIANTS:
+        model = build(**kw).train()
+        opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+        step_model = torch.compile(model) if use_compile else model
+
+        def step():
+            with ctx:
+                _, loss = step_model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(warmup_iters):
+            step()
+        sync()
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        prof = None
+        if profile:
+            prof = torch.profiler.profile(record_shapes=False, with_stack=False)
+            prof.__enter__()
+        t0 = time.perf_counter()
+        for _ in range(train_iters):
+            step()
+        sync()
+        dt = (time.perf_counter() - t0) / train_iters
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            path = f"bench_trace_{name.split(',')[0].replace(' ', '_').replace('=', '')}.json"
+            prof.export_chrome_trace(path)
+            print(f"wrote {path}")
+        tokens = batch_size * block_size
+        flops = 3 * float(model.last_flops)            # executed: forward + backward ~ 3x forward
+        depth = model.depth_stats()
+        table.append({"variant": name, "ms/iter": 1000 * dt, "tokens/s": tokens / dt,
+                      "MFU %": 100 * flops / dt / peak if peak else None,
+                      "GFLOPs/token": flops / 3 / tokens / 1e9, "mean depth": depth["mean_depth"],
+                      "peak MiB": torch.cuda.max_memory_allocated() / 2**20 if device_type == "cuda" else None,
+                      "unique params (M)": model.num_params() / 1e6})
+        del model, opt, step_model
+    base = table[0]
+    for r in table:
+        r["time vs vanilla"] = r["ms/iter"] / base["ms/iter"]
+        r["FLOPs vs vanilla"] = r["GFLOPs/token"] / base["GFLOPs/token"]
+    print_table(f"training: {n_layer} layers, d={n_embd}, batch {batch_size} x {block_size} tokens, {dtype}, "
+                f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
+                ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
+                 "mean depth", "peak MiB", "unique params (M)"])
+    rows.extend({"table": "train", **r} for r in table)
+
+
+# -----------------------------------------------------------------------------
+# Decode throughput: batched greedy decoding with the KV cache
+
+def decode_models():
+    """vanilla, MoR-2/3/4 (expert-choice, recursion-wise), and MoR-3 token-choice."""
+    out = [("vanilla", build(), None)]
+    for R in (2, 3, 4):
+        out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice"), R))
+    out.append(("MoR-3 token-choice", build(R=3, router="token_choice"), 3))
+    for name, m, R in out:
+        m.eval()
+        if R and depth_dist == "forced":
+            m.router = ForcedDepthRouter([1.0 / R] * R).to(device)
+    return out
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return result, time.perf_counter() - t0
+
+
+def bench_decode():
+    models = decode_models()
+    batches = list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
+    table = []
+    for B in batches:
+        prompt = torch.randint(0, vocab_size, (B, prompt_len), device=device)
+        vanilla_tps = None
+        try:
+            for name, m, R in models:
+                runs = [("per-step", lambda: m.generate(prompt, new_tokens, temperature=0, return_depths=True))]
+                if R:
+                    runs.append(("continuous", lambda: m.generate_continuous(prompt, new_tokens, temperature=0)))
+                for how, fn in runs:
+                    with ctx:
+                        fn()                                            # warm-up (allocator, kernels)
+                        (out, depths, *extra), dt = timed(fn)
+                    tps = B * new_tokens / dt
+                    vanilla_tps = vanilla_tps or tps
+                    d = depths[:, prompt_len:-1] if how == "per-step" else depths   # the same decoded tokens
+                    table.append({"model": name, "decode": how if R else "-", "batch": B,
+                                  "routing": "-" if not R else depth_dist, "tokens/s": tps,
+                                  "ms/step": 1000 * dt / new_tokens, "mean depth": float(d.float().mean()) if R else 1.0,
+                                  "rows/block call": extra[0]["rows_per_block_call"] if extra else None,
+                                  "vs vanilla": tps / vanilla_tps})
+        except torch.cuda.OutOfMemoryError:
+            print(f"batch {B} does not fit: stopping here")
+            break
+    print_table(f"decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()}; "
+                f"routing '{depth_dist}'" + (" (forced: depths 1..R equally likely, hashed per token)"
+                                             if depth_dist == "forced" else " (untrained routers)"),
+                table, ["model", "decode", "routing", "batch", "tokens/s", "ms/step", "mean depth",
+                        "rows/block call", "vs vanilla"])
+    if depth_dist == "router":
+        for name, m, R in models:
+            if R:
+                print(f"note: {name} has untrained routers: its depths above are arbitrary, not learned")
+    rows.extend({"table": "decode", **r} for r in table)
+    if plot:
+        draw(table)
+
+
+def draw(table):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: --plot needs matplotlib (pip install matplotlib); skipped")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(r["model"], r["decode"]) for r in table}):
+        pts = [(r["batch"], r["tokens/s"]) for r in table if (r["model"], r["decode"]) == key]
+        ax.plot(*zip(*pts), marker="o", label=" ".join(k for k in key if k != "-"))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (sequences)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"decode throughput on {device_name()}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    print(f"wrote {plot}")
+
+
+# -----------------------------------------------------------------------------
+# The HF adapter: plain transformers generate vs the adapter at full and ~50% depth
+
+HF_SHAPES = {   # random weights from configs: speed does not depend on the weights with the fixed router
+    "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000),
+    "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=1024),
+}
+
+
+def bench_hf():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import hf_wrap
+    shapes = ["TinyLlama-1.1B", "Llama-3-8B"] if device_type == "cuda" else ["tiny"]
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    table = []
+    for shape in shapes:
+        cfg = LlamaConfig(**HF_SHAPES[shape], max_position_embeddings=4096)
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
+        L = cfg.num_hidden_layers
+        half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
+        full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
+        for B in (1, 8):
+            ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
+            plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, pad_token_id=0)
+            runs = [("transformers generate", plain, L), ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
+                    (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens), L // 2)]
+            base = None
+            for name, fn, layers in runs:
+                fn()
+                _, dt = timed(fn)
+                tps = B * new_tokens / dt
+                base = base or tps
+                table.append({"shape": shape, "batch": B, "decoder": name, "layers/token": layers,
+                              "tokens/s": tps, "ms/token": 1000 * dt / new_tokens, "vs generate": tps / base})
+        del model
+    print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()} "
+                "(prefill included)", table, ["shape", "batch", "decoder", "layers/token", "tokens/s", "ms/token",
+                                              "vs generate"])
+    rows.extend({"table": "hf", **r} for r in table)
+
+
+def device_name():
+    return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
+
+
+if mode not in ("all", "train", "decode", "hf"):
+    raise SystemExit(f"error: mode must be all, train, decode or hf, got {mode!r}")
+print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
+if mode in ("all", "train"):
+    bench_train()
+if mode in ("all", "decode"):
+    bench_decode()
+if mode in ("all", "hf"):
+    bench_hf()
+if report_csv:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(report_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {report_csv}")
