@@ -313,3 +313,33 @@ def test_stats_writers(tmp_path):
     hf_wrap.write_prometheus(stats, str(tmp_path / "s.prom"))
     prom = (tmp_path / "s.prom").read_text()
     assert 'nanomor_depth_tokens{depth="2"} 4' in prom and "nanomor_tokens_per_s " in prom
+
+
+# --- sample.py --hf on a local directory, for each architecture -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_sample_py_hf_on_a_local_directory(tmp_path, arch):
+    """The user's path: a saved model + tokenizer on disk, `python sample.py --hf DIR`, offline. Full depth must
+    print the model's own greedy continuation; a routed run prints its depth statistics."""
+    import subprocess
+    from data import Tokenizer
+    tok = Tokenizer.build("char", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.,\n")
+    model = tiny(arch, vocab_size=tok.vocab_size)
+    model.save_pretrained(tmp_path)
+    tok.to_hf().save_pretrained(tmp_path)
+    ids = torch.tensor([tok.encode("KING:")])
+    want = tok.decode(model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, ids.shape[1]:])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def sample(*args):
+        p = subprocess.run([sys.executable, "sample.py", "--hf", str(tmp_path), "--prompt", "KING:",
+                            "--max_new_tokens", "12", "--device", "cpu", *args],
+                           cwd=root, capture_output=True, text=True, timeout=120, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+
+    assert want in sample("--no_skip")
+    out = sample("--router", "fixed", "--R", "2", "--base_layers", "2", "--depth", "1", "--return_depth_trace")
+    assert "compute saved" in out and "depth trace" in out
