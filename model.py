@@ -47,8 +47,8 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x [N, heads, hd]; cos/sin [N, hd] for each token's own position."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    """x [..., heads, hd]; cos/sin [..., hd] at each token's own position (broadcast over heads)."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
