@@ -37,7 +37,12 @@ base_layers = 2                 # layers every token runs before routing starts
 keep_ratio = 1.0                # expert_choice: fraction of active tokens that continue at each group
 depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # confidence (top-1 prob) / entropy (nats) exit threshold; None = default
-routers = ""                    # trained router weights for expert_choice / token_choice (a router file)
+routers = ""                    # a router file: expert_choice / token_choice weights, or trained skip routers
+                                # (train.py config/hf_router_tune.py); a tuned file names its model: --hf optional
+hard_threshold = None           # skip routers: a layer runs when its gate > this (None = the file's, from its
+                                # target search, else 0.5); keep_ratio < 1 uses per-layer calibrated cutoffs instead
+exit_threshold = None           # skip routers' exit gates: exit when the gate > this (None = the file's)
+no_exits = False                # skip routers: ignore the exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
@@ -67,10 +72,11 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
     for d, c in enumerate(stats["depth_hist"]):
         print(f"  depth {d} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
     if trace_tokens is not None:
-        print("\ndepth trace (digit under each token = recursion steps it ran):")
+        print("\ndepth trace (number under each token = its depth: recursion steps, groups or layers it ran):")
         width, top, bottom = 80, "", ""
         for text, d in zip(trace_tokens, trace_depths):
             text = text.replace("\n", "⏎").replace("\t", "→") or "∅"
+            text = text.ljust(len(str(d)))   # depths of 10+ (skip routers count layers) widen their token
             if len(top) + len(text) > width:
                 print(top + "\n" + bottom)
                 top, bottom = "", ""
@@ -101,6 +107,18 @@ def save_depths(stats):
         print(f"wrote the depth histogram plot to {plot}")
 
 
+if routers and (not hf or router == "none") and not no_skip:
+    # ---- a router file says which router it is; a tuned one also which model it belongs to -----
+    import hf_wrap
+    try:
+        router_file = hf_wrap.read_router_file(routers)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    router = router_file["router"] if router == "none" else router
+    hf = hf or router_file.get("model", "")
+    if not hf:
+        raise SystemExit(f"error: {routers} does not record its model: pass --hf <the model it was trained for>")
+
 if hf:
     # ---- a Hugging Face model through the depth-adaptive adapter --------------------
     import hf_wrap
@@ -111,7 +129,8 @@ if hf:
     try:
         adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
                                        keep_ratio=keep_ratio, depth=depth, threshold=threshold,
-                                       router_path=routers or None)
+                                       router_path=routers or None, hard_threshold=hard_threshold,
+                                       exit_threshold=exit_threshold, exits=not no_exits)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
@@ -139,6 +158,13 @@ if hf:
     print_depths(stats, *(trace or ()))
     if "easy" in stats:
         print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
+    if adapter.router == "skip":   # depth = layers run; skipped layers still get K/V (projections only)
+        cut = f"keep_ratio {keep_ratio} (calibrated cutoffs)" if keep_ratio < 1 else \
+            f"hard_threshold {adapter.hard_threshold:.4g}"
+        print(f"  skip routers: {cut}; exit gates "
+              + (f"at layers {adapter.routers.exit_layers}, exit_threshold {adapter.exit_threshold}"
+                 if adapter.use_exits else "off")
+              + f"; K/V-only layer fills {stats['kv_only_layer_calls']:,}")
     save_depths(stats)
     if prometheus:
         hf_wrap.write_prometheus(stats, prometheus)

@@ -30,7 +30,7 @@ eval_interval = 250             # evaluate (and save a checkpoint) every this ma
 log_interval = 10               # print and log to out_dir/train_log.csv every this many iterations
 eval_iters = 50                 # batches per split in an evaluation
 eval_only = False               # evaluate once, then exit
-init_from = "scratch"           # scratch | resume (continue the run in out_dir)
+init_from = "scratch"           # scratch | resume (continue the run in out_dir) | hf:<name or path> (router tuning)
 seed = 1337
 # data
 dataset = "shakespeare"         # the built-in corpus, or a path to your own .txt file
@@ -81,6 +81,26 @@ min_lr = 1e-4
 # router logging
 log_depth_hist_every = 100      # iterations between depth-histogram rows (0 = off)
 depth_hist_path = "depth_hist.csv"   # relative to out_dir
+# router tuning for a pretrained Hugging Face model: init_from='hf:<name or path>'. The base stays frozen; only
+# small skip routers (and exit gates) train. hf_wrap.tune_routers owns that loop; config/hf_router_tune.py explains.
+router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
+router_start = 1                # first routed layer (>= 1: layer 0 always runs)
+router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
+router_group = 1                # layers per routed unit (one gate skips them together)
+router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
+target_active_ratio = 0.6       # compute budget: the mean soft gate over units and tokens
+penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
+penalty_warmup_iters = 50       # lambda = 0 before this iteration
+gate_z_weight = 0.0             # z-loss on the gate logits (keeps them small)
+gate_entropy_weight = 0.0       # > 0 pushes soft gates toward 0/1, closer to the hard threshold used at inference
+hard_gate_frac = 0.0            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients)
+exit_layers = ()                # exit gates at these layers' inputs, e.g. (4, 6, 8); () = none
+exit_iters = 0                  # phase 2: exit-gate training steps, routers frozen (0 = no exits)
+exit_threshold = 0.9            # a token exits when its exit gate's probability is above this
+target_speedup = 0.0            # > 0: search the hard threshold for 1/target_speedup of the layer calls (0 = off)
+target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
+target_tol = 0.005              # the search stops within this of the target layer-call ratio
+calib_windows = 32              # calibration windows (block_size tokens, train split) for quantiles and the search
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -88,6 +108,10 @@ compile = False                 # torch.compile the model
 backend = "nccl"                # DDP backend on GPUs (CPU always uses gloo)
 # -----------------------------------------------------------------------------
 config = configure(globals())
+if init_from.startswith("hf:"):   # router tuning for a pretrained HF model: its own loop, in hf_wrap.py
+    import hf_wrap
+    hf_wrap.tune_routers(config)
+    raise SystemExit(0)
 model_keys = {f.name for f in fields(MoRConfig)}
 
 # DDP: torchrun sets RANK; one process per device
@@ -150,7 +174,7 @@ if init_from == "resume":
                          f"Resume with the config it was trained with, or use a new out_dir.")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 elif init_from != "scratch":
-    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+    raise SystemExit(f"error: init_from must be 'scratch', 'resume' or 'hf:<name or path>', got {init_from!r}")
 model = MoR(model_config)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
