@@ -6,12 +6,18 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=decode       # batched greedy decoding: per-step and continuous depth-wise batching
   python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
   python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
+  python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
 
 Models are built with random weights: speed does not depend on what the weights say,
 except through routing. Untrained routers route arbitrarily, so decode uses a forced
 depth distribution by default (depth_dist='forced': depths 1..R equally likely, the
 split expert-choice's default capacities give); depth_dist='router' uses the model's
 own routers and the table says which was used.
+
+--mode=ppl is about quality, not speed: a real model's held-out perplexity at matched average depth (layer
+calls per token) for full depth, static layer dropping (ShortGPT), the training-free confidence and entropy
+exits, trained skip routers, and trained routers with exit gates. Every row runs through DepthAdapter's prefill
+(what generation computes), and every row prints the layer-call ratio it measured next to its target.
 """
 import csv
 import time
@@ -23,7 +29,7 @@ from model import MoR, MoRConfig, gpu_peak_flops
 from router import ForcedDepthRouter
 
 # -----------------------------------------------------------------------------
-mode = "all"                    # all | train | decode | hf
+mode = "all"                    # all | train | decode | hf | ppl (not part of all: it needs a trained model)
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
 n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
 n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
@@ -32,6 +38,7 @@ vocab_size = 0                  # 0 = default (gpt2: 50304, tiny: 256)
 block_size = 0                  # 0 = default (gpt2: 1024, tiny: 128)
 batch_size = 0                  # training micro-batch; 0 = default (gpt2: 12, tiny: 8)
 sharing = "cycle"               # cycle keeps every variant at exactly n_layer layer applications
+train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all): "vanilla;MoR-3 expert-choice, rec"
 train_iters = 20                # timed training steps per variant (after warmup_iters)
 warmup_iters = 5
 decode_batches = ()             # batch sizes to decode at; () = 1, 2, 4, ... up to the largest that fits
@@ -45,6 +52,15 @@ profile = False                 # write a torch.profiler trace (bench_trace_<var
 report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
+# --mode=ppl: the quality table (hf_wrap.py's evaluation helpers)
+hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
+routers = ""                    # trained skip routers (routers.pt): one file, or one per ppl_depths entry, comma-separated
+dataset = "shakespeare"         # calibration text from its train split, perplexity on its held-out split
+ppl_depths = (0.85, 0.70, 0.55) # average depths to match, as fractions of the layers
+ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
+calib_windows = 32              # train-split windows: block influence and every threshold search use these
+exit_thresholds = (0.99, 0.95, 0.9, 0.8)   # with exit gates: tried in turn, the best on calibration text is kept
+target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
 # -----------------------------------------------------------------------------
 config = configure(globals())
 torch.manual_seed(seed)
@@ -110,7 +126,12 @@ def bench_train():
     peak = gpu_peak_flops(device)
     table = []
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
-    for name, kw in TRAIN_VARIANTS:
+    chosen = [p.strip() for p in train_variants.split(";") if p.strip()]
+    variants = [(n, kw) for n, kw in TRAIN_VARIANTS if not chosen or any(n.startswith(p) for p in chosen)]
+    if not variants or variants[0][0] != "vanilla":
+        raise SystemExit(f"error: train_variants={train_variants!r} must select vanilla (every ratio is to it) and "
+                         f"prefixes of: {', '.join(n for n, _ in TRAIN_VARIANTS)}")
+    for name, kw in variants:
         model = build(**kw).train()
         opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
         step_model = torch.compile(model) if use_compile else model
@@ -185,6 +206,10 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
+DECODE_COLS = ["model", "decode", "routing", "batch", "tokens/s", "ms/step", "mean depth", "rows/block call",
+               "vs vanilla"]
+
+
 def bench_decode():
     models = decode_models()
     batches = list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
@@ -212,11 +237,12 @@ def bench_decode():
         except torch.cuda.OutOfMemoryError:
             print(f"batch {B} does not fit: stopping here")
             break
+        # each batch size's rows as soon as they exist: a run cut short by a time limit still reports them
+        print_table(f"decode, batch {B}:", [r for r in table if r["batch"] == B], DECODE_COLS)
     print_table(f"decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()}; "
                 f"routing '{depth_dist}'" + (" (forced: depths 1..R equally likely, hashed per token)"
                                              if depth_dist == "forced" else " (untrained routers)"),
-                table, ["model", "decode", "routing", "batch", "tokens/s", "ms/step", "mean depth",
-                        "rows/block call", "vs vanilla"])
+                table, DECODE_COLS)
     if depth_dist == "router":
         for name, m, R in models:
             if R:
@@ -296,12 +322,105 @@ def bench_hf():
     rows.extend({"table": "hf", **r} for r in table)
 
 
+# -----------------------------------------------------------------------------
+# Quality at matched compute: does adaptive depth beat static layer dropping?
+
+def bench_ppl():
+    """For each target depth f: drop n = round((1 - f) * L) layers statically (the n lowest block influences,
+    never layer 0) and match every adaptive method to that same layer-call ratio (L - n) / L, each by a
+    bisection on its own threshold over calibration text. Perplexity is then measured on held-out text."""
+    import math
+    import hf_wrap
+    from hf_wrap import DepthAdapter
+    if not hf:
+        raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt> for the "
+                         "trained rows)")
+    model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    if tok is None:
+        raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
+    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    T = min(block_size, getattr(model.config, "max_position_embeddings", None) or block_size)
+    files = [p for p in routers.split(",") if p]
+    if files and len(files) not in (1, len(ppl_depths)):
+        raise SystemExit(f"error: --routers gives {len(files)} files for {len(ppl_depths)} depths: give one for all "
+                         "depths or one per depth")
+    try:
+        trained = [hf_wrap.load_skip_routers(p, model) for p in files]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    train_ids, val_ids = hf_wrap.corpus_ids(tok, dataset)
+    calib = hf_wrap.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
+    held = hf_wrap.text_windows(val_ids, T, ppl_windows)
+    bs = batch_size
+    influence = hf_wrap.block_influence(model, calib, bs)
+    print(f"block influence per layer (1 - cos(in, out), calibration text): "
+          + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
+    full = hf_wrap.eval_ppl(DepthAdapter(model, R=L - 1, base_layers=1), held, bs)
+    table = [{"target depth": "100%", "target ratio": 1.0, "method": "full depth", "setting": "-",
+              "calib ratio": 1.0, "ratio": full["layer_ratio"], "kv-only %": 0.0, "ppl": full["ppl"],
+              "vs full %": 0.0}]
+
+    def row(depth, target, method, setting, ad, found, reached=True):
+        r = hf_wrap.eval_ppl(ad, held, bs)
+        table.append({"target depth": f"{100 * depth:.0f}%", "target ratio": target, "method": method,
+                      "setting": setting + ("" if reached else " (target not reached)"),
+                      "calib ratio": found["layer_ratio"], "ratio": r["layer_ratio"],
+                      "kv-only %": 100 * r["kv_ratio"], "ppl": r["ppl"],
+                      "vs full %": 100 * (r["ppl"] / full["ppl"] - 1)})
+
+    def search(make, lo, hi, target):
+        return hf_wrap.search_cutoff(make, lo, hi, target, calib, target_tol, batch_size=bs)
+
+    for i, depth in enumerate(ppl_depths):
+        n_drop = min(L - 1, max(1, round((1 - depth) * L)))
+        target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
+        drop = hf_wrap.static_drop_layers(influence, n_drop)
+        row(depth, target, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop",
+            drop_layers=drop), {"layer_ratio": target})
+        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, math.log(V))):   # CALM, exit per layer
+            make = lambda v, kind=kind: DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v)
+            v, found, ok = search(make, lo, hi, target)
+            row(depth, target, f"{kind} exit (training-free)", f"threshold {v:.4g}", make(v), found, ok)
+        if not trained:
+            continue
+        skip, blob = trained[i if len(trained) > 1 else 0]
+        make = lambda z: DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=hf_wrap._sigmoid(z),
+                                      exits=False)
+        z, found, ok = search(make, -30.0, 30.0, target)
+        row(depth, target, "trained skip routers", f"gate > {hf_wrap._sigmoid(z):.4g}", make(z), found, ok)
+        if not (skip.exit_layers and blob.get("exits_trained")):
+            continue
+        best = None    # each exit threshold with its matched skip threshold; keep the best calibration NLL
+        for e in exit_thresholds:
+            make_e = lambda z, e=e: DepthAdapter(model, router="skip", skip_routers=skip,
+                                                 hard_threshold=hf_wrap._sigmoid(z), exit_threshold=e)
+            z, found, ok = search(make_e, -30.0, 30.0, target)
+            if best is None or (ok, -found["nll"]) > (best[3], -best[2]["nll"]):
+                best = (e, z, found, ok)
+        e, z, found, ok = best
+        row(depth, target, "trained skip routers + exit gates", f"gate > {hf_wrap._sigmoid(z):.4g}, exit > {e}",
+            DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=hf_wrap._sigmoid(z),
+                         exit_threshold=e), found, ok)
+    print_table(f"perplexity at matched average depth: {hf} ({L} layers), {len(held)} held-out windows of {T} "
+                f"tokens ({dataset}), thresholds matched on {len(calib)} calibration windows, on {device_name()}; "
+                "ratio = layer calls / (tokens * L) measured on the held-out text", table,
+                ["target depth", "target ratio", "method", "setting", "calib ratio", "ratio", "kv-only %", "ppl",
+                 "vs full %"])
+    for depth in ppl_depths:                           # the question the table answers
+        at = [r for r in table if r["target depth"] == f"{100 * depth:.0f}%"]
+        static = next(r for r in at if r["method"].startswith("static"))
+        best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
+        print(f"at {100 * depth:.0f}% depth: best adaptive is {best['method']} (ppl {best['ppl']:.3f}) vs static drop "
+              f"{static['ppl']:.3f}: adaptive {'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static")
+    rows.extend({"table": "ppl", **r} for r in table)
+
+
 def device_name():
     return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
 
 
-if mode not in ("all", "train", "decode", "hf"):
-    raise SystemExit(f"error: mode must be all, train, decode or hf, got {mode!r}")
+if mode not in ("all", "train", "decode", "hf", "ppl"):
+    raise SystemExit(f"error: mode must be all, train, decode, hf or ppl, got {mode!r}")
 print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
 if mode in ("all", "train"):
     bench_train()
@@ -309,6 +428,8 @@ if mode in ("all", "decode"):
     bench_decode()
 if mode in ("all", "hf"):
     bench_hf()
+if mode == "ppl":
+    bench_ppl()
 if report_csv:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(report_csv, "w", newline="") as f:
