@@ -101,14 +101,13 @@ class SequenceKV:
                 self.first[slot[2]] = (kg, vg, act.qpos[0])
             # Recursion-wise: queries and keys are the same active tokens, sorted
             # by position, so causal order in the grid is causal order in the text.
-            if act.slot is None:  # full grid: plain causal attention among the active tokens
-                self.attn_pairs += act.n_rows * act.K * (act.K + 1) // 2
-                y = sdpa(qg, kg, vg, is_causal=True, dropout_p=self.dropout_p)
-            else:                 # ragged rows: causal, and pads are never keys
-                causal = torch.ones(act.K, act.K, dtype=torch.bool, device=q.device).tril()
-                mask = causal & act.valid[:, None, None, :]               # (rows, 1, K, K)
-                self.attn_pairs += (act.counts * (act.counts + 1) // 2).sum()
-                y = sdpa(qg, kg, vg, mask, dropout_p=self.dropout_p)
+            # Ragged rows (token-choice) need no mask either: a row's real tokens fill
+            # its first slots and pads come after them, so a real query's causal keys
+            # (slots <= its own) are all real. Pad queries' outputs are dropped by
+            # from_grid. Mask-free attention keeps the fused (flash) kernels.
+            self.attn_pairs += (act.n_rows * act.K * (act.K + 1) // 2 if act.slot is None
+                                else (act.counts * (act.counts + 1) // 2).sum())
+            y = sdpa(qg, kg, vg, is_causal=True, dropout_p=self.dropout_p)
         return from_grid(y.transpose(1, 2), act).flatten(1)
 
 

@@ -55,8 +55,8 @@ class ActiveSet:
     rows: torch.Tensor       # [n_rows] batch rows with at least one active token
     counts: torch.Tensor     # [n_rows] active tokens in each of those rows
     qpos: torch.Tensor       # [n_rows, K] position at each grid slot (pads: a huge position)
-    valid: torch.Tensor      # [n_rows, K] slot holds a real token (None when the grid is full)
-    slot: torch.Tensor       # [N] flat grid index of each token (None when the grid is full)
+    slot: torch.Tensor       # [N] flat grid index of each token (None when the grid is full;
+                             #     else a row's tokens fill its first slots, pads come last)
     B: int
     T: int
     K: int                   # grid width: the most active tokens in any row
@@ -77,7 +77,7 @@ class ActiveSet:
         flat = torch.arange(B * T, device=device)
         pos = start + flat % T
         return ActiveSet(flat, flat // T, flat % T, pos, torch.arange(B, device=device),
-                         torch.full((B,), T, device=device), pos.view(B, T), None, None, B, T, T, True, start)
+                         torch.full((B,), T, device=device), pos.view(B, T), None, B, T, T, True, start)
 
     @staticmethod
     def from_topk(local, B, T, start):
@@ -87,7 +87,7 @@ class ActiveSet:
         flat = (rows[:, None] * T + local).view(-1)
         pos = start + local
         return ActiveSet(flat, rows.repeat_interleave(k), torch.arange(k, device=local.device).repeat(B),
-                         pos.view(-1), rows, torch.full((B,), k, device=local.device), pos, None, None,
+                         pos.view(-1), rows, torch.full((B,), k, device=local.device), pos, None,
                          B, T, k, True, start)
 
     @staticmethod
@@ -109,8 +109,7 @@ class ActiveSet:
         full = N == n_rows * K
         qpos = torch.full((n_rows * K,), 2**40, dtype=torch.long, device=dev)  # pads: after everything
         qpos = qpos.index_copy(0, slot, start + t).view(n_rows, K)
-        valid = None if full else torch.zeros(n_rows * K, dtype=torch.bool, device=dev).index_fill(0, slot, True).view(n_rows, K)
-        return ActiveSet(flat, b, s, start + t, rows, counts, qpos, valid, None if full else slot,
+        return ActiveSet(flat, b, s, start + t, rows, counts, qpos, None if full else slot,
                          B, T, K, n_rows == B, start)
 
     @staticmethod
@@ -119,7 +118,7 @@ class ActiveSet:
         where every item of a call comes from its own sequence (and recursion step)."""
         n, dev = rows.numel(), rows.device
         ones = torch.ones(n, dtype=torch.long, device=dev)
-        return ActiveSet(rows, rows, torch.zeros_like(rows), pos, rows, ones, pos[:, None], None, None,
+        return ActiveSet(rows, rows, torch.zeros_like(rows), pos, rows, ones, pos[:, None], None,
                          n, 1, 1, False, -1)
 
     def subset(self, keep):
