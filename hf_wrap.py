@@ -946,7 +946,9 @@ def _tuning_loss(logits, Y, gate_logits, cfg, it, hard=False):
     lam = cfg["penalty_weight"] if it >= cfg["penalty_warmup_iters"] else 0.0
     penalty = F.relu(mean_gate - cfg["target_active_ratio"])
     z = gate_logits.pow(2).mean()                                             # one logit: its logsumexp is itself
-    entropy = F.binary_cross_entropy_with_logits(gate_logits, g.detach(), reduction="none").mean()  # H(g), nats
+    # H(g) = -g log g - (1 - g) log(1 - g), written with softplus to stay finite for large logits. (As
+    # BCE(logit, g.detach()) its value is right but its gradient is g - g = 0: the term would do nothing.)
+    entropy = (g * F.softplus(-gate_logits) + (1 - g) * F.softplus(gate_logits)).mean()
     loss = lm + lam * penalty + cfg["gate_z_weight"] * z + cfg["gate_entropy_weight"] * entropy
     return loss, {"lm": lm.item(), "penalty": penalty.item(), "mean_gate": mean_gate.item(), "z": z.item(),
                   "entropy": entropy.item()}

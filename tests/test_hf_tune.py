@@ -139,6 +139,21 @@ def test_penalty_pushes_mean_gate_to_target():
     assert abs(late - 0.4) < 0.1, means[-15:]
 
 
+def test_entropy_term_pushes_gates_to_0_or_1():
+    """gate_entropy_weight > 0 must move gates away from 0.5 (an earlier version had the right value and a zero
+    gradient). Only the entropy term here: each gate logit grows in magnitude, keeping its sign."""
+    z = torch.tensor([[[-0.8, -0.1, 0.2, 1.0]]], requires_grad=True)
+    cfg = train_defaults(penalty_weight=0.0, gate_entropy_weight=1.0)
+    opt = torch.optim.SGD([z], lr=2.0)
+    start = z.detach().clone()
+    for it in range(30):
+        loss, parts = hf_wrap._tuning_loss(torch.zeros(1, 1, VOCAB), torch.zeros(1, 1, dtype=torch.long), z, cfg, it)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert (z.detach().abs() > 1.5 * start.abs()).all() and (z.detach().sign() == start.sign()).all(), z
+
+
 def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     """The whole loop (phase 1, quantiles, exit gates, target search) leaves every base weight byte-identical,
     and writes a router file that knows its model, layout, quantiles and the threshold it found."""
