@@ -92,8 +92,9 @@ target_active_ratio = 0.6       # compute budget: the mean soft gate over units 
 penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
 penalty_warmup_iters = 50       # lambda = 0 before this iteration
 gate_z_weight = 0.0             # z-loss on the gate logits (keeps them small)
-gate_entropy_weight = 0.0       # > 0 pushes soft gates toward 0/1, closer to the hard threshold used at inference
-hard_gate_frac = 0.0            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients)
+gate_entropy_weight = 0.1       # > 0 pushes soft gates toward 0/1, closer to the hard threshold used at inference
+hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
+                                # without it soft gates learn "run every layer at partial strength" (README table)
 exit_layers = ()                # exit gates at these layers' inputs, e.g. (4, 6, 8); () = none
 exit_iters = 0                  # phase 2: exit-gate training steps, routers frozen (0 = no exits)
 exit_threshold = 0.9            # a token exits when its exit gate's probability is above this
