@@ -52,6 +52,7 @@ profile = False                 # write a torch.profiler trace (bench_trace_<var
 report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
+hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
 # --mode=ppl: the quality table (hf_wrap.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # trained skip routers (routers.pt): one file, or one per ppl_depths entry, comma-separated
@@ -291,7 +292,9 @@ HF_SHAPES = {   # random weights from configs: speed does not depend on the weig
 def bench_hf():
     from transformers import LlamaConfig, LlamaForCausalLM
     import hf_wrap
-    shapes = ["TinyLlama-1.1B", "Llama-3-8B"] if device_type == "cuda" else ["tiny"]
+    shapes = list(hf_shapes) or (["TinyLlama-1.1B", "Llama-3-8B"] if device_type == "cuda" else ["tiny"])
+    if set(shapes) - set(HF_SHAPES):
+        raise SystemExit(f"error: hf_shapes={list(hf_shapes)}: choose from {', '.join(HF_SHAPES)}")
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
     table = []
     for shape in shapes:

@@ -25,12 +25,7 @@ from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, prompts, tiny  # no
 TEXT = "KING:\nWhat say you, my lord? Speak, and speak the truth.\n\nQUEEN:\nI have no words to give you now.\n\n" * 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def spread_routers(hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, **layout):
