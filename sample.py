@@ -69,19 +69,22 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
     print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
           f"layer calls {stats['layer_calls']:,} of {stats['layer_calls_full']:,} "
           f"(compute saved {stats['compute_saved_pct']:.1f}%)")
+    w = len(str(len(stats["depth_hist"]) - 1))
     for d, c in enumerate(stats["depth_hist"]):
-        print(f"  depth {d} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
+        print(f"  depth {d:>{w}} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
     if trace_tokens is not None:
-        print("\ndepth trace (number under each token = its depth: recursion steps, groups or layers it ran):")
+        # one character per depth, so digits never run together: 0-9, then a = 10, b = 11, ..., z = 35, + beyond
+        # (skip routers count layers)
+        print("\ndepth trace (character under each token = its depth: recursion steps, groups or layers it ran"
+              + ("; a = 10, b = 11, ...):" if len(stats["depth_hist"]) > 10 else "):"))
         width, top, bottom = 80, "", ""
         for text, d in zip(trace_tokens, trace_depths):
             text = text.replace("\n", "⏎").replace("\t", "→") or "∅"
-            text = text.ljust(len(str(d)))   # depths of 10+ (skip routers count layers) widen their token
             if len(top) + len(text) > width:
                 print(top + "\n" + bottom)
                 top, bottom = "", ""
             top += text
-            bottom += str(d).ljust(len(text))
+            bottom += ("0123456789abcdefghijklmnopqrstuvwxyz"[d] if d < 36 else "+").ljust(len(text))
         print(top + "\n" + bottom)
 
 
