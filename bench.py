@@ -48,6 +48,7 @@ depth_dist = "forced"           # forced (depths 1..R equally likely) | router (
 device = "auto"
 dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
 compile = True                  # torch.compile the training step on CUDA (ignored on CPU)
+cudnn_sdpa = True               # False: keep PyTorch's SDPA off its cuDNN backend (it plans per new shape; see README)
 profile = False                 # write a torch.profiler trace (bench_trace_<variant>.json) per training variant
 report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
@@ -80,6 +81,8 @@ for k, v in SIZES[size].items():
     if not globals()[k]:
         globals()[k] = v
 use_compile = compile and device_type == "cuda"
+if not cudnn_sdpa:
+    torch.backends.cuda.enable_cudnn_sdp(False)   # flash / memory-efficient / math attention only
 rows = []   # every result row, for --report_csv
 
 
