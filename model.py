@@ -538,6 +538,22 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
+def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine", lr_decay_iters=0, decay_frac=0.2):
+    """The learning rate at iteration `it`: linear warmup, then cosine down to min_lr (reached at
+    lr_decay_iters, or max_iters when 0), or warmup-stable-decay ('wsd': flat, then the last
+    decay_frac of max_iters decays linearly to min_lr). train.py and the router tuning both use it."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if schedule == "wsd":
+        decay_start = int(max_iters * (1 - decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate - (learning_rate - min_lr) * min(1.0, (it - decay_start) / max(1, max_iters - decay_start))
+    end = lr_decay_iters or max_iters
+    ratio = min(1.0, (it - warmup_iters) / max(1, end - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s. Matched against torch.cuda.get_device_name().
 # Order matters: more specific names first.
 GPU_PEAK_FLOPS = [
