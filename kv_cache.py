@@ -1,72 +1,183 @@
 """
-Attention over the tokens that are still active, and the K/V they leave behind.
+Who attends to whom in Mixture-of-Recursions, and which keys and values are kept.
 
-Read model.py and router.py first: by the time a layer reaches attention, the
-router has picked the tokens that run this recursion step and packed them into
-an ActiveSet (router.py). Layers only ever see those packed tokens, [N, d]; this
-file is where they meet the other tokens' keys and values. Two strategies from
-the paper (section 2.3 "KV caching strategies"):
+Read model.py and router.py first. By the time a layer reaches attention, the router
+has picked the tokens that run this recursion step, and model.py has packed them into
+an ActiveSet (below). Layers only ever see those packed tokens, [N, d]; this file is
+where they meet the other tokens' keys and values. Two strategies from the paper
+(section 2.3, "KV caching strategies"):
 
-  recursion-wise  ('recursion')   At step r, attention runs only among the tokens
-      active at r, and only their K/V are kept for step r. Expert-choice keeps
-      capacity_r * T tokens at step r, so step r costs (capacity_r)^2 of full
-      attention and the K/V memory over R steps is sum_r capacity_r of one full
-      stack: (R+1)/2R of vanilla with the default schedule 1, (R-1)/R, ..., 1/R.
+  recursion-wise  ('recursion')   At step r, a token attends only to the tokens that
+      are active at r (and came before it), and only their K/V are kept for step r.
+      Expert-choice keeps capacity_r * T tokens at step r, so step r costs
+      (capacity_r)^2 of full attention, and the K/V memory over R steps is
+      sum_r capacity_r of one full stack: (R+1)/2R of vanilla with the default
+      schedule 1, (R-1)/R, ..., 1/R.
 
-  share-first     ('share_first') Only the first recursion writes K/V, for every
-      token; deeper steps project queries only and attend to that first-step
-      cache. K/V memory is 1/R of the upper bound, deeper steps skip the K and V
+  share-first     ('share_first') Only the first recursion step writes K/V, for every
+      token; deeper steps project queries only and attend to that first-step cache.
+      K/V memory is 1/R of the upper bound and deeper steps skip the K and V
       projections, but every deeper query reads the full-length cache.
 
-Two classes implement one interface, `wants_kv(slot)` and
-`attend(slot, q, k, v, active)`:
-  SequenceKV  inside one forward pass over whole sequences (training, eval):
-              keys are the call's own active tokens; nothing outlives the call.
-  KVCache     generation: per-slot buffers that grow token by token, so prefill
+Two classes give one interface, `wants_kv(site)` and `attend(site, q, k, v, active)`:
+  SequenceKV  inside one forward pass over whole sequences (training, evaluation):
+              the keys are the call's own active tokens; nothing outlives the call.
+  KVCache     generation: per-layer buffers that grow token by token, so prefill
               followed by decoding computes exactly what one causal pass does.
 
-A *slot* names one layer application: ('pre', i) for the unshared first layers,
-('rec', r, j) for layer j of the shared block at recursion step r, ('post', i)
-for the unshared last layers.
+A `Site` names one layer application: Site('pre', None, i) for the unshared first
+layers, Site('rec', r, j) for layer j of the shared block at recursion step r,
+Site('post', None, i) for the unshared last layers.
 """
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
 
+class Site(NamedTuple):
+    """One layer application. part: 'pre' | 'rec' | 'post'; step: the recursion step of a
+    'rec' site (None elsewhere, and None for continuous batching, whose tokens each sit
+    at their own step, folded into their cache row: see KVCache.cache_row); index: the
+    layer inside its part."""
+    part: str
+    step: Optional[int]
+    index: int
+
+
 # -----------------------------------------------------------------------------
-# Packed tokens <-> the [rows, K] grid that scaled_dot_product_attention wants.
-# Linear layers and the MLP run on packed [N, ...] rows with no padding at all.
-# Attention needs a rectangle: each batch row that has active tokens becomes one
-# grid row of width K = its largest active count. Expert-choice keeps the same
-# count in every row, so the grid is exactly full and packing is a free .view().
-# Token-choice (and threshold routing at inference) keep different counts per
-# row: the gaps are zero-padded, and masked as keys. We pad only here, inside
-# attention, because flattening with per-sequence attention would need a varlen
-# kernel that does not run on CPU, and flex_attention compiles per mask shape.
+# Depth-wise batching: the tokens that run one step, packed
+#
+# Linear layers and the MLP run on packed [N, d] rows with no padding at all.
+# Attention needs a rectangle: each batch row that has active tokens becomes one grid
+# row of width K = its largest active count. Expert-choice keeps the same count in
+# every row, so the grid is exactly full and packing is a free .view(). Token-choice
+# (and threshold routing at inference) keeps different counts per row: the gaps are
+# zero-padded. A row's real tokens fill its first grid slots and pads come after
+# them, so a causal mask over grid slots is already exact for the real tokens; the
+# pads' outputs are dropped. We pad only here, inside attention, because a varlen
+# kernel does not run on the CPU and flex_attention compiles per mask shape.
 
-def to_grid(x, act):
+@dataclass
+class ActiveSet:
+    """The tokens of one forward call ([B, T] tokens, flattened) that run a step.
+
+    Tokens are listed row by row, in position order, so causal order survives packing.
+    """
+    flat: torch.Tensor         # [N] index into the call's B*T tokens (the gather/scatter index)
+    row: torch.Tensor          # [N] batch row of each token (a cache row for continuous batching)
+    rank: torch.Tensor         # [N] rank of the token among its row's active tokens
+    pos: torch.Tensor          # [N] absolute position (rotary angle, causal masks)
+    rows: torch.Tensor         # [n_rows] batch rows with at least one active token
+    counts: torch.Tensor       # [n_rows] active tokens in each of those rows
+    qpos: torch.Tensor         # [n_rows, K] position at each grid slot (pads: later than everything)
+    grid_index: Optional[torch.Tensor]   # [N] flat grid slot of each token; None when the grid is full
+    B: int                     # rows of the call
+    T: int                     # tokens per row in the call
+    K: int                     # grid width: the most active tokens in any row
+    all_rows: bool             # rows == every batch row, in order
+    start: int                 # position of the call's first token (tokens already in the cache)
+    key_len: Optional[int] = None   # continuous batching: key slots to read per cache row (else the cache knows)
+
+    @property
+    def n(self):
+        return self.flat.numel()
+
+    @property
+    def n_rows(self):
+        return self.rows.numel()
+
+    @staticmethod
+    def everyone(B, T, start, device):
+        """All B*T tokens: unshared layers, vanilla layers, and steps that keep everyone."""
+        flat = torch.arange(B * T, device=device)
+        pos = start + flat % T
+        return ActiveSet(flat=flat, row=flat // T, rank=flat % T, pos=pos, rows=torch.arange(B, device=device),
+                         counts=torch.full((B,), T, device=device), qpos=pos.view(B, T), grid_index=None,
+                         B=B, T=T, K=T, all_rows=True, start=start)
+
+    def subset(self, keep, per_row=None):
+        """The tokens of this set where keep [N] is True (hierarchical selection), and the
+        index of each kept token in this set [N'].
+
+        per_row: every row keeps exactly this many (expert-choice top-k on a full grid).
+        The result is then a full grid again, built without reading the mask on the host.
+        """
+        if per_row is not None:
+            assert self.grid_index is None and self.all_rows, "per-row selection needs a full grid"
+            # a stable descending sort puts each row's kept slots first, in position order
+            cols = keep.view(self.B, self.K).to(torch.int32).sort(dim=1, descending=True, stable=True).indices
+            picked = (torch.arange(self.B, device=keep.device)[:, None] * self.K + cols[:, :per_row]).view(-1)
+            flat = self.flat[picked]
+            pos = self.start + flat % self.T
+            rows = torch.arange(self.B, device=keep.device)
+            return ActiveSet(flat=flat, row=rows.repeat_interleave(per_row),
+                             rank=torch.arange(per_row, device=keep.device).repeat(self.B), pos=pos, rows=rows,
+                             counts=torch.full((self.B,), per_row, device=keep.device),
+                             qpos=pos.view(self.B, per_row), grid_index=None, B=self.B, T=self.T, K=per_row,
+                             all_rows=True, start=self.start), picked
+        picked = keep.nonzero().squeeze(1)
+        mask = torch.zeros(self.B * self.T, dtype=torch.bool, device=keep.device)
+        mask[self.flat[picked]] = True
+        return ActiveSet._from_mask(mask.view(self.B, self.T), self.start), picked
+
+    @staticmethod
+    def _from_mask(mask, start):
+        """Any subset: mask [B, T] bool. Rows may keep different counts (ragged)."""
+        B, T = mask.shape
+        dev = mask.device
+        per_row = mask.sum(1)                                    # [B]
+        rows = per_row.nonzero().squeeze(1)                      # rows with any active token
+        flat = mask.view(-1).nonzero().squeeze(1)                # row-major: causal order kept
+        n_rows, N = rows.numel(), flat.numel()
+        K = int(per_row.max()) if N else 0
+        row, t = flat // T, flat % T
+        rank = torch.arange(N, device=dev) - (per_row.cumsum(0) - per_row)[row]   # rank inside the row
+        grid_row = torch.zeros(B, dtype=torch.long, device=dev)
+        grid_row[rows] = torch.arange(n_rows, device=dev)
+        grid_index = grid_row[row] * K + rank
+        qpos = torch.full((n_rows * K,), 2**40, dtype=torch.long, device=dev)  # pads: after everything
+        qpos = qpos.index_copy(0, grid_index, start + t).view(n_rows, K)
+        full = N == n_rows * K
+        return ActiveSet(flat=flat, row=row, rank=rank, pos=start + t, rows=rows, counts=per_row[rows], qpos=qpos,
+                         grid_index=None if full else grid_index, B=B, T=T, K=K, all_rows=n_rows == B, start=start)
+
+    @staticmethod
+    def one_per_row(rows, pos, key_len=None):
+        """One token for each of `rows` at positions pos [n]: continuous batching, where every
+        token of a call comes from its own sequence (and recursion step). key_len: how many
+        key slots of each cache row to read."""
+        n, dev = rows.numel(), rows.device
+        return ActiveSet(flat=rows, row=rows, rank=torch.zeros_like(rows), pos=pos, rows=rows,
+                         counts=torch.ones(n, dtype=torch.long, device=dev), qpos=pos[:, None], grid_index=None,
+                         B=n, T=1, K=1, all_rows=False, start=-1, key_len=key_len)
+
+
+def to_grid(x, active):
     """[N, ...] packed -> [rows, K, ...] grid (pads are zeros)."""
-    if act.slot is None:  # every grid row full: a pure reshape
-        return x.view(act.n_rows, act.K, *x.shape[1:])
-    grid = x.new_zeros(act.n_rows * act.K, *x.shape[1:])
-    return grid.index_copy(0, act.slot, x).view(act.n_rows, act.K, *x.shape[1:])
+    if active.grid_index is None:  # every grid row full: a pure reshape
+        return x.view(active.n_rows, active.K, *x.shape[1:])
+    grid = x.new_zeros(active.n_rows * active.K, *x.shape[1:])
+    return grid.index_copy(0, active.grid_index, x).view(active.n_rows, active.K, *x.shape[1:])
 
 
-def from_grid(y, act):
+def from_grid(y, active):
     """[rows, K, ...] grid -> [N, ...] packed (pads dropped)."""
-    y = y.reshape(act.n_rows * act.K, *y.shape[2:])
-    return y if act.slot is None else y.index_select(0, act.slot)
+    y = y.reshape(active.n_rows * active.K, *y.shape[2:])
+    return y if active.grid_index is None else y.index_select(0, active.grid_index)
 
 
-def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0):
-    """q [rows, H, Kq, hd], k/v [rows, Hkv, Kk, hd]; grouped-query attention when Hkv < H."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          dropout_p=dropout_p, enable_gqa=k.shape[1] != q.shape[1])
+def sdpa(q, k, v, mask=None, is_causal=False, dropout_p=0.0, scale=None):
+    """q [rows, H, Kq, hd], k/v [rows, Hkv, Kk, hd]; grouped-query attention when Hkv < H.
+    mask: bool, True = may attend. is_causal: top-left aligned (query i sees keys <= i)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def _shares_first(kv_mode, slot):
+def _shares_first(kv_mode, site):
     """Share-first: deeper recursion steps read step 0's K/V and write none."""
-    return kv_mode == "share_first" and slot[0] == "rec" and slot[1] > 0
+    return kv_mode == "share_first" and site.part == "rec" and site.step > 0
 
 
 # -----------------------------------------------------------------------------
@@ -76,46 +187,41 @@ class SequenceKV:
     def __init__(self, kv_mode="recursion", dropout_p=0.0):
         self.kv_mode = kv_mode
         self.dropout_p = dropout_p
-        self.first = {}  # share-first: layer j -> (k, v) written at step 0, [B, Hkv, T, hd]
-        self.attn_pairs = 0  # (query, key) pairs attended: the FLOP counter reads this
+        self.first = {}  # share-first: layer index -> (k, v, key positions) written at step 0
 
-    def wants_kv(self, slot):
-        return not _shares_first(self.kv_mode, slot)
+    def wants_kv(self, site):
+        return not _shares_first(self.kv_mode, site)
 
-    def attend(self, slot, q, k, v, act):
+    def attend(self, site, q, k, v, active):
         """q [N, H, hd]; k, v [N, Hkv, hd] or None (share-first deeper step). Returns [N, H*hd]."""
-        qg = to_grid(q, act).transpose(1, 2)                          # (rows, H, K, hd)
-        if _shares_first(self.kv_mode, slot):
-            # Step r>0 reuses step 0's K/V of *every* token: query at position p
-            # attends to all tokens at positions <= p, active here or not.
-            kg, vg, key_pos = self.first[slot[2]]
-            if not act.all_rows:
-                kg, vg = kg[act.rows], vg[act.rows]
-            mask = key_pos.view(1, 1, 1, -1) <= act.qpos[:, None, :, None]  # (rows, 1, K, T)
-            self.attn_pairs += (act.pos + 1).sum()                            # keys at positions <= p
+        qg = to_grid(q, active).transpose(1, 2)                           # (rows, H, K, hd)
+        if _shares_first(self.kv_mode, site):
+            # Step r > 0 reuses step 0's K/V of *every* token: the query at position p
+            # attends to all tokens at positions <= p, active at this step or not.
+            kg, vg, key_pos = self.first[site.index]
+            if not active.all_rows:
+                kg, vg = kg[active.rows], vg[active.rows]
+            mask = key_pos.view(1, 1, 1, -1) <= active.qpos[:, None, :, None]   # (rows, 1, K, T)
             y = sdpa(qg, kg, vg, mask, dropout_p=self.dropout_p)
         else:
-            kg, vg = to_grid(k, act).transpose(1, 2), to_grid(v, act).transpose(1, 2)
-            if self.kv_mode == "share_first" and slot[0] == "rec" and slot[1] == 0:
-                assert act.slot is None and act.all_rows and act.K == act.T, "share-first needs every token at step 0"
-                self.first[slot[2]] = (kg, vg, act.qpos[0])
-            # Recursion-wise: queries and keys are the same active tokens, sorted
-            # by position, so causal order in the grid is causal order in the text.
-            # Ragged rows (token-choice) need no mask either: a row's real tokens fill
-            # its first slots and pads come after them, so a real query's causal keys
-            # (slots <= its own) are all real. Pad queries' outputs are dropped by
-            # from_grid. Mask-free attention keeps the fused (flash) kernels.
-            self.attn_pairs += (act.n_rows * act.K * (act.K + 1) // 2 if act.slot is None
-                                else (act.counts * (act.counts + 1) // 2).sum())
+            kg, vg = to_grid(k, active).transpose(1, 2), to_grid(v, active).transpose(1, 2)
+            if self.kv_mode == "share_first" and site.part == "rec" and site.step == 0:
+                assert active.grid_index is None and active.all_rows and active.K == active.T, \
+                    "share-first needs every token at step 0"
+                self.first[site.index] = (kg, vg, active.qpos[0])
+            # Recursion-wise: queries and keys are the same active tokens, sorted by
+            # position, so causal order in the grid is causal order in the text, and
+            # ragged rows need no mask either (pads come after a row's real tokens).
+            # Mask-free attention keeps the fused (flash) kernels.
             y = sdpa(qg, kg, vg, is_causal=True, dropout_p=self.dropout_p)
-        return from_grid(y.transpose(1, 2), act).flatten(1)
+        return from_grid(y.transpose(1, 2), active).flatten(1)
 
 
 # -----------------------------------------------------------------------------
-# Generation: a cache per slot that holds just the tokens that reached it
+# Generation: a cache per layer that holds just the tokens that reached it
 
 class _Store:
-    """K/V buffers for one layer position, rows = batch rows (or R * batch rows)."""
+    """K/V buffers for one layer of the model, rows = batch rows (or R * batch rows)."""
     def __init__(self, rows, n_kv_head, max_len, head_dim, dtype, device):
         self.k = torch.zeros(rows, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
@@ -128,10 +234,10 @@ class _Store:
 class KVCache:
     """Recursion-wise or share-first cache for batched generation.
 
-    Storage per layer position of the shared block is one tensor of R*B rows
-    (row r*B + b = sequence b at step r) under recursion-wise caching, or B rows
-    under share-first. Each row is compacted: a token that skipped step r leaves
-    no entry there, so a row's length at step r counts the tokens that reached r.
+    Storage per layer of the shared block is one tensor of R*B rows (row r*B + b =
+    sequence b at step r) under recursion-wise caching, or B rows under share-first.
+    Each row is compacted: a token that skipped step r leaves no entry there, so a
+    row's length at step r counts the tokens that reached r.
     """
     def __init__(self, model, batch_size, max_len=None):
         cfg = model.config
@@ -140,64 +246,72 @@ class KVCache:
         self.max_len = max_len or cfg.block_size
         self.n_kv_head, self.head_dim = cfg.n_kv_head, cfg.n_embd // cfg.n_head
         self.R = model.plan.n_recursion
-        self.stores = {}   # ('pre', i) / ('rec', j) / ('post', i) -> _Store (created on first write)
-        self.seq_len = 0   # tokens fed so far; the next token's position
-        self.horizon = None  # continuous batching: rows differ in length; read this many slots (set per call)
-        self.dropout_p = 0.0
-        self.attn_pairs = 0
+        self.stores = {}   # (part, index) -> _Store, created on first write
+        self.seq_len = 0   # tokens fed so far: the next token's position
+        # tokens of each row that ran recursion step r so far, [B, R] (FLOP counting in model.py)
+        self.reached = torch.zeros(batch_size, self.R, dtype=torch.long, device=model.rope_cos.device)
 
-    def wants_kv(self, slot):
-        return not _shares_first(self.kv_mode, slot)
+    def advance(self, depth):
+        """Record a finished forward call: depth [B, T] of its tokens."""
+        self.seq_len += depth.shape[1]
+        steps = torch.arange(self.R, device=depth.device)
+        self.reached = self.reached + (depth[..., None] > steps).sum(1)   # a new tensor: old counts stay valid
 
-    def _where(self, slot):
-        """The store a slot reads and writes, and its row offset in that store.
-        ('rec', None, j): continuous batching, the ActiveSet already holds storage rows."""
-        if slot[0] != "rec" or slot[1] is None:
-            return (slot if slot[0] != "rec" else ("rec", slot[2])), 0
-        r = 0 if self.kv_mode == "share_first" else slot[1]
-        return ("rec", slot[2]), r * self.B
+    def cache_row(self, step, lane):
+        """Continuous batching: the recursion-wise cache row of sequence `lane` at `step`."""
+        return step * self.B + lane
 
-    def attend(self, slot, q, k, v, act):
-        key, off = self._where(slot)
+    def wants_kv(self, site):
+        return not _shares_first(self.kv_mode, site)
+
+    def _where(self, site):
+        """The store a site reads and writes, and its row offset in that store."""
+        if site.part != "rec" or site.step is None:   # continuous batching: rows are cache rows already
+            return (site.part, site.index), 0
+        r = 0 if self.kv_mode == "share_first" else site.step
+        return ("rec", site.index), r * self.B
+
+    def attend(self, site, q, k, v, active):
+        key, off = self._where(site)
         if k is not None:
-            self._write(key, off, k, v, act)
+            self._write(key, off, k, v, active)
         st = self.stores[key]
-        L = self.horizon or st.bound[off]                              # upper bound on keys per row
-        if act.all_rows:   # every batch row is in this call: slice, no copy
+        L = active.key_len or st.bound[off]                              # upper bound on keys per row
+        if active.all_rows:   # every batch row is in this call: slice, no copy
             sl = slice(off, off + self.B)
             kg, vg, lengths, key_pos = st.k[sl, :, :L], st.v[sl, :, :L], st.length[sl], st.pos[sl, :L]
-        else:              # a subset of rows: gather them
-            rows = act.rows + off
+        else:                 # a subset of rows: gather them
+            rows = active.rows + off
             kg, vg, lengths, key_pos = st.k[rows, :, :L], st.v[rows, :, :L], st.length[rows], st.pos[rows, :L]
-        qg = to_grid(q, act).transpose(1, 2)                           # (rows, H, K, hd)
+        qg = to_grid(q, active).transpose(1, 2)                          # (rows, H, K, hd)
         is_causal, mask = False, None
-        if act.slot is None and st.uniform[off] and L == act.K:
+        if active.grid_index is None and st.uniform[off] and L == active.K:
             is_causal = True   # the rows hold exactly this call's tokens: plain causal attention
-        elif not (act.T == 1 and st.uniform[off]):
+        elif not (active.T == 1 and st.uniform[off]):
             # general case: a key is visible if it exists in its row and is not in the future.
             # (Decoding one token per row, with equal-length rows, needs no mask: the new
             # token is the latest, so it sees every entry.)
-            valid = torch.arange(L, device=q.device) < lengths[:, None]                          # (rows, L)
-            mask = (valid[:, None, :] & (key_pos[:, None, :] <= act.qpos[:, :, None]))[:, None]  # (rows,1,K,L)
+            valid = torch.arange(L, device=q.device) < lengths[:, None]                              # (rows, L)
+            mask = (valid[:, None, :] & (key_pos[:, None, :] <= active.qpos[:, :, None]))[:, None]   # (rows,1,K,L)
         y = sdpa(qg, kg, vg, mask, is_causal=is_causal)
-        return from_grid(y.transpose(1, 2), act).flatten(1)
+        return from_grid(y.transpose(1, 2), active).flatten(1)
 
-    def _write(self, key, off, k, v, act):
+    def _write(self, key, off, k, v, active):
         """Append the active tokens' K/V ([N, Hkv, hd]) at the end of their rows."""
         if key not in self.stores:
             rows = self.B * (self.R if key[0] == "rec" and self.kv_mode == "recursion" else 1)
             self.stores[key] = _Store(rows, self.n_kv_head, self.max_len, self.head_dim, k.dtype, k.device)
         st = self.stores[key]
-        if self.horizon is None and st.bound.get(off, 0) + act.K > self.max_len:
+        if active.key_len is None and st.bound.get(off, 0) + active.K > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} tokens); generate() re-prefills before this")
-        b = act.b + off
-        w = st.length[b] + act.s                                       # write index inside each row
-        st.k[b, :, w] = k.to(st.k.dtype)
-        st.v[b, :, w] = v.to(st.v.dtype)
-        st.pos[b, w] = act.pos
-        st.length.index_add_(0, act.rows + off, act.counts)
-        st.uniform[off] = st.uniform.get(off, True) and act.all_rows and act.slot is None
-        st.bound[off] = st.bound.get(off, 0) + act.K
+        row = active.row + off
+        at = st.length[row] + active.rank                                # write index inside each row
+        st.k[row, :, at] = k.to(st.k.dtype)
+        st.v[row, :, at] = v.to(st.v.dtype)
+        st.pos[row, at] = active.pos
+        st.length.index_add_(0, active.rows + off, active.counts)
+        st.uniform[off] = st.uniform.get(off, True) and active.all_rows and active.grid_index is None
+        st.bound[off] = st.bound.get(off, 0) + active.K
 
     # -- memory accounting: bytes of K/V actually held ---------------------------
     def nbytes(self, part=None):

@@ -22,19 +22,41 @@ attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
   4. KV caching (kv_cache.py): attention at step r among the tokens active at r
      (recursion-wise), or against the K/V that step 0 wrote (share-first).
 
+The whole method is the loop in MoR.forward:
+
+    for r in range(R):                                  # R steps of one shared block
+        route = router(r, h[act], act, ...)             # who of last step's tokens runs step r
+        act = act.subset(route.keep)                    # pack them: [N, d], nobody else
+        x = block(h[act])                               # attention among them only (kv_cache.py)
+        h[act] = h[act] + g * (x - h[act])              # the gated update, scattered back
+
+The gate. A pre-norm block returns x = h + f(h), where f(h) is everything the step's
+layers add to the residual stream (attention and MLP outputs, summed over the block's
+layers). A routed token is updated h <- h + g * f(h), which the code computes as
+x_in + g * (x - x_in). g is the router's score for that token (router.py): for
+expert-choice g = alpha * sigmoid(logit), with alpha = 0.1 as in the paper, so a
+token moves at most a tenth of the way the block pushes it. A small alpha does not
+make the recursion weak: the block's output projections are trained under the gate
+and can grow to compensate. What the gate buys is a gradient for the router (top-k
+itself has none): a token with a higher score gets more of the block's update, so
+the LM loss tells the router which tokens gained from the step. With alpha small,
+the router's early random preferences barely change the residual stream, so the
+block can learn first. Token-choice gates only a token's last step, by the
+probability of the depth it chose.
+
 Layers work on packed tokens [N, d] everywhere; only attention (kv_cache.py)
 lays them out as [rows, K] grids for scaled_dot_product_attention.
 """
 import math
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kv_cache import KVCache, SequenceKV
-from router import ActiveSet, ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
+from kv_cache import ActiveSet, KVCache, SequenceKV, Site
+from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
 
 
 # -----------------------------------------------------------------------------
@@ -62,16 +84,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, rope, kv, slot, act):
-        """x [N, d] packed active tokens -> [N, d]. kv decides which keys they see."""
+    def forward(self, x, rope, kv, site, act):
+        """x [N, d] packed active tokens -> [N, d]. kv (kv_cache.py) decides which keys they see."""
         N = x.shape[0]
         cos, sin = rope
         q = apply_rope(self.q_proj(x).view(N, self.n_head, self.head_dim), cos, sin)   # (N, nh, hd)
         k = v = None
-        if kv.wants_kv(slot):  # share-first: deeper steps reuse step 0's K/V, no projections
+        if kv.wants_kv(site):  # share-first: deeper steps reuse step 0's K/V, no projections
             k = apply_rope(self.k_proj(x).view(N, self.n_kv_head, self.head_dim), cos, sin)  # (N, nkv, hd)
             v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
-        return self.o_proj(kv.attend(slot, q, k, v, act))
+        return self.o_proj(kv.attend(site, q, k, v, act))
 
 
 class MLP(nn.Module):
@@ -96,8 +118,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, kv, slot, act):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, kv, slot, act))
+    def forward(self, x, rope, kv, site, act):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, kv, site, act))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -225,10 +247,26 @@ def layer_plan(n_layer, R, sharing):
 
 
 # -----------------------------------------------------------------------------
+# Sampling one token (generate() and continuous batching below, hf_wrap.py, sample.py)
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
 # The model
 
 class MoR(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, router=None):
+        """router: a router module to use instead of the one config.router names (bench.py
+        passes a forced-depth router this way). It must follow router.py's interface."""
         super().__init__()
         self.config = cfg = config
         self.plan = layer_plan(cfg.n_layer, cfg.n_recursion, cfg.sharing)
@@ -239,10 +277,12 @@ class MoR(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.router = {"none": None, "expert_choice": ExpertChoiceRouter,
-                       "token_choice": TokenChoiceRouter}[cfg.router]
-        if self.router is not None:
-            self.router = self.router(cfg, cfg.n_recursion)
+        if router is None and cfg.router != "none":
+            router = {"expert_choice": ExpertChoiceRouter, "token_choice": TokenChoiceRouter}[cfg.router](
+                cfg, cfg.n_recursion)
+        if router is not None and self.plan.n_recursion < 2:
+            raise ValueError("a router needs n_recursion > 1")
+        self.router = router
         # rotary tables for every position, float32 (cast at use, as transformers does)
         hd = cfg.n_embd // cfg.n_head
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
@@ -258,7 +298,7 @@ class MoR(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
         self.last_depth = None   # [B, T] depth of each token in the last forward
         self.last_route = None   # RouteState of the last forward: router losses and stats
-        self.last_flops = 0      # forward FLOPs actually executed in the last forward
+        self._last_call = None   # what the last forward ran, for last_flops
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -291,21 +331,24 @@ class MoR(nn.Module):
             raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
         rule = rule or ("topk" if self.training else "causal")
         attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0)
-        state = RouteState()
+        state = RouteState(B * T)
 
         h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
         rope_all = self.rope(everyone.pos)
-        flops = 0
         for i in range(plan.n_pre):                              # unshared first layer(s): every token
-            h = self.layers[i](h, rope_all, attn, ("pre", i), everyone)
-            flops += self._layer_flops(B * T, True)
+            h = self.layers[i](h, rope_all, attn, Site("pre", None, i), everyone)
         depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
         act = everyone
         for r in range(plan.n_recursion):                       # the recursion: R steps of the shared block
             gate = None
             if self.router is not None:                          # who runs step r (router.py)
-                act, gate = self.router.route(r, h, act, state, rule)
+                route = self.router(r, h if act is everyone else h[act.flat], act, state, rule)
+                gate = route.gate
+                if route.keep is not None:                       # hierarchical: a subset of last step's tokens
+                    act, picked = act.subset(route.keep, route.per_row)
+                    gate = None if gate is None else gate[picked]
+                state.log_step(r, act.n, B * T)
             if act.n == 0:
                 break                                            # everyone exited: nothing left to run
             dense = act.n == B * T
@@ -313,26 +356,24 @@ class MoR(nn.Module):
             rope = rope_all if dense else self.rope(act.pos)
             x = x_in
             for j, li in enumerate(plan.steps[r]):
-                x = self.layers[li](x, rope, attn, ("rec", r, j), act)
-                flops += self._layer_flops(act.n, attn.wants_kv(("rec", r, j)))
-            if gate is not None:                                 # h <- h + g * f(h) for the tokens that ran
+                x = self.layers[li](x, rope, attn, Site("rec", r, j), act)
+            if gate is not None:                                 # h <- h + g * f(h), f = what the step added
                 x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
             h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
             depth[act.flat] += 1
         for i in range(plan.n_post):                             # unshared last layer(s): every token
             li = plan.n_pre + plan.n_shared + i
-            h = self.layers[li](h, rope_all, attn, ("post", i), everyone)
-            flops += self._layer_flops(B * T, True)
+            h = self.layers[li](h, rope_all, attn, Site("post", None, i), everyone)
 
         h = h.view(B, T, cfg.n_embd)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
-        flops += 2 * h.shape[0] * h.shape[1] * cfg.n_embd * cfg.vocab_size
-        flops += 4 * attn.attn_pairs * cfg.n_embd                # QK^T and AV: 2 * 2 * pairs * heads * hd
+        depth = depth.view(B, T)
+        self._last_call = (depth, start, None if kv is None else kv.reached, h.shape[1])
         if kv is not None:
-            kv.seq_len += T
-        self.last_depth, self.last_route, self.last_flops = depth.view(B, T), state, flops
+            kv.advance(depth)
+        self.last_depth, self.last_route = depth, state
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
@@ -340,6 +381,7 @@ class MoR(nn.Module):
                 loss = loss + state.total_loss()
         return logits, loss
 
+    # -- FLOP accounting: from what ran, in one place ----------------------------
     def _layer_flops(self, n, with_kv):
         """Matmul FLOPs of one layer over n tokens (attention scores counted separately)."""
         cfg = self.config
@@ -348,6 +390,40 @@ class MoR(nn.Module):
         if with_kv:
             per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
         return 2 * n * per_token
+
+    def count_flops(self, depth, start=0, reached=None, n_logits=None):
+        """Forward FLOPs of one call from what ran: depth [B, T] of the call's tokens, start =
+        the position of its first token, reached [B, R] = earlier (cached) tokens of each row
+        that ran step r (None: no cache), n_logits = positions per row sent to the LM head.
+
+        Attention costs 4 * d FLOPs per (query, key) pair (QK^T and AV over all heads). A
+        query at step r sees: recursion-wise, the tokens of its row that ran step r and
+        came before it (cached ones and this call's); share-first deeper steps, every
+        token up to its position; unshared layers, every token up to its position.
+        """
+        cfg, plan = self.config, self.plan
+        B, T = depth.shape
+        pair = 4 * cfg.n_embd
+        causal_pairs = B * (start * T + T * (T + 1) // 2)          # every token, every earlier token
+        n_edge = plan.n_pre + plan.n_post
+        flops = n_edge * (self._layer_flops(B * T, True) + pair * causal_pairs)
+        pos = start + torch.arange(T, device=depth.device)
+        for r in range(plan.n_recursion):
+            ran = depth > r                                        # [B, T]: the tokens that ran step r
+            n = ran.sum(1)                                         # [B]
+            if cfg.kv_mode == "share_first" and r > 0:
+                linear, pairs = self._layer_flops(1, False) * n.sum(), ((pos + 1) * ran).sum()
+            else:
+                before = 0 if reached is None else reached[:, r]
+                linear, pairs = self._layer_flops(1, True) * n.sum(), (before * n + n * (n + 1) // 2).sum()
+            flops = flops + len(plan.steps[r]) * (linear + pair * pairs)
+        return flops + 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
+
+    @property
+    def last_flops(self):
+        """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
+        depth, start, reached, n_logits = self._last_call
+        return self.count_flops(depth, start, reached, n_logits)
 
     def dense_flops_per_token(self, T):
         """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
@@ -405,27 +481,42 @@ class MoR(nn.Module):
             return idx, torch.cat(depths, dim=1)
         return idx
 
-    @torch.no_grad()
     def generate_continuous(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Continuous depth-wise batching (the paper's section 2.3 throughput engine).
+        """Greedy or sampled decoding with continuous depth-wise batching (ContinuousBatching below).
+        Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
+        return ContinuousBatching(self, idx, max_new_tokens, temperature, top_k).run()
 
-        generate() runs recursion step r on the rows whose token reached step r, so
-        calls shrink step by step: at decode, a call costs about the same whether it
-        has 3 rows or 32 (reading the block's weights dominates). Here every call of
-        the shared block takes one in-flight token from *each* sequence, whatever step
-        that token is at: the weights are the same at every step, so one call serves
-        them all. A token that exits goes through the last layer, the LM head and
-        sampling; its sequence's next token runs the first layer and rejoins the pool
-        at step 0 in the same tick. The block always runs on a full batch, and a
-        token costs exactly as many block applications as its depth.
 
-        Each token sees exactly what it sees in generate(), so the outputs are the same
-        (a test checks it). Needs cycle or middle_cycle sharing (one block for every
-        step), recursion-wise caching, and capacity 1 at step 0. The prompt is
-        prefilled as in generate(). Returns (idx [B, T0 + new], depths [B, new - 1]
-        of the decoded tokens, stats {ticks, block_rows, mean rows per block call}).
-        """
-        cfg, plan, dev = self.config, self.plan, idx.device
+# -----------------------------------------------------------------------------
+# Continuous depth-wise batching (the paper's section 2.3 throughput engine)
+
+class ContinuousBatching:
+    """Decode B sequences so that every call of the shared block is a full batch.
+
+    generate() runs recursion step r on the rows whose token reached step r, so its
+    calls shrink step by step, and at decode a call costs about the same with 3 rows
+    as with 32 (reading the block's weights dominates). Here, one *tick* runs the
+    shared block once on one in-flight token of *every* sequence, whatever step that
+    token is at: the weights are the same at every step, so one call serves them all.
+
+    The algorithm, per tick:
+      1. run the shared block on every in-flight token (lane b holds sequence b's token),
+         each reading and writing the cache row of its own step (KVCache.cache_row);
+      2. gate the update and advance each token's step;
+      3. ask the router, step by step, which tokens go on (router.py's one interface);
+      4. a token that stops runs the unshared last layer(s), the LM head and sampling;
+         its sequence's next token enters at once: embedding, unshared first layer(s),
+         the step-0 routing decision, and it joins the next tick at step 0.
+    A token costs exactly its depth in block rows, and each token sees exactly what it
+    sees in generate(), so the outputs are the same (tests check both).
+
+    Needs one block for every step (cycle or middle_cycle sharing), recursion-wise
+    caching, and capacity 1 at step 0. The prompt is prefilled as in generate(). All
+    per-lane state lives in tensors of B entries.
+    """
+
+    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None):
+        cfg, plan = model.config, model.plan
         if not (cfg.sharing.endswith("cycle") and plan.n_recursion > 1) or cfg.kv_mode != "recursion":
             raise ValueError("continuous depth-wise batching needs one block for every step (sharing cycle or "
                              "middle_cycle) and kv_mode='recursion'")
@@ -435,81 +526,101 @@ class MoR(nn.Module):
         if T0 + max_new_tokens > cfg.block_size:
             raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size "
                              f"{cfg.block_size}: continuous decoding does not re-prefill")
-        kv = KVCache(self, B)
-        logits, _ = self(idx, kv=kv, rule="causal", last_only=True)        # prefill, as in generate()
-        out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-        out[:, 0] = sample_next(logits[:, -1], temperature, top_k)[:, 0]
-        n_out = torch.ones(B, dtype=torch.long, device=dev)               # tokens generated per sequence
-        depths = torch.zeros(B, max(0, max_new_tokens - 1), dtype=torch.long, device=dev)
-        pos = torch.full((B,), T0, dtype=torch.long, device=dev)          # position of each in-flight token
-        h = torch.zeros(B, cfg.n_embd, device=dev, dtype=self.embed_tokens.weight.dtype)
-        step = torch.zeros(B, dtype=torch.long, device=dev)               # the step each token runs next
-        gate = torch.ones(B, device=dev)
-        memo = {"depth": torch.zeros(B, dtype=torch.long, device=dev), "p": torch.ones(B, device=dev)}
-        shared = plan.steps[0]                                            # the block, the same at every step
-        ticks = rows_run = 0
+        self.model, self.idx, self.max_new = model, idx, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
+        self.gated = model.router is not None and model.router.gated
+        dev = idx.device
+        self.kv = KVCache(model, B)
+        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # generated tokens
+        self.n_out = torch.ones(B, dtype=torch.long, device=dev)                  # tokens generated per lane
+        self.depths = torch.zeros(B, max(0, max_new_tokens - 1), dtype=torch.long, device=dev)
+        self.pos = torch.full((B,), T0, dtype=torch.long, device=dev)             # position of each in-flight token
+        self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
+        self.step = torch.zeros(B, dtype=torch.long, device=dev)                  # the step each token runs next
+        self.gate = torch.ones(B, device=dev)
+        self.state = RouteState(B)                  # token-choice: each lane's chosen depth
+        self.key_len = T0 + max_new_tokens          # key slots a cache row can ever hold here
+        self.ticks = self.block_rows = 0
 
-        def edge_layers(x, lanes, which):
-            """The unshared first or last layer(s), one token per lane, each lane its own row."""
-            act = ActiveSet.one_per_row(lanes, pos[lanes])
-            first = plan.n_pre + plan.n_shared if which == "post" else 0
-            for i in range(plan.n_pre if which == "pre" else plan.n_post):
-                x = self.layers[first + i](x, self.rope(pos[lanes]), kv, (which, i), act)
-            return x
-
-        def enter(lanes):
-            """A new token per lane: embed, first layer(s), and the step-0 routing decision."""
-            kv.horizon = int(pos.max()) + 1
-            x = edge_layers(self.embed_tokens(out[lanes, n_out[lanes] - 1]), lanes, "pre")
-            h[lanes] = x.to(h.dtype)
-            step[lanes] = 0
-            if self.router is not None:
-                keep, g = self.router.decide(0, x, lanes, pos[lanes], memo)
-                assert bool(keep.all()), "step 0 takes every token"
-                gate[lanes] = 1.0 if g is None else g.float()
-
-        alive = n_out < max_new_tokens
-        enter(alive.nonzero().squeeze(1))
+    @torch.no_grad()
+    def run(self):
+        m, B = self.model, self.idx.shape[0]
+        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
+        self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
+        alive = self.n_out < self.max_new
+        self._enter(alive.nonzero().squeeze(1))
         while bool(alive.any()):
-            lanes = alive.nonzero().squeeze(1)                            # every in-flight token: a full call
-            kv.horizon = int(pos.max()) + 1
-            act = ActiveSet.one_per_row(step[lanes] * B + lanes, pos[lanes])   # cache row of (step, sequence)
-            x_in = h[lanes]
-            x = x_in
-            for j, li in enumerate(shared):
-                x = self.layers[li](x, self.rope(pos[lanes]), kv, ("rec", None, j), act)
-            if self.router is not None and not getattr(self.router, "forced", False):
-                x = x_in + gate[lanes, None].to(x.dtype) * (x - x_in)    # h <- h + g * f(h)
-            h[lanes] = x
-            step[lanes] += 1
-            ticks, rows_run = ticks + 1, rows_run + lanes.numel()
-            # route: which tokens go on to their next step
-            go_on = step[lanes] < plan.n_recursion
-            if self.router is not None:
-                for r in range(1, plan.n_recursion):
-                    at = (step[lanes] == r).nonzero().squeeze(1)
-                    if at.numel():
-                        keep, g = self.router.decide(r, h[lanes[at]], lanes[at], pos[lanes[at]], memo)
-                        go_on[at] = keep
-                        if g is not None:
-                            gate[lanes[at]] = g.float()
-            done = lanes[~go_on]
-            if done.numel() == 0:
-                continue
-            # exits: last layer(s), LM head, sampling; then the sequence's next token enters
-            x = edge_layers(h[done], done, "post")
-            logits = self.lm_head(self.norm(x))
-            depths[done, n_out[done] - 1] = step[done]
-            out[done, n_out[done]] = sample_next(logits, temperature, top_k)[:, 0]
-            n_out[done] += 1
-            pos[done] += 1
-            alive = n_out < max_new_tokens
-            nxt = done[alive[done]]
-            if nxt.numel():
-                enter(nxt)
-        stats = {"ticks": ticks, "block_rows": rows_run, "rows_per_block_call": rows_run / max(1, ticks)}
-        return torch.cat((idx, out), dim=1), depths, stats
+            lanes = alive.nonzero().squeeze(1)
+            done = self._tick(lanes)
+            if done.numel():
+                alive = self._exit(done)
+        stats = {"ticks": self.ticks, "block_rows": self.block_rows,
+                 "rows_per_block_call": self.block_rows / max(1, self.ticks)}
+        return torch.cat((self.idx, self.out), dim=1), self.depths, stats
 
+    def _edge_layers(self, x, lanes, part):
+        """The unshared first ('pre') or last ('post') layer(s), one token per lane."""
+        m, plan = self.model, self.model.plan
+        act = ActiveSet.one_per_row(lanes, self.pos[lanes], self.key_len)
+        first = 0 if part == "pre" else plan.n_pre + plan.n_shared
+        for i in range(plan.n_pre if part == "pre" else plan.n_post):
+            x = m.layers[first + i](x, m.rope(self.pos[lanes]), self.kv, Site(part, None, i), act)
+        return x
+
+    def _route(self, r, lanes):
+        """The router's decision for the tokens of `lanes`, all about to run step r."""
+        act = ActiveSet.one_per_row(lanes, self.pos[lanes])
+        route = self.model.router(r, self.h[lanes], act, self.state, "causal")
+        if self.gated:
+            self.gate[lanes] = route.gate.float()
+        return route.keep
+
+    def _enter(self, lanes):
+        """A new token per lane: embed, first layer(s), and the step-0 routing decision."""
+        m = self.model
+        x = self._edge_layers(m.embed_tokens(self.out[lanes, self.n_out[lanes] - 1]), lanes, "pre")
+        self.h[lanes] = x.to(self.h.dtype)
+        self.step[lanes] = 0
+        if m.router is not None:
+            assert self._route(0, lanes) is None, "step 0 takes every token"
+
+    def _tick(self, lanes):
+        """One call of the shared block on every in-flight token. Returns the lanes whose token stopped."""
+        m, plan = self.model, self.model.plan
+        rows = self.kv.cache_row(self.step[lanes], lanes)                # each token's own step's cache row
+        act = ActiveSet.one_per_row(rows, self.pos[lanes], self.key_len)
+        x_in = x = self.h[lanes]
+        for j, li in enumerate(plan.steps[0]):                           # the block, the same at every step
+            x = m.layers[li](x, m.rope(self.pos[lanes]), self.kv, Site("rec", None, j), act)
+        if self.gated:
+            x = x_in + self.gate[lanes, None].to(x.dtype) * (x - x_in)   # h <- h + g * f(h)
+        self.h[lanes] = x
+        self.step[lanes] += 1
+        self.ticks, self.block_rows = self.ticks + 1, self.block_rows + lanes.numel()
+        go_on = self.step[lanes] < plan.n_recursion
+        if m.router is not None:
+            for r in range(1, plan.n_recursion):
+                at = (self.step[lanes] == r).nonzero().squeeze(1)
+                if at.numel():
+                    keep = self._route(r, lanes[at])
+                    if keep is not None:
+                        go_on[at] = keep
+        return lanes[~go_on]
+
+    def _exit(self, done):
+        """Last layer(s), LM head and sampling for the tokens that stopped; their sequences'
+        next tokens enter. Returns the new mask of lanes still generating."""
+        m = self.model
+        logits = m.lm_head(m.norm(self._edge_layers(self.h[done], done, "post")))
+        self.depths[done, self.n_out[done] - 1] = self.step[done]
+        self.out[done, self.n_out[done]] = sample_next(logits, self.temperature, self.top_k)[:, 0]
+        self.n_out[done] += 1
+        self.pos[done] += 1
+        alive = self.n_out < self.max_new
+        nxt = done[alive[done]]
+        if nxt.numel():
+            self._enter(nxt)
+        return alive
 
 # -----------------------------------------------------------------------------
 # Checkpoints and MFU
@@ -604,14 +715,3 @@ def export_hf(model, out_dir, tokenizer=None):
     if tokenizer is not None:
         tokenizer.to_hf().save_pretrained(out_dir)
     return out_dir
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)

@@ -268,10 +268,13 @@ def test_bad_configs_explain_themselves(kw, msg):
 def test_continuous_batching_decodes_the_same_tokens(kw, forced):
     """Continuous depth-wise batching mixes tokens of different sequences and depths in one
     block call; every token must still see exactly what per-step decoding shows it."""
-    from router import ForcedDepthRouter
-    m = spread_router(tiny(n_layer=6, **kw)).eval()
+    from bench import ForcedDepthRouter
     if forced:
-        m.router = ForcedDepthRouter([0.25] * 4)
+        torch.manual_seed(0)
+        m = MoR(MoRConfig(vocab_size=V, block_size=48, n_layer=6, n_head=4, n_kv_head=2, n_embd=32, **kw),
+                router=ForcedDepthRouter([0.25] * 4)).eval()
+    else:
+        m = spread_router(tiny(n_layer=6, **kw)).eval()
     x = torch.randint(0, V, (4, 5))
     ref, ref_depth = m.generate(x, 20, temperature=0, return_depths=True)
     out, depth, stats = m.generate_continuous(x, 20, temperature=0)
@@ -290,3 +293,38 @@ def test_continuous_batching_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="recursion"):
         tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first").generate_continuous(
             torch.zeros(1, 3, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_flops_of_prefill_plus_cached_decoding_equal_one_full_pass(name):
+    """FLOPs are counted from what ran (depths and the layer plan), attention included, so a
+    prefill followed by token-by-token decoding costs what one causal pass over the same
+    tokens costs."""
+    m = spread_router(tiny(**VARIANTS[name])).eval()
+    x = torch.randint(0, V, (3, 20))
+    with torch.no_grad():
+        m(x, rule="causal")
+        full, full_depth = float(m.last_flops), m.last_depth.clone()
+        kv = KVCache(m, 3)
+        m(x[:, :8], kv=kv, rule="causal")
+        cached, depths = float(m.last_flops), [m.last_depth]
+        for t in range(8, 20):
+            m(x[:, t:t + 1], kv=kv, rule="causal")
+            cached += float(m.last_flops)
+            depths.append(m.last_depth)
+    assert torch.equal(torch.cat(depths, 1), full_depth)   # the same tokens ran the same steps
+    assert cached == full
+    # attention is in the count: a longer context costs more per token
+    deepest = torch.full((1, 1), m.plan.n_recursion)
+    short = m.count_flops(deepest, start=0)
+    long_ = m.count_flops(deepest, start=10, reached=torch.full((1, m.plan.n_recursion), 10))
+    assert float(long_) > float(short)
+
+
+def test_flops_count_only_the_tokens_that_ran():
+    """A token that exited after step 1 costs one step of the block, not R."""
+    m = tiny(**VARIANTS["tc_recursion"])
+    R, k = m.plan.n_recursion, m.plan.n_shared
+    one = m.count_flops(torch.ones(1, 1, dtype=torch.long))
+    deep = m.count_flops(torch.full((1, 1), R, dtype=torch.long))
+    assert float(deep - one) == (R - 1) * k * (m._layer_flops(1, True) + 4 * m.config.n_embd)
