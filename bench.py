@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from configurator import autocast_context, autodetect_device, configure
+from configurator import autocast_context, autodetect_device, configure, pyplot
 from model import MoR, MoRConfig, gpu_peak_flops
-from router import ForcedDepthRouter
+from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
 mode = "all"                    # all | train | decode | hf | ppl (not part of all: it needs a trained model)
@@ -54,7 +54,7 @@ report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
 hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
-# --mode=ppl: the quality table (hf_wrap.py's evaluation helpers)
+# --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # trained skip routers (routers.pt): one file, or one per ppl_depths entry, comma-separated
 dataset = "shakespeare"         # calibration text from its train split, perplexity on its held-out split
@@ -64,8 +64,9 @@ calib_windows = 32              # train-split windows: block influence and every
 exit_thresholds = (0.99, 0.95, 0.9, 0.8)   # with exit gates: tried in turn, the best on calibration text is kept
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
 # -----------------------------------------------------------------------------
-config = configure(globals())
-torch.manual_seed(seed)
+if __name__ == "__main__":     # importing bench.py (tests do, for ForcedDepthRouter) reads no command line, runs no benchmark
+    config = configure(globals())
+    torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]
 ctx, dtype = autocast_context(device_type, dtype)
@@ -86,15 +87,34 @@ if not cudnn_sdpa:
 rows = []   # every result row, for --report_csv
 
 
+class ForcedDepthRouter(DepthFirstRouter):
+    """Each token's depth is a fixed hash of (row, position), drawn from `probs`
+    (probabilities of depths 1..R): throughput at a chosen depth distribution, whatever
+    (untrained) router weights would say. No gates. Passed to MoR(cfg, router=...)."""
+    gated = False
+
+    def __init__(self, probs):
+        super().__init__()
+        self.R = len(probs)
+        self.register_buffer("cum", torch.tensor(probs, dtype=torch.float64).cumsum(0), persistent=False)
+
+    def assign(self, h, candidates, state):
+        b, pos = candidates.row, candidates.pos
+        u = ((pos * 2654435761 + b * 40503 + 12345) % 2**32).double() / 2**32   # uniform-ish in [0, 1)
+        depth = torch.searchsorted(self.cum.to(u.device), u, right=True).clamp(max=self.R - 1) + 1
+        return depth, None
+
+
 def sync():
     if device_type == "cuda":
         torch.cuda.synchronize()
 
 
-def build(R=1, router="none", kv_mode="recursion", **kw):
+def build(R=1, router="none", kv_mode="recursion", forced=False, **kw):
+    """A random model of the bench's shape. forced: depths 1..R equally likely (ForcedDepthRouter)."""
     cfg = MoRConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                     n_recursion=R, sharing="none" if R == 1 else sharing, router=router, kv_mode=kv_mode, **kw)
-    return MoR(cfg).to(device)
+    return MoR(cfg, router=ForcedDepthRouter([1.0 / R] * R) if forced else None).to(device)
 
 
 def print_table(title, table, cols):
@@ -191,14 +211,13 @@ def bench_train():
 
 def decode_models():
     """vanilla, MoR-2/3/4 (expert-choice, recursion-wise), and MoR-3 token-choice."""
+    forced = depth_dist == "forced"
     out = [("vanilla", build(), None)]
     for R in (2, 3, 4):
-        out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice"), R))
-    out.append(("MoR-3 token-choice", build(R=3, router="token_choice"), 3))
+        out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice", forced=forced), R))
+    out.append(("MoR-3 token-choice", build(R=3, router="token_choice", forced=forced), 3))
     for name, m, R in out:
         m.eval()
-        if R and depth_dist == "forced":
-            m.router = ForcedDepthRouter([1.0 / R] * R).to(device)
     return out
 
 
@@ -257,12 +276,8 @@ def bench_decode():
 
 
 def draw(table):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: --plot needs matplotlib (pip install matplotlib); skipped")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(r["model"], r["decode"]) for r in table}):
@@ -337,6 +352,7 @@ def bench_ppl():
     bisection on its own threshold over calibration text. Perplexity is then measured on held-out text."""
     import math
     import hf_wrap
+    import tune
     from hf_wrap import DepthAdapter
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt> for the "
@@ -354,20 +370,20 @@ def bench_ppl():
         trained = [hf_wrap.load_skip_routers(p, model) for p in files]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    train_ids, val_ids = hf_wrap.corpus_ids(tok, dataset)
-    calib = hf_wrap.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
-    held = hf_wrap.text_windows(val_ids, T, ppl_windows)
+    train_ids, val_ids = tune.corpus_ids(tok, dataset)
+    calib = tune.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
+    held = tune.text_windows(val_ids, T, ppl_windows)
     bs = batch_size
-    influence = hf_wrap.block_influence(model, calib, bs)
+    influence = tune.block_influence(model, calib, bs)
     print(f"block influence per layer (1 - cos(in, out), calibration text): "
           + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
-    full = hf_wrap.eval_ppl(DepthAdapter(model, R=L - 1, base_layers=1), held, bs)
+    full = tune.eval_ppl(DepthAdapter(model, R=L - 1, base_layers=1), held, bs)
     table = [{"target depth": "100%", "target ratio": 1.0, "method": "full depth", "setting": "-",
               "calib ratio": 1.0, "ratio": full["layer_ratio"], "kv-only %": 0.0, "ppl": full["ppl"],
               "vs full %": 0.0}]
 
     def row(depth, target, method, setting, ad, found, reached=True):
-        r = hf_wrap.eval_ppl(ad, held, bs)
+        r = tune.eval_ppl(ad, held, bs)
         table.append({"target depth": f"{100 * depth:.0f}%", "target ratio": target, "method": method,
                       "setting": setting + ("" if reached else " (target not reached)"),
                       "calib ratio": found["layer_ratio"], "ratio": r["layer_ratio"],
@@ -375,12 +391,12 @@ def bench_ppl():
                       "vs full %": 100 * (r["ppl"] / full["ppl"] - 1)})
 
     def search(make, lo, hi, target):
-        return hf_wrap.search_cutoff(make, lo, hi, target, calib, target_tol, batch_size=bs)
+        return tune.search_cutoff(make, lo, hi, target, calib, target_tol, batch_size=bs)
 
     for i, depth in enumerate(ppl_depths):
         n_drop = min(L - 1, max(1, round((1 - depth) * L)))
         target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
-        drop = hf_wrap.static_drop_layers(influence, n_drop)
+        drop = tune.static_drop_layers(influence, n_drop)
         row(depth, target, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop",
             drop_layers=drop), {"layer_ratio": target})
         for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, math.log(V))):   # CALM, exit per layer
@@ -390,22 +406,22 @@ def bench_ppl():
         if not trained:
             continue
         skip, blob = trained[i if len(trained) > 1 else 0]
-        make = lambda z: DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=hf_wrap._sigmoid(z),
+        make = lambda z: DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=tune._sigmoid(z),
                                       exits=False)
         z, found, ok = search(make, -30.0, 30.0, target)
-        row(depth, target, "trained skip routers", f"gate > {hf_wrap._sigmoid(z):.4g}", make(z), found, ok)
+        row(depth, target, "trained skip routers", f"gate > {tune._sigmoid(z):.4g}", make(z), found, ok)
         if not (skip.exit_layers and blob.get("exits_trained")):
             continue
         best = None    # each exit threshold with its matched skip threshold; keep the best calibration NLL
         for e in exit_thresholds:
             make_e = lambda z, e=e: DepthAdapter(model, router="skip", skip_routers=skip,
-                                                 hard_threshold=hf_wrap._sigmoid(z), exit_threshold=e)
+                                                 hard_threshold=tune._sigmoid(z), exit_threshold=e)
             z, found, ok = search(make_e, -30.0, 30.0, target)
             if best is None or (ok, -found["nll"]) > (best[3], -best[2]["nll"]):
                 best = (e, z, found, ok)
         e, z, found, ok = best
-        row(depth, target, "trained skip routers + exit gates", f"gate > {hf_wrap._sigmoid(z):.4g}, exit > {e}",
-            DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=hf_wrap._sigmoid(z),
+        row(depth, target, "trained skip routers + exit gates", f"gate > {tune._sigmoid(z):.4g}, exit > {e}",
+            DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=tune._sigmoid(z),
                          exit_threshold=e), found, ok)
     print_table(f"perplexity at matched average depth: {hf} ({L} layers), {len(held)} held-out windows of {T} "
                 f"tokens ({dataset}), thresholds matched on {len(calib)} calibration windows, on {device_name()}; "
@@ -425,21 +441,22 @@ def device_name():
     return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
 
 
-if mode not in ("all", "train", "decode", "hf", "ppl"):
-    raise SystemExit(f"error: mode must be all, train, decode, hf or ppl, got {mode!r}")
-print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
-if mode in ("all", "train"):
-    bench_train()
-if mode in ("all", "decode"):
-    bench_decode()
-if mode in ("all", "hf"):
-    bench_hf()
-if mode == "ppl":
-    bench_ppl()
-if report_csv:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(report_csv, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {report_csv}")
+if __name__ == "__main__":
+    if mode not in ("all", "train", "decode", "hf", "ppl"):
+        raise SystemExit(f"error: mode must be all, train, decode, hf or ppl, got {mode!r}")
+    print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
+    if mode in ("all", "train"):
+        bench_train()
+    if mode in ("all", "decode"):
+        bench_decode()
+    if mode in ("all", "hf"):
+        bench_hf()
+    if mode == "ppl":
+        bench_ppl()
+    if report_csv:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(report_csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {report_csv}")

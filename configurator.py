@@ -11,10 +11,12 @@ Positional args are config files (plain Python assignments), applied in order, t
 --compile=false (any case), --dropout=0 (int for a float key), None-default keys, values
 with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
 
-Also here: the runtime setup every script repeats (device and autocast).
+Also here: the checks a script adds after configure() (require), the runtime setup every script
+repeats (device and autocast), and the optional depth plots (matplotlib only if installed).
 """
 import ast
 import contextlib
+import csv
 import difflib
 import io
 import os
@@ -185,6 +187,19 @@ def configure(g, argv=None):
     return {k: g[k] for k in keys}
 
 
+def require(ok, msg):
+    """A script's own check of a value, right after configure(): exit with one clean line
+    instead of a traceback later. msg says what was wrong, what is allowed and what to do."""
+    if not ok:
+        _fail(msg)
+
+
+def require_at_least(config, **lowest):
+    """require() for counts: require_at_least(config, batch_size=1, max_iters=0)."""
+    for key, low in lowest.items():
+        require(config[key] >= low, f"{key} must be >= {low}, got {config[key]!r}: set --{key} to {low} or more")
+
+
 # -----------------------------------------------------------------------------
 # Runtime setup shared by every script
 
@@ -216,3 +231,65 @@ def autocast_context(device, dtype='auto'):
     if dtype == 'float32':
         return contextlib.nullcontext(), dtype
     return torch.amp.autocast(device_type='cuda', dtype=getattr(torch, dtype)), dtype
+
+
+# -----------------------------------------------------------------------------
+# Plots: optional (matplotlib is not a dependency), drawn to PNG files
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None after a note when matplotlib is
+    not installed: a missing plotting library skips the plot, never the run."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: --plot needs matplotlib (pip install matplotlib); skipped")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_depth_hist(stats, path):
+    """sample.py --plot: how many tokens ran to each depth (model.depth_stats / the adapter's stats)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(range(len(stats["depth_hist"])), stats["depth_hist"], color="#4a7ab5")
+    ax.set_xlabel("depth (recursion steps run)")
+    ax.set_ylabel("tokens")
+    ax.set_title(f"mean depth {stats['mean_depth']:.2f}, compute saved {stats['compute_saved_pct']:.1f}%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote the depth histogram plot to {path}")
+
+
+def plot_depth_history(csv_path, path):
+    """train.py --plot: the share of tokens at each depth against iteration, read from train.py's
+    depth_hist.csv (rows iter, kind, depth, tokens, fraction), one stacked-area panel per kind
+    (train batches, val with the causal rule)."""
+    if not os.path.isfile(csv_path):
+        print(f"note: no {csv_path} to plot (it needs a router and log_depth_hist_every > 0); skipped")
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    share = {}  # kind -> depth -> iter -> fraction of tokens
+    for r in rows:
+        share.setdefault(r["kind"], {}).setdefault(int(r["depth"]), {})[int(r["iter"])] = float(r["fraction"])
+    plt = pyplot()
+    if plt is None or not share:
+        return
+    fig, axes = plt.subplots(1, len(share), figsize=(6 * len(share), 3.5), squeeze=False)
+    for ax, (kind, by_depth) in zip(axes[0], sorted(share.items())):
+        iters = sorted({it for by_iter in by_depth.values() for it in by_iter})
+        depths = sorted(by_depth)
+        ax.stackplot(iters, [[by_depth[d].get(it, 0.0) for it in iters] for d in depths],
+                     labels=[f"depth {d}" for d in depths])
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("share of tokens")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{kind} tokens by depth")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote the depth-over-training plot to {path}")

@@ -78,7 +78,6 @@ class ActiveSet:
     K: int                     # grid width: the most active tokens in any row
     all_rows: bool             # rows == every batch row, in order
     start: int                 # position of the call's first token (tokens already in the cache)
-    key_len: Optional[int] = None   # continuous batching: key slots to read per cache row (else the cache knows)
 
     @property
     def n(self):
@@ -143,15 +142,16 @@ class ActiveSet:
         return ActiveSet(flat=flat, row=row, rank=rank, pos=start + t, rows=rows, counts=per_row[rows], qpos=qpos,
                          grid_index=None if full else grid_index, B=B, T=T, K=K, all_rows=n_rows == B, start=start)
 
-    @staticmethod
-    def one_per_row(rows, pos, key_len=None):
-        """One token for each of `rows` at positions pos [n]: continuous batching, where every
-        token of a call comes from its own sequence (and recursion step). key_len: how many
-        key slots of each cache row to read."""
-        n, dev = rows.numel(), rows.device
-        return ActiveSet(flat=rows, row=rows, rank=torch.zeros_like(rows), pos=pos, rows=rows,
-                         counts=torch.ones(n, dtype=torch.long, device=dev), qpos=pos[:, None], grid_index=None,
-                         B=n, T=1, K=1, all_rows=False, start=-1, key_len=key_len)
+
+class Lanes(NamedTuple):
+    """Continuous depth-wise batching (model.ContinuousBatching): one token per sequence
+    ("lane"), each at its own recursion step, every lane in every call. Shapes never change
+    from call to call, so a compiled call can be captured once (a CUDA graph on a GPU)."""
+    flat: torch.Tensor        # [B] lane ids: index into per-lane state (RouteState), like ActiveSet.flat
+    row: torch.Tensor         # [B] the sequence of each lane (= flat), like ActiveSet.row
+    pos: torch.Tensor         # [B] position of each lane's token
+    cache_row: torch.Tensor   # [B] the cache row each lane reads and writes at this layer
+    write: torch.Tensor       # [B] bool: lanes whose K/V are kept; the others run and leave nothing
 
 
 def to_grid(x, active):
@@ -221,11 +221,12 @@ class SequenceKV:
 # Generation: a cache per layer that holds just the tokens that reached it
 
 class _Store:
-    """K/V buffers for one layer of the model, rows = batch rows (or R * batch rows)."""
+    """K/V buffers for one layer of the model, rows = batch rows (or R * batch rows). One slot
+    more than max_len: continuous batching sends the writes of lanes that keep nothing there."""
     def __init__(self, rows, n_kv_head, max_len, head_dim, dtype, device):
-        self.k = torch.zeros(rows, n_kv_head, max_len, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(rows, n_kv_head, max_len + 1, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(rows, max_len, dtype=torch.long, device=device)  # position of each entry
+        self.pos = torch.zeros(rows, max_len + 1, dtype=torch.long, device=device)  # position of each entry
         self.length = torch.zeros(rows, dtype=torch.long, device=device)        # valid entries per row
         self.bound = {}    # row offset -> python-side upper bound on length (no GPU sync to read it)
         self.uniform = {}  # row offset -> True while every row holds the same entries (no mask needed)
@@ -266,17 +267,19 @@ class KVCache:
 
     def _where(self, site):
         """The store a site reads and writes, and its row offset in that store."""
-        if site.part != "rec" or site.step is None:   # continuous batching: rows are cache rows already
+        if site.part != "rec":
             return (site.part, site.index), 0
         r = 0 if self.kv_mode == "share_first" else site.step
         return ("rec", site.index), r * self.B
 
     def attend(self, site, q, k, v, active):
+        if isinstance(active, Lanes):
+            return self._attend_lanes(site, q, k, v, active)
         key, off = self._where(site)
         if k is not None:
             self._write(key, off, k, v, active)
         st = self.stores[key]
-        L = active.key_len or st.bound[off]                              # upper bound on keys per row
+        L = st.bound[off]                                                # upper bound on keys per row
         if active.all_rows:   # every batch row is in this call: slice, no copy
             sl = slice(off, off + self.B)
             kg, vg, lengths, key_pos = st.k[sl, :, :L], st.v[sl, :, :L], st.length[sl], st.pos[sl, :L]
@@ -302,7 +305,7 @@ class KVCache:
             rows = self.B * (self.R if key[0] == "rec" and self.kv_mode == "recursion" else 1)
             self.stores[key] = _Store(rows, self.n_kv_head, self.max_len, self.head_dim, k.dtype, k.device)
         st = self.stores[key]
-        if active.key_len is None and st.bound.get(off, 0) + active.K > self.max_len:
+        if st.bound.get(off, 0) + active.K > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} tokens); generate() re-prefills before this")
         row = active.row + off
         at = st.length[row] + active.rank                                # write index inside each row
@@ -312,6 +315,23 @@ class KVCache:
         st.length.index_add_(0, active.rows + off, active.counts)
         st.uniform[off] = st.uniform.get(off, True) and active.all_rows and active.grid_index is None
         st.bound[off] = st.bound.get(off, 0) + active.K
+
+    def _attend_lanes(self, site, q, k, v, lanes):
+        """One query per lane against its own cache row, with shapes that never change: the
+        new K/V go to the end of the row (lanes that keep nothing write the scratch slot),
+        and every row is read in full, its empty slots masked. No host sync, no Python state."""
+        st = self.stores[(site.part, site.index)]       # prefill created every store
+        rows = lanes.cache_row
+        if k is not None:
+            at = torch.where(lanes.write, st.length[rows], self.max_len)   # (B,) write slot
+            st.k[rows, :, at] = k.to(st.k.dtype)
+            st.v[rows, :, at] = v.to(st.v.dtype)
+            st.pos[rows, at] = lanes.pos
+            st.length[rows] = st.length[rows] + lanes.write.long()
+        # every entry of a lane's row is this sequence, at this step, at or before this position
+        visible = torch.arange(self.max_len + 1, device=q.device) < st.length[rows][:, None]   # (B, L)
+        y = sdpa(q[:, :, None], st.k[rows], st.v[rows], visible[:, None, None, :])            # (B, H, 1, hd)
+        return y.flatten(1)
 
     # -- memory accounting: bytes of K/V actually held ---------------------------
     def nbytes(self, part=None):

@@ -55,7 +55,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kv_cache import ActiveSet, KVCache, SequenceKV, Site
+from kv_cache import ActiveSet, KVCache, Lanes, SequenceKV, Site
 from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
 
 
@@ -481,10 +481,10 @@ class MoR(nn.Module):
             return idx, torch.cat(depths, dim=1)
         return idx
 
-    def generate_continuous(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Greedy or sampled decoding with continuous depth-wise batching (ContinuousBatching below).
-        Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
-        return ContinuousBatching(self, idx, max_new_tokens, temperature, top_k).run()
+    def generate_continuous(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
+        """Decoding with continuous depth-wise batching (ContinuousBatching below); compile=True
+        captures its tick. Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
+        return ContinuousBatching(self, idx, max_new_tokens, temperature, top_k, compile).run()
 
 
 # -----------------------------------------------------------------------------
@@ -495,29 +495,38 @@ class ContinuousBatching:
 
     generate() runs recursion step r on the rows whose token reached step r, so its
     calls shrink step by step, and at decode a call costs about the same with 3 rows
-    as with 32 (reading the block's weights dominates). Here, one *tick* runs the
-    shared block once on one in-flight token of *every* sequence, whatever step that
-    token is at: the weights are the same at every step, so one call serves them all.
+    as with 32 (reading the block's weights dominates). Here each sequence is a *lane*
+    with one token in flight, and one *tick* runs the shared block once on the tokens of
+    all lanes, whatever step each is at: the weights are the same at every step, so one
+    call serves them all.
 
-    The algorithm, per tick:
-      1. run the shared block on every in-flight token (lane b holds sequence b's token),
-         each reading and writing the cache row of its own step (KVCache.cache_row);
-      2. gate the update and advance each token's step;
-      3. ask the router, step by step, which tokens go on (router.py's one interface);
-      4. a token that stops runs the unshared last layer(s), the LM head and sampling;
-         its sequence's next token enters at once: embedding, unshared first layer(s),
-         the step-0 routing decision, and it joins the next tick at step 0.
+    The algorithm, per tick (all of it on all B lanes, with per-lane masks):
+      1. run the shared block on every lane's token; each reads and writes the cache row
+         of its own step (KVCache.cache_row), and the gated update h <- h + g * f(h);
+      2. ask the router, step by step, which tokens go on (router.py's one interface);
+      3. a token that stops runs the unshared last layer(s), the LM head and sampling;
+      4. its sequence's next token enters at once: embedding, unshared first layer(s),
+         the step-0 routing decision; it runs the block in the next tick.
     A token costs exactly its depth in block rows, and each token sees exactly what it
-    sees in generate(), so the outputs are the same (tests check both).
+    sees in generate(), so greedy outputs are the same (tests check both).
 
-    Needs one block for every step (cycle or middle_cycle sharing), recursion-wise
-    caching, and capacity 1 at step 0. The prompt is prefilled as in generate(). All
-    per-lane state lives in tensors of B entries.
+    Why every lane runs every part of the tick: the shapes never change, so there is no
+    host sync and nothing data-dependent, and compile=True captures the tick whole
+    (torch.compile fullgraph; on a GPU, mode='reduce-overhead' replays it as one CUDA
+    graph). The price: the unshared layers, the LM head and the embedding run on every
+    lane in every tick, where only the lanes whose token exits or enters need them, and a
+    lane whose sequence is finished idles in the block until all are. With sharing='cycle'
+    there are no unshared layers, and the LM head is what is left. A vanilla model
+    (R = 1) runs here too: every token exits after one tick.
+
+    Needs recursion-wise caching, one block for every step (cycle or middle_cycle sharing)
+    and capacity 1 at step 0. The prompt is prefilled as in generate(). Sampling at
+    temperature > 0 draws for every lane, so its random stream differs from generate()'s.
     """
 
-    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
         cfg, plan = model.config, model.plan
-        if not (cfg.sharing.endswith("cycle") and plan.n_recursion > 1) or cfg.kv_mode != "recursion":
+        if cfg.kv_mode != "recursion" or not (plan.n_recursion == 1 or cfg.sharing.endswith("cycle")):
             raise ValueError("continuous depth-wise batching needs one block for every step (sharing cycle or "
                              "middle_cycle) and kv_mode='recursion'")
         if cfg.router == "expert_choice" and cfg.capacity_schedule(plan.n_recursion)[0] < 1:
@@ -526,101 +535,117 @@ class ContinuousBatching:
         if T0 + max_new_tokens > cfg.block_size:
             raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size "
                              f"{cfg.block_size}: continuous decoding does not re-prefill")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model, self.idx, self.max_new = model, idx, max_new_tokens
         self.temperature, self.top_k = temperature, top_k
         self.gated = model.router is not None and model.router.gated
         dev = idx.device
         self.kv = KVCache(model, B)
-        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # generated tokens
-        self.n_out = torch.ones(B, dtype=torch.long, device=dev)                  # tokens generated per lane
-        self.depths = torch.zeros(B, max(0, max_new_tokens - 1), dtype=torch.long, device=dev)
-        self.pos = torch.full((B,), T0, dtype=torch.long, device=dev)             # position of each in-flight token
+        self.lane = torch.arange(B, device=dev)
+        # per-lane state, updated in place (so a captured graph always finds it at the same address)
+        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)      # generated tokens
+        self.n_out = torch.ones(B, dtype=torch.long, device=dev)                     # tokens generated per lane
+        self.depths = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # depth of each decoded token
+        self.pos = torch.full((B,), T0, dtype=torch.long, device=dev)                # position of the lane's token
         self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
-        self.step = torch.zeros(B, dtype=torch.long, device=dev)                  # the step each token runs next
-        self.gate = torch.ones(B, device=dev)
-        self.state = RouteState(B)                  # token-choice: each lane's chosen depth
-        self.key_len = T0 + max_new_tokens          # key slots a cache row can ever hold here
-        self.ticks = self.block_rows = 0
+        self.step = torch.zeros(B, dtype=torch.long, device=dev)                     # the step it runs next
+        self.gate = torch.ones(B, device=dev)                                        # its gate at that step
+        self.block_rows = torch.zeros((), dtype=torch.long, device=dev)              # lanes with a live token, summed
+        self.state = RouteState(B)                     # token-choice: each lane's chosen depth
+        self.state.depth = torch.zeros(B, dtype=torch.long, device=dev)
+        self.state.prob = torch.ones(B, device=dev)
+        self.tick = self._tick
+        if compile:
+            mode = "reduce-overhead" if dev.type == "cuda" else None    # reduce-overhead = CUDA graphs
+            self.tick = torch.compile(self._tick, fullgraph=True, mode=mode)
 
     @torch.no_grad()
     def run(self):
-        m, B = self.model, self.idx.shape[0]
+        """Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
+        m = self.model
         logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
         self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
-        alive = self.n_out < self.max_new
-        self._enter(alive.nonzero().squeeze(1))
-        while bool(alive.any()):
-            lanes = alive.nonzero().squeeze(1)
-            done = self._tick(lanes)
-            if done.numel():
-                alive = self._exit(done)
-        stats = {"ticks": self.ticks, "block_rows": self.block_rows,
-                 "rows_per_block_call": self.block_rows / max(1, self.ticks)}
-        return torch.cat((self.idx, self.out), dim=1), self.depths, stats
+        if self.idx.device.type == "cuda":     # let a CUDA graph mutate the state and the cache in place
+            for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.block_rows,
+                      self.state.depth, self.state.prob, *(x for st in self.kv.stores.values()
+                                                         for x in (st.k, st.v, st.pos, st.length))]:
+                torch._dynamo.mark_static_address(t)
+        self._enter(self.n_out < self.max_new)
+        ticks = 0
+        while True:
+            self.tick()
+            ticks += 1
+            if ticks % 4 == 0 and not bool((self.n_out < self.max_new).any()):   # one host sync per 4 ticks
+                break
+        stats = {"ticks": ticks, "block_rows": int(self.block_rows),
+                 "rows_per_block_call": int(self.block_rows) / ticks}
+        return torch.cat((self.idx, self.out), dim=1), self.depths[:, :-1], stats
 
-    def _edge_layers(self, x, lanes, part):
-        """The unshared first ('pre') or last ('post') layer(s), one token per lane."""
+    def _lanes(self, cache_row, write):
+        return Lanes(flat=self.lane, row=self.lane, pos=self.pos, cache_row=cache_row, write=write)
+
+    def _edge_layers(self, x, part, write):
+        """The unshared first ('pre') or last ('post') layer(s) on every lane; K/V kept where `write`."""
         m, plan = self.model, self.model.plan
-        act = ActiveSet.one_per_row(lanes, self.pos[lanes], self.key_len)
         first = 0 if part == "pre" else plan.n_pre + plan.n_shared
         for i in range(plan.n_pre if part == "pre" else plan.n_post):
-            x = m.layers[first + i](x, m.rope(self.pos[lanes]), self.kv, Site(part, None, i), act)
+            x = m.layers[first + i](x, m.rope(self.pos), self.kv, Site(part, None, i), self._lanes(self.lane, write))
         return x
 
-    def _route(self, r, lanes):
-        """The router's decision for the tokens of `lanes`, all about to run step r."""
-        act = ActiveSet.one_per_row(lanes, self.pos[lanes])
-        route = self.model.router(r, self.h[lanes], act, self.state, "causal")
-        if self.gated:
-            self.gate[lanes] = route.gate.float()
-        return route.keep
-
-    def _enter(self, lanes):
-        """A new token per lane: embed, first layer(s), and the step-0 routing decision."""
+    def _enter(self, entering):
+        """A new token for the lanes in `entering`: embedding, first layer(s), step-0 routing."""
         m = self.model
-        x = self._edge_layers(m.embed_tokens(self.out[lanes, self.n_out[lanes] - 1]), lanes, "pre")
-        self.h[lanes] = x.to(self.h.dtype)
-        self.step[lanes] = 0
+        x = m.embed_tokens(self.out[self.lane, (self.n_out - 1).clamp(max=self.max_new - 1)])
+        x = self._edge_layers(x, "pre", entering)
+        self.h.copy_(torch.where(entering[:, None], x.to(self.h.dtype), self.h))
         if m.router is not None:
-            assert self._route(0, lanes) is None, "step 0 takes every token"
+            kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
+            route = m.router(0, x, self._lanes(self.lane, entering), self.state, "causal")
+            assert route.keep is None, "step 0 takes every token"
+            self.state.depth.copy_(torch.where(entering, self.state.depth, kept_depth))  # the others keep theirs
+            self.state.prob.copy_(torch.where(entering, self.state.prob, kept_prob))
+            if self.gated:
+                self.gate.copy_(torch.where(entering, route.gate.float(), self.gate))
 
-    def _tick(self, lanes):
-        """One call of the shared block on every in-flight token. Returns the lanes whose token stopped."""
+    def _tick(self):
+        """One call of the shared block on every lane, then exits and entries."""
         m, plan = self.model, self.model.plan
-        rows = self.kv.cache_row(self.step[lanes], lanes)                # each token's own step's cache row
-        act = ActiveSet.one_per_row(rows, self.pos[lanes], self.key_len)
-        x_in = x = self.h[lanes]
+        live = self.n_out < self.max_new                                  # lanes with a token in flight
+        # 1. the shared block, each token at its own step's cache row
+        lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
+        x_in = x = self.h
         for j, li in enumerate(plan.steps[0]):                           # the block, the same at every step
-            x = m.layers[li](x, m.rope(self.pos[lanes]), self.kv, Site("rec", None, j), act)
+            x = m.layers[li](x, m.rope(self.pos), self.kv, Site("rec", None, j), lanes)
         if self.gated:
-            x = x_in + self.gate[lanes, None].to(x.dtype) * (x - x_in)   # h <- h + g * f(h)
-        self.h[lanes] = x
-        self.step[lanes] += 1
-        self.ticks, self.block_rows = self.ticks + 1, self.block_rows + lanes.numel()
-        go_on = self.step[lanes] < plan.n_recursion
+            x = x_in + self.gate[:, None].to(x.dtype) * (x - x_in)       # h <- h + g * f(h)
+        self.h.copy_(x)
+        self.step.copy_(self.step + live.long())
+        self.block_rows.add_(live.sum())
+        # 2. routing: which tokens go on to the step they are now at
+        go_on = self.step < plan.n_recursion
         if m.router is not None:
             for r in range(1, plan.n_recursion):
-                at = (self.step[lanes] == r).nonzero().squeeze(1)
-                if at.numel():
-                    keep = self._route(r, lanes[at])
-                    if keep is not None:
-                        go_on[at] = keep
-        return lanes[~go_on]
+                route = m.router(r, self.h, lanes, self.state, "causal")
+                at = self.step == r
+                if route.keep is not None:
+                    go_on = torch.where(at, route.keep, go_on)
+                if self.gated:
+                    self.gate.copy_(torch.where(at, route.gate.float(), self.gate))
+        # 3. exits: last layer(s), LM head, sampling
+        done = live & ~go_on
+        logits = m.lm_head(m.norm(self._edge_layers(self.h, "post", done)))
+        nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
+        at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
+        self.out[at] = torch.where(done, nxt, self.out[at])
+        read = (self.lane, self.n_out - 1)                               # the token that just finished its depth
+        self.depths[read] = torch.where(done, self.step, self.depths[read])
+        self.n_out.add_(done.long())
+        self.pos.add_(done.long())
+        self.step.copy_(torch.where(done, 0, self.step))
+        # 4. entries: the sequences that go on feed the token they just sampled
+        self._enter(done & (self.n_out < self.max_new))
 
-    def _exit(self, done):
-        """Last layer(s), LM head and sampling for the tokens that stopped; their sequences'
-        next tokens enter. Returns the new mask of lanes still generating."""
-        m = self.model
-        logits = m.lm_head(m.norm(self._edge_layers(self.h[done], done, "post")))
-        self.depths[done, self.n_out[done] - 1] = self.step[done]
-        self.out[done, self.n_out[done]] = sample_next(logits, self.temperature, self.top_k)[:, 0]
-        self.n_out[done] += 1
-        self.pos[done] += 1
-        alive = self.n_out < self.max_new
-        nxt = done[alive[done]]
-        if nxt.numel():
-            self._enter(nxt)
-        return alive
 
 # -----------------------------------------------------------------------------
 # Checkpoints and MFU

@@ -6,6 +6,7 @@ depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
   python sample.py --hf meta-llama/Llama-3-8B-Instruct --router expert_choice --R 4 --keep_ratio 0.6 \\
                    --max_new_tokens 64 --prompt "Explain mixture of recursions simply."
   python sample.py --hf path/to/exported_dir --no_skip      # exactly the model's own greedy output
+  python sample.py --hf smollm2-135m --no_skip --prompt "The capital of France is"   # built in, offline
 """
 import os
 import time
@@ -13,12 +14,13 @@ import time
 import torch
 
 import data
-from configurator import autocast_context, autodetect_device, configure
+from configurator import autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least
 from router import write_depth_csv
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)
-hf = ""                         # a Hugging Face hub name or local folder: sample through hf_wrap.py instead
+hf = ""                         # a hub name, local folder, .gguf file or smollm2-135m (built in, offline):
+                                # sample through hf_wrap.py instead
 prompt = "\n"                   # the prompt text, or FILE:path/to/prompt.txt
 num_samples = 1
 max_new_tokens = 500
@@ -38,7 +40,8 @@ keep_ratio = 1.0                # expert_choice: fraction of active tokens that 
 depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # confidence (top-1 prob) / entropy (nats) exit threshold; None = default
 routers = ""                    # a router file: expert_choice / token_choice weights, or trained skip routers
-                                # (train.py config/hf_router_tune.py); a tuned file names its model: --hf optional
+                                # (tune.py config/hf_router_tune.py); a tuned file names its model: --hf optional
+random_routers = False          # run expert_choice / token_choice / skip with untrained routers: speed only
 hard_threshold = None           # skip routers: a layer runs when its gate > this (None = the file's, from its
                                 # target search, else 0.5); keep_ratio < 1 uses per-layer calibrated cutoffs instead
 exit_threshold = None           # skip routers' exit gates: exit when the gate > this (None = the file's)
@@ -60,6 +63,9 @@ if prompt.startswith("FILE:"):
         raise SystemExit(f"error: prompt file {path} not found")
     with open(path, encoding="utf-8") as f:
         prompt = f.read()
+require(prompt, "the prompt is empty: give at least one character, e.g. --prompt='ROMEO:' (the default is a newline) "
+                "or --prompt=FILE:path/to/prompt.txt")
+require_at_least(config, num_samples=1, max_new_tokens=0)
 
 
 def print_depths(stats, trace_tokens=None, trace_depths=None):
@@ -93,21 +99,7 @@ def save_depths(stats):
         write_depth_csv(stats, csv)
         print(f"wrote the depth histogram to {csv}")
     if plot:
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            print("note: --plot needs matplotlib (pip install matplotlib); skipped")
-            return
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar(range(len(stats["depth_hist"])), stats["depth_hist"], color="#4a7ab5")
-        ax.set_xlabel("depth (recursion steps run)")
-        ax.set_ylabel("tokens")
-        ax.set_title(f"mean depth {stats['mean_depth']:.2f}, compute saved {stats['compute_saved_pct']:.1f}%")
-        fig.tight_layout()
-        fig.savefig(plot, dpi=120)
-        print(f"wrote the depth histogram plot to {plot}")
+        plot_depth_hist(stats, plot)
 
 
 if routers and (not hf or router == "none") and not no_skip:
@@ -133,7 +125,8 @@ if hf:
         adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
                                        keep_ratio=keep_ratio, depth=depth, threshold=threshold,
                                        router_path=routers or None, hard_threshold=hard_threshold,
-                                       exit_threshold=exit_threshold, exits=not no_exits)
+                                       exit_threshold=exit_threshold, exits=not no_exits,
+                                       random_routers=random_routers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
@@ -154,6 +147,9 @@ if hf:
         print("---------------")
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per decode step (prefill {1000 * stats['prefill_s']:.0f} ms)")
+    if adapter.random_routers:
+        print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
+              "only; the text and the depths mean nothing")
     trace = None
     if return_depth_trace:
         row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]

@@ -9,19 +9,20 @@ Train a Mixture-of-Recursions model (or its vanilla / recursive baselines).
 The data (built-in Shakespeare, or dataset='path/to/file.txt') is prepared on first use.
 """
 import csv
-import math
 import os
+import random
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import autocast_context, autodetect_device, configure
-from model import MoR, MoRConfig, gpu_peak_flops, load_checkpoint, save_checkpoint
+from configurator import (autocast_context, autodetect_device, configure, plot_depth_history, require,
+                          require_at_least)
+from model import MoR, MoRConfig, gpu_peak_flops, load_checkpoint, lr_at, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -30,7 +31,7 @@ eval_interval = 250             # evaluate (and save a checkpoint) every this ma
 log_interval = 10               # print and log to out_dir/train_log.csv every this many iterations
 eval_iters = 50                 # batches per split in an evaluation
 eval_only = False               # evaluate once, then exit
-init_from = "scratch"           # scratch | resume (continue the run in out_dir) | hf:<name or path> (router tuning)
+init_from = "scratch"           # scratch | resume (continue the run in out_dir); router tuning for HF models: tune.py
 seed = 1337
 # data
 dataset = "shakespeare"         # the built-in corpus, or a path to your own .txt file
@@ -81,38 +82,23 @@ min_lr = 1e-4
 # router logging
 log_depth_hist_every = 100      # iterations between depth-histogram rows (0 = off)
 depth_hist_path = "depth_hist.csv"   # relative to out_dir
-# router tuning for a pretrained Hugging Face model: init_from='hf:<name or path>'. The base stays frozen; only
-# small skip routers (and exit gates) train. hf_wrap.tune_routers owns that loop; config/hf_router_tune.py explains.
-router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
-router_start = 1                # first routed layer (>= 1: layer 0 always runs)
-router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
-router_group = 1                # layers per routed unit (one gate skips them together)
-router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
-target_active_ratio = 0.6       # compute budget: the mean soft gate over units and tokens
-penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
-penalty_warmup_iters = 50       # lambda = 0 before this iteration
-gate_z_weight = 0.0             # z-loss on the gate logits (keeps them small)
-gate_entropy_weight = 0.1       # > 0 pushes soft gates toward 0/1, closer to the hard threshold used at inference
-hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
-                                # without it soft gates learn "run every layer at partial strength" (README table)
-exit_layers = ()                # exit gates at these layers' inputs, e.g. (4, 6, 8); () = none
-exit_iters = 0                  # phase 2: exit-gate training steps, routers frozen (0 = no exits)
-exit_threshold = 0.9            # a token exits when its exit gate's probability is above this
-target_speedup = 0.0            # > 0: search the hard threshold for 1/target_speedup of the layer calls (0 = off)
-target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
-target_tol = 0.005              # the search stops within this of the target layer-call ratio
-calib_windows = 32              # calibration windows (block_size tokens, train split) for quantiles and the search
+plot = ""                       # at the end, draw depth_hist.csv (depth share by iteration) to this PNG
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
 compile = False                 # torch.compile the model
 backend = "nccl"                # DDP backend on GPUs (CPU always uses gloo)
+deterministic = False           # seed every RNG and use torch's deterministic kernels: a rerun gives the same losses
 # -----------------------------------------------------------------------------
 config = configure(globals())
-if init_from.startswith("hf:"):   # router tuning for a pretrained HF model: its own loop, in hf_wrap.py
-    import hf_wrap
-    hf_wrap.tune_routers(config)
-    raise SystemExit(0)
+require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}: e.g. --learning_rate=1e-3")
+require(0 <= min_lr <= learning_rate, f"min_lr must be between 0 and learning_rate ({learning_rate}), got {min_lr}: "
+                                      f"set --min_lr lower (0 decays all the way)")
+require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_iters=1, eval_interval=1,
+                 log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
+require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
+        f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
 
 # DDP: torchrun sets RANK; one process per device
@@ -131,6 +117,11 @@ master = rank == 0
 device_type = device.split(":")[0]
 ctx, dtype = autocast_context(device_type, dtype)
 torch.manual_seed(seed + rank)
+if deterministic:   # the batches come from seeded generators already; this pins the rest
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.use_deterministic_algorithms(True)   # an op with no deterministic kernel raises instead of drifting
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # what cuBLAS needs for that (read at its first use)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -175,7 +166,9 @@ if init_from == "resume":
                          f"Resume with the config it was trained with, or use a new out_dir.")
     iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
 elif init_from != "scratch":
-    raise SystemExit(f"error: init_from must be 'scratch', 'resume' or 'hf:<name or path>', got {init_from!r}")
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}"
+                     + (": router tuning for a pretrained model is python tune.py --hf=<name or path>"
+                        if init_from.startswith("hf:") else ""))
 model = MoR(model_config)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
@@ -203,24 +196,6 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-
-
-def get_lr(it):
-    """Linear warmup, then cosine to min_lr, or warmup-stable-decay (flat, then linear to min_lr)."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if lr_schedule == "wsd":
-        decay_start = int(max_iters * (1 - decay_frac))
-        if it < decay_start:
-            return learning_rate
-        return learning_rate - (learning_rate - min_lr) * min(1.0, (it - decay_start) / max(1, max_iters - decay_start))
-    end = lr_decay_iters or max_iters
-    ratio = min(1.0, (it - warmup_iters) / max(1, end - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
-
-
-if lr_schedule not in ("cosine", "wsd"):
-    raise SystemExit(f"error: lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 
 
 @torch.no_grad()
@@ -296,7 +271,7 @@ if master and peak is None and device_type == "cuda":
     print(f"note: {torch.cuda.get_device_name()} is not in model.py's peak-FLOPs table: MFU is not reported")
 t0, iters_timed = time.time(), 0
 while True:
-    lr = get_lr(iter_num)
+    lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule, lr_decay_iters, decay_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
@@ -379,5 +354,7 @@ while True:
     if log_depth_hist_every and iter_num % log_depth_hist_every == 0 and router != "none":
         log_depths(iter_num, "train", raw_model.depth_stats())
 
+if plot and master:
+    plot_depth_history(os.path.join(out_dir, depth_hist_path), plot)
 if ddp:
     dist.destroy_process_group()

@@ -1,11 +1,16 @@
 """configurator.py: every nanoGPT quirk we fixed, the errors, --help, and the device/dtype helpers."""
 import contextlib
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from configurator import autocast_context, autodetect_device, configure
+from configurator import autocast_context, autodetect_device, configure, plot_depth_history, require_at_least
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = '''"""Train a tiny model (test script)."""
 import os
@@ -227,6 +232,44 @@ def test_missing_config_file_lists_config_folder(tmp_path):
     (tmp_path / 'config' / 'tiny.py').write_text('max_iters = 1\n')
     msg = error_of(['config/tinny.py'], make_globals(tmp_path))
     assert "'config/tinny.py' not found" in msg and 'config/tiny.py' in msg
+
+
+@pytest.mark.parametrize('script, arg, message', [
+    ('sample.py', '--prompt=', 'the prompt is empty'),
+    ('train.py', '--learning_rate=-1', 'learning_rate must be > 0, got -1.0'),
+    ('train.py', '--min_lr=0.5', 'min_lr must be between 0 and learning_rate'),
+    ('train.py', '--batch_size=0', 'batch_size must be >= 1, got 0: set --batch_size to 1 or more'),
+    ('train.py', '--out_dir={file}', 'is a file, but out_dir must be a folder'),
+])
+def test_bad_values_fail_in_one_line(tmp_path, script, arg, message):
+    """What a new user tries: a clear one-line error before any work starts, not a traceback later."""
+    (tmp_path / 'a_file').write_text('')
+    p = subprocess.run([sys.executable, script, arg.format(file=tmp_path / 'a_file'), '--device=cpu'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and message in p.stderr, p.stderr
+
+
+def test_require_at_least():
+    config = {'batch_size': 1, 'max_iters': 0, 'eval_iters': 0}
+    require_at_least(config, batch_size=1, max_iters=0)   # the bounds themselves are allowed
+    with pytest.raises(SystemExit, match=r'eval_iters must be >= 1, got 0: set --eval_iters to 1 or more'):
+        require_at_least(config, batch_size=1, eval_iters=1)
+
+
+def test_plot_depth_history(tmp_path, capsys):
+    """train.py --plot: draws depth_hist.csv when matplotlib is installed, else says it skipped."""
+    csv_path, png = tmp_path / 'depth_hist.csv', tmp_path / 'depths.png'
+    plot_depth_history(str(csv_path), str(png))
+    assert 'no ' in capsys.readouterr().out and not png.exists()   # no CSV yet: a note, no crash
+    csv_path.write_text('iter,kind,depth,tokens,fraction\n' + ''.join(
+        f'{it},{kind},{d},{n},{n / 8}\n' for it in (0, 10) for kind in ('train', 'val_causal')
+        for d, n in enumerate((0, 2, 6 if it else 3, 0 if it else 3))))
+    plot_depth_history(str(csv_path), str(png))
+    if importlib.util.find_spec('matplotlib') is None:   # optional: not in requirements.txt
+        assert 'needs matplotlib' in capsys.readouterr().out and not png.exists()
+    else:
+        assert png.read_bytes()[:4] == b'\x89PNG'
 
 
 def test_autodetect_device():

@@ -2,7 +2,6 @@
 that continues (not replays) the run, clear errors for bad input, sampling from every
 router's checkpoint, and DDP through torchrun on CPU (gloo)."""
 import os
-import shutil
 import subprocess
 import sys
 
@@ -112,6 +111,23 @@ def test_prompt_longer_than_context(tmp_path, data_dir):
     run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1")
     p = run("sample.py", f"--out_dir={out}", "--prompt=" + "a" * 40, "--device=cpu", ok=False)
     assert p.returncode != 0 and "context" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_deterministic_runs_repeat_exactly(tmp_path, data_dir):
+    """--deterministic: two 50-iteration runs of config/mor_tiny.py (shrunk, dropout on so the torch RNG
+    matters) log the same loss at every iteration. The second run also draws depth_hist.csv (--plot)."""
+    common = ["config/mor_tiny.py", "--deterministic=True", "--max_iters=50", "--n_layer=5", "--n_head=2",
+              "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_interval=50", "--eval_iters=2",
+              "--log_interval=1", "--log_depth_hist_every=10", "--dropout=0.1", f"--data_dir={data_dir}"]
+    losses = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        plot = [f"--plot={tmp_path / 'depths.png'}"] if name == "b" else []
+        p = run("train.py", *common, f"--out_dir={out}", *plot, env={"OMP_NUM_THREADS": "1"})
+        with open(out / "train_log.csv") as f:
+            losses.append([row.split(",")[:2] for row in f.read().splitlines()[1:]])
+    assert len(losses[0]) == 50 and losses[0] == losses[1]
+    assert "wrote the depth-over-training plot" in p.stdout or "needs matplotlib" in p.stdout
 
 
 @pytest.mark.slow
