@@ -3,7 +3,8 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
 
   python bench.py                     # training + decode; GPU: GPT-2-124M-like, bf16, compiled. CPU: tiny
   python bench.py --mode=train        # ms/iter, tokens/s, MFU, executed FLOPs/token, peak memory
-  python bench.py --mode=decode       # batched greedy decoding: per-step and continuous depth-wise batching
+  python bench.py --mode=decode       # batched greedy decoding: per-step, continuous depth-wise batching, graphed
+  python bench.py --mode=gpu --report_csv=gpu.csv   # the one GPU script: decode, compiled training, HF adapter
   python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
   python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
@@ -20,6 +21,7 @@ exits, trained skip routers, and trained routers with exit gates. Every row runs
 (what generation computes), and every row prints the layer-call ratio it measured next to its target.
 """
 import csv
+import os
 import time
 
 import torch
@@ -29,7 +31,7 @@ from model import MoR, MoRConfig, gpu_peak_flops
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
-mode = "all"                    # all | train | decode | hf | ppl (not part of all: it needs a trained model)
+mode = "all"                    # all | train | decode | hf | ppl (not in all: needs a trained model) | gpu (one GPU script)
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
 n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
 n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
@@ -53,6 +55,8 @@ profile = False                 # write a torch.profiler trace (bench_trace_<var
 report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
+repeats = 3                     # every timing is the median of this many runs, the models interleaved
+graphs = "auto"                 # decode: also run the continuous engine compiled whole (CUDA graphs): auto (GPU) | on | off
 hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
@@ -115,6 +119,27 @@ def build(R=1, router="none", kv_mode="recursion", forced=False, **kw):
     cfg = MoRConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                     n_recursion=R, sharing="none" if R == 1 else sharing, router=router, kv_mode=kv_mode, **kw)
     return MoR(cfg, router=ForcedDepthRouter([1.0 / R] * R) if forced else None).to(device)
+
+
+# every column of every table, for the CSV (a new table adds its columns here)
+CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing", "batch", "ms/iter", "tokens/s",
+            "spread %", "ms/step", "ms/token", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
+            "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
+            "peak MiB", "unique params (M)", "target depth", "target ratio", "method", "setting", "calib ratio",
+            "ratio", "kv-only %", "ppl", "vs full %"]
+
+
+def emit(table, row):
+    """Keep a result row; with --report_csv, append it to the CSV at once (a run cut short keeps it)."""
+    row = {"table": table, **row}
+    rows.append(row)
+    if report_csv:
+        new = not os.path.exists(report_csv) or os.path.getsize(report_csv) == 0
+        with open(report_csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
 
 
 def print_table(title, table, cols):
@@ -203,19 +228,21 @@ def bench_train():
                 f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
                 ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
                  "mean depth", "peak MiB", "unique params (M)"])
-    rows.extend({"table": "train", **r} for r in table)
+    for r in table:
+        emit("train", r)
 
 
 # -----------------------------------------------------------------------------
 # Decode throughput: batched greedy decoding with the KV cache
 
-def decode_models():
-    """vanilla, MoR-2/3/4 (expert-choice, recursion-wise), and MoR-3 token-choice."""
+def decode_models(Rs=(2, 3, 4), token_choice=True):
+    """vanilla, MoR-R expert-choice (recursion-wise) for R in Rs, and MoR-3 token-choice."""
     forced = depth_dist == "forced"
     out = [("vanilla", build(), None)]
-    for R in (2, 3, 4):
+    for R in Rs:
         out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice", forced=forced), R))
-    out.append(("MoR-3 token-choice", build(R=3, router="token_choice", forced=forced), 3))
+    if token_choice:
+        out.append(("MoR-3 token-choice", build(R=3, router="token_choice", forced=forced), 3))
     for name, m, R in out:
         m.eval()
     return out
@@ -229,48 +256,87 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
-DECODE_COLS = ["model", "decode", "routing", "batch", "tokens/s", "ms/step", "mean depth", "rows/block call",
-               "vs vanilla"]
+def interleaved(runs):
+    """Time every fn of `runs` (a list of (key, fn)) `repeats` times, round-robin, so that drift
+    on a shared machine hits all of them alike. A first call of each (not timed) warms up
+    allocators, kernels and compilation. Returns {key: (last result, median s, min s, max s)}."""
+    out = {}
+    for key, fn in runs:
+        with ctx:
+            fn()
+    times = {key: [] for key, _ in runs}
+    for _ in range(repeats):
+        for key, fn in runs:
+            with ctx:
+                out[key], dt = timed(fn)
+            times[key].append(dt)
+    return {key: (out[key], *spread(times[key])) for key, _ in runs}
 
 
-def bench_decode():
-    models = decode_models()
-    batches = list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
+def spread(ts):
+    ts = sorted(ts)
+    return ts[len(ts) // 2], ts[0], ts[-1]
+
+
+DECODE_COLS = ["model", "decode", "routing", "batch", "tokens/s", "spread %", "ms/step", "mean depth",
+               "rows/block call", "vs vanilla", "ideal", "of ideal %"]
+
+
+def bench_decode(batches=None, models=None):
+    """Per-step decoding (generate), continuous depth-wise batching (eager), and, with graphs on,
+    the same continuous engine compiled whole (CUDA graphs on a GPU). Vanilla runs in the
+    continuous engine too (R = 1: every token exits after one tick), so 'graphed' compares
+    like with like. 'ideal' is the ratio to vanilla that layer applications allow at the
+    measured depths (time proportional to the layers a token runs: weights, K/V, FLOPs)."""
+    models = models or decode_models()
+    graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
+    batches = batches or list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
     table = []
     for B in batches:
         prompt = torch.randint(0, vocab_size, (B, prompt_len), device=device)
-        vanilla_tps = None
+        runs, meta = [], {}
+        for name, m, R in models:
+            kinds = ["per-step"] + (["continuous"] if R else []) + (["graphed"] if graphed else [])
+            for how in kinds:
+                if how == "per-step":
+                    fn = (lambda m=m: m.generate(prompt, new_tokens, temperature=0, return_depths=True))
+                else:
+                    fn = (lambda m=m, c=how == "graphed": m.generate_continuous(prompt, new_tokens, temperature=0,
+                                                                                compile=c))
+                runs.append(((name, how), fn))
+                meta[(name, how)] = (m, R)
         try:
-            for name, m, R in models:
-                runs = [("per-step", lambda: m.generate(prompt, new_tokens, temperature=0, return_depths=True))]
-                if R:
-                    runs.append(("continuous", lambda: m.generate_continuous(prompt, new_tokens, temperature=0)))
-                for how, fn in runs:
-                    with ctx:
-                        fn()                                            # warm-up (allocator, kernels)
-                        (out, depths, *extra), dt = timed(fn)
-                    tps = B * new_tokens / dt
-                    vanilla_tps = vanilla_tps or tps
-                    d = depths[:, prompt_len:-1] if how == "per-step" else depths   # the same decoded tokens
-                    table.append({"model": name, "decode": how if R else "-", "batch": B,
-                                  "routing": "-" if not R else depth_dist, "tokens/s": tps,
-                                  "ms/step": 1000 * dt / new_tokens, "mean depth": float(d.float().mean()) if R else 1.0,
-                                  "rows/block call": extra[0]["rows_per_block_call"] if extra else None,
-                                  "vs vanilla": tps / vanilla_tps})
+            timings = interleaved(runs)
         except torch.cuda.OutOfMemoryError:
             print(f"batch {B} does not fit: stopping here")
             break
+        new_rows = []
+        for (name, how), ((out, depths, *extra), med, lo, hi) in timings.items():
+            m, R = meta[(name, how)]
+            d = depths[:, prompt_len:-1] if how == "per-step" else depths   # the same decoded tokens
+            lpd = m.plan.layers_per_depth()
+            layers = float(torch.tensor(lpd, dtype=torch.float)[d.flatten().cpu()].mean()) if R else lpd[-1]
+            tps = B * new_tokens / med
+            base = timings[("vanilla", "graphed" if how == "graphed" else "per-step")][1]
+            row = {"model": name, "decode": how, "batch": B, "routing": "-" if not R else depth_dist,
+                   "tokens/s": tps, "spread %": 100 * (hi - lo) / med, "ms/step": 1000 * med / new_tokens,
+                   "mean depth": float(d.float().mean()) if R else 1.0,
+                   "rows/block call": extra[0]["rows_per_block_call"] if extra else None,
+                   "vs vanilla": base / med, "ideal": lpd[-1] / layers}
+            row["of ideal %"] = 100 * row["vs vanilla"] / row["ideal"]
+            new_rows.append(row)
+            emit("decode", row)
+        table += new_rows
         # each batch size's rows as soon as they exist: a run cut short by a time limit still reports them
-        print_table(f"decode, batch {B}:", [r for r in table if r["batch"] == B], DECODE_COLS)
+        print_table(f"decode, batch {B} (median of {repeats}, interleaved):", new_rows, DECODE_COLS)
     print_table(f"decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()}; "
-                f"routing '{depth_dist}'" + (" (forced: depths 1..R equally likely, hashed per token)"
-                                             if depth_dist == "forced" else " (untrained routers)"),
-                table, DECODE_COLS)
+                f"median of {repeats} interleaved runs; routing '{depth_dist}'"
+                + (" (forced: depths 1..R equally likely, hashed per token)"
+                   if depth_dist == "forced" else " (untrained routers)"), table, DECODE_COLS)
     if depth_dist == "router":
         for name, m, R in models:
             if R:
                 print(f"note: {name} has untrained routers: its depths above are arbitrary, not learned")
-    rows.extend({"table": "decode", **r} for r in table)
     if plot:
         draw(table)
 
@@ -292,6 +358,25 @@ def draw(table):
     fig.tight_layout()
     fig.savefig(plot, dpi=120)
     print(f"wrote {plot}")
+
+
+# -----------------------------------------------------------------------------
+# One GPU script: every speed measurement that needs the accelerator, in one short run
+
+def bench_gpu():
+    """Decode (vanilla, MoR-3 and MoR-4: per-step, continuous, and graphed on a GPU) at batch 1
+    and a large batch; compiled training of vanilla and MoR-3 (expert- and token-choice); the HF
+    adapter against plain generate and the static-cache compiled generate, TinyLlama shape.
+    Each row prints and goes to --report_csv as it finishes, so a run cut short keeps what it
+    measured. About 8 minutes on an H100. At the tiny size on a CPU it is a smoke test
+    (graphs follow --graphs, off on a CPU unless asked: compiling there takes minutes)."""
+    global train_variants, hf_shapes
+    big = 256 if device_type == "cuda" else 4
+    bench_decode(batches=list(decode_batches) or [1, big], models=decode_models(Rs=(3, 4), token_choice=False))
+    train_variants = train_variants or "vanilla;MoR-3 expert-choice, recursion-wise;MoR-3 token-choice, recursion-wise"
+    bench_train()
+    hf_shapes = hf_shapes or (("TinyLlama-1.1B",) if device_type == "cuda" else ("tiny",))
+    bench_hf()
 
 
 # -----------------------------------------------------------------------------
@@ -322,25 +407,35 @@ def bench_hf():
         L = cfg.num_hidden_layers
         half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
         full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
+        if graphs == "on" or (graphs == "auto" and device_type == "cuda"):
+            with torch.device(device):
+                compiled = LlamaForCausalLM(cfg).to(torch_dtype).eval()
+            compiled.load_state_dict(model.state_dict())
+            compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
+        graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
         for B in (1, 8):
             ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
             plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            do_sample=False, pad_token_id=0)
             runs = [("transformers generate", plain, L), ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
                     (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens), L // 2)]
-            base = None
+            if graphed:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
+                static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                   do_sample=False, pad_token_id=0, cache_implementation="static")
+                runs.insert(1, ("generate, static cache + compile", static, L))
+            timings = interleaved([(name, fn) for name, fn, _ in runs])
+            base = timings["transformers generate"][1]
             for name, fn, layers in runs:
-                fn()
-                _, dt = timed(fn)
-                tps = B * new_tokens / dt
-                base = base or tps
+                _, med, lo, hi = timings[name]
                 table.append({"shape": shape, "batch": B, "decoder": name, "layers/token": layers,
-                              "tokens/s": tps, "ms/token": 1000 * dt / new_tokens, "vs generate": tps / base})
+                              "tokens/s": B * new_tokens / med, "spread %": 100 * (hi - lo) / med,
+                              "ms/token": 1000 * med / new_tokens, "vs generate": base / med})
         del model
     print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()} "
-                "(prefill included)", table, ["shape", "batch", "decoder", "layers/token", "tokens/s", "ms/token",
-                                              "vs generate"])
-    rows.extend({"table": "hf", **r} for r in table)
+                f"(prefill included; median of {repeats}, interleaved)", table,
+                ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
+    for r in table:
+        emit("hf", r)
 
 
 # -----------------------------------------------------------------------------
@@ -434,7 +529,8 @@ def bench_ppl():
         best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
         print(f"at {100 * depth:.0f}% depth: best adaptive is {best['method']} (ppl {best['ppl']:.3f}) vs static drop "
               f"{static['ppl']:.3f}: adaptive {'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static")
-    rows.extend({"table": "ppl", **r} for r in table)
+    for r in table:
+        emit("ppl", r)
 
 
 def device_name():
@@ -442,8 +538,8 @@ def device_name():
 
 
 if __name__ == "__main__":
-    if mode not in ("all", "train", "decode", "hf", "ppl"):
-        raise SystemExit(f"error: mode must be all, train, decode, hf or ppl, got {mode!r}")
+    if mode not in ("all", "train", "decode", "hf", "ppl", "gpu"):
+        raise SystemExit(f"error: mode must be all, train, decode, hf, ppl or gpu, got {mode!r}")
     print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
     if mode in ("all", "train"):
         bench_train()
@@ -453,10 +549,7 @@ if __name__ == "__main__":
         bench_hf()
     if mode == "ppl":
         bench_ppl()
+    if mode == "gpu":
+        bench_gpu()
     if report_csv:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(report_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        print(f"wrote {report_csv}")
+        print(f"appended {len(rows)} rows to {report_csv}")

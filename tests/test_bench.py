@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,3 +25,20 @@ def test_bench_smoke(tmp_path):
     # every MoR model is measured both ways, against vanilla at each batch size
     assert {r["decode"] for r in decode} == {"-", "per-step", "continuous"}
     assert all(float(r["tokens/s"]) > 0 for r in decode)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_at_a_tiny_size_on_the_cpu(tmp_path):
+    """`bench.py --mode=gpu` is the one script a GPU session runs; here it must run end to end at a
+    tiny size, each row appended to the CSV (medians of interleaved repeats)."""
+    report = tmp_path / "gpu.csv"
+    p = subprocess.run([sys.executable, "bench.py", "--mode=gpu", "--device=cpu", "--n_layer=4", "--n_embd=32",
+                        "--n_head=2", "--block_size=32", "--batch_size=2", "--train_iters=1", "--warmup_iters=1",
+                        "--prompt_len=4", "--new_tokens=4", "--repeats=2", f"--report_csv={report}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(report)))
+    assert {r["table"] for r in rows} == {"decode", "train", "hf"}
+    decode = [r for r in rows if r["table"] == "decode"]
+    assert {r["model"] for r in decode} == {"vanilla", "MoR-3 expert-choice", "MoR-4 expert-choice"}
+    assert all(float(r["spread %"]) >= 0 and float(r["ideal"]) >= 1 for r in decode)

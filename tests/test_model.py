@@ -328,3 +328,26 @@ def test_flops_count_only_the_tokens_that_ran():
     one = m.count_flops(torch.ones(1, 1, dtype=torch.long))
     deep = m.count_flops(torch.full((1, 1), R, dtype=torch.long))
     assert float(deep - one) == (R - 1) * k * (m._layer_flops(1, True) + 4 * m.config.n_embd)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kw", [dict(), dict(n_recursion=3, sharing="middle_cycle", router="expert_choice"),
+                                dict(n_recursion=3, sharing="cycle", router="token_choice")])
+def test_compiled_continuous_decoding_is_one_graph_with_the_same_tokens(kw):
+    """The CPU proxy for CUDA-graph decoding: the continuous-batching tick compiles with
+    fullgraph=True (no graph breaks: torch.compile would raise), gives the tokens of eager
+    per-step decoding, and more ticks (and a second run) compile nothing new."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    m = spread_router(tiny(n_layer=6 if kw else 5, **kw)).eval()
+    x = torch.randint(0, V, (3, 5))
+    ref = m.generate(x, 10, temperature=0)
+    torch._dynamo.utils.counters.clear()
+    out, _, stats = m.generate_continuous(x, 10, temperature=0, compile=True)
+    assert torch.equal(out, ref)
+    assert stats["ticks"] > 8
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 1
+    out2, _, _ = m.generate_continuous(x, 10, temperature=0, compile=True)
+    assert torch.equal(out2, ref)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs     # 0 recompilations
