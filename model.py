@@ -126,82 +126,6 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # Configuration and the layer plan
 
-SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
-ROUTERS = ("none", "expert_choice", "token_choice")
-KV_MODES = ("recursion", "share_first")
-
-
-@dataclass
-class MoRConfig:
-    # shape (a Llama decoder)
-    vocab_size: int = 65
-    block_size: int = 256           # context length
-    n_layer: int = 6                # layers of the equivalent vanilla model
-    n_head: int = 6
-    n_kv_head: int = 0              # 0 = n_head (no grouping); fewer = grouped-query attention
-    n_embd: int = 384
-    intermediate_size: int = 0      # 0 = 8/3 * n_embd rounded up to a multiple of 32 (Llama's ratio)
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    tie_embeddings: bool = True     # lm_head shares the token embedding matrix
-    # recursion (section 1 of the paper)
-    n_recursion: int = 1            # R: how many times the shared block is applied
-    sharing: str = "none"           # none | cycle | sequence | middle_cycle | middle_sequence
-    # routing (router.py) and caching (kv_cache.py)
-    router: str = "none"            # none (every token, every step) | expert_choice | token_choice
-    kv_mode: str = "recursion"      # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
-    capacity: tuple = ()            # expert-choice keep fraction per step; () = (R - r) / R
-    router_arch: str = "linear"     # linear | mlp
-    router_fn: str = "sigmoid"      # expert-choice gate: sigmoid | tanh
-    router_alpha: float = 0.1       # gate scale g = alpha * sigmoid(logit / temperature)
-    router_temperature: float = 1.0
-    router_aux: str = "loss"        # expert-choice inference rule: loss (BCE on the router) | router (aux router)
-    router_aux_weight: float = 0.001
-    router_z_weight: float = 0.0
-    balancing: str = "loss"         # token-choice: loss | loss_free | none
-    router_balance_weight: float = 0.1
-    balance_bias_rate: float = 1e-3  # loss-free bias step u
-    router_entropy_weight: float = 0.0
-    target_depth: float = 0.0       # token-choice: pull the mean depth towards this (0 = off)
-    target_depth_weight: float = 0.0
-
-    def __post_init__(self):
-        self.n_kv_head = self.n_kv_head or self.n_head
-        if not self.intermediate_size:
-            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
-        self.capacity = tuple(self.capacity)
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(msg)
-        need(self.sharing in SHARING, f"sharing must be one of {SHARING}, got {self.sharing!r}")
-        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
-        need(self.kv_mode in KV_MODES, f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
-        need(self.balancing in ("loss", "loss_free", "none"), f"balancing must be loss | loss_free | none")
-        need(self.router_fn in ("sigmoid", "tanh"), f"router_fn must be sigmoid | tanh, got {self.router_fn!r}")
-        need(self.router_aux in ("loss", "router"), f"router_aux must be loss | router, got {self.router_aux!r}")
-        need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
-        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        need(self.n_recursion >= 1, "n_recursion must be >= 1")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.sharing != "none" or self.n_recursion == 1,
-             "sharing='none' means one pass (n_recursion=1); to recurse pick cycle, sequence, middle_cycle or middle_sequence")
-        need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
-        need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
-        if self.router == "expert_choice":
-            cap = self.capacity_schedule(self.n_recursion)
-            need(len(cap) == self.n_recursion, f"capacity needs {self.n_recursion} entries, got {len(cap)}")
-            need(all(0 < c <= 1 for c in cap), f"capacity fractions must lie in (0, 1], got {cap}")
-            need(all(a >= b for a, b in zip(cap, cap[1:])), f"capacity must not increase step to step, got {cap}")
-            need(self.kv_mode != "share_first" or cap[0] == 1,
-                 "kv_mode='share_first' needs every token at step 0 (capacity[0] = 1): step 0 writes the shared K/V")
-
-    def capacity_schedule(self, R):
-        """Expert-choice keep fraction per step: the configured list, or (R - r) / R."""
-        return self.capacity if self.capacity else tuple((R - r) / R for r in range(R))
-
-
 @dataclass
 class LayerPlan:
     """Which unique layer runs where. layers = [prelude..., shared block..., coda...]."""
@@ -244,6 +168,88 @@ def layer_plan(n_layer, R, sharing):
         unrolled = [i for i in range(k) for _ in range(R)]     # 1,1,..,2,2,..
     steps = [[edge + i for i in unrolled[r * k:(r + 1) * k]] for r in range(R)]
     return LayerPlan(edge, k, edge, R, steps, inner - k * R)
+
+
+SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTERS = ("none", "expert_choice", "token_choice")
+KV_MODES = ("recursion", "share_first")
+
+
+@dataclass
+class MoRConfig:
+    # shape (a Llama decoder)
+    vocab_size: int = 65
+    block_size: int = 256           # context length
+    n_layer: int = 6                # layers of the equivalent vanilla model
+    n_head: int = 6
+    n_kv_head: int = 0              # 0 = n_head (no grouping); fewer = grouped-query attention
+    n_embd: int = 384
+    intermediate_size: int = 0      # 0 = 8/3 * n_embd rounded up to a multiple of 32 (Llama's ratio)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True     # lm_head shares the token embedding matrix
+    # recursion (section 1 of the paper)
+    n_recursion: int = 1            # R: how many times the shared block is applied
+    sharing: str = "none"           # none | cycle | sequence | middle_cycle | middle_sequence
+    # routing (router.py) and caching (kv_cache.py)
+    router: str = "none"            # none (every token, every step) | expert_choice | token_choice
+    kv_mode: str = "recursion"      # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
+    capacity: tuple = ()            # expert-choice keep fraction per step; () = (R - r) / R
+    router_arch: str = "linear"     # linear | mlp
+    router_fn: str = "sigmoid"      # expert-choice gate: sigmoid | tanh
+    router_alpha: float = 0.1       # gate scale g = alpha * sigmoid(logit / temperature)
+    router_temperature: float = 1.0
+    router_aux: str = "loss"        # expert-choice inference rule: loss (BCE on the router) | router (aux router)
+    router_aux_weight: float = 0.001
+    router_z_weight: float = 0.0
+    balancing: str = "loss"         # token-choice: loss | loss_free | none
+    router_balance_weight: float = 0.1
+    balance_bias_rate: float = 1e-3  # loss-free bias step u
+    router_entropy_weight: float = 0.0
+    target_depth: float = 0.0       # token-choice: pull the mean depth towards this (0 = off)
+    target_depth_weight: float = 0.0
+    # masked diffusion (diffusion.py): train.py sets both for objective='diffusion'
+    bidirectional: bool = False     # every token attends to every token (no causal mask)
+    mask_token: int = -1            # id of [MASK] (train.py reserves the last vocab id); -1 = none
+
+    def __post_init__(self):
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if not self.intermediate_size:
+            self.intermediate_size = 32 * math.ceil(8 * self.n_embd / 3 / 32)
+        self.capacity = tuple(self.capacity)
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+        need(self.sharing in SHARING, f"sharing must be one of {SHARING}, got {self.sharing!r}")
+        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
+        need(self.kv_mode in KV_MODES, f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
+        need(self.balancing in ("loss", "loss_free", "none"), f"balancing must be loss | loss_free | none, got {self.balancing!r}")
+        need(self.router_fn in ("sigmoid", "tanh"), f"router_fn must be sigmoid | tanh, got {self.router_fn!r}")
+        need(self.router_aux in ("loss", "router"), f"router_aux must be loss | router, got {self.router_aux!r}")
+        need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
+        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        need(self.n_recursion >= 1, "n_recursion must be >= 1")
+        need(-1 <= self.mask_token < self.vocab_size,
+             f"mask_token must be a vocab id (0..{self.vocab_size - 1}) or -1 for none, got {self.mask_token}")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        need(self.sharing != "none" or self.n_recursion == 1,
+             "sharing='none' means one pass (n_recursion=1); to recurse pick cycle, sequence, middle_cycle or middle_sequence")
+        need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
+        need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
+        layer_plan(self.n_layer, self.n_recursion, self.sharing)    # raises if the layers don't fit the sharing
+        if self.router == "expert_choice":
+            cap = self.capacity_schedule(self.n_recursion)
+            need(len(cap) == self.n_recursion, f"capacity needs {self.n_recursion} entries, got {len(cap)}")
+            need(all(0 < c <= 1 for c in cap), f"capacity fractions must lie in (0, 1], got {cap}")
+            need(all(a >= b for a, b in zip(cap, cap[1:])), f"capacity must not increase step to step, got {cap}")
+            need(self.kv_mode != "share_first" or cap[0] == 1,
+                 "kv_mode='share_first' needs every token at step 0 (capacity[0] = 1): step 0 writes the shared K/V")
+
+    def capacity_schedule(self, R):
+        """Expert-choice keep fraction per step: the configured list, or (R - r) / R."""
+        return self.capacity if self.capacity else tuple((R - r) / R for r in range(R))
 
 
 # -----------------------------------------------------------------------------
@@ -316,10 +322,13 @@ class MoR(nn.Module):
     def rope(self, pos):
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False):
+    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, active=None):
         """idx [B, T] token ids -> (logits [B, T, V], loss or None).
 
         kv:   a KVCache to continue from (generation), or None for a whole-sequence pass.
+        active: [B, T] bool, the only tokens that run (None: all). The others run no layer:
+              kv serves their keys and values from an earlier call (diffusion.py's refinement
+              passes, where committed tokens stop computing); their logits are meaningless.
         rule: how expert-choice picks tokens: 'topk' (training; sees the whole sequence)
               or 'causal' (threshold / aux router; what generation uses). Default:
               'topk' in train mode, 'causal' in eval mode. Token-choice is causal always.
@@ -330,20 +339,25 @@ class MoR(nn.Module):
         if start + T > cfg.block_size:
             raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
         rule = rule or ("topk" if self.training else "causal")
-        attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0)
+        attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0,
+                                                    causal=not cfg.bidirectional)
         state = RouteState(B * T)
 
         h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
+        if active is not None:                                   # only these run; kv holds the rest's K/V
+            everyone = everyone.subset(active.view(-1))[0]
         rope_all = self.rope(everyone.pos)
+        x = h if active is None else h[everyone.flat]
         for i in range(plan.n_pre):                              # unshared first layer(s): every token
-            h = self.layers[i](h, rope_all, attn, Site("pre", None, i), everyone)
+            x = self.layers[i](x, rope_all, attn, Site("pre", None, i), everyone)
+        h = x if active is None else h.index_copy(0, everyone.flat, x)
         depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
         act = everyone
         for r in range(plan.n_recursion):                       # the recursion: R steps of the shared block
             gate = None
             if self.router is not None:                          # who runs step r (router.py)
-                route = self.router(r, h if act is everyone else h[act.flat], act, state, rule)
+                route = self.router(r, h if act.n == B * T else h[act.flat], act, state, rule)
                 gate = route.gate
                 if route.keep is not None:                       # hierarchical: a subset of last step's tokens
                     act, picked = act.subset(route.keep, route.per_row)
@@ -361,9 +375,11 @@ class MoR(nn.Module):
                 x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
             h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
             depth[act.flat] += 1
+        x = h if active is None else h[everyone.flat]
         for i in range(plan.n_post):                             # unshared last layer(s): every token
             li = plan.n_pre + plan.n_shared + i
-            h = self.layers[li](h, rope_all, attn, Site("post", None, i), everyone)
+            x = self.layers[li](x, rope_all, attn, Site("post", None, i), everyone)
+        h = x if active is None else h.index_copy(0, everyone.flat, x)
 
         h = h.view(B, T, cfg.n_embd)
         if last_only:

@@ -24,13 +24,13 @@ hf = ""                         # a hub name, local folder, .gguf file or smollm
 prompt = "\n"                   # the prompt text, or FILE:path/to/prompt.txt
 num_samples = 1
 max_new_tokens = 500
-temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf
+temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf and for diffusion checkpoints
 top_k = 200                     # sample among the top_k tokens (None = all)
 seed = 1337
 device = "auto"                 # auto | cpu | cuda | mps
 dtype = "auto"                  # auto (bf16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
 return_depth_trace = False      # print every token with the depth it ran to
-csv = ""                        # write the depth histogram to this CSV
+csv = ""                        # write the depth histogram to this CSV (diffusion: every statistic)
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
 # the Hugging Face adapter (hf_wrap.py)
 router = "none"                 # none | fixed | expert_choice | token_choice | confidence | entropy
@@ -51,13 +51,27 @@ chat = "auto"                   # auto (use the chat template when the tokenizer
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
 export_hf = ""                  # instead of sampling: write out_dir's checkpoint as a transformers Llama folder here
+# masked-diffusion checkpoints (train.py objective='diffusion'): adaptive refinement (diffusion.py)
+diffusion = False               # refine a fully masked continuation (automatic for a diffusion checkpoint)
+preset = "balanced"             # balanced | max_speed | max_quality: the values of the keys below left at None
+strategy = "confidence"         # confidence | entropy | gradient | fixed (the baseline: max_recursions full passes)
+min_recursions = None           # passes for an easy token
+max_recursions = None           # passes for a hard token; fixed: passes per block
+confidence_high = None          # scores from here up are easy
+confidence_low = None           # scores from here down are hard (linear in between)
+skip_threshold = None           # a token scoring this is committed at once (with skip_confident_tokens)
+skip_confident_tokens = True
+parallel_acceptance = True      # commit every due token in one pass (False: the most confident one per pass)
+batch_by_difficulty = True      # one call per pass for all samples (False: one call per sample)
+cache_committed = True          # committed tokens stop computing, their K/V cached (False: exact full passes)
+block_length = 16               # positions refined together, left to right (0: the whole continuation)
 # -----------------------------------------------------------------------------
 config = configure(globals())
 torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]
 ctx, dtype = autocast_context(device_type, dtype)
-if prompt.startswith("FILE:"):
+if isinstance(prompt, str) and prompt.startswith("FILE:"):
     path = prompt[5:]
     if not os.path.exists(path):
         raise SystemExit(f"error: prompt file {path} not found")
@@ -190,6 +204,28 @@ else:
         raise SystemExit(f"error: the prompt is {len(ids)} tokens but this model's context is "
                          f"{model.config.block_size} tokens (block_size): shorten it")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
+    if diffusion or model.config.mask_token >= 0:
+        # ---- a masked-diffusion checkpoint: a fully masked continuation, refined (diffusion.py) ----
+        from dataclasses import fields
+        import hf_wrap
+        from diffusion import AdaptiveRefiner, RefinementConfig, describe_stats
+        try:
+            refiner = AdaptiveRefiner(RefinementConfig.preset(preset, **{
+                f.name: config[f.name] for f in fields(RefinementConfig) if config[f.name] is not None}))
+            with ctx:
+                out = refiner.generate(model, x, max_new_tokens)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        for row in out:
+            print(tok.decode(row.tolist()))
+            print("---------------")
+        stats = refiner.get_stats()
+        print(describe_stats(stats))
+        if csv:
+            hf_wrap.write_stats_csv(stats, csv)
+        if prometheus:
+            hf_wrap.write_prometheus(stats, prometheus, prefix="nanomor_diffusion")
+        raise SystemExit(0)
     t0 = time.time()
     with ctx:
         out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
