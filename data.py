@@ -194,6 +194,28 @@ def _read_source(dataset):
     return name, [(os.path.basename(dataset), Path(dataset).read_bytes())], 'by position'
 
 
+def _split(dataset, sources, split):
+    """_read_source's output -> (train text, val text, how it was split)."""
+    if split == 'by play':  # whole plays go to val, so val text is text the model never saw
+        plays = [(play, clean_play(raw.decode('utf-8'))) for play, raw in sources]
+        train_text = '\n'.join(text for play, text in plays if play not in VAL_PLAYS)
+        val_text = '\n'.join(text for play, text in plays if play in VAL_PLAYS)
+        return train_text, val_text, f"by play: val = {', '.join(VAL_PLAYS)}"
+    try:  # a user's file: the last 10% is val
+        text = sources[0][1].decode('utf-8')
+    except UnicodeDecodeError as e:
+        _fail(f"'{dataset}' is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8 and retry")
+    cut = int(len(text) * (1 - VAL_FRACTION))
+    return text[:cut], text[cut:], f"by position: the last {VAL_FRACTION:.0%} of the file is val"
+
+
+def train_val_text(dataset='shakespeare'):
+    """(train text, val text): the split prepare() tokenizes, as plain text (by play for the built-in corpus,
+    by position for a .txt file). Router tuning encodes it with a pretrained model's own tokenizer."""
+    _, sources, split = _read_source(dataset)
+    return _split(dataset, sources, split)[:2]
+
+
 def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
     """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json and return that
     folder. Reuses it when already prepared from the same source; rebuilds when the source changed."""
@@ -212,19 +234,7 @@ def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
             if json.load(f).get('fingerprint') == fingerprint:
                 return out_dir  # prepared before, from the same source: reuse
 
-    if split == 'by play':  # whole plays go to val, so val text is text the model never saw
-        plays = [(play, clean_play(raw.decode('utf-8'))) for play, raw in sources]
-        train_text = '\n'.join(text for play, text in plays if play not in VAL_PLAYS)
-        val_text = '\n'.join(text for play, text in plays if play in VAL_PLAYS)
-        split = f"by play: val = {', '.join(VAL_PLAYS)}"
-    else:  # a user's file: the last 10% is val
-        try:
-            text = sources[0][1].decode('utf-8')
-        except UnicodeDecodeError as e:
-            _fail(f"'{dataset}' is not UTF-8 text (bad byte at offset {e.start}): save it as UTF-8 and retry")
-        cut = int(len(text) * (1 - VAL_FRACTION))
-        train_text, val_text = text[:cut], text[cut:]
-        split = f"by position: the last {VAL_FRACTION:.0%} of the file is val"
+    train_text, val_text, split = _split(dataset, sources, split)
     tok = Tokenizer.build(tokenizer, train_text + val_text)
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     if min(len(train_ids), len(val_ids)) < 2:  # one (input, target) pair needs 2 tokens

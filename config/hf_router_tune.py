@@ -1,12 +1,13 @@
-# Router tuning for a pretrained Llama-family model, every base weight frozen (hf_wrap.tune_routers):
+# Router tuning for a pretrained Llama-family model, every base weight frozen (tune.py):
 #   python train.py config/dense_cpu.py                                    # 1. a dense 12-layer model (~15 min CPU)
 #   python sample.py --out_dir=out-dense-cpu --export_hf=out-dense-cpu/hf  # 2. as a transformers Llama folder
-#   python train.py config/hf_router_tune.py                               # 3. this: routers + exit gates (~5 min)
+#   python tune.py config/hf_router_tune.py                                # 3. this: routers + exit gates (~5 min)
 #   python sample.py --routers=out-hf-router-tune/routers.pt --prompt=ROMEO: --return_depth_trace
 #   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # the quality table
-# A real model on a GPU: init_from='hf:Qwen/Qwen2.5-0.5B' (or a local folder), device='cuda' (the base loads in
-# bf16), block_size=512, batch_size=8, max_iters=1000, and dataset='your.txt' if Shakespeare is not your domain.
-init_from = "hf:out-dense-cpu/hf"
+# A real model: --hf=smollm2-135m (built in), or hf='Qwen/Qwen2.5-0.5B' (or a local folder) on a GPU with
+# device='cuda' (the base loads in bf16), block_size=512, batch_size=8, max_iters=1000, and dataset='your.txt' if
+# Shakespeare is not your domain.
+hf = "out-dense-cpu/hf"
 out_dir = "out-hf-router-tune"  # routers.pt lands here
 dataset = "shakespeare"         # encoded with the model's own tokenizer; or a path to a UTF-8 .txt file
 

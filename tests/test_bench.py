@@ -23,7 +23,7 @@ def test_bench_smoke(tmp_path):
     assert {"train", "decode", "hf"} <= tables
     decode = [r for r in rows if r["table"] == "decode"]
     # every MoR model is measured both ways, against vanilla at each batch size
-    assert {r["decode"] for r in decode} == {"-", "per-step", "continuous"}
+    assert {r["decode"] for r in decode} == {"per-step", "continuous"}   # vanilla decodes per-step
     assert all(float(r["tokens/s"]) > 0 for r in decode)
 
 

@@ -1,13 +1,12 @@
 """
-Tests for router tuning on a frozen pretrained model (hf_wrap.tune_routers, SkipRouters, router="skip"/"drop") and
-the evaluation helpers behind bench.py --mode=ppl. Tiny random-weight models built from configs, offline.
+Tests for router tuning on a frozen pretrained model (tune.py, hf_wrap.SkipRouters, router="skip"/"drop") and
+the evaluation helpers behind bench.py --mode=ppl (tune.py too). Tiny random-weight models built from configs, offline.
 
 What must hold: gradients reach the routers only and the base weights stay byte-identical; the compute penalty
 moves the mean gate to its target; the hard-routed prefill (what perplexity is measured on) equals the decode
 path; the extremes are exact (every gate open = the model, every gate shut = those layers dropped); static
 dropping removes the lowest-influence layers and never layer 0; the threshold search lands on its target.
 """
-import ast
 import os
 import subprocess
 import sys
@@ -19,7 +18,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import hf_wrap  # noqa: E402
-from hf_wrap import DepthAdapter, SkipRouters, skip_layout, soft_forward  # noqa: E402
+import tune  # noqa: E402
+from hf_wrap import DepthAdapter, SkipRouters, skip_layout  # noqa: E402
+from tune import soft_forward  # noqa: E402
 from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, prompts, tiny  # noqa: E402
 
 TEXT = "KING:\nWhat say you, my lord? Speak, and speak the truth.\n\nQUEEN:\nI have no words to give you now.\n\n" * 40
@@ -38,20 +39,11 @@ def spread_routers(hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, **layout)
     return r.eval()
 
 
-def train_defaults(**overrides):
-    """train.py's config keys and defaults, read from its source (so this test follows the script)."""
-    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
-    cfg = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                cfg[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    cfg.update(device="cpu", dtype="float32", block_size=16, batch_size=4, eval_iters=2, calib_windows=4,
-               max_iters=4, eval_interval=2, log_interval=2, warmup_iters=1)
-    cfg.update(overrides)
-    return cfg
+def tune_config(**overrides):
+    """tune.py's settings at a tiny size, with overrides."""
+    return tune.default_config(**{**dict(device="cpu", dtype="float32", block_size=16, batch_size=4, eval_iters=2,
+                                         calib_windows=4, max_iters=4, eval_interval=2, log_interval=2,
+                                         warmup_iters=1), **overrides})
 
 
 def char_model(tmp_path=None, arch="llama", **kw):
@@ -85,7 +77,7 @@ def test_router_only_gradients():
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
     logits, gate_logits, states = soft_forward(model, r, ids)
     assert gate_logits.shape == (2, 16, len(r.units)) and set(states) == {3}
-    loss, parts = hf_wrap._tuning_loss(logits, ids, gate_logits, train_defaults(gate_entropy_weight=0.1), it=100)
+    loss, parts = tune._tuning_loss(logits, ids, gate_logits, tune_config(gate_entropy_weight=0.1), it=100)
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.gates.parameters())
@@ -97,7 +89,7 @@ def test_straight_through_forward_is_inference():
     With one layer per unit it is then exactly the adapter's hard-routed prefill (a skipped token's K/V at the
     layer comes from its state there in both)."""
     logit = torch.tensor([-2.0, 0.5], requires_grad=True)
-    g = hf_wrap._gate(logit, hard=True)
+    g = tune._gate(logit, hard=True)
     g.sum().backward()
     assert g.tolist() == [0.0, 1.0]
     torch.testing.assert_close(logit.grad, torch.sigmoid(logit.detach()) * (1 - torch.sigmoid(logit.detach())))
@@ -116,7 +108,7 @@ def test_penalty_pushes_mean_gate_to_target():
     random text a random model's layers are noise, and skipping them would lower the loss by itself)."""
     model = tiny("llama").requires_grad_(False)
     r = SkipRouters(64, *skip_layout(LAYERS), mlp_hidden=16).train()
-    cfg = train_defaults(target_active_ratio=0.4, penalty_weight=5.0, penalty_warmup_iters=5)
+    cfg = tune_config(target_active_ratio=0.4, penalty_weight=5.0, penalty_warmup_iters=5)
     opt = torch.optim.AdamW(r.parameters(), lr=2e-2, weight_decay=0.0)
     gen, means = torch.Generator().manual_seed(0), []
     for it in range(60):
@@ -124,7 +116,7 @@ def test_penalty_pushes_mean_gate_to_target():
         with torch.no_grad():
             Y = model(ids).logits.argmax(-1)
         logits, gate_logits, _ = soft_forward(model, r, ids)
-        loss, parts = hf_wrap._tuning_loss(logits, Y, gate_logits, cfg, it)
+        loss, parts = tune._tuning_loss(logits, Y, gate_logits, cfg, it)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -138,11 +130,11 @@ def test_entropy_term_pushes_gates_to_0_or_1():
     """gate_entropy_weight > 0 must move gates away from 0.5 (an earlier version had the right value and a zero
     gradient). Only the entropy term here: each gate logit grows in magnitude, keeping its sign."""
     z = torch.tensor([[[-0.8, -0.1, 0.2, 1.0]]], requires_grad=True)
-    cfg = train_defaults(penalty_weight=0.0, gate_entropy_weight=1.0)
+    cfg = tune_config(penalty_weight=0.0, gate_entropy_weight=1.0)
     opt = torch.optim.SGD([z], lr=2.0)
     start = z.detach().clone()
     for it in range(30):
-        loss, parts = hf_wrap._tuning_loss(torch.zeros(1, 1, VOCAB), torch.zeros(1, 1, dtype=torch.long), z, cfg, it)
+        loss, parts = tune._tuning_loss(torch.zeros(1, 1, VOCAB), torch.zeros(1, 1, dtype=torch.long), z, cfg, it)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -155,10 +147,10 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     model, tok = char_model()
     (tmp_path / "text.txt").write_text(TEXT)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(hf_wrap, "load_hf", lambda *a, **k: (model, tok))
-    cfg = train_defaults(init_from="hf:some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
                          exit_layers=(3,), exit_iters=3, target_speedup=1.25, target_tol=0.02, weight_decay=0.1)
-    hf_wrap.tune_routers(cfg)
+    tune.tune_routers(cfg)
     for k, v in model.state_dict().items():
         assert v.numpy().tobytes() == before[k].numpy().tobytes(), k
     blob = hf_wrap.read_router_file(str(tmp_path / "out" / "routers.pt"))
@@ -230,10 +222,10 @@ def test_keep_ratio_uses_calibrated_quantiles():
 # Static dropping and the threshold search
 
 def test_static_drop_picks_lowest_influence_never_layer_0():
-    assert hf_wrap.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
+    assert tune.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5))
-    bi = hf_wrap.block_influence(model, windows, batch_size=2)
+    bi = tune.block_influence(model, windows, batch_size=2)
     ins, outs = {}, {}                                             # the same, from hooks on HF's own forward
 
     def hook(l):
@@ -248,7 +240,7 @@ def test_static_drop_picks_lowest_influence_never_layer_0():
         h.remove()
     want = [float((1 - torch.cosine_similarity(ins[l], outs[l], dim=-1)).mean()) for l in range(LAYERS)]
     assert bi == pytest.approx(want, abs=1e-5)
-    drop = hf_wrap.static_drop_layers(bi, 2)
+    drop = tune.static_drop_layers(bi, 2)
     assert 0 not in drop and drop == sorted(sorted(range(1, LAYERS), key=lambda l: bi[l])[:2])
     # dropping = HF's model with those layers removed
     keep = [l for l in range(LAYERS) if l not in drop]
@@ -265,14 +257,14 @@ def test_target_search_converges():
     model = tiny("llama")
     r = spread_routers()
     windows = torch.randint(0, VOCAB, (8, 33), generator=torch.Generator().manual_seed(6))
-    make = lambda z: DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=hf_wrap._sigmoid(z))
-    z, found, reached = hf_wrap.search_cutoff(make, -30.0, 30.0, 0.6, windows, tol=0.01)
+    make = lambda z: DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=tune._sigmoid(z))
+    z, found, reached = tune.search_cutoff(make, -30.0, 30.0, 0.6, windows, tol=0.01)
     assert reached and abs(found["layer_ratio"] - 0.6) <= 0.01
-    assert abs(hf_wrap.eval_ppl(make(z), windows)["layer_ratio"] - found["layer_ratio"]) < 1e-9   # reproducible
+    assert abs(tune.eval_ppl(make(z), windows)["layer_ratio"] - found["layer_ratio"]) < 1e-9   # reproducible
     make = lambda v: DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v)
-    v, found, reached = hf_wrap.search_cutoff(make, 0.0, 5.0, 0.7, windows, tol=0.02)
+    v, found, reached = tune.search_cutoff(make, 0.0, 5.0, 0.7, windows, tol=0.02)
     assert reached and abs(found["layer_ratio"] - 0.7) <= 0.02
-    _, found, reached = hf_wrap.search_cutoff(make, 0.0, 5.0, 0.05, windows)   # below the 1 layer always run
+    _, found, reached = tune.search_cutoff(make, 0.0, 5.0, 0.05, windows)   # below the 1 layer always run
     assert not reached and found["layer_ratio"] == pytest.approx(1 / LAYERS)
 
 
@@ -305,6 +297,14 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
 # -----------------------------------------------------------------------------
 # Errors a person can act on
 
+def test_tune_config_is_tune_py_s_own():
+    """tune.py reads its own settings (train.py no longer has them) and refuses keys it does not have."""
+    cfg = tune.default_config()
+    assert cfg["hf"] == "smollm2-135m" and cfg["target_active_ratio"] == 0.6 and "n_layer" not in cfg
+    with pytest.raises(KeyError, match="init_from"):
+        tune.default_config(init_from="hf:x")
+
+
 def test_errors_are_clear(tmp_path, monkeypatch):
     for kwargs, match in [(dict(pattern="odd"), "every_other"), (dict(start=0), "router_start"),
                           (dict(start=3, stop=3), "router_stop"), (dict(group=0), "router_group"),
@@ -322,7 +322,7 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="quantiles"):
         DepthAdapter(model, router="skip", skip_routers=spread_routers(), keep_ratio=0.5)
     with pytest.raises(ValueError, match="causal"):
-        DepthAdapter(model, router="expert_choice", keep_ratio=0.5).prefill_logits(prompts(1)[0])
+        DepthAdapter(model, router="expert_choice", keep_ratio=0.5, random_routers=True).prefill_logits(prompts(1)[0])
     # router files: missing, not a router file, another model, the other kind
     with pytest.raises(ValueError, match="no router file"):
         hf_wrap.read_router_file(str(tmp_path / "nope.pt"))
@@ -336,28 +336,28 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="router='skip'"):
         DepthAdapter(model, router="expert_choice", keep_ratio=0.5, router_path=path)
     # tune_routers: a missing path, a non-Llama model, a bad layout
-    cfg = train_defaults(out_dir=str(tmp_path / "out"))
+    cfg = tune_config(out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="not a directory"):
-        hf_wrap.tune_routers({**cfg, "init_from": f"hf:{tmp_path / 'missing'}"})
+        tune.tune_routers({**cfg, "hf": str(tmp_path / "missing")})
     with pytest.raises(SystemExit, match="names no model"):
-        hf_wrap.tune_routers({**cfg, "init_from": "hf:"})
+        tune.tune_routers({**cfg, "hf": ""})
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
-    monkeypatch.setattr(hf_wrap, "load_hf", lambda *a, **k: (gpt2, None))
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (gpt2, None))
     with pytest.raises(SystemExit, match="Llama-family"):
-        hf_wrap.tune_routers({**cfg, "init_from": "hf:gpt2"})
-    monkeypatch.setattr(hf_wrap, "load_hf", lambda *a, **k: char_model())
+        tune.tune_routers({**cfg, "hf": "gpt2"})
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: char_model())
     with pytest.raises(SystemExit, match="router_pattern"):
-        hf_wrap.tune_routers({**cfg, "init_from": "hf:x", "router_pattern": "all"})
+        tune.tune_routers({**cfg, "hf": "x", "router_pattern": "all"})
     with pytest.raises(SystemExit, match="target_active_ratio"):
-        hf_wrap.tune_routers({**cfg, "init_from": "hf:x", "target_active_ratio": 1.5})
+        tune.tune_routers({**cfg, "hf": "x", "target_active_ratio": 1.5})
 
 
 # -----------------------------------------------------------------------------
 # The user's path, end to end: export a trained-from-scratch model, tune, sample, bench
 
 @pytest.mark.slow
-def test_train_py_router_tuning_smoke(tmp_path):
-    """python train.py config/hf_router_tune.py on a tiny model exported by sample.py --export_hf, then
+def test_tune_py_smoke(tmp_path):
+    """python tune.py config/hf_router_tune.py on a tiny model exported by sample.py --export_hf, then
     sample.py --routers (the file names the model) and bench.py --mode=ppl on it."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     (tmp_path / "text.txt").write_text(TEXT * 5)
@@ -372,7 +372,7 @@ def test_train_py_router_tuning_smoke(tmp_path):
         f"--dataset={tmp_path / 'text.txt'}", f"--data_dir={tmp_path / 'data'}", f"--out_dir={base}",
         "--max_iters=20", "--eval_interval=20", "--eval_iters=2")
     run("sample.py", f"--out_dir={base}", f"--export_hf={hf_dir}", "--device=cpu")
-    s = run("train.py", "config/hf_router_tune.py", f"--init_from=hf:{hf_dir}", f"--out_dir={out}",
+    s = run("tune.py", "config/hf_router_tune.py", f"--hf={hf_dir}", f"--out_dir={out}",
             f"--dataset={tmp_path / 'text.txt'}", "--block_size=32", "--batch_size=4", "--max_iters=10",
             "--eval_interval=5", "--log_interval=5", "--eval_iters=2", "--calib_windows=4", "--exit_layers=2",
             "--exit_iters=5", "--target_speedup=1.2", "--target_tol=0.02")

