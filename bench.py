@@ -8,6 +8,7 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
   python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
+  python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
 
 Models are built with random weights: speed does not depend on what the weights say,
 except through routing. Untrained routers route arbitrarily, so decode uses a forced
@@ -27,11 +28,11 @@ import time
 import torch
 
 from configurator import autocast_context, autodetect_device, configure, pyplot
-from model import MoR, MoRConfig, gpu_peak_flops
+from model import ContinuousBatching, MoR, MoRConfig, gpu_peak_flops
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
-mode = "all"                    # all | train | decode | hf | ppl (not in all: needs a trained model) | gpu (one GPU script)
+mode = "all"                    # all | train | decode | hf | ppl, diffusion (not in all: trained models) | gpu (one GPU script)
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
 n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
 n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
@@ -67,6 +68,17 @@ ppl_windows = 128               # held-out windows of block_size tokens for the 
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 exit_thresholds = (0.99, 0.95, 0.9, 0.8)   # with exit gates: tried in turn, the best on calibration text is kept
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
+# --mode=diffusion: adaptive refinement of a masked-diffusion model against fixed passes (diffusion.py)
+diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
+judge_dir = "out-vanilla-tiny"  # the autoregressive judge of generations (python train.py config/vanilla_tiny.py)
+mask_rates = (0.15, 0.3, 0.5)   # infilling: the fraction of each validation passage masked
+infill_windows = 64             # validation passages (block_size tokens) per rate, refined as one batch
+fixed_passes = (1, 2, 4, 8)     # the fixed baseline's pass counts (the claim is checked against fixed 4)
+gen_samples = 32                # generations, each after gen_prompt tokens of validation text, as one batch
+gen_prompt = 16
+gen_tokens = 48                 # new tokens per generation (prompt + new <= both models' block_size)
+gen_block = 16                  # generations are refined in blocks of this many positions, left to right
+gen_temperature = 0.8           # generations sample at this temperature (infilling commits the most likely token)
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":     # importing bench.py (tests do, for ForcedDepthRouter) reads no command line, runs no benchmark
     config = configure(globals())
@@ -126,7 +138,8 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "spread %", "ms/step", "ms/token", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
             "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
             "peak MiB", "unique params (M)", "target depth", "target ratio", "method", "setting", "calib ratio",
-            "ratio", "kv-only %", "ppl", "vs full %"]
+            "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
+            "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %"]
 
 
 def emit(table, row):
@@ -301,8 +314,8 @@ def bench_decode(batches=None, models=None):
                 if how == "per-step":
                     fn = (lambda m=m: m.generate(prompt, new_tokens, temperature=0, return_depths=True))
                 else:
-                    fn = (lambda m=m, c=how == "graphed": m.generate_continuous(prompt, new_tokens, temperature=0,
-                                                                                compile=c))
+                    fn = (lambda m=m, c=how == "graphed": ContinuousBatching(m, prompt, new_tokens, temperature=0,
+                                                                             compile=c).run())
                 runs.append(((name, how), fn))
                 meta[(name, how)] = (m, R)
         try:
@@ -533,13 +546,135 @@ def bench_ppl():
         emit("ppl", r)
 
 
+# -----------------------------------------------------------------------------
+# Masked diffusion: adaptive refinement against fixed passes, quality and compute in one table
+
+def load_trained(out_dir):
+    """One of our checkpoints as an eval-mode model on the bench's device, with the checkpoint dict."""
+    from model import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
+    model = MoR(MoRConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval().to(device), ckpt
+
+
+def diffusion_decoders():
+    """(name, RefinementConfig) of every row: fixed passes, and each adaptive strategy (cached by default)."""
+    from diffusion import RefinementConfig
+    return [(f"fixed {n}", RefinementConfig(strategy="fixed", max_recursions=n, cache_committed=False))
+            for n in fixed_passes] + [
+        ("fixed 4, cached", RefinementConfig(strategy="fixed", cache_committed=True)),
+        ("confidence, exact passes", RefinementConfig(cache_committed=False)),
+        ("confidence", RefinementConfig()),
+        ("confidence, no skip", RefinementConfig(skip_confident_tokens=False)),
+        ("entropy", RefinementConfig(strategy="entropy")),
+        ("gradient", RefinementConfig(strategy="gradient")),
+        ("preset max_speed", RefinementConfig.preset("max_speed")),
+        ("preset max_quality", RefinementConfig.preset("max_quality")),
+    ]
+
+
+def bench_diffusion():
+    """Infilling (mask_rates of validation passages: accuracy, and the NLL of the truth under the distribution
+    each token was committed from) and generation (perplexity under the autoregressive judge), for every
+    decoder, with the token-layer operations and wall time each actually ran. Timings interleave the decoders."""
+    import math
+    from dataclasses import replace
+    import numpy as np
+    import data
+    from diffusion import AdaptiveRefiner, corrupt, diffusion_loss
+    model, ckpt = load_trained(diffusion_dir)
+    judge, judge_ckpt = load_trained(judge_dir)
+    try:
+        AdaptiveRefiner().check(model)
+    except ValueError as e:
+        raise SystemExit(f"error: {diffusion_dir}: {e}")
+    if judge_ckpt["tokenizer"] != ckpt["tokenizer"] or judge.config.mask_token >= 0:
+        raise SystemExit(f"error: the judge ({judge_dir}) must be an autoregressive model with the diffusion "
+                         f"model's tokenizer: train it with python train.py config/vanilla_tiny.py")
+    T, mask = model.config.block_size, model.config.mask_token
+    if gen_prompt + gen_tokens > min(T, judge.config.block_size):
+        raise SystemExit(f"error: gen_prompt + gen_tokens ({gen_prompt + gen_tokens}) exceed a model's block_size")
+    cfg = ckpt["config"]
+    val = data.load_split(data.prepare(cfg["dataset"], cfg["tokenizer"], cfg["data_dir"]), "val")
+    starts = np.linspace(0, len(val) - T - 1, infill_windows + gen_samples).astype(np.int64)
+    windows = torch.stack([torch.from_numpy(val[s:s + T].astype(np.int64)) for s in starts]).to(device)
+    passages, prompts = windows[:infill_windows], windows[infill_windows:, :gen_prompt + gen_tokens]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bound = sum(float(diffusion_loss(model(x_t)[0], passages, hidden, t))
+                    for x_t, hidden, t in (corrupt(passages, mask, gen) for _ in range(8))) / 8
+
+    def judge_nll(x):   # mean NLL (nats) of x's tokens after gen_prompt, each given everything before it
+        with torch.no_grad():
+            logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
+        return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())
+
+    decoders = diffusion_decoders()
+    table = [{"task": "generate", "decoder": "(validation text)", "gen ppl": math.exp(judge_nll(prompts))}]
+    tasks = [(f"infill {100 * r:.0f}%", r) for r in mask_rates] + [("generate", None)]
+    for task, rate in tasks:
+        if rate is not None:   # the same hidden positions for every decoder
+            order = torch.rand(infill_windows, T, generator=gen).argsort(dim=1)[:, :round(rate * T)]
+            hidden = torch.zeros(infill_windows, T, dtype=torch.bool).scatter(1, order, True).to(device)
+
+        def run(refiner):
+            refiner.reset_stats()
+            torch.manual_seed(seed)                    # generation samples: the same draws for each decoder
+            if rate is None:
+                return refiner.generate(model, prompts[:, :gen_prompt], gen_tokens), refiner.get_stats()
+            x, logprobs = refiner.apply_adaptive_refinement(model, passages.masked_fill(hidden, mask), True)
+            return (x, logprobs), refiner.get_stats()
+
+        refiners = {name: AdaptiveRefiner(c if rate is not None else
+                                          replace(c, block_length=gen_block, temperature=gen_temperature))
+                    for name, c in decoders}
+        timed_runs = interleaved([(name, lambda r=refiners[name]: run(r)) for name, _ in decoders])
+        for name, _ in decoders:
+            (out, stats), median_s, _, _ = timed_runs[name]
+            row = {"task": task, "decoder": name, "passes": stats["total_steps"],
+                   "mean recursions": stats["mean_recursions_per_token"], "token-layer ops": stats["token_layer_ops"],
+                   "wall ms": 1000 * median_s}
+            if rate is None:
+                row["gen ppl"] = math.exp(judge_nll(out))
+            else:
+                x, logprobs = out
+                truth = passages[hidden]
+                row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
+                row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
+            table.append(row)
+    for r in table:   # savings against the fixed baseline at the default pass count, task by task
+        base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
+        if base and "wall ms" in r:
+            r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])
+            r["time saved %"] = 100 * (1 - r["wall ms"] / base["wall ms"])
+    for r in table:
+        emit("diffusion", r)
+    print_table(f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
+                f"{infill_windows} validation passages of {T} tokens per infilling rate (most likely token), "
+                f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
+                f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
+                f"wall = median of {repeats}, on {device_name()}", table,
+                ["task", "decoder", "accuracy %", "nll", "gen ppl", "passes", "mean recursions", "token-layer ops",
+                 "compute saved %", "wall ms", "time saved %"])
+    for task, rate in tasks:   # the seed's claim
+        if rate is None:
+            continue
+        conf, base = [next(r for r in table if r["task"] == task and r["decoder"] == d) for d in ("confidence", "fixed 4")]
+        gap = conf["accuracy %"] - base["accuracy %"]
+        held = gap >= -0.5 and conf["compute saved %"] >= 30 and conf["time saved %"] >= 20
+        print(f"{task}: confidence vs fixed 4: accuracy {gap:+.2f} points, {conf['compute saved %']:.1f}% fewer "
+              f"token-layer ops, {conf['time saved %']:.1f}% less wall time: the claim "
+              f"(within 0.5 points, >= 30% fewer ops, >= 20% less time) {'HOLDS' if held else 'FAILS'}")
+
+
 def device_name():
     return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
-    if mode not in ("all", "train", "decode", "hf", "ppl", "gpu"):
-        raise SystemExit(f"error: mode must be all, train, decode, hf, ppl or gpu, got {mode!r}")
+    if mode not in ("all", "train", "decode", "hf", "ppl", "gpu", "diffusion"):
+        raise SystemExit(f"error: mode must be all, train, decode, hf, ppl, gpu or diffusion, got {mode!r}")
     print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
     if mode in ("all", "train"):
         bench_train()
@@ -551,5 +686,7 @@ if __name__ == "__main__":
         bench_ppl()
     if mode == "gpu":
         bench_gpu()
+    if mode == "diffusion":
+        bench_diffusion()
     if report_csv:
         print(f"appended {len(rows)} rows to {report_csv}")

@@ -470,7 +470,8 @@ class MoR(nn.Module):
         token-choice by argmax. When the context fills up, the cache is rebuilt from
         the last half of the context (positions restart at 0, as in training).
         Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths
-        (each token's depth when it was read as input).
+        (each token's depth when it was read as input). ContinuousBatching (below)
+        decodes the same tokens with every block call a full batch.
         """
         B, T0 = idx.shape
         bs = self.config.block_size
@@ -496,11 +497,6 @@ class MoR(nn.Module):
         if return_depths:
             return idx, torch.cat(depths, dim=1)
         return idx
-
-    def generate_continuous(self, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
-        """Decoding with continuous depth-wise batching (ContinuousBatching below); compile=True
-        captures its tick. Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
-        return ContinuousBatching(self, idx, max_new_tokens, temperature, top_k, compile).run()
 
 
 # -----------------------------------------------------------------------------

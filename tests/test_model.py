@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kv_cache import KVCache
-from model import MoR, MoRConfig, export_hf, layer_plan
+from model import ContinuousBatching, MoR, MoRConfig, export_hf, layer_plan
 
 V = 53
 VARIANTS = {
@@ -277,7 +277,7 @@ def test_continuous_batching_decodes_the_same_tokens(kw, forced):
         m = spread_router(tiny(n_layer=6, **kw)).eval()
     x = torch.randint(0, V, (4, 5))
     ref, ref_depth = m.generate(x, 20, temperature=0, return_depths=True)
-    out, depth, stats = m.generate_continuous(x, 20, temperature=0)
+    out, depth, stats = ContinuousBatching(m, x, 20, temperature=0).run()
     assert torch.equal(out, ref)
     assert torch.equal(depth, ref_depth[:, 5:-1])        # the decoded tokens (the last is never fed back)
     if m.router is not None:
@@ -288,11 +288,11 @@ def test_continuous_batching_decodes_the_same_tokens(kw, forced):
 
 def test_continuous_batching_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="cycle"):
-        tiny(n_layer=6, n_recursion=3, sharing="sequence", router="expert_choice").generate_continuous(
-            torch.zeros(1, 3, dtype=torch.long), 4)
+        ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="sequence", router="expert_choice"),
+                           torch.zeros(1, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="recursion"):
-        tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first").generate_continuous(
-            torch.zeros(1, 3, dtype=torch.long), 4)
+        ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first"),
+                           torch.zeros(1, 3, dtype=torch.long), 4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -343,11 +343,11 @@ def test_compiled_continuous_decoding_is_one_graph_with_the_same_tokens(kw):
     x = torch.randint(0, V, (3, 5))
     ref = m.generate(x, 10, temperature=0)
     torch._dynamo.utils.counters.clear()
-    out, _, stats = m.generate_continuous(x, 10, temperature=0, compile=True)
+    out, _, stats = ContinuousBatching(m, x, 10, temperature=0, compile=True).run()
     assert torch.equal(out, ref)
     assert stats["ticks"] > 8
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs == 1
-    out2, _, _ = m.generate_continuous(x, 10, temperature=0, compile=True)
+    out2, _, _ = ContinuousBatching(m, x, 10, temperature=0, compile=True).run()
     assert torch.equal(out2, ref)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs     # 0 recompilations
