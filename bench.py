@@ -139,7 +139,7 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
             "peak MiB", "unique params (M)", "target depth", "target ratio", "method", "setting", "calib ratio",
             "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
-            "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %"]
+            "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %"]
 
 
 def emit(table, row):
@@ -634,7 +634,9 @@ def bench_diffusion():
             (out, stats), median_s, _, _ = timed_runs[name]
             row = {"task": task, "decoder": name, "passes": stats["total_steps"],
                    "mean recursions": stats["mean_recursions_per_token"], "token-layer ops": stats["token_layer_ops"],
-                   "wall ms": 1000 * median_s}
+                   "wall ms": 1000 * median_s, "easy/medium/hard %": "/".join(
+                       f"{100 * stats[k] / stats['tokens_processed']:.0f}" for k in ("easy_tokens", "medium_tokens",
+                                                                                     "hard_tokens"))}
             if rate is None:
                 row["gen ppl"] = math.exp(judge_nll(out))
             else:
@@ -655,8 +657,8 @@ def bench_diffusion():
                 f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
                 f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
                 f"wall = median of {repeats}, on {device_name()}", table,
-                ["task", "decoder", "accuracy %", "nll", "gen ppl", "passes", "mean recursions", "token-layer ops",
-                 "compute saved %", "wall ms", "time saved %"])
+                ["task", "decoder", "accuracy %", "nll", "gen ppl", "easy/medium/hard %", "passes", "mean recursions",
+                 "token-layer ops", "compute saved %", "wall ms", "time saved %"])
     for task, rate in tasks:   # the seed's claim
         if rate is None:
             continue

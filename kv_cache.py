@@ -184,9 +184,10 @@ def _shares_first(kv_mode, site):
 # Inside one forward pass (training, evaluation, a causal pass for tests)
 
 class SequenceKV:
-    def __init__(self, kv_mode="recursion", dropout_p=0.0):
+    def __init__(self, kv_mode="recursion", dropout_p=0.0, causal=True):
         self.kv_mode = kv_mode
         self.dropout_p = dropout_p
+        self.causal = causal  # False: bidirectional, every token sees every token (masked diffusion)
         self.first = {}  # share-first: layer index -> (k, v, key positions) written at step 0
 
     def wants_kv(self, site):
@@ -202,7 +203,7 @@ class SequenceKV:
             if not active.all_rows:
                 kg, vg = kg[active.rows], vg[active.rows]
             mask = key_pos.view(1, 1, 1, -1) <= active.qpos[:, None, :, None]   # (rows, 1, K, T)
-            y = sdpa(qg, kg, vg, mask, dropout_p=self.dropout_p)
+            y = sdpa(qg, kg, vg, mask if self.causal else None, dropout_p=self.dropout_p)
         else:
             kg, vg = to_grid(k, active).transpose(1, 2), to_grid(v, active).transpose(1, 2)
             if self.kv_mode == "share_first" and site.part == "rec" and site.step == 0:
@@ -212,8 +213,11 @@ class SequenceKV:
             # Recursion-wise: queries and keys are the same active tokens, sorted by
             # position, so causal order in the grid is causal order in the text, and
             # ragged rows need no mask either (pads come after a row's real tokens).
-            # Mask-free attention keeps the fused (flash) kernels.
-            y = sdpa(qg, kg, vg, is_causal=True, dropout_p=self.dropout_p)
+            # Mask-free attention keeps the fused (flash) kernels. Bidirectional attention
+            # needs a mask only to hide the pads of ragged rows.
+            pads = None if self.causal or active.grid_index is None else \
+                (torch.arange(active.K, device=q.device) < active.counts[:, None])[:, None, None, :]  # (rows,1,1,K)
+            y = sdpa(qg, kg, vg, pads, is_causal=self.causal, dropout_p=self.dropout_p)
         return from_grid(y.transpose(1, 2), active).flatten(1)
 
 
@@ -242,6 +246,10 @@ class KVCache:
     """
     def __init__(self, model, batch_size, max_len=None):
         cfg = model.config
+        if cfg.bidirectional:
+            raise ValueError("KVCache is for autoregressive generation, and this model attends bidirectionally "
+                             "(a masked-diffusion model): sample it with diffusion.py's AdaptiveRefiner "
+                             "(sample.py does this for a diffusion checkpoint)")
         self.kv_mode = cfg.kv_mode
         self.B = batch_size
         self.max_len = max_len or cfg.block_size

@@ -24,7 +24,7 @@ hf = ""                         # a hub name, local folder, .gguf file or smollm
 prompt = "\n"                   # the prompt text, or FILE:path/to/prompt.txt
 num_samples = 1
 max_new_tokens = 500
-temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf and for diffusion checkpoints
+temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf
 top_k = 200                     # sample among the top_k tokens (None = all)
 seed = 1337
 device = "auto"                 # auto | cpu | cuda | mps
@@ -210,8 +210,9 @@ else:
         import hf_wrap
         from diffusion import AdaptiveRefiner, RefinementConfig, describe_stats
         try:
+            settings = {f.name: config[f.name] for f in fields(RefinementConfig) if config[f.name] is not None}
             refiner = AdaptiveRefiner(RefinementConfig.preset(preset, **{
-                f.name: config[f.name] for f in fields(RefinementConfig) if config[f.name] is not None}))
+                **settings, "temperature": 0.8 if temperature is None else temperature}))
             with ctx:
                 out = refiner.generate(model, x, max_new_tokens)
         except ValueError as e:
