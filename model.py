@@ -386,7 +386,7 @@ class MoR(nn.Module):
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        self._last_call = (depth, start, None if kv is None else kv.reached, h.shape[1])
+        self._last_call = (depth, start, None if kv is None else kv.reached, h.shape[1], active)
         if kv is not None:
             kv.advance(depth)
         self.last_depth, self.last_route = depth, state
@@ -407,39 +407,43 @@ class MoR(nn.Module):
             per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
         return 2 * n * per_token
 
-    def count_flops(self, depth, start=0, reached=None, n_logits=None):
+    def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
         """Forward FLOPs of one call from what ran: depth [B, T] of the call's tokens, start =
         the position of its first token, reached [B, R] = earlier (cached) tokens of each row
-        that ran step r (None: no cache), n_logits = positions per row sent to the LM head.
+        that ran step r (None: no cache), n_logits = positions per row sent to the LM head,
+        ran [B, T] = the tokens that ran at all (forward's `active`; None: all of them).
 
         Attention costs 4 * d FLOPs per (query, key) pair (QK^T and AV over all heads). A
-        query at step r sees: recursion-wise, the tokens of its row that ran step r and
-        came before it (cached ones and this call's); share-first deeper steps, every
-        token up to its position; unshared layers, every token up to its position.
+        causal query at step r sees: recursion-wise, the tokens of its row that ran step r
+        and came before it (cached ones and this call's); share-first deeper steps, every
+        token up to its position; unshared layers, every token up to its position. A
+        bidirectional query (masked diffusion, no router) sees every token of its row.
         """
         cfg, plan = self.config, self.plan
         B, T = depth.shape
         pair = 4 * cfg.n_embd
-        causal_pairs = B * (start * T + T * (T + 1) // 2)          # every token, every earlier token
-        n_edge = plan.n_pre + plan.n_post
-        flops = n_edge * (self._layer_flops(B * T, True) + pair * causal_pairs)
         pos = start + torch.arange(T, device=depth.device)
+        ran = torch.ones_like(depth, dtype=torch.bool) if ran is None else ran
+        def pairs_all(queries):                                    # queries [B, T] bool: their keys, summed
+            return (queries.sum() * (start + T)) if cfg.bidirectional else ((pos + 1) * queries).sum()
+        n_edge = plan.n_pre + plan.n_post
+        flops = n_edge * (self._layer_flops(1, True) * ran.sum() + pair * pairs_all(ran))
         for r in range(plan.n_recursion):
-            ran = depth > r                                        # [B, T]: the tokens that ran step r
-            n = ran.sum(1)                                         # [B]
-            if cfg.kv_mode == "share_first" and r > 0:
-                linear, pairs = self._layer_flops(1, False) * n.sum(), ((pos + 1) * ran).sum()
+            at = depth > r                                         # [B, T]: the tokens that ran step r
+            n = at.sum(1)                                          # [B]
+            if cfg.bidirectional or (cfg.kv_mode == "share_first" and r > 0):
+                pairs = pairs_all(at)
             else:
                 before = 0 if reached is None else reached[:, r]
-                linear, pairs = self._layer_flops(1, True) * n.sum(), (before * n + n * (n + 1) // 2).sum()
-            flops = flops + len(plan.steps[r]) * (linear + pair * pairs)
+                pairs = (before * n + n * (n + 1) // 2).sum()
+            with_kv = not (cfg.kv_mode == "share_first" and r > 0)
+            flops = flops + len(plan.steps[r]) * (self._layer_flops(1, with_kv) * n.sum() + pair * pairs)
         return flops + 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
 
     @property
     def last_flops(self):
         """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
-        depth, start, reached, n_logits = self._last_call
-        return self.count_flops(depth, start, reached, n_logits)
+        return self.count_flops(*self._last_call)
 
     def dense_flops_per_token(self, T):
         """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
