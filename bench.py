@@ -6,6 +6,7 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=decode       # batched greedy decoding: per-step, continuous depth-wise batching, graphed
   python bench.py --mode=gpu --report_csv=gpu.csv   # the one GPU script: decode, compiled training, HF adapter
   python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
+  python bench.py --mode=hf --hf=smollm2-135m --routers=out-spec-draft/routers.pt   # speculative decoding, real model
   python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
   python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
@@ -62,6 +63,8 @@ hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyL
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # trained skip routers (routers.pt): one file, or one per ppl_depths entry, comma-separated
+                                # (--mode=hf with --hf: the speculative drafts, any router files)
+speculative = 4                 # --mode=hf with --hf: drafts per cycle of the speculative rows, fixed and adaptive
 dataset = "shakespeare"         # calibration text from its train split, perplexity on its held-out split
 ppl_depths = (0.85, 0.70, 0.55) # average depths to match, as fractions of the layers
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
@@ -139,7 +142,8 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
             "peak MiB", "unique params (M)", "target depth", "target ratio", "method", "setting", "calib ratio",
             "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
-            "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %"]
+            "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
+            "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"]
 
 
 def emit(table, row):
@@ -406,6 +410,8 @@ HF_SHAPES = {   # random weights from configs: speed does not depend on the weig
 
 
 def bench_hf():
+    if hf:
+        return bench_speculative()
     from transformers import LlamaConfig, LlamaForCausalLM
     import hf_wrap
     shapes = list(hf_shapes) or (["TinyLlama-1.1B", "Llama-3-8B"] if device_type == "cuda" else ["tiny"])
@@ -449,6 +455,67 @@ def bench_hf():
                 ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
     for r in table:
         emit("hf", r)
+
+
+SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story about a lighthouse keeper.",
+                "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
+
+
+def bench_speculative():
+    """--mode=hf --hf=<model>: self-speculative decoding on a real model, greedy, chat prompts (SPEC_PROMPTS), in one
+    interleaved run: transformers generate; transformers' own early-exit assistant (generate(assistant_early_exit=l),
+    batch 1 only) at the exit layer l of the first exit-head draft; the adapter at full depth; and, for each draft
+    (each --routers file, and the untrained exit at layer l: the model's own head there), speculative decoding
+    with K = --speculative drafts per cycle, fixed and adaptive. Every row must give generate's tokens ("same as
+    generate"); the speculative rows add the acceptance, tokens per cycle and the draft/verify time split."""
+    import hf_wrap
+    model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    L, eos, n = model.config.num_hidden_layers, tok.eos_token_id, new_tokens
+    drafts = []
+    for path in [p for p in routers.split(",") if p]:
+        kind = hf_wrap.read_router_file(path)["router"]
+        drafts.append((f"{kind} ({path})", hf_wrap.DepthAdapter(model, router=kind, router_path=path)))
+    exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
+    drafts.append((f"untrained exit at layer {exit_layer}",
+                   hf_wrap.DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1)))
+    full, table = hf_wrap.DepthAdapter(model, no_skip=True), []
+    for B in list(decode_batches) or [1]:
+        chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                 if getattr(tok, "chat_template", None) else t for t in (SPEC_PROMPTS * B)[:B]]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)     # left padding (load_hf)
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        gen = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
+        if B == 1:
+            runs.append((f"transformers assistant_early_exit={exit_layer}",
+                         lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
+        runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                               eos_token_id=eos)))
+        for name, ad in drafts:
+            for adapt in (False, True):
+                runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
+                             lambda ad=ad, adapt=adapt: ad.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                                     eos_token_id=eos, speculative=speculative,
+                                                                     adapt_k=adapt)))
+        timings = interleaved(runs)
+        ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
+        for name, _ in runs:
+            (out, st), med, lo, hi = timings[name]
+            row = {"model": hf, "batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
+                   "spread %": 100 * (hi - lo) / med, "vs generate": base / med,
+                   "same as generate": "yes" if torch.equal(out, ref) else "NO"}
+            if st is not None and "acceptance_rate" in st:
+                row.update({"K": f"{st['speculative']}" + (f" -> {st['k_final']} (mean {st['k_mean']:.1f})"
+                                                           if st["adapt_k"] else ""),
+                            "acceptance %": 100 * st["acceptance_rate"], "tokens/cycle": st["tokens_per_cycle"],
+                            "draft ms/cycle": 1000 * st["draft_s"] / st["cycles"],
+                            "verify ms/cycle": 1000 * st["verify_s"] / st["cycles"]})
+            table.append(row)
+            emit("hf", row)
+    print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {n} new tokens, on {device_name()} (prefill "
+                f"included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
+                ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "K", "acceptance %",
+                 "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------

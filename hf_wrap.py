@@ -22,8 +22,15 @@ entropy (training-free, CALM: the state so far through the final norm and LM hea
 costs an LM-head call per group boundary on the active tokens). Two more decide per layer, and count a token's
 depth in layers (0..L): skip (trained MindSkip gates: a token whose gate is <= hard_threshold SKIPS that layer
 and goes on to the next, unlike the exits above; optional trained exit gates end a token at a few layers) and
-drop (ShortGPT's static baseline: the same layers removed for every token). tune.py trains skip gates and exit
-gates with the base frozen, and holds the perplexity-at-matched-depth helpers behind bench.py --mode=ppl.
+drop (ShortGPT's static baseline: the same layers removed for every token). exit_head runs every token through
+the layers before one layer l, then a small trained head (ExitHead): a draft for speculative decoding. tune.py
+trains skip gates, exit gates and exit heads with the base frozen, and holds the perplexity-at-matched-depth
+helpers behind bench.py --mode=ppl.
+
+Lossless: self-speculative decoding (generate(speculative=K) -> speculate()). Any router above drafts K tokens,
+one full-depth pass verifies all of them, and what is kept is the full model's own output: greedy token for
+token, sampled in distribution (speculative sampling's accept/reject rule); the cache ends every cycle as
+full-depth decoding would hold it.
 
 The KV choice. A token that exited before layer l left no K/V there, yet later tokens attend to it at layer l.
 We fill that slot from the token's exit hidden state: input_layernorm -> k_proj/v_proj (-> k_norm) -> RoPE, the
@@ -65,12 +72,14 @@ from model import apply_rope, sample_next
 from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-ROUTERS = ("none", "fixed", "expert_choice", "token_choice", "confidence", "entropy", "skip", "drop")
+ROUTERS = ("none", "fixed", "expert_choice", "token_choice", "confidence", "entropy", "skip", "drop", "exit_head")
 LEARNED_ROUTERS = ("expert_choice", "token_choice")          # weights come from router_path
 TUNE_COMMAND = "python tune.py config/hf_router_tune.py --hf=<model>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v1"
 SKIP_FILE_FORMAT = "nanomor-hf-skip-routers-v1"                # trained skip routers + exit gates (tune.py)
+EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"              # a trained draft head (tune.py --exit_head_layer)
+TUNED_FORMATS = (ROUTER_FILE_FORMAT, SKIP_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT)
 GATE_INIT_LOGIT = 3.0     # a new skip gate starts at sigmoid(3) = 0.95 (nearly the full model) for every token
 EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until phase 2 trains it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -286,43 +295,105 @@ def read_router_file(path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
                          "truncated: tune the routers again.") from None
-    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, SKIP_FILE_FORMAT):
-        raise ValueError(f"{path} is not a router file (no format {SKIP_FILE_FORMAT!r} or {ROUTER_FILE_FORMAT!r}): "
-                         "pass out_dir/routers.pt from router tuning, not a model checkpoint.")
+    if not isinstance(blob, dict) or blob.get("format") not in TUNED_FORMATS:
+        raise ValueError(f"{path} is not a router file (no format of {TUNED_FORMATS}): pass out_dir/routers.pt "
+                         "from router tuning, not a model checkpoint.")
     return blob
 
 
-def save_skip_routers(path, routers, hf_model, **meta):
-    """Atomic torch.save of trained SkipRouters, their layout and the model's shape (meta: plain types, tensors;
+def _model_shape(cfg):                                   # what a tuned file must match to load
+    return {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
+
+
+def _save_tuned(path, fmt, router, module, hf_model, layout, meta):
+    """Atomic torch.save of a tuned module, its layout and the model's shape (meta: plain types, tensors;
     meta['model'] = the model's name or path, which sample.py loads when --hf is not given)."""
     from model import save_checkpoint
-    cfg = hf_model.config
-    save_checkpoint({"format": SKIP_FILE_FORMAT, "router": "skip", "model_type": cfg.model_type,
-                     "num_hidden_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,
-                     "vocab_size": cfg.vocab_size, "units": [list(u) for u in routers.units],
-                     "exit_layers": list(routers.exit_layers), "mlp_hidden": routers.mlp_hidden,
-                     "state_dict": {k: v.detach().cpu() for k, v in routers.state_dict().items()}, **meta}, path)
+    save_checkpoint({"format": fmt, "router": router, **_model_shape(hf_model.config), **layout,
+                     "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}, **meta}, path)
 
 
-def load_skip_routers(path, model):
-    """-> (SkipRouters, the file's dict). ValueError when the file was tuned for another model or layout."""
+def _read_tuned(path, model, fmt, module_of):
+    """-> (module_of(blob) with the file's weights, the file's dict). ValueError when the file holds another kind
+    of router or was tuned for another model or layout."""
     blob = read_router_file(path)
-    if blob["format"] != SKIP_FILE_FORMAT:
-        raise ValueError(f"{path} holds {blob.get('router')!r} routers (DepthAdapter.save_routers), not trained skip "
-                         f"routers: use router={blob.get('router')!r} with it.")
-    cfg = model.config
-    want = {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size}
+    if blob["format"] != fmt:
+        raise ValueError(f"{path} holds {blob.get('router')!r} routers, not what this router loads: use "
+                         f"router={blob.get('router')!r} with it.")
+    want = _model_shape(model.config)
     bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
     if bad:
         raise ValueError(f"{path} was tuned for another model ({blob.get('model')!r}: {bad}); this one has "
                          f"{ {k: want[k] for k in bad} }. Tune routers for this model: {TUNE_COMMAND}.")
-    routers = SkipRouters(cfg.hidden_size, blob["units"], blob["exit_layers"], blob["mlp_hidden"])
+    module = module_of(blob)
     try:
-        routers.load_state_dict(blob["state_dict"])
+        module.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
         raise ValueError(f"{path}: its weights do not fit its recorded layout ({str(e).splitlines()[0]}).") from None
-    return routers, blob
+    return module, blob
+
+
+def save_skip_routers(path, routers, hf_model, **meta):
+    """Trained SkipRouters and their layout -> a router file (sample.py --routers)."""
+    _save_tuned(path, SKIP_FILE_FORMAT, "skip", routers, hf_model, {
+        "units": [list(u) for u in routers.units], "exit_layers": list(routers.exit_layers),
+        "mlp_hidden": routers.mlp_hidden}, meta)
+
+
+def load_skip_routers(path, model):
+    """-> (SkipRouters, the file's dict)."""
+    return _read_tuned(path, model, SKIP_FILE_FORMAT, lambda b: SkipRouters(
+        model.config.hidden_size, b["units"], b["exit_layers"], b["mlp_hidden"]))
+
+
+class ExitHead(nn.Module):
+    """A trained draft head at the input of layer `layer` (early exit with a learned head, as Kangaroo's adapter
+    on a shallow sub-network; base frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose
+    `up` starts at zero -> RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for
+    `vocab`. Untrained, it is the model's own norm and head applied early. tune.py trains it by KL divergence to the
+    final layer's distribution. vocab (V',) holds the token ids it can propose: the most frequent of the tuning
+    text, because SmolLM2's full head (49,152 x 576) is ~20% of a CPU decode step. Speculative decoding stays
+    exact: a token outside vocab is simply never proposed (its draft probability is 0)."""
+
+    def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
+        super().__init__()
+        self.layer, self.rank = layer, rank
+        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def forward(self, h, head_weight):
+        """h (..., C): the state entering `layer`; head_weight (V', C): the LM head's rows for vocab -> (..., V')."""
+        h = h.float()
+        h = h + self.up(F.silu(self.down(F.rms_norm(h, (h.shape[-1],)))))
+        return F.linear(self.norm(h).to(head_weight.dtype), head_weight)
+
+
+def new_exit_head(model, layer, vocab=None, rank=128):
+    """An untrained ExitHead for `model` at `layer` (vocab None: every token), its norm copied from the model's."""
+    cfg = model.config
+    if not isinstance(layer, int) or not 1 <= layer < cfg.num_hidden_layers:
+        raise ValueError(f"exit head layer={layer!r}: the head reads the state entering layer l, "
+                         f"1 <= l <= {cfg.num_hidden_layers - 1} (layer 0 always runs).")
+    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
+    head = ExitHead(cfg.hidden_size, layer, vocab, rank, model.model.norm.variance_epsilon)
+    head.norm.weight.data.copy_(model.model.norm.weight.float())
+    return head.to(model.get_input_embeddings().weight.device)
+
+
+def save_exit_head(path, head, hf_model, **meta):
+    _save_tuned(path, EXIT_HEAD_FILE_FORMAT, "exit_head", head, hf_model, {
+        "layer": head.layer, "rank": head.rank, "head_vocab": head.vocab.numel()}, meta)
+
+
+def load_exit_head(path, model):
+    """-> (ExitHead, the file's dict)."""
+    return _read_tuned(path, model, EXIT_HEAD_FILE_FORMAT, lambda b: ExitHead(
+        model.config.hidden_size, b["layer"], torch.zeros(b["head_vocab"]), b["rank"],
+        model.model.norm.variance_epsilon))
 
 
 def _quantile_at(q, level):
@@ -351,15 +422,44 @@ class _Run:
         self.key_valid = key_valid                                            # (B, max_len) False at left padding
         self.no_pad = bool(key_valid.all())
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)     # position id of every cache slot
+        self.R, self.depth = ad.R, None
         if ad.static_depth is None:                                           # routed: per-token exits to track
             exits = ad.router != "skip" or ad.use_exits                       # skip without exit gates: no exits
             self.exit_h = torch.zeros(B, max_len if exits else 0, ad.hidden_size, device=dev, dtype=dt)  # at exit
             self.depth = torch.full((B, max_len), ad.R, dtype=torch.long, device=dev)    # R until decided
-            self.filled_to = [0] * ad.R         # group g holds every needed K/V for slots < filled_to[g]
             cutoff = torch.full((ad.R,), float("inf")) if ad.score_cutoff is None else ad.score_cutoff
             self.threshold = cutoff.to(dev)[:, None].repeat(1, B)            # (R, B) expert_choice score cutoffs
             self.calibrate = calibrate                                        # this prefill sets them (calibrate())
+        self.filled_to = [0] * ad.R             # group g holds every needed K/V for slots < filled_to[g]
         self.kv_only = 0                        # token-layers whose K/V alone was computed (the fill)
+
+    # speculative decoding (DepthAdapter.speculate): the verify pass makes slots exact, rejected drafts are dropped
+    def rewind(self, end):
+        """Every slot < end holds exact K/V at every layer (the full model wrote them), and slots >= end are free:
+        the draft has no K/V to fill below end, and nothing at or after it has exited yet."""
+        self.filled_to = [end] * self.R
+        if self.depth is not None:
+            self.depth[:, end:] = self.R
+
+    def keep(self, end, kept):
+        """After a verify pass over slots end.., row b keeps its first kept[b] of them. -> the cache's new end.
+        Rows that keep as many: the cache ends at end + kept. Otherwise each row's tokens shift so that every row
+        ends at the same slot (a shorter row gains left padding; slots no row uses are dropped): the cache is then
+        each row's text so far, left-padded, as full-depth decoding of that text would hold it."""
+        if bool((kept == kept[0]).all()):
+            return end + int(kept[0])
+        count = self.key_valid[:, :end].sum(1) + kept                         # (B,) tokens each row now holds
+        new_end = int(count.max())
+        slot = torch.arange(new_end, device=kept.device)
+        src = (slot + (end + kept - new_end)[:, None]).clamp(0, self.pos.shape[1] - 1)   # (B, new_end) old slots
+        for cache in self.k + self.v:                                         # (B, n_kv, max_len, hd)
+            index = src[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3])
+            cache[:, :, :new_end] = cache.gather(2, index)                    # gather copies: overlap is safe
+        self.pos[:, :new_end] = self.pos.gather(1, src)
+        self.key_valid[:, :new_end] = slot >= new_end - count[:, None]
+        self.key_valid[:, new_end:] = True
+        self.no_pad = bool(self.key_valid.all())
+        return new_end
 
 
 class _Tokens:
@@ -445,7 +545,7 @@ class DepthAdapter:
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=1.0, depth=None,
                  threshold=None, router_path=None, no_skip=False, hard_threshold=None, exit_threshold=None,
-                 exits=True, skip_routers=None, drop_layers=None, random_routers=False):
+                 exits=True, skip_routers=None, drop_layers=None, random_routers=False, exit_head=None):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"DepthAdapter supports model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
@@ -456,7 +556,7 @@ class DepthAdapter:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
         if router == "none":
             R, base_layers = 1, 0                 # nothing is routed: one "group", the whole stack (depth 1 = L layers)
-        elif router in ("skip", "drop"):
+        elif router in ("skip", "drop", "exit_head"):
             # decisions per layer: a "group" is one layer and a token's depth is the layers it ran, 0..L
             R, base_layers = L, 0
         elif not isinstance(base_layers, int) or not 1 <= base_layers < L:
@@ -485,6 +585,18 @@ class DepthAdapter:
         self.model, self.router, self.R, self.base_layers = model, router, R, base_layers
         self.keep_ratio, self.depth, self.threshold = keep_ratio, depth, threshold
 
+        # a learned router without trained weights is refused: random routing gives speed without quality.
+        # random_routers=True allows it for speed measurements only (expert_choice at keep_ratio 1 routes nothing)
+        routes = router in LEARNED_ROUTERS + ("skip", "exit_head") and not (router == "expert_choice" and keep_ratio == 1.0)
+        self.random_routers = routes and router_path is None and skip_routers is None and exit_head is None
+        if self.random_routers and not random_routers:
+            raise ValueError(f"router={router!r} needs trained routers, and none were given (router_path=...). "
+                             f"Tune them for this model with the base frozen: {TUNE_COMMAND} (it trains skip "
+                             "routers and writes out_dir/routers.pt; then router='skip', router_path=that file; "
+                             "sample.py --routers=that file). For speed measurements only, random_routers=True "
+                             "(sample.py --random_routers) runs untrained routers. An exit head (router='exit_head', a "
+                             "speculative draft) is tuned by the same program with --exit_head_layer=l.")
+
         # the HF modules we call ourselves
         self.embed, self.layers = model.get_input_embeddings(), model.model.layers
         self.norm, self.lm_head, self.rotary = model.model.norm, model.get_output_embeddings(), model.model.rotary_emb
@@ -499,22 +611,24 @@ class DepthAdapter:
         edges = [base_layers + sum(sizes[:g]) for g in range(R + 1)]
         self.groups = [range(edges[g], edges[g + 1]) for g in range(R)]
         self.layers_per_depth = edges                                         # cost of depth d = edges[d]
+        # exit_head: a trained draft head at one layer (ExitHead); every token runs the layers before it, then the head
+        self.exit_head, self.file = None, {}
+        if router == "exit_head":
+            if exit_head is None and router_path is not None:
+                exit_head, self.file = load_exit_head(router_path, model)
+            elif exit_head is None:                   # random_routers: untrained, the model's own head applied early
+                exit_head = new_exit_head(model, L // 2 if depth is None else depth)
+            self.exit_head = exit_head.to(self.embed.weight.device).eval()
+            full = torch.equal(exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
+            self.head_weight = self.lm_head.weight if full else self.lm_head.weight[exit_head.vocab].float()
         # none / fixed / drop send every token through the same layers: no routing work, no host syncs in decode.
         # drop (ShortGPT): the dropped layers are gone for every token, so nobody ever needs their K/V either.
         self.static_layers = {"none": range(L), "fixed": range(edges[depth]) if router == "fixed" else None,
-                              "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())]}.get(router)
-        self.static_depth = {"none": R, "fixed": depth, "drop": L - len(getattr(self, "drop_layers", ()))}.get(router)
+                              "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())],
+                              "exit_head": range(self.exit_head.layer) if self.exit_head else None}.get(router)
+        self.static_depth = {"none": R, "fixed": depth, "drop": L - len(getattr(self, "drop_layers", ())),
+                             "exit_head": self.exit_head.layer if self.exit_head else None}.get(router)
 
-        # a learned router without trained weights is refused: random routing gives speed without quality.
-        # random_routers=True allows it for speed measurements only (expert_choice at keep_ratio 1 routes nothing)
-        routes = router in LEARNED_ROUTERS + ("skip",) and not (router == "expert_choice" and keep_ratio == 1.0)
-        self.random_routers = routes and router_path is None and skip_routers is None
-        if self.random_routers and not random_routers:
-            raise ValueError(f"router={router!r} needs trained routers, and none were given (router_path=...). "
-                             f"Tune them for this model with the base frozen: {TUNE_COMMAND} (it trains skip "
-                             "routers and writes out_dir/routers.pt; then router='skip', router_path=that file; "
-                             "sample.py --routers=that file). For speed measurements only, random_routers=True "
-                             "(sample.py --random_routers) runs untrained routers.")
         self.routers, self.score_cutoff = None, None       # expert_choice: calibrated cutoffs per group (calibrate)
         if router in LEARNED_ROUTERS:
             if router_path is not None:
@@ -532,7 +646,6 @@ class DepthAdapter:
         if routers is not None and path is not None:
             raise ValueError("router='skip' takes its trained routers from router_path='out_dir/routers.pt' (written "
                              f"by {TUNE_COMMAND}) or skip_routers=<a SkipRouters module>, not both.")
-        self.file = {}
         if path is not None:
             routers, self.file = load_skip_routers(path, self.model)
         elif routers is None:                             # random_routers: gates that differ from token to token
@@ -592,8 +705,8 @@ class DepthAdapter:
     def _load_routers(self, path):
         blob = read_router_file(path)
         if blob["format"] != ROUTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds trained skip routers (router tuning), not {self.router!r} routers: "
-                             "use router='skip' with it.")
+            raise ValueError(f"{path} holds tuned {blob.get('router')!r} routers (router tuning), not "
+                             f"{self.router!r} routers: use router={blob.get('router')!r} with it.")
         want = {"router": self.router, "R": self.R, "base_layers": self.base_layers, "hidden_size": self.hidden_size}
         bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
         if bad:
@@ -718,7 +831,19 @@ class DepthAdapter:
             for l in range(self.base_layers):
                 x = self._layer(run, l, x, everyone)
             x, depth = self._routed_groups(run, x, start, everyone, prefill)
-        return self.lm_head(self.norm(x if all_logits else x[:, -1])), depth  # exited tokens: their exit state
+        return self._logits(x if all_logits else x[:, -1]), depth             # exited tokens: their exit state
+
+    def _logits(self, h):
+        """The model's final norm and LM head, or the trained exit head's (router='exit_head'): a token outside
+        its vocab gets -inf, so it is never drafted."""
+        if self.exit_head is None:
+            return self.lm_head(self.norm(h))
+        sub = self.exit_head(h, self.head_weight)                             # (..., V')
+        if self.head_weight is self.lm_head.weight:
+            return sub
+        logits = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), -math.inf)
+        logits[..., self.exit_head.vocab] = sub
+        return logits
 
     def _routed_groups(self, run, x, start, everyone, prefill):
         B, T, _ = x.shape
@@ -836,8 +961,10 @@ class DepthAdapter:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 eos_token_id=None, return_trace=False, return_logits=False):
+                 eos_token_id=None, return_trace=False, return_logits=False, speculative=None, adapt_k=False):
         """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
+        speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
+        full model's own, at any router (speculate()).
 
         Returns (output_ids (B, T0 + new), stats). stats: router.depth_summary over the generated tokens that went
         through the decode loop (all but the last, which is never fed back; finished rows included), plus
@@ -847,6 +974,13 @@ class DepthAdapter:
         depth)] with return_trace, logits (B, new, V) float32 with return_logits. Rows that emit eos_token_id
         continue with eos_token_id; generation stops early when every row has.
         """
+        if speculative is not None:
+            if return_trace:
+                raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "
+                                 "verify pass), so there is no per-token depth to trace; speculate() reports the "
+                                 "draft's acceptance instead.")
+            return self.speculate(input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
+                                  top_k, eos_token_id, return_logits)
         run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens)
         dev, (B, T0) = ids.device, ids.shape
         out = ids.new_empty(B, T0 + max_new_tokens)
@@ -891,6 +1025,141 @@ class DepthAdapter:
         if return_logits:
             stats["logits"] = torch.stack(step_logits, 1)
         return out[:, :T0 + n_new], stats
+
+    @torch.no_grad()
+    def speculate(self, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
+                  top_k=None, eos_token_id=None, return_logits=False):
+        """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): this adapter drafts, the full model
+        verifies, and the output is the full model's own.
+
+        A cycle, per row: from the pending token (emitted, not yet in the cache) this adapter's routing drafts
+        d1..dk one at a time; ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
+        after each of the k + 1 positions. Greedy keeps the drafts up to the first that is not p's argmax, then
+        emits p's argmax there: 1 to k + 1 tokens, each the full model's choice. With temperature > 0, speculative
+        sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
+        min(1, p(d_j) / q(d_j)); at the first rejection the token comes from norm(max(0, p - q)), after k kept
+        drafts from p: every token is distributed as p. The cache stays exact: the verify pass overwrites every
+        layer's K/V at the drafted slots, rejected slots are reused, and rows that kept different numbers are
+        re-aligned (_Run.keep). A cycle costs k draft steps and one pass over k + 1 tokens (about one decode step
+        at batch 1 on a GPU, where reading the weights is the cost; about two on a CPU: README).
+
+        adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
+        half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and the full model's logits),
+        speculative (K), k_final, k_mean, cycles, drafted, accepted (drafts kept), acceptance_rate, mean_accepted
+        (per row and cycle), tokens_per_cycle, draft_s, verify_s, draft_layers (layers run per drafted token).
+        """
+        B, T0 = input_ids.shape
+        if isinstance(K, bool) or not isinstance(K, int) or K < 1 or max_new_tokens < 1:
+            raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: the tokens drafted per cycle "
+                             "must be an int >= 1 (4 is a good start; adapt_k=True then moves it), and at least one "
+                             "new token must be asked for.")
+        ctx = getattr(self.model.config, "max_position_embeddings", None)
+        if ctx and T0 + K >= ctx:
+            raise ValueError(f"speculative K={K}: a cycle verifies K + 1 = {K + 1} positions after the prompt, but "
+                             f"the prompt takes {T0} of the model's {ctx} positions: lower K or shorten the prompt.")
+        if self.router == "expert_choice" and self.keep_ratio < 1.0 and self.score_cutoff is None:
+            raise ValueError("an expert_choice draft needs calibrated cutoffs (calibrate(windows)): speculative "
+                             "decoding prefills with the full model, so no prompt top-k sets them.")
+        full = self if self.router == "none" else DepthAdapter(self.model, no_skip=True)
+        k_max = 2 * K if adapt_k else K
+        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens + k_max + 1)
+        dev, V, greedy = ids.device, self.lm_head.weight.shape[0], temperature == 0
+        out = ids.new_full((B, T0 + max_new_tokens), 0 if eos_token_id is None else eos_token_id)
+        out[:, :T0] = ids
+        out_logits = torch.zeros(B, max_new_tokens, V, device=dev) if return_logits else None
+        layers_of = torch.tensor(self.layers_per_depth, device=dev)         # depth -> layers it ran
+
+        def pick(logits):                                                     # (B, V) -> token (B,), its probs
+            if greedy:
+                return logits.argmax(-1), None
+            p = _probs(logits, temperature, top_k)
+            return torch.multinomial(p, 1)[:, 0], p
+
+        t0 = _now(dev)
+        logits, _ = full._forward(run, ids, pos, 0, prefill=True)            # the prompt: exact at every layer
+        t1 = _now(dev)
+        pending, _ = pick(logits)
+        out[:, T0], n = pending, torch.ones(B, dtype=torch.long, device=dev)  # n: tokens emitted per row
+        done = pending == eos_token_id if eos_token_id is not None else torch.zeros_like(n, dtype=torch.bool)
+        if return_logits:
+            out_logits[:, 0] = logits.float()
+        next_pos, end = pos[:, -1] + 1, T0             # the pending token's position; the cache holds slots < end
+        k, ks, drafted, accepted, row_cycles, draft_layers, draft_s, verify_s = K, [], 0, 0, 0, 0, 0.0, 0.0
+        steps = torch.arange(k_max + 1, device=dev)
+        while True:
+            live = ~done & (n < max_new_tokens)
+            if not bool(live.any()):
+                break
+            run.rewind(end)
+            kd = min(k, int((max_new_tokens - n)[live].max()) - 1)      # never draft past what a row still needs
+            ta = _now(dev)
+            tok, drafts, q = pending, [], []
+            for j in range(kd):                                               # the draft: one token at a time
+                logits, depth = self._forward(run, tok[:, None], (next_pos + j)[:, None], end + j, prefill=False)
+                tok, qj = pick(logits)
+                drafts.append(tok)
+                q.append(qj)
+                draft_layers += int(layers_of[depth[live, 0]].sum())
+            tb = _now(dev)
+            chunk = torch.stack([pending, *drafts], 1)                        # (B, kd + 1)
+            vl, _ = full._forward(run, chunk, next_pos[:, None] + steps[:kd + 1], end, prefill=False,
+                                  all_logits=True)                            # ONE full pass: (B, kd + 1, V)
+            tc = _now(dev)
+            draft_s, verify_s = draft_s + tb - ta, verify_s + tc - tb
+            d = chunk[:, 1:]                                                  # (B, kd) the drafts
+            if greedy:
+                target = vl.argmax(-1)                                        # (B, kd + 1) the full model's tokens
+                m = (d == target[:, :kd]).long().cumprod(1).sum(1)            # (B,) leading drafts it agrees with
+                after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
+            else:
+                p = _probs(vl, temperature, top_k)                            # (B, kd + 1, V)
+                qd = torch.stack(q, 1) if kd else p[:, :0]                    # (B, kd, V)
+                pd, qx = p[:, :kd].gather(2, d[..., None])[..., 0], qd.gather(2, d[..., None])[..., 0]
+                m = (torch.rand_like(pd) * qx < pd).long().cumprod(1).sum(1)  # accept d_j w.p. min(1, p / q)
+                rows = torch.arange(B, device=dev)
+                resid = (p[rows, m] - torch.cat([qd, p[:, :1] * 0], 1)[rows, m]).clamp(min=0)  # q = 0 after kd
+                resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, m])   # p == q: no rejection
+                after = torch.multinomial(resid, 1)[:, 0]
+            new = torch.cat([d, after[:, None]], 1).scatter(1, m[:, None], after[:, None])   # d1..dm, then after
+            c = torch.minimum(m + 1, max_new_tokens - n) * live               # (B,) tokens each row emits
+            if eos_token_id is not None:
+                eos = (new == eos_token_id) & (steps[:kd + 1] < c[:, None])
+                done |= eos.any(1)
+                c = torch.where(eos.any(1), eos.long().argmax(1) + 1, c)     # up to its first eos
+            r, j = (steps[:kd + 1] < c[:, None]).nonzero(as_tuple=True)
+            out[r, T0 + n[r] + j] = new[r, j]
+            if return_logits:
+                out_logits[r, n[r] + j] = vl[r, j].float()
+            pending = torch.where(c > 0, new.gather(1, (c - 1).clamp(min=0)[:, None])[:, 0], pending)
+            n, next_pos = n + c, next_pos + c
+            end = run.keep(end, c)                       # each row keeps [pending, d1..d_{c-1}]: c exact slots
+            drafted, accepted = drafted + kd * int(live.sum()), accepted + int(m[live].sum())
+            row_cycles, ks = row_cycles + int(live.sum()), ks + [kd]
+            if adapt_k and kd == k:                      # grow after full acceptance, shrink after early rejection
+                kept = float(m[live].float().mean())
+                k = min(k + 1, k_max) if kept == kd else max(k - 1, 1) if kept < kd / 2 else k
+        t2 = _now(dev)
+        n_new = int(n.max())
+        stats = dict(router=self.router, batch=B, new_tokens=n_new, prompt_tokens=int(mask.sum()), prefill_s=t1 - t0,
+                     decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
+                     ms_per_token=1000 * (t2 - t1) / max(n_new, 1), speculative=K, adapt_k=adapt_k, k_final=k,
+                     k_mean=sum(ks) / max(len(ks), 1), cycles=len(ks), drafted=drafted, accepted=accepted,
+                     acceptance_rate=accepted / max(drafted, 1), mean_accepted=accepted / max(row_cycles, 1),
+                     tokens_per_cycle=(int(n.sum()) - B) / max(row_cycles, 1), draft_s=draft_s, verify_s=verify_s,
+                     draft_layers=draft_layers / max(drafted, 1), kv_only_layer_calls=run.kv_only)
+        if return_logits:
+            stats["logits"] = out_logits[:, :n_new]
+        return out[:, :T0 + n_new], stats
+
+
+def _probs(logits, temperature, top_k=None):
+    """The distribution model.sample_next draws from: softmax(logits / temperature) over the top_k logits.
+    (..., V) -> (..., V) float32. Speculative sampling needs the probabilities themselves, not a draw."""
+    logits = logits.float() / temperature
+    if top_k is not None:
+        v = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < v, -math.inf)
+    return F.softmax(logits, dim=-1)
 
 
 def _kth_best(score, active, keep_ratio):

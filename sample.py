@@ -7,6 +7,7 @@ depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
                    --max_new_tokens 64 --prompt "Explain mixture of recursions simply."
   python sample.py --hf path/to/exported_dir --no_skip      # exactly the model's own greedy output
   python sample.py --hf smollm2-135m --no_skip --prompt "The capital of France is"   # built in, offline
+  python sample.py --hf smollm2-135m --speculative=4 --routers=out-spec-draft/routers.pt   # --no_skip's text, faster
 """
 import os
 import time
@@ -47,6 +48,9 @@ hard_threshold = None           # skip routers: a layer runs when its gate > thi
 exit_threshold = None           # skip routers' exit gates: exit when the gate > this (None = the file's)
 no_exits = False                # skip routers: ignore the exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
+speculative = 0                 # K > 0: the router drafts K tokens, the full model verifies them all in one pass:
+                                # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
+adapt_k = False                 # speculative: grow K after full acceptance, shrink it after an early rejection
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
@@ -154,8 +158,12 @@ if hf:
         raise SystemExit(f"error: the prompt is {ids.shape[1]} tokens and max_new_tokens is {max_new_tokens}, "
                          f"but {hf} has a context of {ctx_len}: shorten the prompt or ask for fewer tokens")
     ids = ids.to(device).repeat(num_samples, 1)
-    out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
-                                  top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
+    try:
+        out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
+                                      top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
+                                      speculative=speculative or None, adapt_k=adapt_k)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     for row in out:
         print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
         print("---------------")
@@ -163,7 +171,19 @@ if hf:
           f"{stats['ms_per_token']:.2f} ms per decode step (prefill {1000 * stats['prefill_s']:.0f} ms)")
     if adapter.random_routers:
         print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
-              "only; the text and the depths mean nothing")
+              + ("only; the full model verified every token, so the text is still its own" if speculative else
+                 "only; the text and the depths mean nothing"))
+    if speculative:   # every kept token is the full model's: show what the draft bought
+        print(f"speculative decoding, {adapter.router} draft ({stats['draft_layers']:.1f} layers per draft), "
+              f"K={speculative}" + (f" adaptive: final {stats['k_final']}, mean {stats['k_mean']:.2f}" if adapt_k else "")
+              + f": {stats['acceptance_rate']:.1%} of {stats['drafted']} drafts accepted, {stats['tokens_per_cycle']:.2f} "
+              f"tokens per cycle over {stats['cycles']} cycles; draft {stats['draft_s']:.2f} s, verify "
+              f"{stats['verify_s']:.2f} s")
+        if csv:
+            hf_wrap.write_stats_csv(stats, csv)
+        if prometheus:
+            hf_wrap.write_prometheus(stats, prometheus)
+        raise SystemExit(0)
     trace = None
     if return_depth_trace:
         row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]

