@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kv_cache import sdpa
-from model import apply_rope, sample_next
+from model import apply_rope, sample_next, token_probs
 from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -1072,7 +1072,7 @@ class DepthAdapter:
         def pick(logits):                                                     # (B, V) -> token (B,), its probs
             if greedy:
                 return logits.argmax(-1), None
-            p = _probs(logits, temperature, top_k)
+            p = token_probs(logits, temperature, top_k)
             return torch.multinomial(p, 1)[:, 0], p
 
         t0 = _now(dev)
@@ -1112,7 +1112,7 @@ class DepthAdapter:
                 m = (d == target[:, :kd]).long().cumprod(1).sum(1)            # (B,) leading drafts it agrees with
                 after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
             else:
-                p = _probs(vl, temperature, top_k)                            # (B, kd + 1, V)
+                p = token_probs(vl, temperature, top_k)                            # (B, kd + 1, V)
                 qd = torch.stack(q, 1) if kd else p[:, :0]                    # (B, kd, V)
                 pd, qx = p[:, :kd].gather(2, d[..., None])[..., 0], qd.gather(2, d[..., None])[..., 0]
                 m = (torch.rand_like(pd) * qx < pd).long().cumprod(1).sum(1)  # accept d_j w.p. min(1, p / q)
@@ -1150,16 +1150,6 @@ class DepthAdapter:
         if return_logits:
             stats["logits"] = out_logits[:, :n_new]
         return out[:, :T0 + n_new], stats
-
-
-def _probs(logits, temperature, top_k=None):
-    """The distribution model.sample_next draws from: softmax(logits / temperature) over the top_k logits.
-    (..., V) -> (..., V) float32. Speculative sampling needs the probabilities themselves, not a draw."""
-    logits = logits.float() / temperature
-    if top_k is not None:
-        v = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < v, -math.inf)
-    return F.softmax(logits, dim=-1)
 
 
 def _kth_best(score, active, keep_ratio):

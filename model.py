@@ -255,15 +255,22 @@ class MoRConfig:
 # -----------------------------------------------------------------------------
 # Sampling one token (generate() and continuous batching below, hf_wrap.py, sample.py)
 
+def token_probs(logits, temperature=1.0, top_k=None):
+    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
+    temperature), over the top_k logits only when top_k is set. Speculative sampling
+    (hf_wrap.py) needs these probabilities themselves, not just a draw."""
+    logits = logits / temperature
+    if top_k is not None:
+        v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < v, -float("inf"))
+    return F.softmax(logits.float(), dim=-1)
+
+
 def sample_next(logits, temperature=1.0, top_k=None):
     """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
-    return torch.multinomial(F.softmax(logits.float(), dim=-1), num_samples=1)
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1)
 
 
 # -----------------------------------------------------------------------------

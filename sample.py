@@ -50,7 +50,8 @@ no_exits = False                # skip routers: ignore the exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
 speculative = 0                 # K > 0: the router drafts K tokens, the full model verifies them all in one pass:
                                 # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
-adapt_k = False                 # speculative: grow K after full acceptance, shrink it after an early rejection
+adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection (measured
+                                # to pay on SmolLM2, README)
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
@@ -168,7 +169,8 @@ if hf:
         print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
         print("---------------")
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
-          f"{stats['ms_per_token']:.2f} ms per decode step (prefill {1000 * stats['prefill_s']:.0f} ms)")
+          f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
+          f"{1000 * stats['prefill_s']:.0f} ms)")
     if adapter.random_routers:
         print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
               + ("only; the full model verified every token, so the text is still its own" if speculative else

