@@ -3,12 +3,32 @@
 `python -m pytest` runs the fast tests; `python -m pytest -m slow` the slow ones (over ~10 s);
 `python -m pytest -m "slow or not slow"` everything.
 """
-import pytest
 import os
+import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+def run(script, *args, ok=True, env=None):
+    """Run one of the top-level scripts as a user would; on failure, show its output."""
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    if ok and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Shakespeare prepared once for the whole session."""
+    import data
+    d = str(tmp_path_factory.mktemp("data"))
+    data.prepare("shakespeare", "char", d)
+    return d
 
 
 @pytest.fixture(scope="module")

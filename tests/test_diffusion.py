@@ -3,13 +3,12 @@ sees the future, the depth mapping follows its thresholds, committed tokens get 
 (rows fed to the layers), fixed N passes are N plain passes, the statistics add up, bad input
 gets clear errors, and train -> sample runs end to end."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run as run_script
 from diffusion import AdaptiveRefiner, RefinementConfig, RefinementKV, corrupt, diffusion_loss
 from kv_cache import KVCache
 from model import MoR, MoRConfig
@@ -287,20 +286,7 @@ TINY = ["--device=cpu", "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycl
 
 
 def run(script, *args, ok=True):
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if ok and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Shakespeare prepared once for this module."""
-    import data
-    d = str(tmp_path_factory.mktemp("data"))
-    data.prepare("shakespeare", "char", d)
-    return d
+    return run_script(script, *args, ok=ok, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_train_then_sample_a_diffusion_model(tmp_path, data_dir):

@@ -8,26 +8,11 @@ import sys
 import pytest
 import torch
 
+from conftest import run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=4", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=2", "--compile=False"]
-
-
-def run(script, *args, ok=True, env=None):
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, **(env or {})})
-    if ok and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Shakespeare prepared once for this module."""
-    import data
-    d = str(tmp_path_factory.mktemp("data"))
-    data.prepare("shakespeare", "char", d)
-    return d
 
 
 def test_smoke_train_then_sample(tmp_path, data_dir):
