@@ -351,3 +351,21 @@ def test_compiled_continuous_decoding_is_one_graph_with_the_same_tokens(kw):
     out2, _, _ = ContinuousBatching(m, x, 10, temperature=0, compile=True).run()
     assert torch.equal(out2, ref)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs     # 0 recompilations
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ec_recursion", "tc_recursion", "ec_share_first"])
+def test_compiled_training_step_matches_eager(name):
+    """torch.compile(model) trains every routed variant (graph breaks allowed where routing makes
+    shapes data-dependent): the same loss as eager, a backward pass, and the same FLOP count."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    eager, compiled = tiny(**VARIANTS[name]).train(), tiny(**VARIANTS[name]).train()
+    x = torch.randint(0, V, (4, 32))
+    loss_e = eager(x, x)[1]
+    step = torch.compile(compiled)
+    loss_c = step(x, x)[1]
+    loss_c.backward()
+    assert abs(float(loss_c) - float(loss_e)) < 1e-5
+    assert all(p.grad is not None for p in compiled.router.parameters())
+    assert float(compiled.last_flops) == float(eager.last_flops)
