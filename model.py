@@ -356,7 +356,7 @@ class MoR(nn.Module):
             everyone = everyone.subset(active.view(-1))[0]
         rope_all = self.rope(everyone.pos)
         x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_pre):                              # unshared first layer(s): every token
+        for i in range(plan.n_pre):                              # unshared first layer(s): every (active) token
             x = self.layers[i](x, rope_all, attn, Site("pre", None, i), everyone)
         h = x if active is None else h.index_copy(0, everyone.flat, x)
         depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
@@ -383,7 +383,7 @@ class MoR(nn.Module):
             h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
             depth[act.flat] += 1
         x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_post):                             # unshared last layer(s): every token
+        for i in range(plan.n_post):                             # unshared last layer(s): every (active) token
             li = plan.n_pre + plan.n_shared + i
             x = self.layers[li](x, rope_all, attn, Site("post", None, i), everyone)
         h = x if active is None else h.index_copy(0, everyone.flat, x)
