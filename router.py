@@ -36,6 +36,7 @@ Token-choice: each token chooses its depth once, before the first step: a router
   bias) keeps all depths in use.
 """
 import csv
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -251,3 +252,195 @@ def write_depth_csv(summary, path):
         w.writerow(["depth", "tokens", "fraction"])
         for d, c in enumerate(hist):
             w.writerow([d, c, f"{c / n:.6f}"])
+
+
+# -----------------------------------------------------------------------------
+# Routers for a frozen pretrained model (hf_wrap.py runs them, tune.py trains them)
+#
+# A pretrained Llama-family stack is not one shared block, but the same two questions
+# apply layer by layer: does a token stop here, and does it run this layer? The routed
+# layers are cut into *units* (runs of layers under one decision). Four kinds:
+#
+#   skip           a gate per unit: run the unit, or pass over it unchanged (MindSkip);
+#   ffn            a gate per unit over the MLPs only: attention always runs, so every
+#                  token's K/V stay exact (FlexiDepth-style capacity on the MLP);
+#   expert_choice  a gate per unit = a group: stay or exit for good (MoR's expert-choice,
+#                  hierarchical; its top-k is made causal by a calibrated cutoff);
+#   token_choice   one router before the first unit picks a depth 0..U (MoR's token-choice).
+#
+# Training blends instead of deciding (the base is frozen, only the gates learn): unit u's
+# update is scaled by a continue weight w_u in [0, 1], x <- x + w_u * (unit(x) - x) (ffn:
+# the MLP's update only). The kinds differ only in how w_u comes from the gate logits z:
+#   skip, ffn:      w_u = sigmoid(z_u)                     independent per unit
+#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good
+#   token_choice:   w_u = P(depth > u) = 1 - cumsum(softmax(z))[u]
+# Inference makes the 0/1 decision those weights stand for, with one knob, `bias`: a gate
+# passes when z_u > bias, and token-choice takes argmax_d (z_d - bias * d). bias = 0 is the
+# decision training ended on; a larger bias runs fewer layers.
+
+ROUTER_KINDS = ("skip", "ffn", "expert_choice", "token_choice")
+GATE_INIT_LOGIT = 3.0     # a new gate starts at sigmoid(3) = 0.95: the untrained routers are nearly the full model
+EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until it is trained
+
+
+class Gate(nn.Module):
+    """One decision point: hidden state (..., C) -> logits (..., n_out), float32. The input is
+    RMS-normalized without weights (pretrained residual streams carry a few huge channels);
+    then a small MLP, or a linear map (mlp_hidden=0). bias_init: zero weights and this bias,
+    so every token starts at sigmoid(bias_init)."""
+
+    def __init__(self, hidden_size, n_out=1, mlp_hidden=64, bias_init=None):
+        super().__init__()
+        self.net = (nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, n_out))
+                    if mlp_hidden else nn.Linear(hidden_size, n_out))
+        last = self.net[-1] if mlp_hidden else self.net
+        if bias_init is not None:
+            nn.init.zeros_(last.weight)
+            nn.init.constant_(last.bias, bias_init)
+
+    def forward(self, h):
+        h = h.float()
+        return self.net(F.rms_norm(h, (h.shape[-1],)))
+
+
+def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
+    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; the defaults keep
+    the first and the last layer always on) in runs of `group`; 'every_other' gates units 0, 2, ..."""
+    stop_at = stop + n_layers if stop < 0 else stop
+    if pattern not in ("every", "every_other"):
+        raise ValueError(f"router_pattern={pattern!r}: use 'every' (a gate on every unit) or 'every_other'.")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"router_group={group!r}: the layers per routed unit must be an int >= 1.")
+    if not 1 <= start < stop_at <= n_layers:
+        raise ValueError(f"router_start={start}, router_stop={stop} leave no routed layers on this {n_layers}-layer "
+                         f"model: need 1 <= router_start < router_stop <= {n_layers} (router_stop < 0 counts from "
+                         "the end; layer 0 always runs).")
+    units = [(a, min(a + group, stop_at)) for a in range(start, stop_at, group)]
+    return units[::2] if pattern == "every_other" else units
+
+
+def group_layout(n_layers, R, base_layers):
+    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups
+    (sizes as even as possible, the first ones a layer longer). A token's depth d in 0..R is the
+    number of groups it ran."""
+    if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers:
+        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 is never skipped "
+                         "and at least one layer must be left to route).")
+    if not isinstance(R, int) or not 1 <= R <= n_layers - base_layers:
+        raise ValueError(f"R={R}: this model has {n_layers} layers, {n_layers - base_layers} after base_layers="
+                         f"{base_layers}; use 1 <= R <= {n_layers - base_layers} (or lower base_layers).")
+    rest = n_layers - base_layers
+    edges = [base_layers + sum(rest // R + (g < rest % R) for g in range(i)) for i in range(R + 1)]
+    return [(edges[g], edges[g + 1]) for g in range(R)]
+
+
+class FrozenRouters(nn.Module):
+    """The trainable part of depth routing on a frozen model: gates over `units`, and optional exit
+    gates at `exit_layers` (a token whose exit gate fires stops there: CALM's learned confidence).
+    Everything a router file holds; hf_wrap.DepthAdapter decides with it, tune.py trains it."""
+
+    def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT):
+        super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(ROUTER_KINDS)}.")
+        self.kind, self.mlp_hidden = kind, mlp_hidden
+        self.units, self.exit_layers = [tuple(u) for u in units], sorted(int(l) for l in exit_layers)
+        if self.exit_layers and not 1 <= self.exit_layers[0] <= self.exit_layers[-1] < self.units[-1][1]:
+            raise ValueError(f"exit_layers={list(exit_layers)}: an exit gate sits at the input of layer l, 1 <= l < "
+                             f"{self.units[-1][1]} (a token must run layer 0).")
+        n_gates, n_out = (1, len(self.units) + 1) if kind == "token_choice" else (len(self.units), 1)
+        # token-choice starts with every token at full depth: the last depth's logit gets the head start
+        # init_logit: every token's first weight, sigmoid(init_logit) (tune.py starts the gates at the budget)
+        self.gates = nn.ModuleList(Gate(hidden_size, n_out, mlp_hidden, init_logit) for _ in range(n_gates))
+        if kind == "token_choice":                    # every token starts at full depth: depth U leads by 3
+            last = self.gates[0].net[-1] if mlp_hidden else self.gates[0].net
+            last.bias.data.zero_()[-1] = GATE_INIT_LOGIT
+        self.exits = nn.ModuleList(Gate(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
+        self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
+        self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
+        self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
+
+    def continue_weights(self, u, h, carry=None, hard=False):
+        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what
+        to carry to unit u + 1. hard: the 0/1 decision in the forward pass and the soft weight's
+        gradient in the backward (straight-through), so training ends on what inference does."""
+        if self.kind == "token_choice":
+            if u == 0:                                                        # one decision for all units
+                p = torch.softmax(self.gates[0](h), -1)                       # (B, T, U + 1) over depths
+                if hard:
+                    p = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) + p - p.detach()
+                carry = 1 - p.cumsum(-1)                                      # [..., u] = P(depth > u)
+            return carry[..., u:u + 1], carry
+        z = self.gates[u](h)                                                  # (B, T, 1)
+        w = torch.sigmoid(z)
+        if hard:
+            w = (z > 0).to(w.dtype) + w - w.detach()
+        if self.kind == "expert_choice" and carry is not None:
+            w = w * carry                                                     # hierarchical: out is out for good
+        return w, w
+
+
+# Router files: one format for every kind, loaded with weights_only=True.
+ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
+EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (hf_wrap.ExitHead)
+
+
+def model_shape(config):
+    """What a router file must match to load on a model."""
+    return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
+
+
+def save_router_file(path, fmt, module, model_config, layout, **meta):
+    """Atomic torch.save: module's weights, its layout, the model's shape and meta (plain types,
+    tensors; meta['model'] = the model's name or path, what sample.py loads without --hf)."""
+    from model import save_checkpoint
+    save_checkpoint({"format": fmt, **model_shape(model_config), **layout, **meta,
+                     "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, path)
+
+
+def read_router_file(path, tune_command="python tune.py"):
+    """The dict in a router file. ValueError says what to do."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no router file at {path!r}: router tuning ({tune_command}) writes out_dir/routers.pt.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
+                         "truncated: tune the routers again.") from None
+    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT):
+        raise ValueError(f"{path} is not a router file of this version (format {blob.get('format') if isinstance(blob, dict) else None!r}): "
+                         f"tune the routers again ({tune_command}).")
+    return blob
+
+
+def load_router_file(path, model_config, make, tune_command="python tune.py"):
+    """-> (make(blob) with the file's weights, blob). ValueError when it was tuned for another model."""
+    blob = read_router_file(path, tune_command)
+    want = model_shape(model_config)
+    bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
+    if bad:
+        raise ValueError(f"{path} was tuned for another model ({blob.get('model')!r}: {bad}); this one has "
+                         f"{ {k: want[k] for k in bad} }. Tune routers for this model: {tune_command}.")
+    module = make(blob)
+    try:
+        module.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its recorded layout ({str(e).splitlines()[0]}).") from None
+    return module, blob
+
+
+def save_routers(path, routers, model_config, **meta):
+    save_router_file(path, ROUTER_FILE_FORMAT, routers, model_config, {
+        "router": routers.kind, "units": [list(u) for u in routers.units], "exit_layers": routers.exit_layers,
+        "mlp_hidden": routers.mlp_hidden}, **meta)
+
+
+def load_routers(path, model_config, tune_command="python tune.py"):
+    """-> (FrozenRouters, the file's dict)."""
+    def make(blob):
+        if blob["format"] != ROUTER_FILE_FORMAT:
+            raise ValueError(f"{path} holds an exit head (a speculative draft): use it with router='exit_head'.")
+        return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
+                             blob["mlp_hidden"])
+    return load_router_file(path, model_config, make, tune_command)

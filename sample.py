@@ -16,7 +16,7 @@ import torch
 
 import data
 from configurator import autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least
-from router import write_depth_csv
+from router import read_router_file, write_depth_csv
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)
@@ -34,19 +34,19 @@ return_depth_trace = False      # print every token with the depth it ran to
 csv = ""                        # write the depth histogram to this CSV (diffusion: every statistic)
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
 # the Hugging Face adapter (hf_wrap.py)
-router = "none"                 # none | fixed | expert_choice | token_choice | confidence | entropy
-R = 4                           # groups the routed layers are split into
+router = "none"                 # none | fixed | confidence | entropy | drop (hf_wrap.ROUTERS), or the trained
+                                # kinds: skip | ffn | expert_choice | token_choice | exit_head (--routers sets it)
+R = 4                           # groups the routed layers are split into (fixed, confidence, entropy)
 base_layers = 2                 # layers every token runs before routing starts
-keep_ratio = 1.0                # expert_choice: fraction of active tokens that continue at each group
+keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit, from the
+                                # file's calibrated cutoffs (0.1 .. 0.9); None: the threshold decides
 depth = None                    # fixed: groups every token runs (0..R)
-threshold = None                # confidence (top-1 prob) / entropy (nats) exit threshold; None = default
-routers = ""                    # a router file: expert_choice / token_choice weights, or trained skip routers
-                                # (tune.py config/hf_router_tune.py); a tuned file names its model: --hf optional
-random_routers = False          # run expert_choice / token_choice / skip with untrained routers: speed only
-hard_threshold = None           # skip routers: a layer runs when its gate > this (None = the file's, from its
-                                # target search, else 0.5); keep_ratio < 1 uses per-layer calibrated cutoffs instead
-exit_threshold = None           # skip routers' exit gates: exit when the gate > this (None = the file's)
-no_exits = False                # skip routers: ignore the exit gates
+threshold = None                # confidence: top-1 prob; entropy: nats; trained routers: the logit bias (a gate
+                                # passes when its logit > bias; higher = fewer layers). None: default / the file's
+routers = ""                    # a router file from tune.py (its kind and model are inside: --hf optional)
+random_routers = False          # run the trained kinds with untrained routers: speed measurements only
+exit_threshold = None           # trained exit gates: exit when the gate > this (None = the file's)
+no_exits = False                # ignore trained exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
 speculative = 0                 # K > 0: the router drafts K tokens, the full model verifies them all in one pass:
                                 # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
@@ -92,7 +92,7 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
     with its depth printed underneath, wrapped to the terminal width."""
     n = max(1, stats["tokens"])
     print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
-          f"layer calls {stats['layer_calls']:,} of {stats['layer_calls_full']:,} "
+          f"layer calls {stats['layer_calls']:,.0f} of {stats['layer_calls_full']:,} "
           f"(compute saved {stats['compute_saved_pct']:.1f}%)")
     w = len(str(len(stats["depth_hist"]) - 1))
     for d, c in enumerate(stats["depth_hist"]):
@@ -125,7 +125,7 @@ if routers and (not hf or router == "none") and not no_skip:
     # ---- a router file says which router it is; a tuned one also which model it belongs to -----
     import hf_wrap
     try:
-        router_file = hf_wrap.read_router_file(routers)
+        router_file = read_router_file(routers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     router = router_file["router"] if router == "none" else router
@@ -143,7 +143,7 @@ if hf:
     try:
         adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
                                        keep_ratio=keep_ratio, depth=depth, threshold=threshold,
-                                       router_path=routers or None, hard_threshold=hard_threshold,
+                                       router_path=routers or None,
                                        exit_threshold=exit_threshold, exits=not no_exits,
                                        random_routers=random_routers)
     except ValueError as e:
@@ -193,10 +193,9 @@ if hf:
     print_depths(stats, *(trace or ()))
     if "easy" in stats:
         print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
-    if adapter.router == "skip":   # depth = layers run; skipped layers still get K/V (projections only)
-        cut = f"keep_ratio {keep_ratio} (calibrated cutoffs)" if keep_ratio < 1 else \
-            f"hard_threshold {adapter.hard_threshold:.4g}"
-        print(f"  skip routers: {cut}; exit gates "
+    if adapter.routers is not None:   # trained routers: what decided, and the K/V-only work they left
+        cut = f"keep_ratio {keep_ratio} (calibrated cutoffs)" if keep_ratio else f"bias {adapter.threshold:.4g}"
+        print(f"  {adapter.router} routers: {cut}; exit gates "
               + (f"at layers {adapter.routers.exit_layers}, exit_threshold {adapter.exit_threshold}"
                  if adapter.use_exits else "off")
               + f"; K/V-only layer fills {stats['kv_only_layer_calls']:,}")

@@ -7,11 +7,15 @@ helpers that bench.py --mode=ppl uses (perplexity through the adapter, block inf
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
 
-What trains: a small MLP gate before each routed layer (hf_wrap.SkipRouters, MindSkip): the tuning forward blends
-g * layer(x) + (1 - g) * x with g = sigmoid(gate logit) per token, and the loss is the LM loss plus a compute
-penalty toward target_active_ratio; then, optionally, exit gates at a few layers (CALM's learned confidence).
-At inference hf_wrap.DepthAdapter(router='skip') turns each gate into a hard threshold and really skips the
-layer. Everything lands in out_dir/routers.pt, which sample.py --routers and bench.py --routers read.
+What trains: the gates of router.FrozenRouters, one kind per run (router=skip | ffn | expert_choice |
+token_choice; router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled
+by its continue weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only), and the loss is the KL
+divergence to the full model's next-token distribution (or the LM loss on the text) plus a compute penalty
+toward target_active_ratio. The last part of the run uses 0/1 weights forward (straight-through), so training
+ends on the decisions inference makes. Then, optionally, exit gates at a few layers (CALM's learned
+confidence); then each keep_ratio's calibrated cutoffs, and a search for the bias that gives target_speedup.
+At inference hf_wrap.DepthAdapter(router=<kind>) makes the 0/1 decisions and really skips the work.
+Everything lands in out_dir/routers.pt, which sample.py --routers and bench.py --routers read.
 
 With exit_head_layer=l it trains a speculative draft instead (hf_wrap.ExitHead: a small adapter and the model's
 own LM head at layer l's input), by KL divergence to the final layer's distribution: sample.py --speculative=K
@@ -31,7 +35,8 @@ import torch.nn.functional as F
 import configurator
 import data
 import hf_wrap
-from hf_wrap import DepthAdapter, SkipRouters, load_hf, save_skip_routers, skip_layout
+import router as rt
+from hf_wrap import DepthAdapter, load_hf
 from model import lr_at
 
 # -----------------------------------------------------------------------------
@@ -48,19 +53,22 @@ max_iters = 300
 eval_interval = 100
 eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split, never tuned on)
 log_interval = 25
-calib_windows = 32              # train-split windows: gate quantiles and the target search are measured here
-# where the gates sit (hf_wrap.skip_layout)
+calib_windows = 32              # train-split windows: keep_ratio cutoffs and the target search are measured here
+router = "skip"                 # skip | ffn (MLP only, attention always runs) | expert_choice | token_choice
+loss = "kl"                     # kl: match the full model's next-token distribution | lm: the text's next token
+# where the gates sit: skip / ffn units (router.unit_layout), expert / token-choice groups (router.group_layout)
+R = 4                           # expert_choice / token_choice: groups after base_layers
+base_layers = 2                 # expert_choice / token_choice: layers every token runs
 router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
 router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
 router_group = 1                # layers per routed unit (one gate skips them together)
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
-# the loss: LM + penalty_weight * max(mean_gate - target_active_ratio, 0) + z-loss + entropy
-target_active_ratio = 0.6       # compute budget: the mean soft gate over units and tokens
+# the loss: KL (or LM) + penalty_weight * max(mean weight - target_active_ratio, 0) + entropy
+target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
 penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
 penalty_warmup_iters = 50       # lambda = 0 before this iteration
-gate_z_weight = 0.0             # z-loss on the gate logits (keeps them small)
-gate_entropy_weight = 0.1       # > 0 pushes soft gates toward 0/1, closer to the hard threshold used at inference
+gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
 hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
                                 # without it soft gates learn "run every layer at partial strength" (README table)
 # AdamW on the router parameters only, warmup then cosine (model.lr_at)
@@ -75,8 +83,9 @@ grad_clip = 1.0                 # 0 = off
 exit_layers = ()                # exit gates at these layers' inputs, e.g. (4, 6, 8); () = none
 exit_iters = 0                  # exit-gate training steps (0 = no exits)
 exit_threshold = 0.9            # a token exits when its exit gate's probability is above this
-# last: the hard threshold that gives a compute target, by bisection on calibration text
-target_speedup = 0.0            # > 0: search the hard threshold for 1/target_speedup of the layer calls (0 = off)
+# last: keep_ratio cutoffs, and the bias that gives a compute target, by bisection on calibration text
+keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn / expert_choice: calibrated
+target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
 # a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
@@ -184,65 +193,66 @@ def _causal_mask(T, window, like):
     return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(~ok, -math.inf)[None, None]
 
 
-def _gate(logit, hard=False):
-    """Gate value from its logit: soft sigmoid(logit), or with hard=True the 0/1 decision inference makes at
-    threshold 0.5 in the forward pass and the sigmoid's gradient in the backward (straight-through)."""
-    g = torch.sigmoid(logit)
-    return g if not hard else (logit > 0).to(g.dtype) + g - g.detach()
-
-
 def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward: teacher forcing on whole sequences with SOFT gates (MindSkip). A routed unit's output is
-    g * unit(x) + (1 - g) * x, g = sigmoid(gate logit) (B, T, 1) per token, so the LM loss tells each gate what
-    skipping costs. HF's own decoder layers run it (explicit causal / sliding masks), not the adapter: the hard
-    routing at inference is the adapter's prefill/decode path. routers=None: the model itself.
+    """The tuning forward: teacher forcing on whole sequences with continue weights instead of decisions. Unit u
+    of `routers` (router.FrozenRouters) gets w_u (B, T, 1) from the state entering it; its update is scaled by w_u
+    (ffn: each MLP's update). HF's own decoder layers run it with explicit causal / sliding masks (ffn: their
+    attention and MLP separately). routers=None: the model itself.
 
-    ids (B, T) -> logits (B, T, V), gate logits (B, T, U) float32 (None without routers), {exit layer: state at
-    its input (B, T, C)}. influence: a list to append, per layer, sum over tokens of 1 - cos(x_in, x_out).
-    hard: straight-through gates (_gate): the forward is the hard routing, the gradient the soft one's.
-    """
+    ids (B, T) -> logits (B, T, V), the weights (B, T, U) float32 (None without routers), {exit layer: the state
+    entering it (B, T, C)}. influence: a list to append, per layer, sum over tokens of 1 - cos(x_in, x_out).
+    hard: 0/1 weights forward, the soft ones' gradient backward (straight-through)."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
     pos = torch.arange(T, device=ids.device)[None].expand(B, T)
     rope = inner.rotary_emb(x, pos)                                           # (cos, sin) (B, T, hd) each
-    masks, gate_logits, states = {}, [], {}
+    masks, weights, states, carry = {}, [], {}, None
     for l, layer in enumerate(inner.layers):
         if routers is not None and l in routers.exit_at:
             states[l] = x
-        if routers is not None and l in routers.unit_at:                      # a unit starts: its gate, its input
-            logit = routers.gates[routers.unit_at[l]](x)                      # (B, T, 1) float32
-            gate_logits.append(logit)
-            g, x_unit = _gate(logit, hard).to(x.dtype), x
+        u = None if routers is None else routers.unit_of.get(l)
+        if u is not None and routers.units[u][0] == l:                        # a unit starts: its weight, its input
+            w, carry = routers.continue_weights(u, x, carry, hard)
+            weights.append(w)
+            w, x_unit = w.to(x.dtype), x
         window = DepthAdapter._window(model.config, l)
         if window not in masks:
             masks[window] = _causal_mask(T, window, x)
-        x_in, x = x, layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
+        x_in = x
+        if u is not None and routers.kind == "ffn":                           # attention in full, the MLP weighted
+            h = x + layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=masks[window],
+                                    position_ids=pos, position_embeddings=rope)[0]
+            x = h + w * layer.mlp(layer.post_attention_layernorm(h))
+        else:
+            x = layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
         if influence is not None:
             influence.append(float((1 - F.cosine_similarity(x_in.float(), x.float(), dim=-1)).sum()))
-        if routers is not None and l in routers.unit_end:
-            x = x_unit + g * (x - x_unit)                                     # g * unit(x) + (1 - g) * x
+        if u is not None and routers.kind != "ffn" and l == routers.units[u][1] - 1:
+            x = x_unit + w * (x - x_unit)                                     # the unit's update, weighted
     logits = model.get_output_embeddings()(inner.norm(x))
-    return logits, (torch.cat(gate_logits, -1) if gate_logits else None), states
+    return logits, (torch.cat(weights, -1).float() if weights else None), states
 
 
-def _tuning_loss(logits, Y, gate_logits, cfg, it, hard=False):
-    """LM loss + lambda * max(mean gate - target_active_ratio, 0) (lambda = 0 during warm-up) + z-loss + entropy.
-    The mean gate pools every unit and token: the routers choose WHICH layers to skip for which tokens; only the
-    average is held to the budget. The entropy term (weight > 0) pushes gates toward 0 or 1, narrowing the gap
-    between soft gates in training and the hard threshold at inference; hard (straight-through) closes it: the
-    penalty then sees the fraction of units that really run. -> (loss, {name: float})."""
-    lm = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten())
-    g = torch.sigmoid(gate_logits)
-    mean_gate = _gate(gate_logits, hard).mean()
+def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
+    """KL(full || routed) on the next-token distributions (loss='kl', full_logits given) or the LM loss on Y,
+    + lambda * max(mean weight - target_active_ratio, 0) (lambda = 0 during warm-up) + the weights' entropy.
+    The mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
+    units to skip for which tokens; only the average is held to the budget. The entropy term pushes weights toward
+    0 or 1, narrowing the gap to the 0/1 decisions of inference. -> (loss, {name: float})."""
+    if full_logits is not None:
+        logp_full = F.log_softmax(full_logits.float(), -1)
+        fit = (logp_full.exp() * (logp_full - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+    else:
+        fit = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten())
+    sizes = torch.ones(weights.shape[-1], device=weights.device) if sizes is None else sizes
+    mean_w = (weights * sizes).sum(-1).mean() / sizes.sum()
     lam = cfg["penalty_weight"] if it >= cfg["penalty_warmup_iters"] else 0.0
-    penalty = F.relu(mean_gate - cfg["target_active_ratio"])
-    z = gate_logits.pow(2).mean()                                             # one logit: its logsumexp is itself
-    # H(g) = -g log g - (1 - g) log(1 - g), written with softplus to stay finite for large logits. (As
-    # BCE(logit, g.detach()) its value is right but its gradient is g - g = 0: the term would do nothing.)
-    entropy = (g * F.softplus(-gate_logits) + (1 - g) * F.softplus(gate_logits)).mean()
-    loss = lm + lam * penalty + cfg["gate_z_weight"] * z + cfg["gate_entropy_weight"] * entropy
-    return loss, {"lm": lm.item(), "penalty": penalty.item(), "mean_gate": mean_gate.item(), "z": z.item(),
+    penalty = F.relu(mean_w - cfg["target_active_ratio"])
+    w = weights.clamp(1e-6, 1 - 1e-6)
+    entropy = -(w * w.log() + (1 - w) * (1 - w).log()).mean()
+    loss = fit + lam * penalty + cfg["gate_entropy_weight"] * entropy
+    return loss, {"fit": fit.item(), "penalty": penalty.item(), "mean_weight": mean_w.item(),
                   "entropy": entropy.item()}
 
 
@@ -252,14 +262,13 @@ def _tuning_loss(logits, Y, gate_logits, cfg, it, hard=False):
 def tune_routers(cfg):
     """Router tuning for a pretrained model, every base weight frozen. cfg: default_config(...) or the script's.
 
-    Phase 1: skip routers (SkipRouters.gates) trained with soft gates and _tuning_loss for max_iters steps.
-    Then each unit's gate-logit quantiles on calibration text (what keep_ratio converts through). Phase 2 (with
-    exit_layers and exit_iters > 0): the routers are frozen and each exit gate learns, by BCE, whether the state
-    at its layer, through the final norm and LM head, already gives the routed model's final argmax (CALM's
-    consistency target, learned: the gate sees only the state). Last, with target_speedup (or
-    target_mean_layers), a bisection on the hard threshold until the layer-call ratio measured through the
-    adapter on calibration text is within target_tol of the target. Everything lands in out_dir/routers.pt
-    (atomic): router weights, layout, model name/path, quantiles and the threshold sample.py uses by default.
+    Phase 1: the gates of router.FrozenRouters(cfg['router']) trained through soft_forward and _tuning_loss for
+    max_iters steps. Phase 2 (with exit_layers and exit_iters > 0): the gates are frozen and each exit gate learns,
+    by BCE, whether the state at its layer, through the final norm and LM head, already gives the routed model's
+    final argmax (CALM's consistency target, learned: the gate sees only the state). Then the per-unit cutoffs of
+    each of keep_ratios, calibrated through the adapter (DepthAdapter.calibrate), and with target_speedup (or
+    target_mean_layers) a bisection on the bias until the layer-call ratio measured through the adapter on
+    calibration text is within target_tol of the target. Everything lands in out_dir/routers.pt (atomic).
     """
     if int(os.environ.get("RANK", -1)) != -1:
         raise SystemExit("error: router tuning runs in one process (the base is frozen and the routers are tiny): "
@@ -272,7 +281,9 @@ def tune_routers(cfg):
                           ("penalty_weight", cfg["penalty_weight"] >= 0, ">= 0"),
                           ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
                            "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
-                          ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)")]:
+                          ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
+                          ("router", cfg["router"] in rt.ROUTER_KINDS, f"one of {', '.join(rt.ROUTER_KINDS)}"),
+                          ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
     torch.manual_seed(cfg["seed"])
@@ -287,12 +298,19 @@ def tune_routers(cfg):
         raise SystemExit(f"error: {name} has no tokenizer: router tuning encodes its text with the model's own.")
     model.requires_grad_(False)                                               # frozen: only routers get gradients
     L = mc.num_hidden_layers
+    kind = cfg["router"]
     try:
-        units, exit_layers = skip_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"],
-                                         cfg["router_group"], cfg["exit_layers"])
+        units = (rt.group_layout(L, cfg["R"], cfg["base_layers"]) if kind in ("expert_choice", "token_choice") else
+                 rt.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"], cfg["router_group"]))
+        # the gates start at the budget: every weight = target_active_ratio (expert-choice: its product over the
+        # units averages about that; token-choice starts at full depth), so the penalty has nothing to undo
+        p = cfg["target_active_ratio"] ** (2 / (len(units) + 1) if kind == "expert_choice" else 1)
+        init = rt.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
+        routers = rt.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    routers = SkipRouters(mc.hidden_size, units, exit_layers, cfg["router_mlp_hidden"]).to(device)
+    routers, exit_layers = routers.to(device), routers.exit_layers
+    sizes = torch.tensor([float(b - a) for a, b in units], device=device)   # layers under each unit
     block = cfg["block_size"]
     max_pos = getattr(mc, "max_position_embeddings", None)
     if max_pos and block > max_pos:
@@ -316,14 +334,18 @@ def tune_routers(cfg):
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
     if cfg["exit_head_layer"]:
         return tune_exit_head(cfg, model, train_ids, val, path)
-    routed = routers.routed_layers()
-    print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {len(units)} skip gates over "
+    routed = int(sizes.sum())
+    print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {kind} routers, {len(units)} units over "
           f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "
           f"{sum(p.numel() for p in routers.parameters()):,} trainable parameters; "
           f"{len(train_ids):,} train / {len(val_ids):,} val tokens")
-    # every unit at target_active_ratio would run this fraction of all layer calls
-    print(f"target_active_ratio {cfg['target_active_ratio']} of routed units ~ a layer-call ratio of "
-          f"{(L - routed + cfg['target_active_ratio'] * routed) / L:.3f}")
+    # every unit at target_active_ratio would run this fraction of all layer calls (ffn: of the MLPs)
+    print(f"target_active_ratio {cfg['target_active_ratio']} of routed units ~ a {'MLP' if kind == 'ffn' else 'layer'}"
+          f"-call ratio of {(L - routed + cfg['target_active_ratio'] * routed) / L:.3f}")
+
+    def adapter(bias=0.0, exits=False, **kw):
+        return DepthAdapter(model, router=kind, routers=routers, threshold=bias, exits=exits,
+                            exit_threshold=cfg["exit_threshold"], **kw)
 
     def batches(windows, size=B):
         for i in range(0, len(windows), size):
@@ -332,30 +354,26 @@ def tune_routers(cfg):
 
     @torch.no_grad()
     def evaluate(it):
-        """Val loss of the full model (once) and with soft gates; hard-routed perplexity through the adapter."""
+        """Val loss of the full model (once) and with soft weights; decided (bias 0) perplexity through the adapter."""
         routers.eval()
-        soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten()).item()
-                for X, Y in batches(val)]
-        hard = eval_ppl(DepthAdapter(model, router="skip", skip_routers=routers, hard_threshold=0.5, exits=False),
-                        val, B)
+        soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
+                                reduction="sum").item() / Y.numel() * len(X) for X, Y in batches(val)]
+        hard = eval_ppl(adapter(), val, B)
         routers.train()
-        print(f"step {it}: val loss full depth {full_val:.4f}, soft gates {sum(soft) / len(soft):.4f} | hard "
-              f"(gate > 0.5): val ppl {hard['ppl']:.3f} (full {math.exp(full_val):.3f}) at layer-call ratio "
+        print(f"step {it}: val loss full depth {full_val:.4f}, soft weights {sum(soft) / len(val):.4f} | decided "
+              f"(bias 0): val ppl {hard['ppl']:.3f} (full {math.exp(full_val):.3f}) at layer-call ratio "
               f"{hard['layer_ratio']:.3f}")
-        return {"iter": it, "val_loss_soft": sum(soft) / len(soft), "val_ppl_hard_0.5": hard["ppl"],
-                "layer_ratio_hard_0.5": hard["layer_ratio"]}
+        return {"iter": it, "val_loss_soft": sum(soft) / len(val), "val_ppl_bias0": hard["ppl"],
+                "layer_ratio_bias0": hard["layer_ratio"]}
 
     def save(**extra):
-        meta = {"model": name, "config": cfg, "hard_threshold": 0.5, "exit_threshold": cfg["exit_threshold"],
+        meta = {"model": name, "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
                 "exits_trained": False, "full_val_loss": full_val, **state, **extra}
-        save_skip_routers(path, routers, model, **meta)
+        rt.save_routers(path, routers, mc, **meta)
 
-    with torch.no_grad():
-        full = [F.cross_entropy(soft_forward(model, None, X)[0].flatten(0, 1).float(), Y.flatten()).item()
-                for X, Y in batches(val)]
-    full_val, state = sum(full) / len(full), {}
+    full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
 
-    # ---- phase 1: skip routers, soft gates -----------------------------------------------------------------
+    # ---- phase 1: the gates, soft then straight-through ----------------------------------------------------
     opt = torch.optim.AdamW(routers.gates.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
                             weight_decay=cfg["weight_decay"])
     routers.train()
@@ -372,8 +390,12 @@ def tune_routers(cfg):
         hard = it >= (1 - cfg["hard_gate_frac"]) * cfg["max_iters"]            # the last part: straight-through
         for _ in range(accum):
             X, Y = data.get_batch(train_ids, B, block, gen, device)
-            logits, gate_logits, _ = soft_forward(model, routers, X, hard=hard)
-            loss, parts = _tuning_loss(logits, Y, gate_logits, cfg, it, hard)
+            full_logits = None
+            if cfg["loss"] == "kl":
+                with torch.no_grad():
+                    full_logits = soft_forward(model, None, X)[0]             # the full model: what to keep
+            logits, weights, _ = soft_forward(model, routers, X, hard=hard)
+            loss, parts = _tuning_loss(logits, Y, weights, cfg, it, sizes, full_logits)
             (loss / accum).backward()
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(routers.parameters(), cfg["grad_clip"])
@@ -382,21 +404,18 @@ def tune_routers(cfg):
         if (it + 1) % cfg["log_interval"] == 0:
             dt = (time.time() - t0) / cfg["log_interval"]
             t0 = time.time()
-            print(f"iter {it + 1}: loss {loss.item():.4f} (lm {parts['lm']:.4f}, penalty {parts['penalty']:.4f}, "
-                  f"entropy {parts['entropy']:.3f}), mean {'hard' if hard else 'soft'} gate "
-                  f"{parts['mean_gate']:.3f} (target {cfg['target_active_ratio']}), lr {group['lr']:.2e}, "
+            print(f"iter {it + 1}: loss {loss.item():.4f} ({cfg['loss']} {parts['fit']:.4f}, penalty "
+                  f"{parts['penalty']:.4f}, entropy {parts['entropy']:.3f}), mean {'hard' if hard else 'soft'} "
+                  f"weight {parts['mean_weight']:.3f} (target {cfg['target_active_ratio']}), lr {group['lr']:.2e}, "
                   f"{1000 * dt:.0f} ms/iter")
     routers.eval()
     routers.requires_grad_(False)
 
-    # ---- gate quantiles on calibration text: what keep_ratio converts through ----------------------------------
     with torch.no_grad():
-        q_logits = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in batches(calib)])
-    levels = torch.linspace(0, 1, 101, device=q_logits.device)
-    state["gate_logit_quantiles"] = torch.quantile(q_logits.float(), levels, dim=0).T.contiguous().cpu()  # (U, 101)
-    state["unit_mean_gate"] = torch.sigmoid(q_logits).mean(0).tolist()
-    print("mean soft gate per unit on calibration text: "
-          + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(units, state["unit_mean_gate"])))
+        w = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in batches(calib)])
+    state["unit_mean_weight"] = w.mean(0).tolist()
+    print("mean continue weight per unit on calibration text: "
+          + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(units, state["unit_mean_weight"])))
     save(iter_num=cfg["max_iters"])
 
     # ---- phase 2: exit gates, routers frozen -------------------------------------------------------------------
@@ -430,26 +449,33 @@ def tune_routers(cfg):
         routers.requires_grad_(False)
         state["exits_trained"] = True
 
-    # ---- target speedup: bisection on the hard threshold -------------------------------------------------------
-    hard_threshold = 0.5
+    # ---- keep_ratio: per-unit cutoffs calibrated through the adapter (token-choice has none) -----------------
+    if kind != "token_choice":
+        state["cutoffs"] = {}
+        for kr in cfg["keep_ratios"]:
+            cut = adapter(exits=exits_trained, keep_ratio=kr).calibrate(calib[:, :-1].to(device))
+            state["cutoffs"][f"{kr:.2f}"] = cut.tolist()
+        print(f"calibrated cutoffs for keep_ratio {', '.join(state['cutoffs'])}")
+
+    # ---- target speedup: bisection on the bias -----------------------------------------------------------------
+    bias = 0.0
     target = (1 / cfg["target_speedup"] if cfg["target_speedup"] else cfg["target_mean_layers"] / L
               if cfg["target_mean_layers"] else None)
     if target is not None:
-        def make(z):                                                          # z: the threshold as a logit
-            return DepthAdapter(model, router="skip", skip_routers=routers, hard_threshold=_sigmoid(z),
-                                exit_threshold=cfg["exit_threshold"], exits=exits_trained)
-        z, found, reached = search_cutoff(make, -30.0, 30.0, target, calib, cfg["target_tol"], batch_size=B)
-        hard_threshold = _sigmoid(z)
-        held = eval_ppl(make(z), val, B)
-        print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): hard_threshold "
-              f"{hard_threshold:.6g} gives {found['layer_ratio']:.3f} on calibration text"
+        make = lambda v: adapter(v, exits=exits_trained)
+        bias, found, reached = search_cutoff(lambda v: eval_ppl(make(v), calib, B), -30.0, 30.0, target,
+                                             cfg["target_tol"])
+        held = eval_ppl(make(bias), val, B)
+        print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): bias "
+              f"{bias:.4g} gives {found['layer_ratio']:.3f} on calibration text"
               f"{'' if reached else ' (the closest reachable: not within target_tol)'}; held-out text: ratio "
               f"{held['layer_ratio']:.3f}, ppl {held['ppl']:.3f} vs full depth {math.exp(full_val):.3f} "
               f"({100 * (held['ppl'] / math.exp(full_val) - 1):+.1f}%)")
         state["target"] = {"layer_ratio": target, "calib_ratio": found["layer_ratio"], "reached": reached,
                            "val_ratio": held["layer_ratio"], "val_ppl": held["ppl"]}
-    save(iter_num=cfg["max_iters"], hard_threshold=hard_threshold)
-    print(f"saved {path}\n  python sample.py --routers {path} --prompt 'ROMEO:' --return_depth_trace")
+    save(iter_num=cfg["max_iters"], bias=bias)
+    print(f"saved {path}\n  python sample.py --routers {path} --prompt 'Explain gravity simply.' "
+          "--return_depth_trace")
 
 
 # -----------------------------------------------------------------------------
@@ -548,20 +574,59 @@ def _sigmoid(z):
 
 
 @torch.no_grad()
-def eval_ppl(adapter, windows, batch_size=8):
+def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
     """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits (what generation computes),
-    and the compute it took: layer_ratio = layer calls / (tokens * L), kv_ratio = K/V-only fills / (tokens * L)."""
+    and the work it took, each over tokens * L: layer_ratio (layer calls; attention alone counts its share),
+    kv_ratio (K/V-only work, in layers), head_ratio (the LM-head calls of confidence / entropy exits, in layers).
+    keep_argmax: also return each batch's greedy tokens; reference (such a list, from full depth): agree = the
+    fraction of positions whose greedy token is the reference's."""
     dev = adapter.embed.weight.device
-    nll = calls = full = kv = n = 0
-    for i in range(0, len(windows), batch_size):
+    nll = calls = kv = head = n = same = 0
+    argmax = []
+    for j, i in enumerate(range(0, len(windows), batch_size)):
         w = windows[i:i + batch_size].to(dev)
         logits, st = adapter.prefill_logits(w[:, :-1])
         nll += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
-        calls, full, kv, n = calls + st["layer_calls"], full + st["layer_calls_full"], \
-            kv + st["kv_only_layer_calls"], n + st["tokens"]
-    L = len(adapter.layers)                           # layers_per_depth counts layers, so full = n * L
-    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "layer_ratio": calls / full,
-            "mean_layers": calls / n, "kv_ratio": kv / (n * L)}
+        calls, n = calls + st["layer_calls"], n + st["tokens"]
+        kv, head = kv + st["kv_only_layer_calls"] * st["kv_share"], head + st["head_checks"] * st["head_share"]
+        if keep_argmax or reference is not None:
+            argmax.append(logits.argmax(-1).cpu())
+            if reference is not None:
+                same += int((argmax[-1] == reference[j]).sum())
+    L = len(adapter.layers)
+    out = {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "layer_ratio": calls / (n * L),
+           "mean_layers": calls / n, "kv_ratio": kv / (n * L), "head_ratio": head / (n * L), "agree": same / n}
+    if keep_argmax:
+        out["argmax"] = argmax
+    return out
+
+
+@torch.no_grad()
+def exit_statistics(model, windows, batch_size=8):
+    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
+    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
+    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
+    for i in range(0, len(windows), batch_size):
+        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
+        c, e = [], []
+        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
+            logp = F.log_softmax(head(norm(h)).float(), -1).flatten(0, 1)
+            c.append(logp.max(-1).values.exp())
+            e.append(-(logp.exp() * logp).sum(-1))
+        conf.append(torch.stack(c, 1).cpu())
+        ent.append(torch.stack(e, 1).cpu())
+    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
+
+
+def exit_ratio(stats, kind, threshold):
+    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
+    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    s = stats[kind]                                                           # (N, L - 1)
+    ok = s >= threshold if kind == "confidence" else s <= threshold
+    L = s.shape[1] + 1
+    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
+    return {"layer_ratio": float(layers.float().mean()) / L}
 
 
 @torch.no_grad()
@@ -585,12 +650,12 @@ def static_drop_layers(influence, n):
     return sorted(order[:n])
 
 
-def search_cutoff(make, lo, hi, target, windows, tol=0.005, iters=40, batch_size=8):
-    """Bisection on a router's threshold until the layer-call ratio it gives on `windows` is within tol of
-    `target`. make(v) -> a DepthAdapter; the ratio must be monotone in v (either direction). -> (v, eval_ppl
-    dict at v, reached). A target out of reach gives the closer end and reached=False; a ratio that jumps over
-    the target (few tokens, or a discrete router) gives the closest value seen."""
-    r_lo, r_hi = (eval_ppl(make(v), windows, batch_size) for v in (lo, hi))
+def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
+    """Bisection on a router's threshold until measure(v)['layer_ratio'] is within tol of `target`. The ratio
+    must be monotone in v (either direction). -> (v, measure(v), reached). A target out of reach gives the closer
+    end and reached=False; a ratio that jumps over the target (few tokens, or a discrete router) gives the closest
+    value seen. measure: e.g. lambda v: eval_ppl(make(v), calib) (a DepthAdapter per v), or exit_ratio."""
+    r_lo, r_hi = measure(lo), measure(hi)
     best = min(((abs(r["layer_ratio"] - target), v, r) for v, r in ((lo, r_lo), (hi, r_hi))), key=lambda t: t[0])
     if (r_lo["layer_ratio"] - target) * (r_hi["layer_ratio"] - target) > 0:
         return best[1], best[2], best[0] <= tol
@@ -599,7 +664,7 @@ def search_cutoff(make, lo, hi, target, windows, tol=0.005, iters=40, batch_size
         if best[0] <= tol:
             break
         mid = (lo + hi) / 2
-        r = eval_ppl(make(mid), windows, batch_size)
+        r = measure(mid)
         best = min(best, (abs(r["layer_ratio"] - target), mid, r), key=lambda t: t[0])
         if (r["layer_ratio"] > target) == side_lo:
             lo = mid
