@@ -367,6 +367,8 @@ class DepthAdapter:
             routers, self.file = rt.load_routers(router_path, cfg, TUNE_COMMAND)
             if routers.kind != router:
                 raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
+        if routers is not None and routers.kind != router:
+            raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
         if router == "exit_head" and exit_head is None and router_path is not None:
             exit_head, self.file = load_exit_head(router_path, model)
         # a learned router without trained weights is refused: random routing gives speed without quality
@@ -510,7 +512,8 @@ class DepthAdapter:
             return self._on(sure, x, active, 0.0) > 0
         if self.router == "token_choice":             # one choice after base_layers: depth d runs units 0..d-1
             if u == 0:
-                penalty = self.threshold * torch.arange(self.R + 1, device=x.device)
+                bias = min(max(self.threshold, -1e9), 1e9)                    # finite: 0 * inf would be nan
+                penalty = bias * torch.arange(self.R + 1, device=x.device)
                 carry["depth"] = self._on(lambda h: (rs.gates[0](h) - penalty).argmax(-1), x, active, 0.0)
             return active & (carry["depth"] <= u)
         if self.router == "expert_choice":
@@ -585,8 +588,9 @@ class DepthAdapter:
         return logits
 
     # --- generation ------------------------------------------------------------------------------------------
-    def _start(self, input_ids, attention_mask, max_new_tokens):
-        """Checks and the cache for one batch of sequences. -> (run, ids, pos, mask)."""
+    def _start(self, input_ids, attention_mask, max_new_tokens, extra=0):
+        """Checks and the cache for one batch of sequences; `extra` slots past the end (speculative decoding: a row
+        that kept fewer drafts is realigned behind the longest and verifies past its end). -> (run, ids, pos, mask)."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
@@ -598,10 +602,10 @@ class DepthAdapter:
         if ctx and T0 + max_new_tokens > ctx:
             raise ValueError(f"the prompt is {T0} tokens and {max_new_tokens} more are asked for, but the model's "
                              f"context is {ctx} positions: shorten the prompt or ask for fewer tokens.")
-        key_valid = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=dev)
+        key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
-        return _Run(self, B, T0 + max_new_tokens, key_valid), ids, pos, mask
+        return _Run(self, B, T0 + max_new_tokens + extra, key_valid), ids, pos, mask
 
     def _summary(self, depth, cost, run):
         """Depth histogram (router.depth_summary) of the tokens given, with the layer calls they really made
@@ -736,7 +740,7 @@ class DepthAdapter:
                              "decoding prefills with the full model, so the prompt cannot set them.")
         full = self if self.router == "none" else DepthAdapter(self.model, no_skip=True)
         k_max = 2 * K if adapt_k else K
-        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens)   # drafts stay inside
+        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens, extra=k_max + 1)
         dev, V, greedy = ids.device, self.lm_head.weight.shape[0], temperature == 0
         out = ids.new_full((B, T0 + max_new_tokens), 0 if eos_token_id is None else eos_token_id)
         out[:, :T0] = ids

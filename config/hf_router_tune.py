@@ -19,7 +19,7 @@ max_iters = 300
 eval_interval = 100
 eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val plays, never tuned on)
 log_interval = 25
-calib_windows = 32              # train-split windows: gate quantiles and the target search are measured here
+calib_windows = 32              # train-split windows: keep_ratio cutoffs and the target search are measured here
 
 # one skip gate before every layer from 1 to 10: layer 0 and the last layer always run
 router_pattern = "every"
@@ -50,6 +50,6 @@ exit_layers = (4, 6, 8, 10)
 exit_iters = 150
 exit_threshold = 0.9
 
-# then: bisection on the hard threshold until the layer calls are 1/1.43 = 70% of full depth on calibration text
+# then: bisection on the bias until the layer calls are 1/1.43 = 70% of full depth on calibration text
 target_speedup = 1.43
 device = "cpu"

@@ -1,12 +1,17 @@
 """
-Tests for router tuning on a frozen pretrained model (tune.py, hf_wrap.SkipRouters, router="skip"/"drop") and
-the evaluation helpers behind bench.py --mode=ppl (tune.py too). Tiny random-weight models built from configs, offline.
+Tests for router tuning on a frozen pretrained model (tune.py, router.FrozenRouters of every kind: skip, ffn,
+expert_choice, token_choice; router="drop") and the evaluation helpers behind bench.py --mode=ppl (tune.py too).
+Tiny random-weight models built from configs, offline.
 
 What must hold: gradients reach the routers only and the base weights stay byte-identical; the compute penalty
-moves the mean gate to its target; the hard-routed prefill (what perplexity is measured on) equals the decode
-path; the extremes are exact (every gate open = the model, every gate shut = those layers dropped); static
-dropping removes the lowest-influence layers and never layer 0; the threshold search lands on its target.
+moves the mean continue weight to its target; each kind's continue weights follow its rule (independent,
+hierarchical, P(depth > u)); the straight-through tuning forward makes inference's decisions; the hard-routed
+prefill (what perplexity is measured on) equals the decode path; the extremes are exact (every gate open = the
+model, every gate shut = those layers dropped); ffn routing never skips attention; keep_ratio's cutoffs keep
+that fraction; static dropping removes the lowest-influence layers and never layer 0; the bias search lands on
+its target.
 """
+import math
 import os
 import subprocess
 import sys
@@ -17,22 +22,32 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import hf_wrap  # noqa: E402
+import router as rt  # noqa: E402
 import tune  # noqa: E402
-from hf_wrap import DepthAdapter, SkipRouters, skip_layout  # noqa: E402
+from hf_wrap import DepthAdapter  # noqa: E402
 from tune import soft_forward  # noqa: E402
 from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, prompts, tiny  # noqa: E402
 
 TEXT = "KING:\nWhat say you, my lord? Speak, and speak the truth.\n\nQUEEN:\nI have no words to give you now.\n\n" * 40
+KINDS = rt.ROUTER_KINDS                      # skip, ffn, expert_choice, token_choice
+GROUP_KINDS = ("expert_choice", "token_choice")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
-def spread_routers(hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, **layout):
-    """SkipRouters whose gates differ from token to token (a stand-in for trained ones): random last layers."""
+def layout(kind, n_layers=LAYERS, R=4, base_layers=2, **unit_kw):
+    """The units a kind routes: skip / ffn units (one layer each by default), or R groups after base_layers
+    (R=4, base_layers=2 on 6 layers: groups of one layer)."""
+    if kind in GROUP_KINDS:
+        return rt.group_layout(n_layers, R, base_layers)
+    return rt.unit_layout(n_layers, **unit_kw)
+
+
+def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, **kw):
+    """FrozenRouters whose gates differ from token to token (a stand-in for trained ones): random last layers."""
     torch.manual_seed(seed)
-    r = SkipRouters(hidden, *skip_layout(n_layers, exit_layers=exit_layers, **layout), mlp_hidden=16)
+    r = rt.FrozenRouters(kind, hidden, layout(kind, n_layers, **kw), exit_layers, mlp_hidden=16)
     for gate in list(r.gates) + list(r.exits):
         torch.nn.init.normal_(gate.net[-1].weight, std=1.0)
         torch.nn.init.zeros_(gate.net[-1].bias)
@@ -58,6 +73,11 @@ def char_model(tmp_path=None, arch="llama", **kw):
     return model, hf_tok
 
 
+def is_0_or_1(w):
+    """Straight-through weights are (z > 0) + w - w.detach(): 0 or 1 up to one rounding."""
+    return bool(((w.abs() < 1e-6) | ((w - 1).abs() < 1e-6)).all())
+
+
 # -----------------------------------------------------------------------------
 # The tuning forward and its loss
 
@@ -66,48 +86,153 @@ def test_soft_forward_without_routers_is_the_model(arch):
     """HF's own layers with our explicit causal (and sliding-window) masks give the model's logits."""
     model = tiny(arch)
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
-    logits, gates, _ = soft_forward(model, None, ids)
+    logits, weights, _ = soft_forward(model, None, ids)
     torch.testing.assert_close(logits, model(ids).logits, atol=1e-4, rtol=1e-4)
-    assert gates is None
+    assert weights is None
 
 
-def test_router_only_gradients():
+@pytest.mark.parametrize("kind", KINDS)
+def test_router_only_gradients(kind):
     model = tiny("llama").requires_grad_(False)
-    r = spread_routers(exit_layers=(3,)).train()
+    r = spread_routers(kind, exit_layers=(3,)).train()
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    logits, gate_logits, states = soft_forward(model, r, ids)
-    assert gate_logits.shape == (2, 16, len(r.units)) and set(states) == {3}
-    loss, parts = tune._tuning_loss(logits, ids, gate_logits, tune_config(gate_entropy_weight=0.1), it=100)
+    logits, weights, states = soft_forward(model, r, ids)
+    assert weights.shape == (2, 16, len(r.units)) and weights.dtype == torch.float32 and set(states) == {3}
+    assert 0 <= float(weights.detach().min()) and float(weights.detach().max()) <= 1         # continue weights, not logits
+    with torch.no_grad():
+        full = soft_forward(model, None, ids)[0]
+    loss, parts = tune._tuning_loss(logits, ids, weights, tune_config(gate_entropy_weight=0.1), it=100,
+                                    full_logits=full)
+    assert set(parts) == {"fit", "penalty", "mean_weight", "entropy"} and parts["fit"] > 0
     loss.backward()
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in r.gates.parameters())
     assert all(p.grad is None for p in r.exits.parameters())      # phase 1 does not touch the exit gates
 
 
-def test_straight_through_forward_is_inference():
-    """hard=True: the tuning forward makes inference's 0/1 decisions (gate > 0.5), with the sigmoid's gradient.
-    With one layer per unit it is then exactly the adapter's hard-routed prefill (a skipped token's K/V at the
-    layer comes from its state there in both)."""
-    logit = torch.tensor([-2.0, 0.5], requires_grad=True)
-    g = tune._gate(logit, hard=True)
-    g.sum().backward()
-    assert g.tolist() == [0.0, 1.0]
-    torch.testing.assert_close(logit.grad, torch.sigmoid(logit.detach()) * (1 - torch.sigmoid(logit.detach())))
-    model, r = tiny("llama"), spread_routers()
+def test_kl_fit_is_zero_at_the_full_model_and_lm_without_it():
+    """loss='kl': the fit is KL(full || routed), 0 when the routed logits are the full ones; without full_logits
+    the fit is the LM loss on Y."""
+    g = torch.Generator().manual_seed(0)
+    logits, Y = torch.randn(2, 5, VOCAB, generator=g), torch.randint(0, VOCAB, (2, 5), generator=g)
+    w = torch.full((2, 5, 3), 0.5)
+    cfg = tune_config(penalty_weight=0.0, gate_entropy_weight=0.0)
+    assert tune._tuning_loss(logits, Y, w, cfg, 0, full_logits=logits)[1]["fit"] == pytest.approx(0, abs=1e-6)
+    assert tune._tuning_loss(logits, Y, w, cfg, 0, full_logits=logits + 1.0)[1]["fit"] == pytest.approx(0, abs=1e-6)
+    other = torch.randn(2, 5, VOCAB, generator=g)
+    assert tune._tuning_loss(logits, Y, w, cfg, 0, full_logits=other)[1]["fit"] > 0.1
+    lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), Y.flatten())
+    assert tune._tuning_loss(logits, Y, w, cfg, 0)[1]["fit"] == pytest.approx(float(lm), rel=1e-5)
+
+
+def test_straight_through_gate():
+    """hard=True: inference's 0/1 decision (logit > 0) forward, the sigmoid's gradient backward."""
+    r = rt.FrozenRouters("skip", 8, [(1, 2)], mlp_hidden=0)
+    r.gates[0] = torch.nn.Identity()                              # the gate's logit is its input: the rule alone
+    z = torch.tensor([-2.0, 0.5]).view(1, 2, 1).requires_grad_()
+    w, _ = r.continue_weights(0, z, None, hard=True)
+    w.sum().backward()
+    assert w.flatten().tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+    s = torch.sigmoid(z.detach())
+    torch.testing.assert_close(z.grad, s * (1 - s))
+    soft, _ = r.continue_weights(0, z, None, hard=False)
+    torch.testing.assert_close(soft, s)
+
+
+def test_continue_weights_follow_each_kind():
+    """skip: sigmoid(z_u), whatever is carried; expert_choice: the product of sigmoids so far (hierarchical, never
+    rising: out is out for good); token_choice: P(depth > u) under the softmax over depths 0..U, from one
+    decision at unit 0. Hard: the same rules on the 0/1 decisions."""
+    g = torch.Generator().manual_seed(0)
+    h = [torch.randn(2, 7, 64, generator=g) for _ in range(4)]     # a different state entering each unit
+
+    def weights(r, hard=False, states=h):
+        carry, ws = None, []
+        for u in range(len(r.units)):
+            w, carry = r.continue_weights(u, states[u], carry, hard)
+            ws.append(w)
+        return torch.cat(ws, -1)                                   # (B, T, U)
+
+    with torch.no_grad():
+        skip = spread_routers("skip", n_layers=6)                  # units 1..4: four gates
+        z = torch.cat([skip.gates[u](h[u]) for u in range(4)], -1)
+        torch.testing.assert_close(weights(skip), torch.sigmoid(z))
+        w, _ = skip.continue_weights(1, h[1], carry=torch.zeros(2, 7, 1))
+        torch.testing.assert_close(w, torch.sigmoid(z[..., 1:2]))
+
+        ec = spread_routers("expert_choice")
+        z = torch.cat([ec.gates[u](h[u]) for u in range(4)], -1)
+        W = weights(ec)
+        torch.testing.assert_close(W, torch.sigmoid(z).cumprod(-1))
+        assert (W[..., 1:] <= W[..., :-1]).all()
+        # a token whose own gate at unit u says "go on" (z_u > 0) stays out once an earlier gate stopped it
+        H = weights(ec, hard=True)
+        assert is_0_or_1(H) and (H[..., 1:] <= H[..., :-1] + 1e-6).all()
+        torch.testing.assert_close(H, (z > 0).float().cumprod(-1))
+        assert bool(((z[..., 1:] > 0) & (H[..., 1:] < 0.5)).any())   # the hierarchy overrode an open gate
+
+        tc = spread_routers("token_choice")
+        p = torch.softmax(tc.gates[0](h[0]), -1)                   # (B, T, U + 1) over depths 0..U
+        W = weights(tc)
+        want = torch.stack([p[..., u + 1:].sum(-1) for u in range(4)], -1)   # P(depth > u)
+        torch.testing.assert_close(W, want)
+        junk = [h[0]] + [torch.full_like(h[0], 1e3)] * 3           # units after 0 read only the carry
+        torch.testing.assert_close(weights(tc, states=junk), want)
+        H = weights(tc, hard=True)
+        depth = p.argmax(-1, keepdim=True)
+        torch.testing.assert_close(H, (depth > torch.arange(4)).float())
+
+
+def test_token_choice_straight_through_gradient_is_the_soft_one():
+    """hard=True forward is one-hot on the chosen depth; backward it is the softmax's (straight-through)."""
+    tc = spread_routers("token_choice").train()
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    coeff = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for hard in (False, True):
+        h = x.clone().requires_grad_()
+        carry, ws = None, []
+        for u in range(4):
+            w, carry = tc.continue_weights(u, h, carry, hard)
+            ws.append(w)
+        W = torch.cat(ws, -1)
+        assert is_0_or_1(W) == hard
+        (W * coeff).sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_straight_through_forward_is_inference(kind):
+    """hard=True: the tuning forward makes inference's 0/1 decisions at bias 0. With one layer per unit it is then
+    exactly the adapter's hard-routed prefill (a skipped or stopped token's K/V at a layer comes from its state
+    there in both; ffn runs every token's attention in both), and the weights count the layers the adapter ran."""
+    model, r = tiny("llama"), spread_routers(kind)
+    assert all(b - a == 1 for a, b in r.units)
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        logits = soft_forward(model, r, ids, hard=True)[0]
-    routed, st = DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=0.5).prefill_logits(ids)
+        logits, w, _ = soft_forward(model, r, ids, hard=True)
+    assert is_0_or_1(w)
+    ad = DepthAdapter(model, router=kind, routers=r, threshold=0.0)
+    routed, st = ad.prefill_logits(ids)
     torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
     assert 0 < st["compute_saved_pct"] < 100
+    n, L, ran = ids.numel(), LAYERS, float(w.sum())               # routed unit-runs, one layer each
+    always = n * (L - len(r.units))                               # the layers outside the units
+    if kind == "ffn":                                             # attention everywhere, the MLP where w = 1
+        want = n * L * st["attn_share"] + (1 - st["attn_share"]) * (always + ran)
+    else:
+        want = always + ran
+    assert st["layer_calls"] == pytest.approx(want, abs=1e-2)
 
 
 def test_penalty_pushes_mean_gate_to_target():
-    """A few dozen steps: the hinge penalty pulls the mean gate from ~0.95 down to target_active_ratio, where the
-    LM loss holds it. The targets are the model's own greedy predictions, so the LM loss wants every layer (on
-    random text a random model's layers are noise, and skipping them would lower the loss by itself)."""
+    """A few dozen steps: the hinge penalty pulls the mean continue weight from ~0.95 down to target_active_ratio,
+    where the LM loss holds it. The targets are the model's own greedy predictions, so the LM loss wants every
+    layer (on random text a random model's layers are noise, and skipping them would lower the loss by itself)."""
     model = tiny("llama").requires_grad_(False)
-    r = SkipRouters(64, *skip_layout(LAYERS), mlp_hidden=16).train()
+    r = rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), mlp_hidden=16).train()
     cfg = tune_config(target_active_ratio=0.4, penalty_weight=5.0, penalty_warmup_iters=5)
     opt = torch.optim.AdamW(r.parameters(), lr=2e-2, weight_decay=0.0)
     gen, means = torch.Generator().manual_seed(0), []
@@ -115,26 +240,27 @@ def test_penalty_pushes_mean_gate_to_target():
         ids = torch.randint(0, VOCAB, (4, 16), generator=gen)
         with torch.no_grad():
             Y = model(ids).logits.argmax(-1)
-        logits, gate_logits, _ = soft_forward(model, r, ids)
-        loss, parts = tune._tuning_loss(logits, Y, gate_logits, cfg, it)
+        logits, weights, _ = soft_forward(model, r, ids)
+        loss, parts = tune._tuning_loss(logits, Y, weights, cfg, it)
         loss.backward()
         opt.step()
         opt.zero_grad()
-        means.append(parts["mean_gate"])
+        means.append(parts["mean_weight"])
     assert means[0] > 0.9 and means[4] > 0.9                       # warm-up: lambda = 0
     late = sum(means[-15:]) / 15
     assert abs(late - 0.4) < 0.1, means[-15:]
 
 
 def test_entropy_term_pushes_gates_to_0_or_1():
-    """gate_entropy_weight > 0 must move gates away from 0.5 (an earlier version had the right value and a zero
-    gradient). Only the entropy term here: each gate logit grows in magnitude, keeping its sign."""
+    """gate_entropy_weight > 0 must move continue weights away from 0.5 (an earlier version had the right value
+    and a zero gradient). Only the entropy term here: each gate logit grows in magnitude, keeping its sign."""
     z = torch.tensor([[[-0.8, -0.1, 0.2, 1.0]]], requires_grad=True)
     cfg = tune_config(penalty_weight=0.0, gate_entropy_weight=1.0)
     opt = torch.optim.SGD([z], lr=2.0)
     start = z.detach().clone()
     for it in range(30):
-        loss, parts = tune._tuning_loss(torch.zeros(1, 1, VOCAB), torch.zeros(1, 1, dtype=torch.long), z, cfg, it)
+        loss, parts = tune._tuning_loss(torch.zeros(1, 1, VOCAB), torch.zeros(1, 1, dtype=torch.long),
+                                        torch.sigmoid(z), cfg, it)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -142,23 +268,68 @@ def test_entropy_term_pushes_gates_to_0_or_1():
 
 
 def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
-    """The whole loop (phase 1, quantiles, exit gates, target search) leaves every base weight byte-identical,
-    and writes a router file that knows its model, layout, quantiles and the threshold it found."""
+    """The whole loop (phase 1, exit gates, keep_ratio cutoffs, bias search) leaves every base weight
+    byte-identical, and writes a router file that knows its model, layout, cutoffs and the bias it found: the
+    adapter loaded from the file measures the same layer-call ratio on the calibration text."""
     model, tok = char_model()
     (tmp_path / "text.txt").write_text(TEXT)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
     cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
-                         exit_layers=(3,), exit_iters=3, target_speedup=1.25, target_tol=0.02, weight_decay=0.1)
+                      exit_layers=(3,), exit_iters=3, target_speedup=1.25, target_tol=0.02, weight_decay=0.1,
+                      keep_ratios=(0.3, 0.55))
     tune.tune_routers(cfg)
     for k, v in model.state_dict().items():
         assert v.numpy().tobytes() == before[k].numpy().tobytes(), k
-    blob = hf_wrap.read_router_file(str(tmp_path / "out" / "routers.pt"))
+    path = str(tmp_path / "out" / "routers.pt")
+    blob = rt.read_router_file(path)
     assert blob["model"] == "some/model" and blob["router"] == "skip" and blob["exits_trained"]
     assert blob["units"] == [[l, l + 1] for l in range(1, LAYERS - 1)] and blob["exit_layers"] == [3]
-    assert blob["gate_logit_quantiles"].shape == (LAYERS - 2, 101)
+    assert sorted(blob["cutoffs"]) == ["0.30", "0.55"] and all(len(c) == LAYERS - 2 for c in blob["cutoffs"].values())
+    assert "hard_threshold" not in blob and "gate_logit_quantiles" not in blob
     assert blob["target"]["reached"] and abs(blob["target"]["calib_ratio"] - 0.8) <= 0.02
-    assert 0 < blob["hard_threshold"] < 1
+    assert -30 <= blob["bias"] <= 30
+    # the file's bias (and exit gates) reproduce the search's measurement on its calibration windows
+    ad = DepthAdapter(model, router="skip", router_path=path)
+    assert ad.threshold == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
+    train_ids, _ = tune.corpus_ids(tok, cfg["dataset"])
+    calib = tune.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
+                              torch.Generator().manual_seed(cfg["seed"] + 2))
+    ratio = tune.eval_ppl(ad, calib, cfg["batch_size"])["layer_ratio"]
+    assert ratio == pytest.approx(blob["target"]["calib_ratio"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
+    """One short tuning run per kind: the base stays byte-identical, and the file loads through router_path
+    (kind, layout, bias and, but for token-choice, keep_ratio cutoffs) and generates."""
+    model, tok = char_model()
+    (tmp_path / "text.txt").write_text(TEXT)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+                      router=kind, R=3, keep_ratios=(0.5,))
+    tune.tune_routers(cfg)
+    for k, v in model.state_dict().items():
+        assert v.numpy().tobytes() == before[k].numpy().tobytes(), k
+    path = str(tmp_path / "out" / "routers.pt")
+    blob = rt.read_router_file(path)
+    units = layout(kind, R=3)
+    assert blob["router"] == kind and blob["model"] == "some/model" and blob["units"] == [list(u) for u in units]
+    assert blob["bias"] == 0.0 and not blob["exits_trained"]                   # no target: bias 0
+    assert ("cutoffs" in blob) == (kind != "token_choice")
+    ad = DepthAdapter(model, router=kind, router_path=path)
+    assert not ad.random_routers and ad.routers.kind == kind and ad.units == units and ad.threshold == 0.0
+    ids = torch.tensor([tok(TEXT[:40])["input_ids"]])
+    out, st = ad.generate(ids, max_new_tokens=12)
+    assert out.shape == (1, ids.shape[1] + 12) and torch.equal(out[:, :ids.shape[1]], ids)
+    assert st["tokens"] == 11 and 0 <= st["compute_saved_pct"] < 100
+    if kind != "token_choice":
+        assert len(blob["cutoffs"]["0.50"]) == len(units)
+        kr = DepthAdapter(model, router=kind, router_path=path, keep_ratio=0.5)
+        assert torch.equal(kr.cutoffs, torch.tensor(blob["cutoffs"]["0.50"]))
+        out, st = kr.generate(ids, max_new_tokens=12)
+        assert out.shape == (1, ids.shape[1] + 12) and 0 < st["compute_saved_pct"] < 100
 
 
 # -----------------------------------------------------------------------------
@@ -170,7 +341,7 @@ def test_teacher_forced_logits_equal_decode(arch):
     every decoded position: the routing is causal and the skip / exit K/V fills agree across chunks."""
     model = tiny(arch)
     r = spread_routers(exit_layers=(3, 4))
-    ad = DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=0.5, exit_threshold=0.7)
+    ad = DepthAdapter(model, router="skip", routers=r, threshold=0.0, exit_threshold=0.7)
     ids, mask = prompts(3)
     out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=40, return_logits=True)
     assert 0 < st["compute_saved_pct"] < 100 and st["kv_only_layer_calls"] > 0
@@ -180,42 +351,114 @@ def test_teacher_forced_logits_equal_decode(arch):
     counter.remove()
     T0 = ids.shape[1]
     torch.testing.assert_close(logits[:, T0 - 1:], st["logits"], atol=1e-4, rtol=1e-4)
-    # the stats are the work done: MLP rows = layer calls, extra k_proj rows = K/V-only fills
+    # the stats are the work done: MLP rows = layer calls; every slot (padding too) writes K/V at every layer, and
+    # the valid tokens that ran no query there are the K/V-only fills
+    valid = int(full_mask.sum())
     mlp = sum(counter.rows[l, "mlp.gate_proj"] for l in range(LAYERS))
-    k_extra = sum(counter.rows[l, "self_attn.k_proj"] - counter.rows[l, "self_attn.q_proj"] for l in range(LAYERS))
-    assert mlp == st2["layer_calls"] < st2["layer_calls_full"] and k_extra == st2["kv_only_layer_calls"] > 0
-    assert st2["tokens"] == int(full_mask.sum())
+    kv_only = sum(valid - counter.rows[l, "self_attn.q_proj"] for l in range(LAYERS))
+    assert all(counter.rows[l, "self_attn.k_proj"] == full_mask.numel() for l in range(LAYERS))
+    assert mlp == pytest.approx(st2["layer_calls"], abs=1e-2) and mlp < st2["layer_calls_full"]
+    assert kv_only == st2["kv_only_layer_calls"] > 0
+    assert st2["tokens"] == valid
 
 
 def test_skip_extremes_are_exact():
-    """Every gate open = the model itself; every gate shut = the routed layers dropped (ShortGPT-style)."""
+    """Every gate open (bias -inf) = the model itself; every gate shut (bias +inf) = the routed layers dropped
+    (ShortGPT-style)."""
     model = tiny("llama")
     r = spread_routers()
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    opened, st = DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=0.0).prefill_logits(ids)
+    opened, st = DepthAdapter(model, router="skip", routers=r, threshold=-math.inf).prefill_logits(ids)
     torch.testing.assert_close(opened, model(ids).logits, atol=1e-4, rtol=1e-4)
-    assert st["compute_saved_pct"] == 0 and st["kv_only_layer_calls"] == 0
-    shut, st = DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=1.0).prefill_logits(ids)
+    assert st["compute_saved_pct"] == pytest.approx(0, abs=1e-6) and st["kv_only_layer_calls"] == 0
+    shut, st = DepthAdapter(model, router="skip", routers=r, threshold=math.inf).prefill_logits(ids)
     routed = [l for a, b in r.units for l in range(a, b)]
     dropped, st_drop = DepthAdapter(model, router="drop", drop_layers=routed).prefill_logits(ids)
     torch.testing.assert_close(shut, dropped, atol=1e-5, rtol=1e-5)
-    assert st["layer_calls"] == st_drop["layer_calls"] == 2 * 24 * (LAYERS - len(routed))
+    assert st["layer_calls"] == pytest.approx(2 * 24 * (LAYERS - len(routed)), abs=1e-2)
+    assert st_drop["layer_calls"] == 2 * 24 * (LAYERS - len(routed))
+    assert st["kv_only_layer_calls"] == 2 * 24 * len(routed)        # a skipped layer still gets K/V
     assert st_drop["kv_only_layer_calls"] == 0                     # a dropped layer needs no K/V at all
 
 
-def test_keep_ratio_uses_calibrated_quantiles():
-    """keep_ratio converts to per-unit cutoffs through gate quantiles. The first routed layer sees the same state
-    in soft and hard routing, so on the calibration text it runs for exactly keep_ratio of the tokens."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_gate_open_is_the_model(kind):
+    """bias -inf (token-choice: a huge negative depth bias, every token at full depth) is the full model."""
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    bias = -1e9 if kind == "token_choice" else -math.inf
+    opened, st = DepthAdapter(model, router=kind, routers=spread_routers(kind), threshold=bias).prefill_logits(ids)
+    torch.testing.assert_close(opened, model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert st["compute_saved_pct"] == pytest.approx(0, abs=1e-6) and st["kv_only_layer_calls"] == 0
+
+
+def test_token_choice_bias_minus_inf_is_full_depth():
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    _, st = DepthAdapter(model, router="token_choice", routers=spread_routers("token_choice"),
+                         threshold=-math.inf).prefill_logits(ids)
+    assert st["depth_hist"][-1] == st["tokens"]
+
+
+def test_ffn_runs_attention_for_every_token():
+    """ffn routes the MLPs only: at every layer every token runs its query and output projection (its K/V are
+    exact, nothing is K/V-only), while the MLP rows drop at the routed layers. Depth counts the MLPs run."""
+    model = tiny("llama")
+    r = spread_routers("ffn")
+    ids, mask = prompts(3)
+    n = int(mask.sum())
+    counter = RowCounter(model)
+    _, st = DepthAdapter(model, router="ffn", routers=r, threshold=0.0).prefill_logits(ids, attention_mask=mask)
+    counter.remove()
+    routed = {l for a, b in r.units for l in range(a, b)}
+    for l in range(LAYERS):
+        assert counter.rows[l, "self_attn.q_proj"] == counter.rows[l, "self_attn.o_proj"] == n, l
+        assert counter.rows[l, "mlp.gate_proj"] == n or l in routed, l
+    mlp = sum(counter.rows[l, "mlp.gate_proj"] for l in range(LAYERS))
+    assert 0 < sum(counter.rows[l, "mlp.gate_proj"] for l in routed) < n * len(routed)
+    assert st["kv_only_layer_calls"] == 0 and 0 < st["compute_saved_pct"] < 100
+    assert st["layer_calls"] == pytest.approx(n * LAYERS * st["attn_share"] + (1 - st["attn_share"]) * mlp, abs=1e-2)
+    assert st["mean_depth"] * n == pytest.approx(mlp)
+    # every gate shut: attention alone at the routed layers, and not the model any more
+    counter = RowCounter(model)
+    _, st = DepthAdapter(model, router="ffn", routers=r, threshold=math.inf).prefill_logits(ids, attention_mask=mask)
+    counter.remove()
+    assert all(counter.rows[l, "mlp.gate_proj"] == 0 and counter.rows[l, "self_attn.q_proj"] == n for l in routed)
+    assert st["kv_only_layer_calls"] == 0
+
+
+def test_keep_ratio_cutoffs(tmp_path):
+    """keep_ratio gives per-unit cutoffs: from calibrate(windows) (each routed layer then runs for keep_ratio of
+    the calibration tokens: the calibration prefill and this one route alike), from the router file's cutoffs
+    table (the same routing), or, with neither, from the prompt's own prefill (which keep_ratio of it)."""
     model = tiny("llama")
     r = spread_routers()
     ids = torch.randint(0, VOCAB, (4, 25), generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        q_logits = soft_forward(model, r, ids)[1].flatten(0, 1)
-    r.gate_logit_quantiles = torch.quantile(q_logits, torch.linspace(0, 1, 101), dim=0).T
+    routed = [l for a, b in r.units for l in range(a, b)]
+    ad = DepthAdapter(model, router="skip", routers=r, keep_ratio=0.3)
+    with pytest.raises(ValueError, match="calibrate"):             # teacher forcing needs causal cutoffs
+        ad.prefill_logits(ids)
+    cut = ad.calibrate(ids)
+    assert cut.shape == (len(r.units),)
     counter = RowCounter(model)
-    DepthAdapter(model, router="skip", skip_routers=r, keep_ratio=0.3).prefill_logits(ids)
+    logits, _ = ad.prefill_logits(ids)
     counter.remove()
-    assert abs(counter.rows[1, "mlp.gate_proj"] / ids.numel() - 0.3) < 0.02
+    for l in routed:
+        assert abs(counter.rows[l, "mlp.gate_proj"] / ids.numel() - 0.3) < 0.02, l
+    # the file's table
+    path = str(tmp_path / "routers.pt")
+    rt.save_routers(path, r, model.config, model="tiny", cutoffs={"0.30": cut.tolist()})
+    fa = DepthAdapter(model, router="skip", router_path=path, keep_ratio=0.3)
+    assert torch.equal(fa.cutoffs, cut)
+    torch.testing.assert_close(fa.prefill_logits(ids)[0], logits)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        DepthAdapter(model, router="skip", router_path=path, keep_ratio=0.5)
+    # neither: the prompt's own prefill sets the cutoffs
+    counter = RowCounter(model)
+    DepthAdapter(model, router="skip", routers=r, keep_ratio=0.3).generate(ids, max_new_tokens=1)
+    counter.remove()
+    for l in routed:
+        assert abs(counter.rows[l, "mlp.gate_proj"] / ids.numel() - 0.3) < 0.02, l
 
 
 # -----------------------------------------------------------------------------
@@ -257,31 +500,51 @@ def test_target_search_converges():
     model = tiny("llama")
     r = spread_routers()
     windows = torch.randint(0, VOCAB, (8, 33), generator=torch.Generator().manual_seed(6))
-    make = lambda z: DepthAdapter(model, router="skip", skip_routers=r, hard_threshold=tune._sigmoid(z))
-    z, found, reached = tune.search_cutoff(make, -30.0, 30.0, 0.6, windows, tol=0.01)
+    make = lambda b: DepthAdapter(model, router="skip", routers=r, threshold=b)
+    measure = lambda b: tune.eval_ppl(make(b), windows)
+    b, found, reached = tune.search_cutoff(measure, -30.0, 30.0, 0.6, tol=0.01)
     assert reached and abs(found["layer_ratio"] - 0.6) <= 0.01
-    assert abs(tune.eval_ppl(make(z), windows)["layer_ratio"] - found["layer_ratio"]) < 1e-9   # reproducible
+    assert abs(measure(b)["layer_ratio"] - found["layer_ratio"]) < 1e-9   # reproducible
     make = lambda v: DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v)
-    v, found, reached = tune.search_cutoff(make, 0.0, 5.0, 0.7, windows, tol=0.02)
+    v, found, reached = tune.search_cutoff(lambda v: tune.eval_ppl(make(v), windows), 0.0, 5.0, 0.7, tol=0.02)
     assert reached and abs(found["layer_ratio"] - 0.7) <= 0.02
-    _, found, reached = tune.search_cutoff(make, 0.0, 5.0, 0.05, windows)   # below the 1 layer always run
-    assert not reached and found["layer_ratio"] == pytest.approx(1 / LAYERS)
+    _, found, reached = tune.search_cutoff(lambda v: tune.eval_ppl(make(v), windows), 0.0, 5.0, 0.05)
+    assert not reached and found["layer_ratio"] == pytest.approx(1 / LAYERS)   # below the 1 layer always run
 
 
 # -----------------------------------------------------------------------------
 # Router files and sample.py
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_router_file_round_trip(kind, tmp_path):
+    """save_routers / load_routers: the same weights and layout, the meta back as saved, the same routing."""
+    model = tiny("llama")
+    r = spread_routers(kind, exit_layers=(3,) if kind == "skip" else ())
+    path = str(tmp_path / "routers.pt")
+    rt.save_routers(path, r, model.config, model="tiny", bias=0.25, exit_threshold=0.8, exits_trained=True)
+    loaded, blob = rt.load_routers(path, model.config)
+    assert loaded.kind == kind and loaded.units == r.units and loaded.exit_layers == r.exit_layers
+    assert blob["router"] == kind and blob["mlp_hidden"] == 16 and blob["bias"] == 0.25 and blob["model"] == "tiny"
+    for (ka, a), (kb, b) in zip(r.state_dict().items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(a, b), ka
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    want, _ = DepthAdapter(model, router=kind, routers=r, threshold=0.25, exit_threshold=0.8).prefill_logits(ids)
+    ad = DepthAdapter(model, router=kind, router_path=path)                  # the file's bias by default
+    assert ad.threshold == 0.25
+    torch.testing.assert_close(ad.prefill_logits(ids)[0], want)
+
+
 def test_router_file_round_trip_through_sample_py(tmp_path):
     model, tok = char_model(tmp_path / "model")
     r = spread_routers(hidden=64, exit_layers=(3,))
     path = str(tmp_path / "routers.pt")
-    hf_wrap.save_skip_routers(path, r, model, model=str(tmp_path / "model"), hard_threshold=0.4, exit_threshold=0.8,
-                              exits_trained=True)
-    loaded, blob = hf_wrap.load_skip_routers(path, model)
+    rt.save_routers(path, r, model.config, model=str(tmp_path / "model"), bias=0.4, exit_threshold=0.8,
+                    exits_trained=True)
+    loaded, blob = rt.load_routers(path, model.config)
     for a, b in zip(r.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
-    ad = DepthAdapter(model, router="skip", router_path=path)                 # the file's thresholds by default
-    assert ad.hard_threshold == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
+    ad = DepthAdapter(model, router="skip", router_path=path)                 # the file's bias and exits by default
+    assert ad.threshold == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
     ids = torch.tensor([tok("KING:")["input_ids"]])
     out, st = ad.generate(ids, max_new_tokens=12)
     want = tok.decode(out[0, ids.shape[1]:])
@@ -289,9 +552,12 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
                         "--device", "cpu", "--return_depth_trace"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert want in p.stdout and "compute saved" in p.stdout and "depth trace" in p.stdout
-    assert "skip routers: hard_threshold 0.4; exit gates at layers [3], exit_threshold 0.8" in p.stdout
+    assert want in p.stdout and "compute saved" in p.stdout
     assert f"mean {st['mean_depth']:.2f}" in p.stdout
+    # TODO(sample.py CLI rewrite, --threshold replaces --hard_threshold): once its output settles, also check the
+    # routers line; at the time of writing sample.py printed exactly
+    #   "  skip routers: bias 0.4; exit gates at layers [3], exit_threshold 0.8; K/V-only layer fills <n>"
+    # and "depth trace" (with --return_depth_trace).
 
 
 # -----------------------------------------------------------------------------
@@ -301,55 +567,80 @@ def test_tune_config_is_tune_py_s_own():
     """tune.py reads its own settings (train.py no longer has them) and refuses keys it does not have."""
     cfg = tune.default_config()
     assert cfg["hf"] == "smollm2-135m" and cfg["target_active_ratio"] == 0.6 and "n_layer" not in cfg
+    assert cfg["router"] == "skip" and cfg["loss"] == "kl" and "gate_z_weight" not in cfg
     with pytest.raises(KeyError, match="init_from"):
         tune.default_config(init_from="hf:x")
+    with pytest.raises(KeyError, match="hard_threshold"):
+        tune.default_config(hard_threshold=0.5)
 
 
 def test_errors_are_clear(tmp_path, monkeypatch):
     for kwargs, match in [(dict(pattern="odd"), "every_other"), (dict(start=0), "router_start"),
-                          (dict(start=3, stop=3), "router_stop"), (dict(group=0), "router_group"),
-                          (dict(exit_layers=(0,)), "exit_layers"), (dict(exit_layers=(LAYERS,)), "exit_layers")]:
+                          (dict(start=3, stop=3), "router_stop"), (dict(group=0), "router_group")]:
         with pytest.raises(ValueError, match=match):
-            skip_layout(LAYERS, **kwargs)
+            rt.unit_layout(LAYERS, **kwargs)
+    for R, base, match in [(4, 0, "base_layers"), (4, LAYERS, "base_layers"), (0, 2, "R="), (5, 2, "R=")]:
+        with pytest.raises(ValueError, match=match):
+            rt.group_layout(LAYERS, R, base)
+    for exits in [(0,), (LAYERS,), (LAYERS - 1,)]:                 # layer LAYERS - 1 is past the last unit's start
+        with pytest.raises(ValueError, match="exit_layers"):
+            rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), exit_layers=exits)
+    rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), exit_layers=(1, LAYERS - 2))   # the ends that are fine
+    with pytest.raises(ValueError, match="unknown router kind"):
+        rt.FrozenRouters("skipp", 64, rt.unit_layout(LAYERS))
     model = tiny("llama")
     with pytest.raises(ValueError, match="needs trained routers"):
         DepthAdapter(model, router="skip")
     for drop in (None, [0, 2], [LAYERS]):
         with pytest.raises(ValueError, match="drop_layers"):
             DepthAdapter(model, router="drop", drop_layers=drop)
-    with pytest.raises(ValueError, match="hard_threshold"):
-        DepthAdapter(model, router="skip", skip_routers=spread_routers(), hard_threshold=1.5)
-    with pytest.raises(ValueError, match="quantiles"):
-        DepthAdapter(model, router="skip", skip_routers=spread_routers(), keep_ratio=0.5)
+    for et in (1.5, 0.0):
+        with pytest.raises(ValueError, match="exit_threshold"):
+            DepthAdapter(model, router="skip", routers=spread_routers(), exit_threshold=et)
+    for kr in (0.0, 1.5):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            DepthAdapter(model, router="skip", routers=spread_routers(), keep_ratio=kr)
+    with pytest.raises(ValueError, match="keep_ratio"):          # token-choice has no per-unit capacity
+        DepthAdapter(model, router="token_choice", routers=spread_routers("token_choice"), keep_ratio=0.5)
+    with pytest.raises(ValueError, match="calibrate"):
+        DepthAdapter(model, router="skip", routers=spread_routers(), keep_ratio=0.5).prefill_logits(prompts(1)[0])
     with pytest.raises(ValueError, match="causal"):
         DepthAdapter(model, router="expert_choice", keep_ratio=0.5, random_routers=True).prefill_logits(prompts(1)[0])
-    # router files: missing, not a router file, another model, the other kind
+    with pytest.raises(TypeError, match="hard_threshold"):       # the old argument is gone, not silently ignored
+        DepthAdapter(model, router="skip", routers=spread_routers(), hard_threshold=0.5)
+    # router files: missing, not a router file, another model, the other kind, keep_ratio without its cutoffs
     with pytest.raises(ValueError, match="no router file"):
-        hf_wrap.read_router_file(str(tmp_path / "nope.pt"))
+        rt.read_router_file(str(tmp_path / "nope.pt"))
     torch.save({"model": {}, "model_args": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not a router file"):
-        hf_wrap.read_router_file(str(tmp_path / "ckpt.pt"))
+        rt.read_router_file(str(tmp_path / "ckpt.pt"))
     path = str(tmp_path / "r.pt")
-    hf_wrap.save_skip_routers(path, spread_routers(), model, model="tiny-6")
+    rt.save_routers(path, spread_routers(), model.config, model="tiny-6", cutoffs={"0.50": [0.0] * (LAYERS - 2)})
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("llama", num_hidden_layers=8), router="skip", router_path=path)
     with pytest.raises(ValueError, match="router='skip'"):
-        DepthAdapter(model, router="expert_choice", keep_ratio=0.5, router_path=path)
-    # tune_routers: a missing path, a non-Llama model, a bad layout
+        DepthAdapter(model, router="expert_choice", router_path=path)
+    with pytest.raises(ValueError, match="0.50"):                   # the file says which keep_ratios it has
+        DepthAdapter(model, router="skip", router_path=path, keep_ratio=0.3)
+    # tune_routers: a missing path, a non-Llama model, a bad layout or setting
     cfg = tune_config(out_dir=str(tmp_path / "out"))
     with pytest.raises(SystemExit, match="not a directory"):
         tune.tune_routers({**cfg, "hf": str(tmp_path / "missing")})
     with pytest.raises(SystemExit, match="names no model"):
         tune.tune_routers({**cfg, "hf": ""})
+    for key, value in [("router", "skipp"), ("loss", "mse"), ("target_active_ratio", 1.5)]:
+        with pytest.raises(SystemExit, match=key):
+            tune.tune_routers({**cfg, "hf": "x", key: value})
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
     monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (gpt2, None))
     with pytest.raises(SystemExit, match="Llama-family"):
         tune.tune_routers({**cfg, "hf": "gpt2"})
     monkeypatch.setattr(tune, "load_hf", lambda *a, **k: char_model())
-    with pytest.raises(SystemExit, match="router_pattern"):
-        tune.tune_routers({**cfg, "hf": "x", "router_pattern": "all"})
-    with pytest.raises(SystemExit, match="target_active_ratio"):
-        tune.tune_routers({**cfg, "hf": "x", "target_active_ratio": 1.5})
+    for extra, match in [(dict(router_pattern="all"), "router_pattern"), (dict(router="expert_choice", R=9), "R="),
+                         (dict(router="token_choice", base_layers=0), "base_layers"),
+                         (dict(exit_layers=(0,)), "exit_layers")]:
+        with pytest.raises(SystemExit, match=match):
+            tune.tune_routers({**cfg, "hf": "x", **extra})
 
 
 # -----------------------------------------------------------------------------
@@ -378,10 +669,11 @@ def test_tune_py_smoke(tmp_path):
             "--exit_iters=5", "--target_speedup=1.2", "--target_tol=0.02")
     assert "target layer-call ratio 0.833" in s and "saved" in s and (out / "routers.pt").exists()
     s = run("sample.py", f"--routers={out / 'routers.pt'}", "--prompt=KING:", "--max_new_tokens=20", "--device=cpu")
-    assert "compute saved" in s and "skip routers:" in s
+    assert "compute saved" in s
+    # TODO(sample.py CLI rewrite): at the time of writing it also printed "  skip routers: bias <b>; exit gates ..."
     report = tmp_path / "ppl.csv"
     s = run("bench.py", "--mode=ppl", f"--hf={hf_dir}", f"--routers={out / 'routers.pt'}",
             f"--dataset={tmp_path / 'text.txt'}", "--block_size=32", "--ppl_windows=4", "--calib_windows=4",
             "--ppl_depths=0.75", "--device=cpu", f"--report_csv={report}")
-    assert "perplexity at matched average depth" in s and "static drop" in s and "trained skip routers" in s
+    assert "perplexity at matched layer calls" in s and "static drop" in s and "trained skip" in s
     assert "ppl" in report.read_text()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import hf_wrap
+import router as rt
 from hf_wrap import DepthAdapter
 from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
 
@@ -150,8 +151,8 @@ def test_bad_input():
     for K in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="int >= 1"):
             ad.generate(ids, max_new_tokens=8, speculative=K)
-    with pytest.raises(ValueError, match="positions"):                 # 12 prompt tokens + 500 > 512 positions
-        ad.generate(ids, max_new_tokens=8, speculative=500)
+    with pytest.raises(ValueError, match="positions"):                 # 12 prompt tokens + 501 > 512 positions
+        ad.generate(ids, max_new_tokens=501, speculative=4)
     with pytest.raises(ValueError, match="trace"):
         ad.generate(ids, max_new_tokens=8, speculative=2, return_trace=True)
     for router in ("exit_head", "skip"):                              # a draft that was never trained
@@ -185,7 +186,7 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
     tune.tune_routers(cfg)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     path = str(tmp_path / "routers.pt")
-    blob = hf_wrap.read_router_file(path)
+    blob = rt.read_router_file(path)
     assert blob["router"] == "exit_head" and blob["layer"] == 3 and blob["head_vocab"] == 20
     assert blob["last_eval"]["kl"] < blob["untrained"]["kl"]
     assert blob["last_eval"]["greedy_agree"] > blob["untrained"]["greedy_agree"]
