@@ -535,7 +535,6 @@ def bench_ppl():
     never layer 0) and match every adaptive method to that same layer-call ratio (L - n) / L, each by a bisection
     on its own threshold over calibration text (the train split of the first of `datasets`). Then perplexity,
     greedy agreement with full depth and the work actually done, on the held-out split of every dataset."""
-    import math
     import hf_wrap
     import router as rt
     import tune

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import difflib
 import io
+import math
 import os
 import sys
 import tokenize
@@ -293,3 +294,33 @@ def plot_depth_history(csv_path, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote the depth-over-training plot to {path}")
+
+
+# -----------------------------------------------------------------------------
+# Statistics out (sample.py --csv / --prometheus, for every path: ours, the HF adapter, diffusion)
+
+def write_stats_csv(stats, path):
+    """Two columns, metric,value; lists become metric_0, metric_1, ...; trace and logits are left out."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["metric", "value"])
+        for key, val in stats.items():
+            if key in ("trace", "logits"):
+                continue
+            for name, v in ([(f"{key}_{i}", v) for i, v in enumerate(val)] if isinstance(val, list) else [(key, val)]):
+                w.writerow([name, v])
+
+
+def write_prometheus(stats, path, prefix="nanomor"):
+    """Prometheus text format (what node_exporter's textfile collector reads): a gauge per numeric stat, the depth
+    histogram as one gauge labelled by depth. Hand-written (a dozen lines): prometheus_client is not needed."""
+    lines = []
+    for key, val in stats.items():
+        if key == "depth_hist":
+            lines.append(f"# TYPE {prefix}_depth_tokens gauge")
+            lines += [f'{prefix}_depth_tokens{{depth="{d}"}} {c}' for d, c in enumerate(val)]
+        elif isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
+            lines += [f"# TYPE {prefix}_{key} gauge", f"{prefix}_{key} {val}"]
+    with open(path + ".tmp", "w") as f:                                       # atomic: collectors may read any time
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)

@@ -241,7 +241,7 @@ class AdaptiveRefiner:
         self.depth_counts = torch.zeros(0, dtype=torch.long)   # [d] = tokens computed in d passes
 
     def get_stats(self):
-        """A plain dict (JSON, CSV and Prometheus friendly; hf_wrap.write_stats_csv / write_prometheus).
+        """A plain dict (JSON, CSV and Prometheus friendly; configurator.write_stats_csv / write_prometheus).
         total_steps: forward calls; tokens_processed: positions filled; tokens_skipped: committed by the
         skip rule; easy/medium/hard: score at the first pass >= confidence_high / between / <= confidence_low;
         total_recursions: passes that computed a filled token, summed (its K/V refresh included);

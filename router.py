@@ -382,7 +382,7 @@ class FrozenRouters(nn.Module):
 
 # Router files: one format for every kind, loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
-EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (hf_wrap.ExitHead)
+EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
 
 
 def model_shape(config):
@@ -444,3 +444,57 @@ def load_routers(path, model_config, tune_command="python tune.py"):
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"])
     return load_router_file(path, model_config, make, tune_command)
+
+
+# -----------------------------------------------------------------------------
+# A speculative draft head for a frozen model (tune.py --exit_head_layer trains it)
+
+class ExitHead(nn.Module):
+    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network; base
+    frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose `up` starts at zero ->
+    RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for `vocab`. vocab (V',)
+    holds the tokens it can propose (the tuning text's most frequent: SmolLM2's full head is ~20% of a CPU
+    decode step). Speculative decoding stays exact: a token outside vocab is never proposed (probability 0)."""
+
+    def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
+        super().__init__()
+        self.layer, self.rank = layer, rank
+        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def forward(self, h, head_weight):
+        """h (..., C): the state entering `layer`; head_weight (V', C): the LM head's rows for vocab -> (..., V')."""
+        h = h.float()
+        h = h + self.up(F.silu(self.down(F.rms_norm(h, (h.shape[-1],)))))
+        return F.linear(self.norm(h).to(head_weight.dtype), head_weight)
+
+
+def new_exit_head(model, layer, vocab=None, rank=128):
+    """An untrained ExitHead for `model` at `layer` (vocab None: every token), its norm copied from the model's."""
+    cfg = model.config
+    if not isinstance(layer, int) or not 1 <= layer < cfg.num_hidden_layers:
+        raise ValueError(f"exit head layer={layer!r}: the head reads the state entering layer l, "
+                         f"1 <= l <= {cfg.num_hidden_layers - 1} (layer 0 always runs).")
+    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
+    head = ExitHead(cfg.hidden_size, layer, vocab, rank, model.model.norm.variance_epsilon)
+    head.norm.weight.data.copy_(model.model.norm.weight.float())
+    return head.to(model.get_input_embeddings().weight.device)
+
+
+def save_exit_head(path, head, hf_model, **meta):
+    save_router_file(path, EXIT_HEAD_FILE_FORMAT, head, hf_model.config, {
+        "router": "exit_head", "layer": head.layer, "rank": head.rank, "head_vocab": head.vocab.numel()}, **meta)
+
+
+def load_exit_head(path, model, tune_command="python tune.py"):
+    """-> (ExitHead, the file's dict)."""
+    def make(blob):
+        if blob["format"] != EXIT_HEAD_FILE_FORMAT:
+            raise ValueError(f"{path} holds {blob.get('router')!r} routers, not an exit head: use "
+                             f"router={blob.get('router')!r} with it.")
+        return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
+                        model.model.norm.variance_epsilon)
+    return load_router_file(path, model.config, make, tune_command)

@@ -15,7 +15,8 @@ import time
 import torch
 
 import data
-from configurator import autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least
+from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
+                          write_prometheus, write_stats_csv)
 from router import read_router_file, write_depth_csv
 
 # -----------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
           f"(compute saved {stats['compute_saved_pct']:.1f}%)")
     w = len(str(len(stats["depth_hist"]) - 1))
     for d, c in enumerate(stats["depth_hist"]):
-        print(f"  depth {d:>{w}} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
+        if c or len(stats["depth_hist"]) <= 12:            # per-layer routers (depth in layers): used depths only
+            print(f"  depth {d:>{w}} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
     if trace_tokens is not None:
         # one character per depth, so digits never run together: 0-9, then a = 10, b = 11, ..., z = 35, + beyond
         # (skip routers count layers)
@@ -182,9 +184,9 @@ if hf:
               f"tokens per cycle over {stats['cycles']} cycles; draft {stats['draft_s']:.2f} s, verify "
               f"{stats['verify_s']:.2f} s")
         if csv:
-            hf_wrap.write_stats_csv(stats, csv)
+            write_stats_csv(stats, csv)
         if prometheus:
-            hf_wrap.write_prometheus(stats, prometheus)
+            write_prometheus(stats, prometheus)
         raise SystemExit(0)
     trace = None
     if return_depth_trace:
@@ -201,7 +203,7 @@ if hf:
               + f"; K/V-only layer fills {stats['kv_only_layer_calls']:,}")
     save_depths(stats)
     if prometheus:
-        hf_wrap.write_prometheus(stats, prometheus)
+        write_prometheus(stats, prometheus)
 else:
     # ---- our own checkpoint ------------------------------------------------------
     from model import MoR, MoRConfig, export_hf as export, load_checkpoint
@@ -244,9 +246,9 @@ else:
         stats = refiner.get_stats()
         print(describe_stats(stats))
         if csv:
-            hf_wrap.write_stats_csv(stats, csv)
+            write_stats_csv(stats, csv)
         if prometheus:
-            hf_wrap.write_prometheus(stats, prometheus, prefix="nanomor_diffusion")
+            write_prometheus(stats, prometheus, prefix="nanomor_diffusion")
         raise SystemExit(0)
     t0 = time.time()
     with ctx:

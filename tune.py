@@ -17,7 +17,7 @@ confidence); then each keep_ratio's calibrated cutoffs, and a search for the bia
 At inference hf_wrap.DepthAdapter(router=<kind>) makes the 0/1 decisions and really skips the work.
 Everything lands in out_dir/routers.pt, which sample.py --routers and bench.py --routers read.
 
-With exit_head_layer=l it trains a speculative draft instead (hf_wrap.ExitHead: a small adapter and the model's
+With exit_head_layer=l it trains a speculative draft instead (router.ExitHead: a small adapter and the model's
 own LM head at layer l's input), by KL divergence to the final layer's distribution: sample.py --speculative=K
 --routers=out_dir/routers.pt then drafts with it and the full model verifies. self_distill=N tunes on the model's
 own answers to N prompts instead of the dataset's text: a draft learns best on the text it will draft.
@@ -88,7 +88,7 @@ keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn
 target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
-# a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
+# a speculative draft instead of skip gates: an exit head (router.ExitHead) trained by KL to the final layer
 exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
 exit_head_vocab = 8192          # tokens it can propose: the most frequent ones of the tuning text (0 = all)
@@ -494,13 +494,13 @@ def _states(model, layer, windows, batch_size):
 
 
 def tune_exit_head(cfg, model, train_ids, val, path):
-    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at exit_head_layer, trained to match the
+    """A draft for speculative decoding, base frozen: router.ExitHead at exit_head_layer, trained to match the
     final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
     renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its vocab is the
     one that speculative sampling accepts most). The base runs once over exit_head_windows windows; the steps
     then train on those states, batch_size * block_size tokens each, drawn at random. Reports, on held-out text,
     how often the head's argmax is the full model's (greedy acceptance) and sum(min(p, q)) (acceptance when
-    sampling at temperature 1). Writes path (hf_wrap.save_exit_head)."""
+    sampling at temperature 1). Writes path (router.save_exit_head)."""
     layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
@@ -508,7 +508,7 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     if cfg["exit_head_vocab"]:                                               # the most frequent tokens of the text
         vocab = counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))]
     try:
-        head = hf_wrap.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
+        head = rt.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
     except ValueError as e:
         raise SystemExit(f"error: exit_head_layer: {e}") from None
     W = model.get_output_embeddings().weight
@@ -562,7 +562,7 @@ def tune_exit_head(cfg, model, train_ids, val, path):
             t0 = time.time()
     head.eval().requires_grad_(False)
     last = evaluate(cfg["max_iters"])
-    hf_wrap.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+
+import configurator
 import torch.nn.functional as F
 
 from conftest import run as run_script
@@ -227,8 +229,8 @@ def test_statistics_add_up_and_write_out(tmp_path):
     assert sum(s["depth_hist"]) == n and sum(d * c for d, c in enumerate(s["depth_hist"])) == s["total_recursions"]
     assert s["mean_recursions_per_token"] == s["total_recursions"] / n
     assert 0 < s["compute_saved_pct"] < 100 and 0 < s["tokens_skipped"] < n
-    hf_wrap.write_stats_csv(s, tmp_path / "s.csv")
-    hf_wrap.write_prometheus(s, str(tmp_path / "s.prom"), prefix="nanomor_diffusion")
+    configurator.write_stats_csv(s, tmp_path / "s.csv")
+    configurator.write_prometheus(s, str(tmp_path / "s.prom"), prefix="nanomor_diffusion")
     assert "tokens_processed," in (tmp_path / "s.csv").read_text()
     assert "nanomor_diffusion_compute_saved_pct " in (tmp_path / "s.prom").read_text()
     refiner.reset_stats()

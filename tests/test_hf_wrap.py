@@ -14,6 +14,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
                           Qwen2Config, Qwen3Config)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import configurator
 import hf_wrap  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
 
@@ -366,10 +367,10 @@ def test_gguf_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):
 
 def test_stats_writers(tmp_path):
     _, stats = DepthAdapter(tiny("llama"), router="fixed", depth=2).generate(prompts(1)[0], max_new_tokens=5)
-    hf_wrap.write_stats_csv(stats, str(tmp_path / "s.csv"))
+    configurator.write_stats_csv(stats, str(tmp_path / "s.csv"))
     text = (tmp_path / "s.csv").read_text()
     assert "mean_depth,2.0" in text and "depth_hist_2,4" in text
-    hf_wrap.write_prometheus(stats, str(tmp_path / "s.prom"))
+    configurator.write_prometheus(stats, str(tmp_path / "s.prom"))
     prom = (tmp_path / "s.prom").read_text()
     assert 'nanomor_depth_tokens{depth="2"} 4' in prom and "nanomor_tokens_per_s " in prom
 

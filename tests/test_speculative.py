@@ -10,6 +10,7 @@ holds; sampling keeps the full model's distribution (frequencies over many draws
 import pytest
 import torch
 
+import configurator
 import hf_wrap
 import router as rt
 from hf_wrap import DepthAdapter
@@ -96,8 +97,8 @@ def test_stats_writers(tmp_path):
     """The acceptance statistics go out through the adapter's CSV and Prometheus writers, like its others."""
     _, st = drafts(tiny("llama"))["fixed"].generate(prompts(1)[0], max_new_tokens=12, speculative=2, adapt_k=True)
     assert st["drafted"] > 0 and st["draft_s"] > 0 and st["verify_s"] > 0 and 1 <= st["k_final"] <= 4
-    hf_wrap.write_stats_csv(st, str(tmp_path / "s.csv"))
-    hf_wrap.write_prometheus(st, str(tmp_path / "s.prom"))
+    configurator.write_stats_csv(st, str(tmp_path / "s.csv"))
+    configurator.write_prometheus(st, str(tmp_path / "s.prom"))
     text, prom = (tmp_path / "s.csv").read_text(), (tmp_path / "s.prom").read_text()
     for key in ("acceptance_rate", "mean_accepted", "tokens_per_cycle", "draft_s", "verify_s", "tokens_per_s",
                 "k_final"):
@@ -238,8 +239,8 @@ def test_sample_py_speculative(tmp_path):
     model = tiny("qwen3", vocab_size=chars.vocab_size)
     model.save_pretrained(tmp_path / "model")
     chars.to_hf().save_pretrained(tmp_path / "model")
-    head = hf_wrap.new_exit_head(model, 3, torch.arange(0, chars.vocab_size, 2), rank=8)
-    hf_wrap.save_exit_head(str(tmp_path / "head.pt"), head, model, model=str(tmp_path / "model"))
+    head = rt.new_exit_head(model, 3, torch.arange(0, chars.vocab_size, 2), rank=8)
+    rt.save_exit_head(str(tmp_path / "head.pt"), head, model, model=str(tmp_path / "model"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def sample(*args, ok=True):
