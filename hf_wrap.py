@@ -52,7 +52,7 @@ from model import apply_rope, sample_next, token_probs
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
 ROUTERS = ("none", "drop", "exit_head", *GROUP_ROUTERS, "skip", "ffn")
-TUNE_COMMAND = "python tune.py --router=<kind>"
+TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -262,7 +262,7 @@ class DepthAdapter:
         self.random_routers = learned and routers is None and exit_head is None and not everyone
         if self.random_routers and not random_routers:
             raise ValueError(f"router={router!r} needs trained routers, and none were given. Tune them for this model "
-                             f"with the base frozen: {TUNE_COMMAND} (it writes out_dir/routers.pt; then "
+                             f"with the base frozen: {TUNE_COMMAND.replace('<kind>', router)} (it writes <dir>/routers.pt; then "
                              "router_path=that file, or sample.py --routers=that file; tune.py --exit_head_layer=l "
                              "tunes an exit head). For speed measurements only, random_routers=True (sample.py "
                              "--random_routers) runs untrained routers.")
