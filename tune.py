@@ -2,7 +2,7 @@
 Router tuning for a pretrained Hugging Face model, every base weight frozen, and the quality-at-matched-compute
 helpers that bench.py --mode=ppl uses (perplexity through the adapter, block influence, threshold search).
 
-  python tune.py                                   # the built-in SmolLM2-135M, Shakespeare's training plays
+  python tune.py config/hf_smollm2.py --router=ffn # the built-in SmolLM2-135M on its own answers (see that file)
   python tune.py config/hf_router_tune.py          # a tiny dense model trained and exported here (see that file)
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
@@ -568,10 +568,6 @@ def tune_exit_head(cfg, model, train_ids, val, path):
 
 # -----------------------------------------------------------------------------
 # Quality at matched compute: perplexity, block influence, threshold search (bench.py --mode=ppl uses these)
-
-def _sigmoid(z):
-    return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
-
 
 @torch.no_grad()
 def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
