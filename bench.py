@@ -443,6 +443,11 @@ def bench_hf():
                 static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                    do_sample=False, pad_token_id=0, cache_implementation="static")
                 runs.insert(1, ("generate, static cache + compile", static, L))
+                # ours, graphed: the static plan's decode step compiled whole (DepthAdapter._static_step)
+                runs.append(("adapter --no_skip, graphed", lambda: full.generate(ids, max_new_tokens=new_tokens,
+                                                                                  compile=True), L))
+                runs.append((f"adapter fixed {L // 2}/{L} layers, graphed",
+                             lambda: half.generate(ids, max_new_tokens=new_tokens, compile=True), L // 2))
             timings = interleaved([(name, fn) for name, fn, _ in runs])
             base = timings["transformers generate"][1]
             for name, fn, layers in runs:

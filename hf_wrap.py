@@ -120,12 +120,24 @@ class _Run:
     """A preallocated KV cache: per layer (B, n_kv, max_len, hd); key_valid (B, max_len) is False at left padding;
     pos holds each slot's position id. kv_only counts token-layers that computed K/V and nothing else."""
 
-    def __init__(self, ad, B, max_len, key_valid):
+    def __init__(self, ad, B, max_len, key_valid, static=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
         shape = (B, ad.n_kv, max_len, ad.head_dim)
-        self.k = [torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers]
-        self.v = [torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers]
-        self.key_valid, self.no_pad = key_valid, bool(key_valid.all())
+        # static (compiled decode): the adapter keeps one set of buffers per shape and every call reuses them, so a
+        # captured graph always reads and writes the same memory (stale slots are masked: key slot <= query slot)
+        pool = ad.static_cache.get((B, max_len)) if static else None
+        if pool is None:
+            pool = ([torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers],
+                    [torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers],
+                    torch.zeros(B, max_len, dtype=torch.bool, device=dev))
+            if static:
+                ad.static_cache[(B, max_len)] = pool
+                if dev.type == "cuda":                                        # a CUDA graph writes them in place
+                    for t in [*pool[0], *pool[1], pool[2]]:
+                        torch._dynamo.mark_static_address(t)
+        self.k, self.v, self.key_valid = pool
+        self.key_valid.copy_(key_valid)
+        self.no_pad = bool(key_valid.all())
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)
         self.kv_only = self.head_checks = 0      # token-layers of K/V alone; LM-head calls of the exit tests
         # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrating) set by this run's prefill
@@ -291,9 +303,10 @@ class DepthAdapter:
             every = torch.equal(self.exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
             self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.exit_head.vocab].float()
         # static routers send every token through the same layers (no decisions, no host syncs, no K/V fill)
-        self.plan = {"none": range(L), "fixed": range(self.layers_per_depth[depth or 0]),
-                     "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())],
-                     "exit_head": range(self.exit_head.layer) if self.exit_head else None}.get(router)
+        plan = {"none": range(L), "fixed": range(self.layers_per_depth[depth or 0]),
+                "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())],
+                "exit_head": range(self.exit_head.layer) if self.exit_head else None}.get(router)
+        self.plan = None if plan is None else tuple(plan)                    # the layers every token runs
         self.static_depth = {"none": 1, "fixed": depth, "drop": len(self.plan or ()),
                              "exit_head": len(self.plan or ())}.get(router)
 
@@ -329,6 +342,7 @@ class DepthAdapter:
             self.exit_threshold, self.exit_cutoff = et, math.log(et / (1 - et)) if et < 1 else math.inf
             self.use_exits = bool(exits and self.routers.exit_layers and self.file.get("exits_trained", True))
         self.threshold = threshold
+        self.static_cache, self.compiled_step = {}, None      # generate(compile=True): pooled caches, the step
 
     @staticmethod
     def _window(cfg, i):
@@ -463,6 +477,30 @@ class DepthAdapter:
         h = x.unflatten(0, (B, T))
         return self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T)
 
+    def _static_step(self, k, v, key_valid, ids, pos, slot):
+        """One decode token per row through a static plan (none, fixed, drop, exit_head) with shapes that never
+        change: what torch.compile captures whole (fullgraph; a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) the
+        cache slot of this token; k, v, key_valid the _Run's pooled cache. Attention reads the WHOLE cache under a
+        mask (key valid and slot <= this slot, as gpt-fast does) instead of slicing to the current length, and the
+        new K/V are written with index_copy_: no Python int changes from step to step. -> logits (B, V)."""
+        x = self.embed(ids[:, 0])                                             # (B, C)
+        cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
+        j = torch.arange(key_valid.shape[1], device=ids.device)
+        seen, masks = key_valid & (j <= slot), {}                             # (B, S)
+        for l in self.plan:
+            layer, attn, w = self.layers[l], self.layers[l].self_attn, self.windows[l]
+            if w not in masks:                                                # (B, 1, 1, S) bool
+                masks[w] = (seen if w is None else seen & (j > slot - w))[:, None, None]
+            a = layer.input_layernorm(x)
+            kk, vv = self._kv(attn, a, cos, sin)                              # (B, n_kv, hd)
+            k[l].index_copy_(2, slot, kk[:, :, None].to(k[l].dtype))
+            v[l].index_copy_(2, slot, vv[:, :, None].to(v[l].dtype))
+            q = apply_rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
+            o = sdpa(q[:, :, None], k[l], v[l], masks[w], scale=attn.scaling)  # (B, H, 1, hd)
+            x = x + attn.o_proj(o[:, :, 0].flatten(-2))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self._logits(x)
+
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
         if self.exit_head is None:
@@ -475,7 +513,7 @@ class DepthAdapter:
         return logits
 
     # --- generation ------------------------------------------------------------------------------------------
-    def _start(self, input_ids, attention_mask, max_new_tokens, extra=0):
+    def _start(self, input_ids, attention_mask, max_new_tokens, extra=0, static=False):
         """Checks and the cache for one batch of sequences; `extra` slots past the end (speculative decoding: a row
         that kept fewer drafts is realigned behind the longest and verifies past its end). -> (run, ids, pos, mask)."""
         dev = self.embed.weight.device
@@ -492,7 +530,7 @@ class DepthAdapter:
         key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
-        return _Run(self, B, T0 + max_new_tokens + extra, key_valid), ids, pos, mask
+        return _Run(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
 
     def _summary(self, depth, cost, run):
         """Depth histogram (router.depth_summary) of the tokens given, with the layer calls they really made
@@ -534,10 +572,13 @@ class DepthAdapter:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 eos_token_id=None, return_trace=False, return_logits=False, speculative=None, adapt_k=False):
+                 eos_token_id=None, return_trace=False, return_logits=False, speculative=None, adapt_k=False,
+                 compile=False):
         """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
         speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
-        full model's own, at any router (speculate()).
+        full model's own, at any router (speculate()). compile: static routers (none, fixed, drop, exit_head)
+        decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as eager;
+        the routed kinds decide from the data, so their decode stays eager (shapes follow the routing).
 
         Returns (output_ids (B, T0 + new), stats): _summary over the generated tokens that went through the decode
         loop (all but the last, which is never fed back), prompt_tokens / prompt_mean_depth, prefill_s, decode_s
@@ -551,7 +592,13 @@ class DepthAdapter:
                                  "draft's acceptance instead.")
             return self.speculate(input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
                                   top_k, eos_token_id, return_logits)
-        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens)
+        step = None
+        if compile and self.plan is not None:
+            if self.compiled_step is None:
+                mode = "reduce-overhead" if self.embed.weight.device.type == "cuda" else None
+                self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
+            step = self.compiled_step
+        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens, static=step is not None)
         dev, (B, T0) = ids.device, ids.shape
         out = ids.new_empty(B, T0 + max_new_tokens)
         out[:, :T0] = ids
@@ -571,7 +618,13 @@ class DepthAdapter:
             n_new = i + 1
             if n_new == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            logits, depth, cost = self._forward(run, next_id[:, None], next_pos[:, None], T0 + i)
+            if step is not None:                      # static plan, compiled: depth and cost are the plan's
+                logits = step(run.k, run.v, run.key_valid, next_id[:, None], next_pos[:, None],
+                              torch.full((1,), T0 + i, device=dev)).clone()
+                depth = torch.full((B, 1), self.static_depth, device=dev)
+                cost = torch.full((B, 1), float(len(self.plan)), device=dev)
+            else:
+                logits, depth, cost = self._forward(run, next_id[:, None], next_pos[:, None], T0 + i)
             depths.append(depth)
             costs.append(cost)
             next_pos = next_pos + 1

@@ -424,3 +424,28 @@ def test_smollm2_full_depth_equals_generate():
     assert tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
     assert torch.equal(out, ref_ids)
     torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-3, rtol=1e-3)
+
+
+# -----------------------------------------------------------------------------
+# Decode a CUDA graph can capture: a static plan's step compiled whole (CPU proxy: inductor on the CPU)
+
+@pytest.mark.slow                                                              # a cold compile: 5-15 s
+@pytest.mark.parametrize("arch, kw", [("llama", {}),
+                                      ("mistral", dict(router="fixed", R=3, base_layers=2, depth=1))])  # + window
+def test_compiled_static_decode_equals_eager(arch, kw):
+    """generate(compile=True) runs _static_step under torch.compile(fullgraph=True): the same tokens and logits as
+    the eager loop (batch 3, left padding), one graph, and a second call with the same shapes compiles nothing."""
+    model = tiny(arch)
+    ids, mask = prompts(3)
+    ad = DepthAdapter(model, **kw)
+    ref, st_ref = ad.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True, compile=True)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(st["logits"], st_ref["logits"], atol=1e-4, rtol=1e-4)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs == 1 and not torch._dynamo.utils.counters["graph_break"]
+    again, _ = ad.generate(ids, attention_mask=mask, max_new_tokens=12, compile=True)
+    assert torch.equal(again, ref) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert st["depth_hist"] == st_ref["depth_hist"] and st["layer_calls"] == st_ref["layer_calls"]
