@@ -96,6 +96,8 @@ exit_head_windows = 256         # train-split windows whose frozen-base states a
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
 self_distill_tokens = 128       # new tokens per answer (sampled at temperature 0.7, top-k 50)
+init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
+                                # exit_layers: add exit gates to trained routers without retraining them)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -309,6 +311,15 @@ def tune_routers(cfg):
         routers = rt.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg["init_from"]:                                  # trained gates to start from (new exit gates stay fresh)
+        try:
+            start, blob = rt.load_routers(cfg["init_from"], mc)
+        except ValueError as e:
+            raise SystemExit(f"error: init_from: {e}") from None
+        if (start.kind, start.units) != (kind, routers.units):
+            raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units "
+                             f"{start.units}; this run trains {kind} over {routers.units}.")
+        routers.gates.load_state_dict(start.gates.state_dict())
     routers, exit_layers = routers.to(device), routers.exit_layers
     sizes = torch.tensor([float(b - a) for a, b in units], device=device)   # layers under each unit
     block = cfg["block_size"]
