@@ -65,6 +65,7 @@ hf = ""                         # the model: a local folder (e.g. sample.py --ex
 routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
                                 # (--mode=hf with --hf: the speculative drafts, any router files)
 speculative = 4                 # --mode=hf with --hf: drafts per cycle of the speculative rows, fixed and adaptive
+threshold = None                # --mode=hf with --hf: the --routers files' bias (None: each file's own)
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
                                 # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
 ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of the layers
@@ -481,7 +482,8 @@ def bench_speculative():
     drafts = []
     for path in [p for p in routers.split(",") if p]:
         kind = rt.read_router_file(path)["router"]
-        drafts.append((f"{kind} ({path})", hf_wrap.DepthAdapter(model, router=kind, router_path=path)))
+        drafts.append((f"{kind} ({path})", hf_wrap.DepthAdapter(model, router=kind, router_path=path,
+                                                                threshold=None if kind == "exit_head" else threshold)))
     exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
     drafts.append((f"untrained exit at layer {exit_layer}",
                    hf_wrap.DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1)))
