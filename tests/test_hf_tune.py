@@ -588,8 +588,9 @@ def test_tune_config_is_tune_py_s_own():
     cfg = tune.default_config()
     assert cfg["hf"] == "smollm2-135m" and cfg["target_active_ratio"] == 0.6 and "n_layer" not in cfg
     assert cfg["router"] == "skip" and cfg["loss"] == "kl" and "gate_z_weight" not in cfg
-    with pytest.raises(KeyError, match="init_from"):
-        tune.default_config(init_from="hf:x")
+    with pytest.raises(KeyError, match="resume_from"):
+        tune.default_config(resume_from="hf:x")
+    assert tune.default_config(init_from="a/routers.pt")["init_from"] == "a/routers.pt"
     with pytest.raises(KeyError, match="hard_threshold"):
         tune.default_config(hard_threshold=0.5)
 
