@@ -28,8 +28,9 @@ import time
 
 import torch
 
-from configurator import autocast_context, autodetect_device, configure, pyplot
-from model import ContinuousBatching, MoR, MoRConfig, gpu_peak_flops
+from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
+from kv_cache import ContinuousBatching
+from model import MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
@@ -631,7 +632,7 @@ def bench_ppl():
 
 def load_trained(out_dir):
     """One of our checkpoints as an eval-mode model on the bench's device, with the checkpoint dict."""
-    from model import load_checkpoint
+    from configurator import load_checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

@@ -12,7 +12,8 @@ Positional args are config files (plain Python assignments), applied in order, t
 with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
 
 Also here: the checks a script adds after configure() (require), the runtime setup every script
-repeats (device and autocast), and the optional depth plots (matplotlib only if installed).
+repeats (device and autocast), the optional depth plots (matplotlib only if installed), the statistics
+writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
 """
 import ast
 import contextlib
@@ -324,3 +325,63 @@ def write_prometheus(stats, path, prefix="nanomor"):
     with open(path + ".tmp", "w") as f:                                       # atomic: collectors may read any time
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, the learning-rate schedule and MFU (train.py, tune.py, sample.py, bench.py)
+
+def save_checkpoint(obj, path):
+    """Atomic save: write a temporary file beside the target, then rename over it.
+    A crash mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load with weights_only=True (tensors and plain Python values only: no code runs)."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: no checkpoint at {path}. Train one first (python train.py ...) "
+                         f"or point out_dir at the folder that holds ckpt.pt.")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
+                         f"It may be truncated or corrupt: delete it and train again, or restore a copy.")
+    missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path} is not a nanoMoR checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine", lr_decay_iters=0, decay_frac=0.2):
+    """The learning rate at iteration `it`: linear warmup, then cosine down to min_lr (reached at
+    lr_decay_iters, or max_iters when 0), or warmup-stable-decay ('wsd': flat, then the last
+    decay_frac of max_iters decays linearly to min_lr). train.py and the router tuning both use it."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if schedule == "wsd":
+        decay_start = int(max_iters * (1 - decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate - (learning_rate - min_lr) * min(1.0, (it - decay_start) / max(1, max_iters - decay_start))
+    end = lr_decay_iters or max_iters
+    ratio = min(1.0, (it - warmup_iters) / max(1, end - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. Matched against torch.cuda.get_device_name().
+# Order matters: more specific names first.
+GPU_PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+]
+
+
+def gpu_peak_flops(device):
+    """Peak bf16 FLOP/s of the GPU actually present, or None (CPU, MPS, or a GPU not in the table)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in GPU_PEAK_FLOPS if key in name), None)

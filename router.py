@@ -394,7 +394,7 @@ def model_shape(config):
 def save_router_file(path, fmt, module, model_config, layout, **meta):
     """Atomic torch.save: module's weights, its layout, the model's shape and meta (plain types,
     tensors; meta['model'] = the model's name or path, what sample.py loads without --hf)."""
-    from model import save_checkpoint
+    from configurator import save_checkpoint
     save_checkpoint({"format": fmt, **model_shape(model_config), **layout, **meta,
                      "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, path)
 

@@ -206,7 +206,8 @@ if hf:
         write_prometheus(stats, prometheus)
 else:
     # ---- our own checkpoint ------------------------------------------------------
-    from model import MoR, MoRConfig, export_hf as export, load_checkpoint
+    from configurator import load_checkpoint
+    from model import MoR, MoRConfig, export_hf as export
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

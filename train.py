@@ -20,10 +20,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import (autocast_context, autodetect_device, configure, plot_depth_history, require,
-                          require_at_least)
+from configurator import (autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint, lr_at,
+                          plot_depth_history, require, require_at_least, save_checkpoint)
 from diffusion import masked_diffusion_loss
-from model import MoR, MoRConfig, gpu_peak_flops, load_checkpoint, lr_at, save_checkpoint
+from model import MoR, MoRConfig
 
 # -----------------------------------------------------------------------------
 # I/O

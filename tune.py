@@ -37,7 +37,6 @@ import data
 import hf_wrap
 import router as rt
 from hf_wrap import DepthAdapter, load_hf
-from model import lr_at
 
 # -----------------------------------------------------------------------------
 hf = "smollm2-135m"             # the frozen base: built-in name, local folder, .gguf file or hub name
@@ -71,7 +70,7 @@ penalty_warmup_iters = 50       # lambda = 0 before this iteration
 gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
 hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
                                 # without it soft gates learn "run every layer at partial strength" (README table)
-# AdamW on the router parameters only, warmup then cosine (model.lr_at)
+# AdamW on the router parameters only, warmup then cosine (configurator.lr_at)
 learning_rate = 2e-3            # only ~100k router parameters: a high rate is fine
 min_lr = 2e-4
 warmup_iters = 20
@@ -96,6 +95,8 @@ exit_head_windows = 256         # train-split windows whose frozen-base states a
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
 self_distill_tokens = 128       # new tokens per answer (sampled at temperature 0.7, top-k 50)
+init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): the static drop
+                                # (units of lowest block influence off, the rest on, for every token), refined from there
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
                                 # exit_layers: add exit gates to trained routers without retraining them)
 # system
@@ -285,7 +286,8 @@ def tune_routers(cfg):
                            "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
                           ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
                           ("router", cfg["router"] in rt.ROUTER_KINDS, f"one of {', '.join(rt.ROUTER_KINDS)}"),
-                          ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'")]:
+                          ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
+                          ("init_gates", cfg["init_gates"] in ("budget", "influence"), "'budget' or 'influence'")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
     torch.manual_seed(cfg["seed"])
@@ -337,6 +339,20 @@ def tune_routers(cfg):
     gen, calib_gen = torch.Generator().manual_seed(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"] + 2)
     calib = text_windows(train_ids, block, cfg["calib_windows"], calib_gen)   # thresholds are set on these
     val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
+    if cfg["init_gates"] == "influence" and not cfg["init_from"]:
+        if kind not in ("skip", "ffn"):
+            raise SystemExit(f"error: init_gates='influence' starts skip / ffn gates at the static drop; {kind} "
+                             "routers start at the budget (init_gates='budget').")
+        # start where static drop is (ShortGPT): the units that turn the residual stream least are off for every
+        # token, the rest on, at the budget; training then lets each token choose. Gates' weights start at 0.
+        bi = block_influence(model, calib, B)
+        unit_bi = [sum(bi[a:b]) / (b - a) for a, b in units]
+        n_off = round((1 - cfg["target_active_ratio"]) * len(units))
+        off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:n_off])
+        for u, g in enumerate(routers.gates):
+            (g.net[-1] if cfg["router_mlp_hidden"] else g.net).bias.data.fill_(
+                -rt.GATE_INIT_LOGIT if u in off else rt.GATE_INIT_LOGIT)
+        print(f"gates start at the static drop of units {sorted(units[u] for u in off)} (lowest block influence)")
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "routers.pt")
@@ -397,7 +413,7 @@ def tune_routers(cfg):
         if it == cfg["max_iters"]:
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
+            group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
         hard = it >= (1 - cfg["hard_gate_frac"]) * cfg["max_iters"]            # the last part: straight-through
         for _ in range(accum):
             X, Y = data.get_batch(train_ids, B, block, gen, device)
@@ -439,7 +455,7 @@ def tune_routers(cfg):
         t0 = time.time()
         for it in range(cfg["exit_iters"]):
             for group in opt.param_groups:
-                group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["exit_iters"])
+                group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["exit_iters"])
             X, _ = data.get_batch(train_ids, B, block, gen, device)
             with torch.no_grad():                                             # the model and routers: fixed
                 logits, _, states = soft_forward(model, routers, X)
@@ -560,7 +576,7 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     first, t0 = evaluate(0), time.time()
     for it in range(cfg["max_iters"]):
         for group in opt.param_groups:
-            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
+            group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
         idx = torch.randint(len(h), (rows,), generator=gen).to(dev)
         loss = kl(h[idx], final[idx])[0].mean()
         loss.backward()
