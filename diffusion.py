@@ -416,3 +416,80 @@ def describe_stats(s):
             f"passes (compute saved {s['compute_saved_pct']:.1f}%)\n"
             f"  easy {s['easy_tokens']}, medium {s['medium_tokens']}, hard {s['hard_tokens']} tokens; "
             f"skipped {s['tokens_skipped']}; tokens by passes computed {hist}")
+
+# -----------------------------------------------------------------------------
+# Adaptive refinement against fixed passes (the rows of bench.py --mode=diffusion)
+
+def decoders(fixed_passes=(1, 2, 4, 8)):
+    """(name, RefinementConfig) of every row: fixed passes, and each adaptive strategy (cached by default)."""
+    return [(f"fixed {n}", RefinementConfig(strategy="fixed", max_recursions=n, cache_committed=False))
+            for n in fixed_passes] + [
+        ("fixed 4, cached", RefinementConfig(strategy="fixed", cache_committed=True)),
+        ("confidence, exact passes", RefinementConfig(cache_committed=False)),
+        ("confidence", RefinementConfig()),
+        ("confidence, no skip", RefinementConfig(skip_confident_tokens=False)),
+        ("entropy", RefinementConfig(strategy="entropy")),
+        ("gradient", RefinementConfig(strategy="gradient")),
+        ("preset max_speed", RefinementConfig.preset("max_speed")),
+        ("preset max_quality", RefinementConfig.preset("max_quality")),
+    ]
+
+
+def compare_decoders(model, judge, passages, prompts, mask_rates, fixed_passes, gen_prompt, gen_tokens, gen_block,
+                     gen_temperature, seed, generator, interleaved):
+    """Every decoder (decoders()) on infilling (each of mask_rates of `passages` hidden, the same positions for
+    every decoder: accuracy, and the NLL of the truth under the distribution each token was committed from) and
+    on generation after gen_prompt tokens of `prompts` (perplexity under the autoregressive `judge`), with the
+    passes, token-layer operations and wall time each ran, and the compute and time saved against fixed 4.
+    generator draws the hidden positions; seed reseeds each generation. interleaved([(name, fn)]) ->
+    {name: (result, median_s, ...)} times the decoders in turn (bench.py's). -> (rows, [(task, rate)])."""
+    from dataclasses import replace
+    infill_windows, T = passages.shape
+    mask, device, gen = model.config.mask_token, passages.device, generator
+
+    def judge_nll(x):   # mean NLL (nats) of x's tokens after gen_prompt, each given everything before it
+        with torch.no_grad():
+            logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
+        return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())
+
+    decoders_ = decoders(fixed_passes)
+    table = [{"task": "generate", "decoder": "(validation text)", "gen ppl": math.exp(judge_nll(prompts))}]
+    tasks = [(f"infill {100 * r:.0f}%", r) for r in mask_rates] + [("generate", None)]
+    for task, rate in tasks:
+        if rate is not None:   # the same hidden positions for every decoder
+            order = torch.rand(infill_windows, T, generator=gen).argsort(dim=1)[:, :round(rate * T)]
+            hidden = torch.zeros(infill_windows, T, dtype=torch.bool).scatter(1, order, True).to(device)
+
+        def run(refiner):
+            refiner.reset_stats()
+            torch.manual_seed(seed)                    # generation samples: the same draws for each decoder
+            if rate is None:
+                return refiner.generate(model, prompts[:, :gen_prompt], gen_tokens), refiner.get_stats()
+            x, logprobs = refiner.apply_adaptive_refinement(model, passages.masked_fill(hidden, mask), True)
+            return (x, logprobs), refiner.get_stats()
+
+        refiners = {name: AdaptiveRefiner(c if rate is not None else
+                                          replace(c, block_length=gen_block, temperature=gen_temperature))
+                    for name, c in decoders_}
+        timed_runs = interleaved([(name, lambda r=refiners[name]: run(r)) for name, _ in decoders_])
+        for name, _ in decoders_:
+            (out, stats), median_s, _, _ = timed_runs[name]
+            row = {"task": task, "decoder": name, "passes": stats["total_steps"],
+                   "mean recursions": stats["mean_recursions_per_token"], "token-layer ops": stats["token_layer_ops"],
+                   "wall ms": 1000 * median_s, "easy/medium/hard %": "/".join(
+                       f"{100 * stats[k] / stats['tokens_processed']:.0f}" for k in ("easy_tokens", "medium_tokens",
+                                                                                     "hard_tokens"))}
+            if rate is None:
+                row["gen ppl"] = math.exp(judge_nll(out))
+            else:
+                x, logprobs = out
+                truth = passages[hidden]
+                row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
+                row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
+            table.append(row)
+    for r in table:   # savings against the fixed baseline at the default pass count, task by task
+        base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
+        if base and "wall ms" in r:
+            r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])
+            r["time saved %"] = 100 * (1 - r["wall ms"] / base["wall ms"])
+    return table, tasks

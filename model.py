@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kv_cache import ActiveSet, KVCache, Lanes, SequenceKV, Site
+from kv_cache import ActiveSet, KVCache, SequenceKV, Site
 from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
 
 

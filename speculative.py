@@ -1,0 +1,308 @@
+"""
+Lossless self-speculative decoding for the depth adapter (hf_wrap.py): a shallow pass drafts, the full model
+verifies, and the output is exactly the full model's. Read hf_wrap.py first.
+
+    out, stats = DepthAdapter(model, router="skip", router_path="routers.pt").generate(ids, speculative=4)
+    python sample.py --hf smollm2-135m --routers=out-spec-draft/routers.pt --speculative=4   # --no_skip's text
+
+Any router drafts (a trained skip / ffn / expert / token-choice file, fixed depth, dropped layers, CALM exits),
+and so does an exit head: a small adapter plus the model's own LM head at one layer, trained here (tune_exit_head,
+run by `python tune.py config/hf_spec_draft.py`) to match the final layer's distribution. The draft and the
+verify share one cache: the verify pass rewrites every layer's K/V at the drafted slots, so whatever the draft
+computed there is replaced by the full model's. What it pays: k draft steps and one pass over k + 1 tokens per
+cycle, for 1 to k + 1 tokens (the README has the measured split between them).
+
+A file of its own because it is its own algorithm on top of the adapter (draft, verify, accept, re-align), and
+so that hf_wrap.py stays the one loop it teaches.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+import router as rt
+from configurator import lr_at
+from data import text_windows
+from hf_wrap import DepthAdapter, now
+from model import token_probs
+
+
+# -----------------------------------------------------------------------------
+# Draft, verify, accept
+
+@torch.no_grad()
+def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
+              top_k=None, eos_token_id=None, return_logits=False):
+    """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` (an hf_wrap.DepthAdapter, any
+    router) drafts, the full model verifies, and the output is the full model's own.
+
+    A cycle, per row: from the pending token (emitted, not yet in the cache) this adapter's routing drafts
+    d1..dk one at a time; ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
+    after each of the k + 1 positions. Greedy keeps the drafts up to the first that is not p's argmax, then
+    emits p's argmax there: 1 to k + 1 tokens, each the full model's choice. With temperature > 0, speculative
+    sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
+    min(1, p(d_j) / q(d_j)); at the first rejection the token comes from norm(max(0, p - q)), after k kept
+    drafts from p: every token is distributed as p. The cache stays exact: the verify pass overwrites every
+    layer's K/V at the drafted slots, rejected slots are reused, and rows that kept different numbers are
+    re-aligned (_Run.keep). A cycle costs k draft steps and one pass over k + 1 tokens (about one decode step
+    at batch 1 on a GPU, where reading the weights is the cost; about two on a CPU: README).
+
+    adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
+    half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and the full model's logits),
+    speculative (K), k_final, k_mean, cycles, drafted, accepted (drafts kept), acceptance_rate, mean_accepted
+    (per row and cycle), tokens_per_cycle, draft_s, verify_s, draft_layers (layers run per drafted token).
+    """
+    B, T0 = input_ids.shape
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1 or max_new_tokens < 1:
+        raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: the tokens drafted per cycle "
+                         "must be an int >= 1 (4 is a good start; adapt_k=True then moves it), and at least one "
+                         "new token must be asked for.")
+    if adapter.keep_ratio is not None and adapter.cutoffs is None and adapter.router in rt.ROUTER_KINDS:
+        raise ValueError("a keep_ratio draft needs calibrated cutoffs (calibrate(windows)): speculative "
+                         "decoding prefills with the full model, so the prompt cannot set them.")
+    full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
+    k_max = 2 * K if adapt_k else K
+    run, ids, pos, mask = adapter._start(input_ids, attention_mask, max_new_tokens, extra=k_max + 1)
+    dev, V, greedy = ids.device, adapter.lm_head.weight.shape[0], temperature == 0
+    out = ids.new_full((B, T0 + max_new_tokens), 0 if eos_token_id is None else eos_token_id)
+    out[:, :T0] = ids
+    out_logits = torch.zeros(B, max_new_tokens, V, device=dev) if return_logits else None
+
+    def pick(logits):                                                     # (B, V) -> token (B,), its probs
+        if greedy:
+            return logits.argmax(-1), None
+        p = token_probs(logits, temperature, top_k)
+        return torch.multinomial(p, 1)[:, 0], p
+
+    t0 = now(dev)
+    logits, _, _ = full._forward(run, ids, pos, 0)            # the prompt: exact at every layer
+    t1 = now(dev)
+    pending, _ = pick(logits)
+    out[:, T0], n = pending, torch.ones(B, dtype=torch.long, device=dev)  # n: tokens emitted per row
+    done = pending == eos_token_id if eos_token_id is not None else torch.zeros_like(n, dtype=torch.bool)
+    if return_logits:
+        out_logits[:, 0] = logits.float()
+    next_pos, end = pos[:, -1] + 1, T0             # the pending token's position; the cache holds slots < end
+    k, ks, drafted, accepted, row_cycles, draft_layers, draft_s, verify_s = K, [], 0, 0, 0, 0, 0.0, 0.0
+    steps = torch.arange(k_max + 1, device=dev)
+    while True:
+        live = ~done & (n < max_new_tokens)
+        if not bool(live.any()):
+            break
+        kd = min(k, int((max_new_tokens - n)[live].max()) - 1)      # never draft past what a row still needs
+        ta = now(dev)
+        tok, drafts, q = pending, [], []
+        for j in range(kd):                                               # the draft: one token at a time
+            logits, _, cost = adapter._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
+            tok, qj = pick(logits)
+            drafts.append(tok)
+            q.append(qj)
+            draft_layers += float(cost[live, 0].sum())
+        tb = now(dev)
+        chunk = torch.stack([pending, *drafts], 1)                        # (B, kd + 1)
+        vl, _, _ = full._forward(run, chunk, next_pos[:, None] + steps[:kd + 1], end,
+                                 all_logits=True)                         # ONE full pass: (B, kd + 1, V)
+        tc = now(dev)
+        draft_s, verify_s = draft_s + tb - ta, verify_s + tc - tb
+        d = chunk[:, 1:]                                                  # (B, kd) the drafts
+        if greedy:
+            target = vl.argmax(-1)                                        # (B, kd + 1) the full model's tokens
+            m = (d == target[:, :kd]).long().cumprod(1).sum(1)            # (B,) leading drafts it agrees with
+            after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
+        else:
+            p = token_probs(vl, temperature, top_k)                            # (B, kd + 1, V)
+            qd = torch.stack(q, 1) if kd else p[:, :0]                    # (B, kd, V)
+            pd, qx = p[:, :kd].gather(2, d[..., None])[..., 0], qd.gather(2, d[..., None])[..., 0]
+            m = (torch.rand_like(pd) * qx < pd).long().cumprod(1).sum(1)  # accept d_j w.p. min(1, p / q)
+            rows = torch.arange(B, device=dev)
+            resid = (p[rows, m] - torch.cat([qd, p[:, :1] * 0], 1)[rows, m]).clamp(min=0)  # q = 0 after kd
+            resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, m])   # p == q: no rejection
+            after = torch.multinomial(resid, 1)[:, 0]
+        new = torch.cat([d, after[:, None]], 1).scatter(1, m[:, None], after[:, None])   # d1..dm, then after
+        c = torch.minimum(m + 1, max_new_tokens - n) * live               # (B,) tokens each row emits
+        if eos_token_id is not None:
+            eos = (new == eos_token_id) & (steps[:kd + 1] < c[:, None])
+            done |= eos.any(1)
+            c = torch.where(eos.any(1), eos.long().argmax(1) + 1, c)     # up to its first eos
+        r, j = (steps[:kd + 1] < c[:, None]).nonzero(as_tuple=True)
+        out[r, T0 + n[r] + j] = new[r, j]
+        if return_logits:
+            out_logits[r, n[r] + j] = vl[r, j].float()
+        pending = torch.where(c > 0, new.gather(1, (c - 1).clamp(min=0)[:, None])[:, 0], pending)
+        n, next_pos = n + c, next_pos + c
+        end = run.keep(end, c)                       # each row keeps [pending, d1..d_{c-1}]: c exact slots
+        drafted, accepted = drafted + kd * int(live.sum()), accepted + int(m[live].sum())
+        row_cycles, ks = row_cycles + int(live.sum()), ks + [kd]
+        if adapt_k and kd == k:                      # grow after full acceptance, shrink after early rejection
+            kept = float(m[live].float().mean())
+            k = min(k + 1, k_max) if kept == kd else max(k - 1, 1) if kept < kd / 2 else k
+    t2 = now(dev)
+    n_new = int(n.max())
+    stats = dict(router=adapter.router, batch=B, new_tokens=n_new, prompt_tokens=int(mask.sum()), prefill_s=t1 - t0,
+                 decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
+                 ms_per_token=1000 * (t2 - t1) / max(n_new, 1), speculative=K, adapt_k=adapt_k, k_final=k,
+                 k_mean=sum(ks) / max(len(ks), 1), cycles=len(ks), drafted=drafted, accepted=accepted,
+                 acceptance_rate=accepted / max(drafted, 1), mean_accepted=accepted / max(row_cycles, 1),
+                 tokens_per_cycle=(int(n.sum()) - B) / max(row_cycles, 1), draft_s=draft_s, verify_s=verify_s,
+                 draft_layers=draft_layers / max(drafted, 1), kv_only_layer_calls=run.kv_only)
+    if return_logits:
+        stats["logits"] = out_logits[:, :n_new]
+    return out[:, :T0 + n_new], stats
+
+
+# -----------------------------------------------------------------------------
+# A speculative draft: an exit head trained by KL divergence to the final layer's distribution
+
+@torch.no_grad()
+def _states(model, layer, windows, batch_size):
+    """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
+    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
+    h, final = [], []
+    for i in range(0, len(windows), batch_size):
+        out = model.model(windows[i:i + batch_size], output_hidden_states=True)
+        h.append(out.hidden_states[layer].flatten(0, 1))                   # hidden_states[l]: layer l's input
+        final.append(out.last_hidden_state.flatten(0, 1))                  # after the final norm
+    return torch.cat(h), torch.cat(final)
+
+
+def tune_exit_head(cfg, model, train_ids, val, path):
+    """A draft for speculative decoding, base frozen: router.ExitHead at exit_head_layer, trained to match the
+    final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
+    renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its vocab is the
+    one that speculative sampling accepts most). The base runs once over exit_head_windows windows; the steps
+    then train on those states, batch_size * block_size tokens each, drawn at random. Reports, on held-out text,
+    how often the head's argmax is the full model's (greedy acceptance) and sum(min(p, q)) (acceptance when
+    sampling at temperature 1). Writes path (router.save_exit_head)."""
+    layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
+    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
+    vocab = None
+    if cfg["exit_head_vocab"]:                                               # the most frequent tokens of the text
+        vocab = counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))]
+    try:
+        head = rt.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
+    except ValueError as e:
+        raise SystemExit(f"error: exit_head_layer: {e}") from None
+    W = model.get_output_embeddings().weight
+    Wv = W if vocab is None else W[head.vocab].float()                       # (V', C) the head's rows, frozen
+    n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
+    windows = text_windows(train_ids, cfg["block_size"], n)[:, :-1].to(dev)
+    t0 = time.time()
+    h, final = _states(model, layer, windows, cfg["batch_size"])
+    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), cfg["batch_size"])
+    print(f"exit head at layer {layer} of {L} (rank {cfg['exit_head_rank']}, vocab {len(head.vocab):,} of {V:,}: "
+          f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
+          f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
+
+    def kl(hs, fs):                                     # KL(p || q) over vocab, p renormalized there; (N,) each
+        logp = F.log_softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
+        logq = F.log_softmax(head(hs, Wv).float(), -1)
+        return (logp.exp() * (logp - logq)).sum(-1), logp, logq
+
+    @torch.no_grad()
+    def evaluate(it):
+        agree = overlap = loss = 0.0
+        for i in range(0, len(vh), 512):
+            hs, fs = vh[i:i + 512], vfinal[i:i + 512]
+            k, logp, logq = kl(hs, fs)
+            target = F.linear(fs, W).argmax(-1)                               # the full model's greedy token
+            agree += float((head.vocab[logq.argmax(-1)] == target).sum())
+            overlap += float(torch.minimum(logp.exp(), logq.exp()).sum(-1).sum())
+            loss += float(k.sum())
+        result = {"iter": it, "kl": loss / len(vh), "greedy_agree": agree / len(vh), "overlap": overlap / len(vh)}
+        print(f"step {it}: held-out KL {result['kl']:.4f}, argmax = the full model's {result['greedy_agree']:.1%}, "
+              f"sum min(p, q) {result['overlap']:.1%}")
+        return result
+
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    rows = cfg["batch_size"] * cfg["block_size"]
+    first, t0 = evaluate(0), time.time()
+    for it in range(cfg["max_iters"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
+        idx = torch.randint(len(h), (rows,), generator=gen).to(dev)
+        loss = kl(h[idx], final[idx])[0].mean()
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % cfg["log_interval"] == 0:
+            print(f"iter {it + 1}: KL {loss.item():.4f}, {1000 * (time.time() - t0) / cfg['log_interval']:.0f} ms/iter")
+            t0 = time.time()
+    head.eval().requires_grad_(False)
+    last = evaluate(cfg["max_iters"])
+    rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+
+# -----------------------------------------------------------------------------
+# Measured against transformers (bench.py --mode=hf --hf=<model>)
+
+SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story about a lighthouse keeper.",
+                "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
+
+
+def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emit=lambda row: None):
+    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, in one interleaved run (bench.py's
+    interleaved): transformers generate; transformers' own early-exit assistant (generate(assistant_early_exit=l),
+    batch 1 only) at the exit layer l of the first exit-head draft; the adapter at full depth; and, for each draft
+    (each router file in router_paths, threshold = the trained routers' bias or None for the file's, and the
+    untrained exit at layer l: the model's own head there), the router alone (routed decode: speed, and the share
+    of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed and adaptive. Every
+    speculative row must give generate's tokens ("same as generate"); they add the acceptance, tokens per cycle
+    and the draft / verify time split. -> rows (each also passed to emit as it is made)."""
+    dev = model.get_input_embeddings().weight.device
+    L, eos = model.config.num_hidden_layers, tok.eos_token_id
+    drafts = []
+    for path in router_paths:
+        kind = rt.read_router_file(path)["router"]
+        drafts.append((f"{kind} ({path})", DepthAdapter(model, router=kind, router_path=path,
+                                                        threshold=None if kind == "exit_head" else threshold)))
+    exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
+    drafts.append((f"untrained exit at layer {exit_layer}",
+                   DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1)))
+    full, table = DepthAdapter(model, no_skip=True), []
+    for B in batches:
+        chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                 if getattr(tok, "chat_template", None) else t for t in (SPEC_PROMPTS * B)[:B]]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)     # left padding (load_hf)
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+        gen = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
+        if B == 1:
+            runs.append((f"transformers assistant_early_exit={exit_layer}",
+                         lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
+        runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                               eos_token_id=eos)))
+        for name, ad in drafts:
+            if ad.exit_head is None and ad.router != "fixed":   # the router alone, no verification: speed + quality
+                runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
+                                                                                max_new_tokens=n)))   # all n tokens
+            for adapt in (False, True):
+                runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
+                             lambda ad=ad, adapt=adapt: ad.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                                     eos_token_id=eos, speculative=K,
+                                                                     adapt_k=adapt)))
+        timings = interleaved(runs)
+        ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
+        for name, _ in runs:
+            (out, st), med, lo, hi = timings[name]
+            row = {"batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
+                   "spread %": 100 * (hi - lo) / med,
+                   "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
+                   "same as generate": "yes" if torch.equal(out, ref) else "NO"}
+            if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
+                row["same tokens %"] = 100 * float((out == ref)[:, ids.shape[1]:].float().mean())
+            if st is not None and "compute_saved_pct" in st and "acceptance_rate" not in st:
+                row["layer calls %"] = 100 - st["compute_saved_pct"]
+            if st is not None and "acceptance_rate" in st:
+                row.update({"K": f"{st['speculative']}" + (f" -> {st['k_final']} (mean {st['k_mean']:.1f})"
+                                                           if st["adapt_k"] else ""),
+                            "acceptance %": 100 * st["acceptance_rate"], "tokens/cycle": st["tokens_per_cycle"],
+                            "draft ms/cycle": 1000 * st["draft_s"] / st["cycles"],
+                            "verify ms/cycle": 1000 * st["verify_s"] / st["cycles"]})
+            table.append(row)
+            emit(row)
+    return table
