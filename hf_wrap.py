@@ -263,6 +263,7 @@ class DepthAdapter:
                     nn.init.normal_(gate.net[-1].weight)
                     nn.init.zeros_(gate.net[-1].bias)
             self.routers = routers.to(self.embed.weight.device).eval()
+            self.stand_in_share = (n(routers.stand_ins[0]) / full) if routers.stand_ins is not None else 0.0
             threshold = float(self.file.get("bias", 0.0) if threshold is None else threshold)
             if everyone:
                 self.cutoffs = torch.full((len(units),), -math.inf)
@@ -391,7 +392,7 @@ class DepthAdapter:
             cost = torch.full((B * T,), float(len(self.plan)), device=x.device)
         else:
             active = c.valid.clone()                    # (B*T,) not stopped; padding never runs
-            carry, unit_go, last, sets, ran, groups = {}, None, (None, None), (None, None), [], []
+            carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
             for l in range(len(self.layers)):
                 stop = self._stops(l, x, active, run, carry)                 # decision 1: stop here?
                 if stop is not None:
@@ -408,9 +409,16 @@ class DepthAdapter:
                     last = masks
                 x = self._layer(c, l, x, *sets)
                 ran.append(masks)
+                if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
+                    stood.append(active & ~unit_go)                           # passed over: the unit's stand-in
+                    idx = stood[-1].nonzero()[:, 0]
+                    if idx.numel():
+                        x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
             # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
             attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
             cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
+            if stood:                                                         # stand-ins, by their weights' share
+                cost = cost + self.stand_in_share * torch.stack(stood).float().sum(0)
             run.kv_only += int((c.valid & (attn_ran == 0)).sum())                # K/V written, nothing else run
             depth = (torch.stack(groups).long().sum(0) if self.router in GROUP_ROUTERS   # groups run
                      else mlp_ran.sum(0).long())                                         # layers (ffn: MLPs) run

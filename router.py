@@ -303,6 +303,23 @@ class Gate(nn.Module):
         return self.net(F.rms_norm(h, (h.shape[-1],)))
 
 
+class StandIn(nn.Module):
+    """What a token that passes over a unit gets instead of it (FlexiDepth's adapter): a small
+    bottleneck MLP on the RMS-normalized state, added to the residual stream, x <- x + up(gelu(
+    down(norm(x)))). `up` starts at zero, so a new stand-in is the plain skip. For SmolLM2-135M at
+    rank 64 it holds 74k weights, 2% of a layer's 3.5M: the skip keeps its saving, and the token
+    no longer just misses the layer's update. (ffn units: it replaces the MLP alone.)"""
+
+    def __init__(self, hidden_size, rank):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        h = x.float()
+        return self.up(F.gelu(self.down(F.rms_norm(h, (h.shape[-1],))))).to(x.dtype)
+
+
 def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
     """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; the defaults keep
     the first and the last layer always on) in runs of `group`; 'every_other' gates units 0, 2, ..."""
@@ -339,7 +356,8 @@ class FrozenRouters(nn.Module):
     gates at `exit_layers` (a token whose exit gate fires stops there: CALM's learned confidence).
     Everything a router file holds; hf_wrap.DepthAdapter decides with it, tune.py trains it."""
 
-    def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT):
+    def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
+                 stand_in_rank=0):
         super().__init__()
         if kind not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(ROUTER_KINDS)}.")
@@ -356,6 +374,12 @@ class FrozenRouters(nn.Module):
             last = self.gates[0].net[-1] if mlp_hidden else self.gates[0].net
             last.bias.data.zero_()[-1] = GATE_INIT_LOGIT
         self.exits = nn.ModuleList(Gate(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
+        # skip / ffn: stand_in_rank > 0 gives every unit a StandIn for the tokens that pass over it
+        if stand_in_rank and kind not in ("skip", "ffn"):
+            raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
+                             "routers stop tokens instead.")
+        self.stand_in_rank = stand_in_rank
+        self.stand_ins = nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank else None
         self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
         self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
@@ -433,7 +457,7 @@ def load_router_file(path, model_config, make, tune_command="python tune.py"):
 def save_routers(path, routers, model_config, **meta):
     save_router_file(path, ROUTER_FILE_FORMAT, routers, model_config, {
         "router": routers.kind, "units": [list(u) for u in routers.units], "exit_layers": routers.exit_layers,
-        "mlp_hidden": routers.mlp_hidden}, **meta)
+        "mlp_hidden": routers.mlp_hidden, "stand_in_rank": routers.stand_in_rank}, **meta)
 
 
 def load_routers(path, model_config, tune_command="python tune.py"):
@@ -442,7 +466,7 @@ def load_routers(path, model_config, tune_command="python tune.py"):
         if blob["format"] != ROUTER_FILE_FORMAT:
             raise ValueError(f"{path} holds an exit head (a speculative draft): use it with router='exit_head'.")
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
-                             blob["mlp_hidden"])
+                             blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
     return load_router_file(path, model_config, make, tune_command)
 
 

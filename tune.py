@@ -65,6 +65,8 @@ router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
 router_group = 1                # layers per routed unit (one gate skips them together)
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
+stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (router.StandIn, FlexiDepth's
+                                # adapter) of this rank, for the tokens that pass over it (0 = they just skip)
 # the loss: KL (or LM) + penalty_weight * max(mean weight - target_active_ratio, 0) + entropy
 target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
 penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
@@ -162,12 +164,16 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
             h = x + layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=masks[window],
                                     position_ids=pos, position_embeddings=rope)[0]
             x = h + w * layer.mlp(layer.post_attention_layernorm(h))
+            if routers.stand_ins is not None:                                 # the MLP's stand-in, for the rest
+                x = x + (1 - w) * routers.stand_ins[u](h)
         else:
             x = layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
         if influence is not None:
             influence.append(float((1 - F.cosine_similarity(x_in.float(), x.float(), dim=-1)).sum()))
         if u is not None and routers.kind != "ffn" and l == routers.units[u][1] - 1:
             x = x_unit + w * (x - x_unit)                                     # the unit's update, weighted
+            if routers.stand_ins is not None:                                 # and its stand-in's, for the rest
+                x = x + (1 - w) * routers.stand_ins[u](x_unit)
     logits = model.get_output_embeddings()(inner.norm(x))
     return logits, (torch.cat(weights, -1).float() if weights else None), states
 
@@ -245,7 +251,8 @@ def tune_routers(cfg):
         # units averages about that; token-choice starts at full depth), so the penalty has nothing to undo
         p = cfg["target_active_ratio"] ** (2 / (len(units) + 1) if kind == "expert_choice" else 1)
         init = rt.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
-        routers = rt.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init)
+        routers = rt.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init,
+                                   cfg["stand_in_rank"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if cfg["init_from"]:                                  # trained gates to start from (new exit gates stay fresh)

@@ -45,13 +45,20 @@ def layout(kind, n_layers=LAYERS, R=4, base_layers=2, **unit_kw):
     return rt.unit_layout(n_layers, **unit_kw)
 
 
-def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, **kw):
-    """FrozenRouters whose gates differ from token to token (a stand-in for trained ones): random last layers."""
+def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, stand_in_rank=0, **kw):
+    """FrozenRouters whose gates differ from token to token (a stand-in for trained ones): random last layers;
+    with stand_in_rank, stand-ins whose output is not zero (as after training)."""
     torch.manual_seed(seed)
     r = rt.FrozenRouters(kind, hidden, layout(kind, n_layers, **kw), exit_layers, mlp_hidden=16)
     for gate in list(r.gates) + list(r.exits):
         torch.nn.init.normal_(gate.net[-1].weight, std=1.0)
         torch.nn.init.zeros_(gate.net[-1].bias)
+    if stand_in_rank:                                             # the same gates, with stand-ins
+        gates = r.state_dict()
+        r = rt.FrozenRouters(kind, hidden, r.units, exit_layers, mlp_hidden=16, stand_in_rank=stand_in_rank)
+        r.load_state_dict(gates, strict=False)
+        for s in r.stand_ins:
+            torch.nn.init.normal_(s.up.weight, std=0.1)
     return r.eval()
 
 
@@ -226,6 +233,39 @@ def test_straight_through_forward_is_inference(kind):
     else:
         want = always + ran
     assert st["layer_calls"] == pytest.approx(want, abs=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["skip", "ffn"])
+def test_stand_ins_train_as_they_run(kind):
+    """Stand-ins (router.StandIn) for the tokens that pass over a unit: a new one (up = 0) is the plain skip; a
+    trained one changes the output, and the tuning forward's 0/1 decisions are the adapter's prefill, which is its
+    cached decode, with each stand-in counted in the layer calls at its weights' share."""
+    model = tiny("llama")
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    plain = DepthAdapter(model, router=kind, routers=spread_routers(kind), threshold=0.0).prefill_logits(ids)
+    fresh = spread_routers(kind, stand_in_rank=8)
+    for s in fresh.stand_ins:
+        torch.nn.init.zeros_(s.up.weight)
+    torch.testing.assert_close(DepthAdapter(model, router=kind, routers=fresh, threshold=0.0).prefill_logits(ids)[0],
+                               plain[0])
+    r = spread_routers(kind, stand_in_rank=8)
+    with torch.no_grad():
+        logits, w, _ = soft_forward(model, r, ids, hard=True)
+    ad = DepthAdapter(model, router=kind, routers=r, threshold=0.0)
+    routed, st = ad.prefill_logits(ids)
+    torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
+    assert (routed - plain[0]).abs().max() > 1e-3                 # the stand-ins did something
+    n, ran, stood = ids.numel(), float(w.sum()), float((1 - w).sum())    # unit runs; skips, a stand-in call each
+    always = n * (LAYERS - len(r.units))
+    share = st["attn_share"] if kind == "ffn" else 0.0            # ffn: attention everywhere, the MLP where w = 1
+    want = n * LAYERS * share + (1 - share) * (always + ran) + ad.stand_in_share * stood
+    assert st["layer_calls"] == pytest.approx(want, abs=1e-2)
+    assert 0 < ad.stand_in_share < 0.1
+    prompt, mask = prompts(3)
+    out, gst = ad.generate(prompt, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - 1 - prompt.shape[1], dtype=mask.dtype)], 1)
+    tf, _ = ad.prefill_logits(out[:, :-1], attention_mask=full_mask)
+    torch.testing.assert_close(tf[:, prompt.shape[1] - 1:], gst["logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_penalty_pushes_mean_gate_to_target():
@@ -540,11 +580,13 @@ def test_cheap_exit_search_matches_the_adapter():
 def test_router_file_round_trip(kind, tmp_path):
     """save_routers / load_routers: the same weights and layout, the meta back as saved, the same routing."""
     model = tiny("llama")
-    r = spread_routers(kind, exit_layers=(3,) if kind == "skip" else ())
+    r = spread_routers(kind, exit_layers=(3,) if kind == "skip" else (),
+                       stand_in_rank=4 if kind in ("skip", "ffn") else 0)
     path = str(tmp_path / "routers.pt")
     rt.save_routers(path, r, model.config, model="tiny", bias=0.25, exit_threshold=0.8, exits_trained=True)
     loaded, blob = rt.load_routers(path, model.config)
     assert loaded.kind == kind and loaded.units == r.units and loaded.exit_layers == r.exit_layers
+    assert loaded.stand_in_rank == r.stand_in_rank
     assert blob["router"] == kind and blob["mlp_hidden"] == 16 and blob["bias"] == 0.25 and blob["model"] == "tiny"
     for (ka, a), (kb, b) in zip(r.state_dict().items(), loaded.state_dict().items()):
         assert ka == kb and torch.equal(a, b), ka
