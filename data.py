@@ -363,7 +363,7 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
     eval mode, on `device`.
 
-    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (data.gguf_folder).
+    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (gguf_folder).
     Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
     read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
     The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
