@@ -525,7 +525,7 @@ class DepthAdapter:
                  compile=False):
         """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
         speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
-        full model's own, at any router (speculate()). compile: static routers (none, fixed, drop, exit_head)
+        full model's own, at any router (speculative.speculate). compile: static routers (none, fixed, drop, exit_head)
         decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as eager;
         the routed kinds decide from the data, so their decode stays eager (shapes follow the routing).
 
@@ -537,7 +537,7 @@ class DepthAdapter:
         if speculative is not None:
             if return_trace:
                 raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "
-                                 "verify pass), so there is no per-token depth to trace; speculate() reports the "
+                                 "verify pass), so there is no per-token depth to trace; speculative decoding reports the "
                                  "draft's acceptance instead.")
             from speculative import speculate        # its own file, which builds on this one
             return speculate(self, input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
