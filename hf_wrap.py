@@ -537,8 +537,8 @@ class DepthAdapter:
         if speculative is not None:
             if return_trace:
                 raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "
-                                 "verify pass), so there is no per-token depth to trace; speculative decoding reports the "
-                                 "draft's acceptance instead.")
+                                 "verify pass), so there is no per-token depth to trace; speculative decoding reports "
+                                 "the draft's acceptance instead.")
             from speculative import speculate        # its own file, which builds on this one
             return speculate(self, input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
                              top_k, eos_token_id, return_logits)

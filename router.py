@@ -379,7 +379,8 @@ class FrozenRouters(nn.Module):
             raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
                              "routers stop tokens instead.")
         self.stand_in_rank = stand_in_rank
-        self.stand_ins = nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank else None
+        self.stand_ins = (nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank
+                          else None)
         self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
         self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}

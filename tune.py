@@ -99,8 +99,8 @@ exit_head_windows = 256         # train-split windows whose frozen-base states a
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
 self_distill_tokens = 128       # new tokens per answer (sampled at temperature 0.7, top-k 50)
-init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): the static drop
-                                # (units of lowest block influence off, the rest on, for every token), refined from there
+init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
+                                # drop (the units of lowest block influence off, the rest on, for every token)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
                                 # exit_layers: add exit gates to trained routers without retraining them)
 # system
