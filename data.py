@@ -358,7 +358,6 @@ def _convert_gguf(gguf, folder):
             raise
 
 
-
 def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
     """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
     eval mode, on `device`.

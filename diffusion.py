@@ -417,6 +417,7 @@ def describe_stats(s):
             f"  easy {s['easy_tokens']}, medium {s['medium_tokens']}, hard {s['hard_tokens']} tokens; "
             f"skipped {s['tokens_skipped']}; tokens by passes computed {hist}")
 
+
 # -----------------------------------------------------------------------------
 # Adaptive refinement against fixed passes (the rows of bench.py --mode=diffusion)
 

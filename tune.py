@@ -9,7 +9,8 @@ helpers that bench.py --mode=ppl uses (perplexity through the adapter, block inf
 
 What trains: the gates of router.FrozenRouters, one kind per run (router=skip | ffn | expert_choice |
 token_choice; router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled
-by its continue weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only), and the loss is the KL
+by its continue weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; with stand_in_rank, plus
+(1 - w_u) * stand_in_u(x), router.StandIn, trained alongside), and the loss is the KL
 divergence to the full model's next-token distribution (or the LM loss on the text) plus a compute penalty
 toward target_active_ratio. The last part of the run uses 0/1 weights forward (straight-through), so training
 ends on the decisions inference makes. Then, optionally, exit gates at a few layers (CALM's learned
@@ -119,9 +120,6 @@ def default_config(**overrides):
 
 
 # -----------------------------------------------------------------------------
-# Tuning text: the model's own answers (data.corpus_ids and data.text_windows give the dataset's)
-
-# -----------------------------------------------------------------------------
 # The tuning forward (soft gates) and its loss
 
 def _causal_mask(T, window, like):
@@ -228,7 +226,16 @@ def tune_routers(cfg):
                           ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
                           ("router", cfg["router"] in rt.ROUTER_KINDS, f"one of {', '.join(rt.ROUTER_KINDS)}"),
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
-                          ("init_gates", cfg["init_gates"] in ("budget", "influence"), "'budget' or 'influence'")]:
+                          ("init_gates", cfg["init_gates"] in ("budget", "influence"), "'budget' or 'influence'"),
+                          ("init_gates", cfg["init_gates"] == "budget" or (cfg["router"] in ("skip", "ffn") and
+                                                                           not cfg["init_from"]),
+                           "'budget' for expert_choice / token_choice and with init_from ('influence' starts skip / "
+                           "ffn gates at the static drop)"),
+                          ("stand_in_rank", isinstance(cfg["stand_in_rank"], int) and cfg["stand_in_rank"] >= 0
+                           and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
+                                                               and cfg["router_group"] == 1)),
+                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1 (one stand-in per "
+                           "one-layer unit)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
     torch.manual_seed(cfg["seed"])
@@ -263,7 +270,12 @@ def tune_routers(cfg):
         if (start.kind, start.units) != (kind, routers.units):
             raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units "
                              f"{start.units}; this run trains {kind} over {routers.units}.")
+        if start.stand_in_rank != routers.stand_in_rank:
+            raise SystemExit(f"error: init_from={cfg['init_from']} has stand_in_rank={start.stand_in_rank}; this run "
+                             f"has {routers.stand_in_rank}: pass --stand_in_rank={start.stand_in_rank}.")
         routers.gates.load_state_dict(start.gates.state_dict())
+        if routers.stand_ins is not None:
+            routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
     routers, exit_layers = routers.to(device), routers.exit_layers
     sizes = torch.tensor([float(b - a) for a, b in units], device=device)   # layers under each unit
     block = cfg["block_size"]
@@ -281,10 +293,7 @@ def tune_routers(cfg):
     gen, calib_gen = torch.Generator().manual_seed(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"] + 2)
     calib = text_windows(train_ids, block, cfg["calib_windows"], calib_gen)   # thresholds are set on these
     val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
-    if cfg["init_gates"] == "influence" and not cfg["init_from"]:
-        if kind not in ("skip", "ffn"):
-            raise SystemExit(f"error: init_gates='influence' starts skip / ffn gates at the static drop; {kind} "
-                             "routers start at the budget (init_gates='budget').")
+    if cfg["init_gates"] == "influence":
         # start where static drop is (ShortGPT): the units that turn the residual stream least are off for every
         # token, the rest on, at the budget; training then lets each token choose. Gates' weights start at 0.
         bi = block_influence(model, calib, B)
@@ -343,7 +352,8 @@ def tune_routers(cfg):
     full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
 
     # ---- phase 1: the gates, soft then straight-through ----------------------------------------------------
-    opt = torch.optim.AdamW(routers.gates.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+    trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
+    opt = torch.optim.AdamW(trained, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
                             weight_decay=cfg["weight_decay"])
     routers.train()
     t0 = time.time()
@@ -548,7 +558,6 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
         else:
             hi = mid
     return best[1], best[2], best[0] <= tol
-
 
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,

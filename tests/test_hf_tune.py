@@ -373,6 +373,29 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
         assert out.shape == (1, ids.shape[1] + 12) and 0 < st["compute_saved_pct"] < 100
 
 
+@pytest.mark.parametrize("kind", ["skip", "ffn"])
+def test_tuning_trains_stand_ins(kind, tmp_path, monkeypatch):
+    """--stand_in_rank: the stand-ins learn with the gates (their output starts at zero and must not stay there),
+    the file carries them, init_from brings them back, and a wrong rank or a grouped unit is refused."""
+    model, tok = char_model()
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    common = dict(hf="some/model", dataset=str(tmp_path / "text.txt"), router=kind, keep_ratios=(0.5,))
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), stand_in_rank=4, **common))
+    path = str(tmp_path / "a" / "routers.pt")
+    r, blob = rt.load_routers(path, model.config)
+    assert blob["stand_in_rank"] == 4 and all(float(s.up.weight.detach().abs().max()) > 0 for s in r.stand_ins)
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "b"), stand_in_rank=4, init_from=path, max_iters=0,
+                                  **common))
+    again, _ = rt.load_routers(str(tmp_path / "b" / "routers.pt"), model.config)
+    for a, b in zip(r.stand_ins.state_dict().values(), again.stand_ins.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(SystemExit, match="stand_in_rank=4"):
+        tune.tune_routers(tune_config(out_dir=str(tmp_path / "c"), stand_in_rank=8, init_from=path, **common))
+    with pytest.raises(SystemExit, match="router_group=1"):
+        tune.tune_routers(tune_config(out_dir=str(tmp_path / "d"), stand_in_rank=4, router_group=2, **common))
+
+
 # -----------------------------------------------------------------------------
 # Hard routing through the adapter: causal, exact at the extremes, really skipping
 

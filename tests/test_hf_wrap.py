@@ -16,7 +16,6 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator
 import data
-import hf_wrap  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
 
 VOCAB, LAYERS = 128, 6
