@@ -226,11 +226,9 @@ def tune_routers(cfg):
                           ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
                           ("router", cfg["router"] in rt.ROUTER_KINDS, f"one of {', '.join(rt.ROUTER_KINDS)}"),
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
-                          ("init_gates", cfg["init_gates"] in ("budget", "influence"), "'budget' or 'influence'"),
-                          ("init_gates", cfg["init_gates"] == "budget" or (cfg["router"] in ("skip", "ffn") and
-                                                                           not cfg["init_from"]),
-                           "'budget' for expert_choice / token_choice and with init_from ('influence' starts skip / "
-                           "ffn gates at the static drop)"),
+                          ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
+                           cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
+                           "(skip / ffn gates start at the static drop; not with init_from)"),
                           ("stand_in_rank", isinstance(cfg["stand_in_rank"], int) and cfg["stand_in_rank"] >= 0
                            and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                and cfg["router_group"] == 1)),

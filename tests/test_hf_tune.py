@@ -373,6 +373,30 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
         assert out.shape == (1, ids.shape[1] + 12) and 0 < st["compute_saved_pct"] < 100
 
 
+def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
+    """init_gates='influence': before any step, the gates of the units with the lowest block influence are off for
+    every token and the rest on, round((1 - target_active_ratio) * units) of them off; other kinds are refused."""
+    model, tok = char_model()
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    cfg = tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), out_dir=str(tmp_path / "a"),
+                      init_gates="influence", target_active_ratio=0.5, max_iters=0, keep_ratios=())
+    tune.tune_routers(cfg)
+    r, _ = rt.load_routers(str(tmp_path / "a" / "routers.pt"), model.config)
+    train_ids, _ = data.corpus_ids(tok, cfg["dataset"])
+    calib = data.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
+                              torch.Generator().manual_seed(cfg["seed"] + 2))
+    bi = tune.block_influence(model, calib, cfg["batch_size"])
+    off = sorted(sorted(range(len(r.units)), key=lambda u: bi[r.units[u][0]])[:round(0.5 * len(r.units))])
+    with torch.no_grad():
+        z = torch.cat([g(torch.randn(5, model.config.hidden_size)) for g in r.gates], -1)    # (5, units)
+    assert [u for u in range(len(r.units)) if (z[:, u] < 0).all()] == off
+    assert all((z[:, u] > 0).all() for u in range(len(r.units)) if u not in off)
+    with pytest.raises(SystemExit, match="init_gates"):
+        tune.tune_routers(tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), init_gates="influence",
+                                      router="token_choice", out_dir=str(tmp_path / "b")))
+
+
 @pytest.mark.parametrize("kind", ["skip", "ffn"])
 def test_tuning_trains_stand_ins(kind, tmp_path, monkeypatch):
     """--stand_in_rank: the stand-ins learn with the gates (their output starts at zero and must not stay there),
