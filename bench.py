@@ -11,16 +11,10 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
   python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
 
-Models are built with random weights: speed does not depend on what the weights say,
-except through routing. Untrained routers route arbitrarily, so decode uses a forced
-depth distribution by default (depth_dist='forced': depths 1..R equally likely, the
-split expert-choice's default capacities give); depth_dist='router' uses the model's
-own routers and the table says which was used.
-
---mode=ppl is about quality, not speed: a real model's held-out perplexity at matched average depth (layer
-calls per token) for full depth, static layer dropping (ShortGPT), the training-free confidence and entropy
-exits, trained skip routers, and trained routers with exit gates. Every row runs through DepthAdapter's prefill
-(what generation computes), and every row prints the layer-call ratio it measured next to its target.
+Models are built with random weights: speed does not depend on what the weights say, except through routing.
+Untrained routers route arbitrarily, so decode forces depths 1..R equally likely by default (depth_dist='forced',
+the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
+--mode=ppl is about quality: a real model's held-out perplexity at matched layer calls (tune.quality_table).
 """
 import csv
 import os

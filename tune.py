@@ -1,30 +1,23 @@
 """
-Router tuning for a pretrained Hugging Face model, every base weight frozen, and the quality-at-matched-compute
-helpers that bench.py --mode=ppl uses (perplexity through the adapter, block influence, threshold search).
+Router tuning for a pretrained Hugging Face model, every base weight frozen, and the quality table of
+bench.py --mode=ppl (perplexity through the adapter at matched layer calls, block influence, threshold search).
 
   python tune.py config/hf_smollm2.py --router=ffn # the built-in SmolLM2-135M on its own answers (see that file)
   python tune.py config/hf_router_tune.py          # a tiny dense model trained and exported here (see that file)
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
 
-What trains: the gates of router.FrozenRouters, one kind per run (router=skip | ffn | expert_choice |
-token_choice; router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled
-by its continue weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; with stand_in_rank, plus
-(1 - w_u) * stand_in_u(x), router.StandIn, trained alongside), and the loss is the KL
-divergence to the full model's next-token distribution (or the LM loss on the text) plus a compute penalty
-toward target_active_ratio. The last part of the run uses 0/1 weights forward (straight-through), so training
-ends on the decisions inference makes. Then, optionally, exit gates at a few layers (CALM's learned
-confidence); then each keep_ratio's calibrated cutoffs, and a search for the bias that gives target_speedup.
-At inference hf_wrap.DepthAdapter(router=<kind>) makes the 0/1 decisions and really skips the work.
-Everything lands in out_dir/routers.pt, which sample.py --routers and bench.py --routers read.
-
-With exit_head_layer=l it trains a speculative draft instead (router.ExitHead: a small adapter and the model's
-own LM head at layer l's input), by KL divergence to the final layer's distribution: sample.py --speculative=K
---routers=out_dir/routers.pt then drafts with it and the full model verifies. self_distill=N tunes on the model's
-own answers to N prompts instead of the dataset's text: a draft learns best on the text it will draft.
-
-A file of its own, not a mode of train.py: train.py trains our models from scratch; this trains ~100k router
-parameters on someone else's frozen model, with its own settings (below) and its own loop.
+What trains: the gates of router.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
+router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
+weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; stand_in_rank > 0 adds (1 - w_u) *
+stand_in_u(x), router.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
+the LM loss) plus a compute penalty toward target_active_ratio; the last part of the run is 0/1 forward
+(straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
+learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
+really skips the work. All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers).
+exit_head_layer=l trains a speculative draft instead (speculative.py); self_distill=N tunes on the model's own
+answers to N prompts (data.self_distill_ids): a draft learns best on the text it will draft.
+A file of its own (README): it trains ~100k router parameters on someone else's frozen model, its own loop.
 """
 import math
 import os
@@ -265,12 +258,10 @@ def tune_routers(cfg):
             start, blob = rt.load_routers(cfg["init_from"], mc)
         except ValueError as e:
             raise SystemExit(f"error: init_from: {e}") from None
-        if (start.kind, start.units) != (kind, routers.units):
-            raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units "
-                             f"{start.units}; this run trains {kind} over {routers.units}.")
-        if start.stand_in_rank != routers.stand_in_rank:
-            raise SystemExit(f"error: init_from={cfg['init_from']} has stand_in_rank={start.stand_in_rank}; this run "
-                             f"has {routers.stand_in_rank}: pass --stand_in_rank={start.stand_in_rank}.")
+        if (start.kind, start.units, start.stand_in_rank) != (kind, routers.units, routers.stand_in_rank):
+            raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units {start.units}"
+                             f" with stand_in_rank={start.stand_in_rank}; this run trains {kind} over {routers.units} "
+                             f"with stand_in_rank={routers.stand_in_rank}.")
         routers.gates.load_state_dict(start.gates.state_dict())
         if routers.stand_ins is not None:
             routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
@@ -487,34 +478,6 @@ def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
 
 
 @torch.no_grad()
-def exit_statistics(model, windows, batch_size=8):
-    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
-    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
-    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
-    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
-    for i in range(0, len(windows), batch_size):
-        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
-        c, e = [], []
-        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
-            logp = F.log_softmax(head(norm(h)).float(), -1).flatten(0, 1)
-            c.append(logp.max(-1).values.exp())
-            e.append(-(logp.exp() * logp).sum(-1))
-        conf.append(torch.stack(c, 1).cpu())
-        ent.append(torch.stack(e, 1).cpu())
-    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
-
-
-def exit_ratio(stats, kind, threshold):
-    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
-    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
-    s = stats[kind]                                                           # (N, L - 1)
-    ok = s >= threshold if kind == "confidence" else s <= threshold
-    L = s.shape[1] + 1
-    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
-    return {"layer_ratio": float(layers.float().mean()) / L}
-
-
-@torch.no_grad()
 def block_influence(model, windows, batch_size=8):
     """ShortGPT's block influence per layer, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the
     full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
@@ -587,7 +550,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
     # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
     # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
     # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
-    stats = exit_statistics(model, calib, bs)
+    stats = rt.exit_statistics(model, calib, bs)
     progress("exit statistics at every layer on calibration text")
 
     def row(depth, method, setting, ad):
@@ -607,7 +570,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
         drop = static_drop_layers(influence, n_drop)
         row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
         for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
-            v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
+            v, _, ok = search_cutoff(lambda v: rt.exit_ratio(stats, kind, v), lo, hi, target, target_tol)
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
                 DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
         for module, blob in trained:

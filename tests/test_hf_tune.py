@@ -602,18 +602,18 @@ def test_target_search_converges():
 
 def test_cheap_exit_search_matches_the_adapter():
     """bench.py --mode=ppl searches CALM's thresholds on statistics of the full model computed once
-    (tune.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
+    (router.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
     every token whose earlier tokens all ran at full depth, so at the extremes the two ratios are equal, and in
     between the ratio is monotone and lands near the adapter's (other tokens see shallower K/V)."""
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (6, 33), generator=torch.Generator().manual_seed(7))
-    stats = tune.exit_statistics(model, windows, batch_size=3)
+    stats = rt.exit_statistics(model, windows, batch_size=3)
     assert stats["confidence"].shape == stats["entropy"].shape == (6 * 32, LAYERS - 1)
-    assert tune.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
-    assert tune.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
-    ratios = [tune.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
+    assert rt.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
+    assert rt.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
+    ratios = [rt.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 and ratios[-1] == pytest.approx(1 / LAYERS)
-    v, found, reached = tune.search_cutoff(lambda v: tune.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
+    v, found, reached = tune.search_cutoff(lambda v: rt.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
     assert reached
     real = tune.eval_ppl(DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v), windows)
     assert abs(real["layer_ratio"] - found["layer_ratio"]) < 0.1
