@@ -7,7 +7,6 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=gpu --report_csv=gpu.csv   # the one GPU script: decode, compiled training, HF adapter
   python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
   python bench.py --mode=hf --hf=smollm2-135m --routers=out-spec-draft/routers.pt   # speculative decoding, real model
-  python bench.py --report_csv=bench.csv --plot=bench.png --profile=True
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
   python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
 
