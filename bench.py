@@ -60,6 +60,7 @@ hf = ""                         # the model: a local folder (e.g. sample.py --ex
 routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
                                 # (--mode=hf with --hf: the speculative drafts, any router files)
 speculative = 4                 # --mode=hf with --hf: drafts per cycle of the speculative rows, fixed and adaptive
+lookup = 3                      # ... and the n-gram of their prompt-lookup rows (0 = none)
 threshold = None                # --mode=hf with --hf: the --routers files' bias (None: each file's own)
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
                                 # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
@@ -420,6 +421,7 @@ def bench_hf():
         cfg = LlamaConfig(**HF_SHAPES[shape], max_position_embeddings=4096)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
+        data.cpu_linears(model)                                # load_hf's CPU kernels, for both sides
         L = cfg.num_hidden_layers
         half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
         full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
@@ -466,7 +468,7 @@ def bench_speculative():
     import speculative as sp
     model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
     table = sp.compare(model, tok, [p for p in routers.split(",") if p], threshold, list(decode_batches) or [1],
-                       new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)))
+                       new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on {device_name()} (prefill "
                 f"included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",

@@ -397,7 +397,45 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     if tokenizer is None:
         print(f"note: load_hf: no tokenizer found for {name_or_path!r}; tokenizer is None, pass token ids "
               "yourself.", file=sys.stderr)
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    cpu_linears(model, "onednn")
+    return model, tokenizer
+
+
+def cpu_linears(model, kernel="onednn"):
+    """Which CPU kernel the model's float32 nn.Linear layers use when no gradient is needed; the weights do not
+    change. "onednn": oneDNN (torch.ops.mkldnn._linear_pointwise); "mkl": torch's default (F.linear -> MKL).
+    load_hf picks "onednn" for every model it loads, so transformers' own generate runs the same kernels as
+    DepthAdapter and every speed comparison in bench.py stays like for like.
+
+    Why: decoding multiplies a few rows by each weight, so its speed is how fast the weights stream from memory.
+    On this project's 2-core AMD EPYC, MKL does that far below the memory bandwidth, and worse for 2-5 rows than
+    for 1: SmolLM2-135M's full pass over 1 / 2 / 4 new tokens took 39 / 67 / 60 ms (2 threads), oneDNN's 27 / 32 /
+    33 ms (README, "CPU kernels"). Speculative decoding's verify pass is such a pass over a few tokens. The
+    results equal F.linear's to float32 rounding. Weights that sit unaligned in the loaded file's memory are
+    copied once to aligned memory (about 10% of oneDNN's decode time here). -> the number of layers switched."""
+    if kernel not in ("onednn", "mkl"):
+        raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+    switched = 0
+    for m in model.modules():
+        if type(m) is not torch.nn.Linear:
+            continue
+        m.__dict__.pop("forward", None)                                       # back to nn.Linear.forward
+        if kernel == "onednn" and op is not None and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
+            for p in m.parameters():
+                if p.data_ptr() % 64:
+                    p.data = p.data.clone()                                   # aligned (ties stay tied: one Parameter)
+            m.forward = _onednn_forward.__get__(m)
+            switched += 1
+    return switched
+
+
+def _onednn_forward(self, x):
+    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none)."""
+    if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def _from_pretrained(cls, name, offline, **kwargs):

@@ -518,10 +518,10 @@ class DepthAdapter:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, speculative=None, adapt_k=False,
-                 compile=False):
+                 lookup=0, compile=False):
         """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
         speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
-        full model's own, at any router (speculative.speculate). compile: static routers (none, fixed, drop, exit_head)
+        full model's own, at any router (speculative.speculate; lookup=n: prompt-lookup drafts). compile: static routers (none, fixed, drop, exit_head)
         decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as eager;
         the routed kinds decide from the data, so their decode stays eager (shapes follow the routing).
 
@@ -537,7 +537,7 @@ class DepthAdapter:
                                  "the draft's acceptance instead.")
             from speculative import speculate        # its own file, which builds on this one
             return speculate(self, input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
-                             top_k, eos_token_id, return_logits)
+                             top_k, eos_token_id, return_logits, lookup)
         step = None
         if compile and self.plan is not None:
             if self.compiled_step is None:

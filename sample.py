@@ -51,6 +51,8 @@ no_exits = False                # ignore trained exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
 speculative = 0                 # K > 0: the router drafts K tokens, the full model verifies them all in one pass:
                                 # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
+lookup = 0                      # speculative: n > 0 drafts by prompt lookup (the tokens that followed the last n tokens
+                                # earlier in the text, no model call; README), else the router drafts
 adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection (measured
                                 # to pay on SmolLM2, README)
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
@@ -164,7 +166,7 @@ if hf:
     try:
         out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
                                       top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
-                                      speculative=speculative or None, adapt_k=adapt_k)
+                                      speculative=speculative or None, adapt_k=adapt_k, lookup=lookup)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     for row in out:
@@ -178,7 +180,9 @@ if hf:
               + ("only; the full model verified every token, so the text is still its own" if speculative else
                  "only; the text and the depths mean nothing"))
     if speculative:   # every kept token is the full model's: show what the draft bought
-        print(f"speculative decoding, {adapter.router} draft ({stats['draft_layers']:.1f} layers per draft), "
+        draft = f"{adapter.router} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
+            f", else {adapter.router})" if adapter.router != "none" else ")")
+        print(f"speculative decoding, {draft} ({stats['draft_layers']:.1f} layers per model draft), "
               f"K={speculative}" + (f" adaptive: final {stats['k_final']}, mean {stats['k_mean']:.2f}" if adapt_k else "")
               + f": {stats['acceptance_rate']:.1%} of {stats['drafted']} drafts accepted, {stats['tokens_per_cycle']:.2f} "
               f"tokens per cycle over {stats['cycles']} cycles; draft {stats['draft_s']:.2f} s, verify "

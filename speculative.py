@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import router as rt
 from configurator import lr_at
-from data import text_windows
+from data import cpu_linears, text_windows
 from hf_wrap import DepthAdapter, now
 from model import token_probs
 
@@ -32,7 +32,7 @@ from model import token_probs
 
 @torch.no_grad()
 def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
-              top_k=None, eos_token_id=None, return_logits=False):
+              top_k=None, eos_token_id=None, return_logits=False, lookup=0):
     """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` (an hf_wrap.DepthAdapter, any
     router) drafts, the full model verifies, and the output is the full model's own.
 
@@ -45,7 +45,12 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     drafts from p: every token is distributed as p. The cache stays exact: the verify pass overwrites every
     layer's K/V at the drafted slots, rejected slots are reused, and rows that kept different numbers are
     re-aligned (_Run.keep). A cycle costs k draft steps and one pass over k + 1 tokens (about one decode step
-    at batch 1 on a GPU, where reading the weights is the cost; about two on a CPU: README).
+    at batch 1 on a GPU, where reading the weights is the cost; about 1.2 on this project's CPU: README).
+
+    lookup=n (prompt lookup, Saxena 2023): a row whose last n tokens (or n - 1, ..., 1) occurred earlier in its
+    own text drafts the up to K tokens that followed there, with no model call (q: all its mass on that token).
+    A cycle where every live row found one drafts that way; otherwise a routed adapter drafts as above, and a
+    full-depth one (router 'none') drafts for the rows that found one only. Verification is the same.
 
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
     half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and the full model's logits),
@@ -57,6 +62,9 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: the tokens drafted per cycle "
                          "must be an int >= 1 (4 is a good start; adapt_k=True then moves it), and at least one "
                          "new token must be asked for.")
+    if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+        raise ValueError(f"lookup={lookup!r}: the n-gram length that prompt-lookup drafting matches, an int >= 0 "
+                         "(3 is a good start; 0 = off: the adapter's router drafts).")
     if adapter.keep_ratio is not None and adapter.cutoffs is None and adapter.router in rt.ROUTER_KINDS:
         raise ValueError("a keep_ratio draft needs calibrated cutoffs (calibrate(windows)): speculative "
                          "decoding prefills with the full model, so the prompt cannot set them.")
@@ -84,6 +92,7 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         out_logits[:, 0] = logits.float()
     next_pos, end = pos[:, -1] + 1, T0             # the pending token's position; the cache holds slots < end
     k, ks, drafted, accepted, row_cycles, draft_layers, draft_s, verify_s = K, [], 0, 0, 0, 0, 0.0, 0.0
+    first = T0 - mask.sum(1)                                    # (B,) each row's first real token (left padding)
     steps = torch.arange(k_max + 1, device=dev)
     while True:
         live = ~done & (n < max_new_tokens)
@@ -91,8 +100,17 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
             break
         kd = min(k, int((max_new_tokens - n)[live].max()) - 1)      # never draft past what a row still needs
         ta = now(dev)
-        tok, drafts, q = pending, [], []
-        for j in range(kd):                                               # the draft: one token at a time
+        tok, drafts, q, found = pending, [], [], None
+        if lookup:                                                        # the text's own continuations
+            found = [_lookup(out[r, first[r]:T0 + n[r]], lookup, kd) if live[r] else out[r, :0] for r in range(B)]
+            lens = torch.tensor([len(f) for f in found], device=dev)
+            if adapter.router == "none" or bool((lens > 0)[live].all()):
+                kd = int(lens.max())
+                drafts = list(torch.stack([F.pad(f, (0, kd - len(f))) for f in found]).T)   # (kd of (B,))
+                q = [None if greedy else F.one_hot(d, V).float() * (j < lens)[:, None] for j, d in enumerate(drafts)]
+            else:
+                found = None                                              # a row found none: the router drafts
+        for j in range(kd if found is None else 0):                       # the draft: one token at a time
             logits, _, cost = adapter._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
             tok, qj = pick(logits)
             drafts.append(tok)
@@ -108,12 +126,16 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         if greedy:
             target = vl.argmax(-1)                                        # (B, kd + 1) the full model's tokens
             m = (d == target[:, :kd]).long().cumprod(1).sum(1)            # (B,) leading drafts it agrees with
-            after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
         else:
             p = token_probs(vl, temperature, top_k)                            # (B, kd + 1, V)
             qd = torch.stack(q, 1) if kd else p[:, :0]                    # (B, kd, V)
             pd, qx = p[:, :kd].gather(2, d[..., None])[..., 0], qd.gather(2, d[..., None])[..., 0]
             m = (torch.rand_like(pd) * qx < pd).long().cumprod(1).sum(1)  # accept d_j w.p. min(1, p / q)
+        if found is not None:                       # a lookup row keeps at most what it drafted (q = 0 past it)
+            m = torch.minimum(m, lens)
+        if greedy:
+            after = target.gather(1, m[:, None])[:, 0]                    # its own token after them
+        else:
             rows = torch.arange(B, device=dev)
             resid = (p[rows, m] - torch.cat([qd, p[:, :1] * 0], 1)[rows, m]).clamp(min=0)  # q = 0 after kd
             resid = torch.where(resid.sum(-1, keepdim=True) > 0, resid, p[rows, m])   # p == q: no rejection
@@ -131,7 +153,8 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         pending = torch.where(c > 0, new.gather(1, (c - 1).clamp(min=0)[:, None])[:, 0], pending)
         n, next_pos = n + c, next_pos + c
         end = run.keep(end, c)                       # each row keeps [pending, d1..d_{c-1}]: c exact slots
-        drafted, accepted = drafted + kd * int(live.sum()), accepted + int(m[live].sum())
+        drafted += int(lens[live].sum()) if found is not None else kd * int(live.sum())
+        accepted += int(m[live].sum())
         row_cycles, ks = row_cycles + int(live.sum()), ks + [kd]
         if adapt_k and kd == k:                      # grow after full acceptance, shrink after early rejection
             kept = float(m[live].float().mean())
@@ -148,6 +171,18 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     if return_logits:
         stats["logits"] = out_logits[:, :n_new]
     return out[:, :T0 + n_new], stats
+
+
+def _lookup(text, n, k):
+    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's last n tokens
+    (else its last n - 1, ..., 1), or none. text: one row's tokens so far (1-D)."""
+    for g in range(min(n, len(text) - 1), 0, -1):
+        grams = text.unfold(0, g, 1)[:-1]                                 # every g-gram that has a follower
+        hit = (grams == text[-g:]).all(1).nonzero()
+        if len(hit):
+            start = int(hit[-1]) + g
+            return text[start:start + k]
+    return text[:0]
 
 
 # -----------------------------------------------------------------------------
@@ -237,6 +272,14 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
+def _on_mkl(model, fn):
+    cpu_linears(model, "mkl")
+    try:
+        return fn()
+    finally:
+        cpu_linears(model, "onednn")
+
+
 # -----------------------------------------------------------------------------
 # Measured against transformers (bench.py --mode=hf --hf=<model>)
 
@@ -244,15 +287,18 @@ SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story ab
                 "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
 
 
-def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emit=lambda row: None):
+def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emit=lambda row: None, lookup=3):
     """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, in one interleaved run (bench.py's
-    interleaved): transformers generate; transformers' own early-exit assistant (generate(assistant_early_exit=l),
+    interleaved): transformers generate (and, on a CPU, the same on torch's default MKL linears instead of
+    load_hf's oneDNN); transformers' own early-exit assistant (generate(assistant_early_exit=l),
     batch 1 only) at the exit layer l of the first exit-head draft; the adapter at full depth; and, for each draft
     (each router file in router_paths, threshold = the trained routers' bias or None for the file's, and the
     untrained exit at layer l: the model's own head there), the router alone (routed decode: speed, and the share
     of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed and adaptive. Every
     speculative row must give generate's tokens ("same as generate"); they add the acceptance, tokens per cycle
-    and the draft / verify time split. -> rows (each also passed to emit as it is made)."""
+    and the draft / verify time split. lookup=n > 0 adds prompt-lookup drafts (n-gram): transformers' own
+    (generate(prompt_lookup_num_tokens=K), batch 1), ours at full depth, and ours with the first exit head drafting
+    when a row finds no match. -> rows (each also passed to emit as it is made)."""
     dev = model.get_input_embeddings().weight.device
     L, eos = model.config.num_hidden_layers, tok.eos_token_id
     drafts = []
@@ -271,9 +317,15 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
         gen = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
+        if cpu_linears(model, "onednn"):                   # load_hf's CPU kernels (data.py); what they gain:
+            runs.append(("transformers generate, MKL linears", lambda: _on_mkl(model, lambda: (
+                model.generate(ids, **gen), None))))      # the same call on torch's default kernels
         if B == 1:
             runs.append((f"transformers assistant_early_exit={exit_layer}",
                          lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
+            if lookup:                                     # transformers' own prompt lookup (batch 1 only)
+                runs.append((f"transformers prompt_lookup_num_tokens={K}", lambda: (model.generate(
+                    ids, prompt_lookup_num_tokens=K, max_matching_ngram_size=lookup, **gen), None)))
         runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                eos_token_id=eos)))
         for name, ad in drafts:
@@ -285,6 +337,13 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
                              lambda ad=ad, adapt=adapt: ad.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                      eos_token_id=eos, speculative=K,
                                                                      adapt_k=adapt)))
+        if lookup:                                         # drafts from the text itself, alone and with a head
+            runs.append((f"speculative, prompt lookup ({lookup}-gram)", lambda: full.generate(
+                ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, speculative=K, lookup=lookup)))
+            for name, ad in [d for d in drafts if d[1].exit_head is not None][:1]:
+                runs.append((f"speculative, prompt lookup, else {name}, adaptive K", lambda ad=ad: ad.generate(
+                    ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, speculative=K, adapt_k=True,
+                    lookup=lookup)))
         timings = interleaved(runs)
         ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
         for name, _ in runs:

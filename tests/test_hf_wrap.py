@@ -10,6 +10,8 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, MistralConfig,
                           Qwen2Config, Qwen3Config)
 
@@ -342,6 +344,29 @@ def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
     model, tokenizer = data.load_hf(str(tmp_path / "qwen3"))
     assert model.config.model_type == "qwen3" and tokenizer is None
     assert "tokenizer is None" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])                   # qwen2: q/k/v biases
+def test_onednn_linears_are_the_default_kernels(arch):
+    """load_hf switches a CPU float32 model's Linear layers to oneDNN (data.cpu_linears): the same numbers to
+    rounding, the same greedy tokens for transformers and the adapter, and F.linear where a gradient is needed."""
+    model = tiny(arch)
+    ids, mask = prompts(3)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 20)                # torch's default kernel
+    assert data.cpu_linears(model, "onednn") == sum(type(m) is nn.Linear for m in model.modules()) > 0
+    assert all("forward" in m.__dict__ for m in model.modules() if type(m) is nn.Linear)
+    out_ids, out_logits = hf_greedy(model, ids, mask, 20)
+    assert torch.equal(out_ids, ref_ids)
+    torch.testing.assert_close(out_logits, ref_logits, atol=1e-4, rtol=1e-4)
+    adapted, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=20)
+    assert torch.equal(adapted, ref_ids)
+    x = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)   # autograd: oneDNN's op has no backward
+    q = model.model.layers[0].self_attn.q_proj
+    q(x).square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * F.linear(x, q.weight, q.bias)) @ q.weight)
+    assert data.cpu_linears(model, "mkl") == 0 and not any("forward" in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match="onednn"):
+        data.cpu_linears(model, "blas")
 
 
 def test_gguf_names_resolve_to_a_cached_folder(tmp_path, monkeypatch):

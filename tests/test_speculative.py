@@ -14,6 +14,7 @@ import configurator
 import data
 import hf_wrap
 import router as rt
+import speculative
 from hf_wrap import DepthAdapter
 from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
 
@@ -41,6 +42,31 @@ def test_greedy_equals_generate(arch, batch):
             torch.testing.assert_close(st["logits"], ref_logits, atol=1e-4, rtol=1e-4)
             assert st["acceptance_rate"] < 0.9 and st["drafted"] > 0, (name, K, st["acceptance_rate"])
             assert st["tokens_per_cycle"] <= 1 + st["mean_accepted"] + 1e-9   # less only where max_new_tokens cut
+
+
+@pytest.mark.parametrize("arch", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prompt_lookup_equals_generate(arch, batch):
+    """Prompt-lookup drafts (the text's own continuations, no model call): alone (full depth, rows without a
+    match draft nothing) and with a routed adapter drafting when a row finds none; generate's tokens and logits."""
+    model = tiny(arch)
+    ids, mask = prompts(batch)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 40)
+    for name, ad in [("lookup", DepthAdapter(model, no_skip=True)), ("lookup, else fixed", drafts(model)["fixed"])]:
+        out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=40, speculative=4, lookup=2,
+                              return_logits=True)
+        assert torch.equal(out, ref_ids), name
+        torch.testing.assert_close(st["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+        assert st["drafted"] > 0 and st["accepted"] <= st["drafted"], name
+        if name == "lookup":
+            assert st["draft_layers"] == 0                             # no model call drafted
+
+
+def test_lookup_finds_the_latest_continuation():
+    t = torch.tensor([5, 6, 7, 5, 6, 8, 1, 5, 6])
+    assert speculative._lookup(t, 2, 3).tolist() == [8, 1, 5]          # [5, 6] last seen at 3: then 8, 1, 5
+    assert speculative._lookup(t, 3, 1).tolist() == [8]                # no earlier [1, 5, 6]: the 2-gram
+    assert speculative._lookup(torch.tensor([1, 2, 3]), 2, 4).tolist() == []
 
 
 def test_full_depth_draft_is_always_accepted():
@@ -109,11 +135,13 @@ def test_stats_writers(tmp_path):
 # -----------------------------------------------------------------------------
 # Sampling: speculative sampling keeps the full model's distribution
 
-def test_sampling_keeps_the_full_distribution():
+@pytest.mark.parametrize("lookup", [0, 1])
+def test_sampling_keeps_the_full_distribution(lookup):
     """A vocabulary of 8, one 4-token prompt repeated over 6,000 rows, 4 new tokens with K=3 drafts from an exit
     after 2 of 6 layers. The frequencies of (token 2, token 3) and of token 4 match the full model's exact
     probabilities (enumerated) by a chi-square test; the same test rejects the draft's own distribution, so it
-    can tell them apart."""
+    can tell them apart. lookup=1: prompt-lookup drafts at full depth (all of q's mass on one token; rows without
+    a match draft nothing) keep it too."""
     V, N = 8, 6000
     model = tiny("llama", vocab_size=V)
     prompt = torch.tensor([[3, 1, 4, 1]])
@@ -132,15 +160,18 @@ def test_sampling_keeps_the_full_distribution():
     p, q = exact(DepthAdapter(model)), exact(draft)
     assert 0.1 < (p - q).abs().sum() / 2                              # the draft is far from the model
     torch.manual_seed(0)
-    out, st = draft.generate(prompt.expand(N, -1), max_new_tokens=4, temperature=0.8, speculative=3)
-    assert 0.2 < st["acceptance_rate"] < 0.9
+    drafter = DepthAdapter(model) if lookup else draft              # lookup: rows without a match draft nothing
+    out, st = drafter.generate(prompt.expand(N, -1), max_new_tokens=4, temperature=0.8, speculative=3,
+                               lookup=lookup)
+    assert 0.2 < st["acceptance_rate"] < 0.9 if not lookup else st["drafted"] > N and st["accepted"] > 0
     x = out[:, -4:]
     pairs = torch.bincount(x[:, 1] * V + x[:, 2], minlength=V * V).float()
     last = torch.bincount(x[:, 3], minlength=V).float()
     # chi-square with 63 and 7 degrees of freedom: the 1e-4 tails are at about 113 and 30
     assert chi2(pairs, p.sum((0, 3)).flatten()) < 113
     assert chi2(last, p.sum((0, 1, 2))) < 30
-    assert chi2(pairs, q.sum((0, 3)).flatten()) > 113                 # the draft's distribution is told apart
+    if not lookup:
+        assert chi2(pairs, q.sum((0, 3)).flatten()) > 113             # the draft's distribution is told apart
 
 
 # -----------------------------------------------------------------------------
@@ -155,6 +186,9 @@ def test_bad_input():
             ad.generate(ids, max_new_tokens=8, speculative=K)
     with pytest.raises(ValueError, match="positions"):                 # 12 prompt tokens + 501 > 512 positions
         ad.generate(ids, max_new_tokens=501, speculative=4)
+    for n in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="lookup"):
+            ad.generate(ids, max_new_tokens=8, speculative=2, lookup=n)
     with pytest.raises(ValueError, match="trace"):
         ad.generate(ids, max_new_tokens=8, speculative=2, return_trace=True)
     for router in ("exit_head", "skip"):                              # a draft that was never trained
