@@ -408,8 +408,9 @@ class DepthAdapter:
                 ran.append(masks)
                 if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
                     stood.append(active & ~unit_go)                           # passed over: the unit's stand-in
-                    idx = stood[-1].nonzero()[:, 0]                           # none: adds nothing
-                    x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
+                    idx = stood[-1].nonzero()[:, 0]
+                    if idx.numel():                                           # none: adds nothing, costs nothing
+                        x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
             # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
             attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
             cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)

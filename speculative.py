@@ -47,7 +47,7 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     re-aligned (_Run.keep). A cycle costs k draft steps and one pass over k + 1 tokens (about one decode step
     at batch 1 on a GPU, where reading the weights is the cost; about 1.2 on this project's CPU: README).
 
-    lookup=n (prompt lookup, Saxena 2023): a row whose last n tokens (or n - 1, ..., 1) occurred earlier in its
+    lookup=n (prompt lookup, Saxena 2023): a row whose last n tokens (or n - 1, ..., 2) occurred earlier in its
     own text drafts the up to K tokens that followed there, with no model call (q: all its mass on that token).
     A cycle where every live row found one drafts that way; otherwise a routed adapter drafts as above, and a
     full-depth one (router 'none') drafts for the rows that found one only. Verification is the same.
@@ -175,8 +175,10 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
 
 def _lookup(text, n, k):
     """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's last n tokens
-    (else its last n - 1, ..., 1), or none. text: one row's tokens so far (1-D)."""
-    for g in range(min(n, len(text) - 1), 0, -1):
+    (else its last n - 1, ..., 2; 1 only when n = 1), or none. text: one row's tokens so far (1-D). Not down
+    to one token for n >= 2: a single token recurs too often to predict what follows it, and a wrong draft
+    widens the verify pass for nothing."""
+    for g in range(min(n, len(text) - 1), min(n, 2) - 1, -1):
         grams = text.unfold(0, g, 1)[:-1]                                 # every g-gram that has a follower
         hit = (grams == text[-g:]).all(1).nonzero()
         if len(hit):

@@ -67,6 +67,8 @@ def test_lookup_finds_the_latest_continuation():
     assert speculative._lookup(t, 2, 3).tolist() == [8, 1, 5]          # [5, 6] last seen at 3: then 8, 1, 5
     assert speculative._lookup(t, 3, 1).tolist() == [8]                # no earlier [1, 5, 6]: the 2-gram
     assert speculative._lookup(torch.tensor([1, 2, 3]), 2, 4).tolist() == []
+    assert speculative._lookup(torch.tensor([4, 2, 9, 2]), 2, 2).tolist() == []   # a lone token is not enough...
+    assert speculative._lookup(torch.tensor([4, 2, 9, 2]), 1, 2).tolist() == [9, 2]   # ...unless n = 1
 
 
 def test_full_depth_draft_is_always_accepted():
@@ -288,15 +290,17 @@ def test_sample_py_speculative(tmp_path):
     text = lambda out: [line for line in out.splitlines() if not line.startswith("Overriding")][0]
     want = sample("--hf", str(tmp_path / "model"), "--no_skip")
     got = sample("--routers", str(tmp_path / "head.pt"), "--speculative=3", "--adapt_k=True")
-    assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per draft)" in got
+    assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per model draft)" in got
     assert "drafts accepted" in got and "adaptive: final" in got
+    got = sample("--hf", str(tmp_path / "model"), "--no_skip", "--speculative=3", "--lookup=2")
+    assert text(got) == text(want) and "prompt-lookup draft (2-gram) (0.0 layers per model draft)" in got
     assert "int >= 1" in sample("--routers", str(tmp_path / "head.pt"), "--speculative=-2", ok=False)
 
 
 @pytest.mark.slow
 def test_bench_speculative_rows(tmp_path):
-    """python bench.py --mode=hf --hf=smollm2-135m: every row (generate, its early-exit assistant, --no_skip, the
-    speculative drafts) prints generate's tokens, and the CSV gets the acceptance columns."""
+    """python bench.py --mode=hf --hf=smollm2-135m: every row (generate, its early-exit assistant and prompt lookup,
+    --no_skip, the speculative drafts) prints generate's tokens, and the CSV gets the acceptance columns."""
     import importlib.util
     import os
     import subprocess
@@ -311,4 +315,7 @@ def test_bench_speculative_rows(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Self-speculative decoding on smollm2-135m" in p.stdout and "assistant_early_exit=20" in p.stdout
     rows = report.read_text().splitlines()
-    assert len(rows) == 1 + 5 and all(",yes," in r for r in rows[1:]) and "acceptance %" in rows[0]
+    # generate (oneDNN and MKL linears), its early-exit assistant and prompt lookup, --no_skip, the untrained exit
+    # (fixed and adaptive K), our prompt lookup
+    assert len(rows) == 1 + 8 and all(",yes," in r for r in rows[1:]) and "acceptance %" in rows[0]
+    assert "MKL linears" in p.stdout and "prompt_lookup_num_tokens=2" in p.stdout and "prompt lookup (3-gram)" in p.stdout
