@@ -432,8 +432,9 @@ def cpu_linears(model, kernel="onednn"):
 
 
 def _onednn_forward(self, x):
-    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none)."""
-    if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none) and
+    under torch.compile (inductor picks its own CPU kernels, and cannot lower this op on plain weights)."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 

@@ -454,12 +454,14 @@ def test_smollm2_full_depth_equals_generate():
 # Decode a CUDA graph can capture: a static plan's step compiled whole (CPU proxy: inductor on the CPU)
 
 @pytest.mark.slow                                                              # a cold compile: 5-15 s
-@pytest.mark.parametrize("arch, kw", [("llama", {}),
-                                      ("mistral", dict(router="fixed", R=3, base_layers=2, depth=1))])  # + window
-def test_compiled_static_decode_equals_eager(arch, kw):
+@pytest.mark.parametrize("arch, kw, kernel", [("llama", {}, "mkl"), ("llama", {}, "onednn"),
+                                              ("mistral", dict(router="fixed", R=3, base_layers=2, depth=1), "mkl")])
+def test_compiled_static_decode_equals_eager(arch, kw, kernel):
     """generate(compile=True) runs _static_step under torch.compile(fullgraph=True): the same tokens and logits as
-    the eager loop (batch 3, left padding), one graph, and a second call with the same shapes compiles nothing."""
+    the eager loop (batch 3, left padding), one graph, and a second call with the same shapes compiles nothing;
+    also on load_hf's oneDNN linears (data.cpu_linears), which hand over to inductor's own kernels when compiled."""
     model = tiny(arch)
+    data.cpu_linears(model, kernel)
     ids, mask = prompts(3)
     ad = DepthAdapter(model, **kw)
     ref, st_ref = ad.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True)
