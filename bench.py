@@ -5,7 +5,7 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=train        # ms/iter, tokens/s, MFU, executed FLOPs/token, peak memory
   python bench.py --mode=decode       # batched greedy decoding: per-step, continuous depth-wise batching, graphed
   python bench.py --mode=gpu --report_csv=gpu.csv   # the one GPU script: decode, compiled training, HF adapter
-  python bench.py --mode=hf           # the HF adapter: plain generate vs --no_skip vs fixed ~50% depth
+  python bench.py --mode=hf           # the HF adapter: generate vs --no_skip vs ~50% depth; a verify pass in steps
   python bench.py --mode=hf --hf=smollm2-135m --routers=out-spec-draft/routers.pt   # speculative decoding, real model
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
   python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
@@ -141,7 +141,7 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
             "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
             "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle", "text",
-            "head checks %", "agree %", "same tokens %", "layer calls %"]
+            "head checks %", "agree %", "same tokens %", "layer calls %", "tokens per row", "ms per pass", "vs one step"]
 
 
 def emit(table, row):
@@ -453,6 +453,7 @@ def bench_hf():
                 table.append({"shape": shape, "batch": B, "decoder": name, "layers/token": layers,
                               "tokens/s": B * new_tokens / med, "spread %": 100 * (hi - lo) / med,
                               "ms/token": 1000 * med / new_tokens, "vs generate": base / med})
+        bench_verify(model, (1, 8), prompt_len, f"at the {shape} shape, {dtype}", shape=shape)
         del model
     print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()} "
                 f"(prefill included; median of {repeats}, interleaved)", table,
@@ -461,12 +462,23 @@ def bench_hf():
         emit("hf", r)
 
 
+def bench_verify(lm, batches, prompt, where, **tag):
+    """What speculative decoding rests on (speculative.verify_cost): a verify pass over w tokens, in decode steps."""
+    import speculative as sp
+    costs = [r for B in batches for r in sp.verify_cost(lm, B, prompt, interleaved=interleaved)]
+    print_table(f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after {prompt}",
+                costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
+    for r in costs:
+        emit("verify", dict(**tag, **r))
+
+
 def bench_speculative():
     """--mode=hf --hf=<model>: self-speculative decoding on a real model (speculative.compare: transformers
     generate, its early-exit assistant, the adapter at full depth, each --routers file routed and as a draft with
     K = --speculative, fixed and adaptive, and the untrained exit); every row must give generate's tokens."""
     import speculative as sp
     model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    bench_verify(model, list(decode_batches) or [1], 64, f"on {hf}", model=hf)
     table = sp.compare(model, tok, [p for p in routers.split(",") if p], threshold, list(decode_batches) or [1],
                        new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on {device_name()} (prefill "

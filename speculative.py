@@ -274,6 +274,29 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
+@torch.no_grad()
+def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=None):
+    """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
+    pass of w - 1 drafts) against one decode step (w = 1), batch B after a prompt of prompt_len random tokens, on
+    the model's own device and kernels. interleaved: bench.py's timer (median of its repeats, round-robin);
+    each timed call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
+    full, dev = DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
+    ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
+    run, ids, pos, _ = full._start(ids[:, :prompt_len], None, max(widths))
+    full._forward(run, ids, pos, 0)
+    new = torch.randint(0, model.config.vocab_size, (B, max(widths)), device=dev)
+    steps = pos[:, -1:] + 1 + torch.arange(max(widths), device=dev)
+
+    def passes(w):                      # the same cache slots each time: the cost, not the text, is measured
+        for _ in range(n):
+            full._forward(run, new[:, :w], steps[:, :w], prompt_len, all_logits=True)
+        now(dev)
+    timings = interleaved([(w, lambda w=w: passes(w)) for w in widths])
+    one = timings[widths[0]][1]
+    return [{"batch": B, "tokens per row": w, "ms per pass": 1000 * timings[w][1] / n, "vs one step": timings[w][1] / one}
+            for w in widths]
+
+
 def _on_mkl(model, fn):
     cpu_linears(model, "mkl")
     try:

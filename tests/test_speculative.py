@@ -62,6 +62,22 @@ def test_prompt_lookup_equals_generate(arch, batch):
             assert st["draft_layers"] == 0                             # no model call drafted
 
 
+def test_verify_cost_rows():
+    """bench.py's verify table (speculative.verify_cost): one row per width, w = 1 is the unit; the timer is the
+    bench's (here a plain one), so this checks the plumbing, not a speed."""
+    import time
+
+    def timer(runs):
+        out = {}
+        for key, fn in runs:
+            t = time.perf_counter()
+            out[key] = (fn(), time.perf_counter() - t, 0, 0)
+        return out
+    rows = speculative.verify_cost(tiny("qwen2"), 2, 6, widths=(1, 3), n=2, interleaved=timer)
+    assert [(r["batch"], r["tokens per row"]) for r in rows] == [(2, 1), (2, 3)]
+    assert rows[0]["vs one step"] == 1.0 and all(r["ms per pass"] > 0 for r in rows)
+
+
 def test_lookup_finds_the_latest_continuation():
     t = torch.tensor([5, 6, 7, 5, 6, 8, 1, 5, 6])
     assert speculative._lookup(t, 2, 3).tolist() == [8, 1, 5]          # [5, 6] last seen at 3: then 8, 1, 5
@@ -315,6 +331,9 @@ def test_bench_speculative_rows(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "Self-speculative decoding on smollm2-135m" in p.stdout and "assistant_early_exit=20" in p.stdout
     rows = report.read_text().splitlines()
+    verify = [r for r in rows if r.startswith("verify,")]              # the verify pass's cost, w = 1, 2, 3, 5, 9
+    rows = [r for r in rows if not r.startswith("verify,")]
+    assert len(verify) == 5 and "ms per pass" in rows[0] and "The verify pass on smollm2-135m" in p.stdout
     # generate (oneDNN and MKL linears), its early-exit assistant and prompt lookup, --no_skip, the untrained exit
     # (fixed and adaptive K), our prompt lookup
     assert len(rows) == 1 + 8 and all(",yes," in r for r in rows[1:]) and "acceptance %" in rows[0]
