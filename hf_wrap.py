@@ -531,6 +531,8 @@ class DepthAdapter:
         (from the first sample to the end), tokens_per_s = B * new / decode_s, ms_per_token, easy/medium/hard
         (confidence, entropy), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
         float32 with return_logits. Rows that emit eos_token_id continue with it; all done: generation stops."""
+        if lookup and speculative is None:
+            raise ValueError("lookup=n drafts for speculative decoding: pass speculative=K (tokens per cycle) too.")
         if speculative is not None:
             if return_trace:
                 raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "

@@ -207,6 +207,8 @@ def test_bad_input():
     for n in (-1, True, 2.0):
         with pytest.raises(ValueError, match="lookup"):
             ad.generate(ids, max_new_tokens=8, speculative=2, lookup=n)
+    with pytest.raises(ValueError, match="speculative=K"):            # lookup alone would be ignored
+        ad.generate(ids, max_new_tokens=8, lookup=3)
     with pytest.raises(ValueError, match="trace"):
         ad.generate(ids, max_new_tokens=8, speculative=2, return_trace=True)
     for router in ("exit_head", "skip"):                              # a draft that was never trained
