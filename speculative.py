@@ -274,6 +274,10 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
+
+# -----------------------------------------------------------------------------
+# Measured: what a verify pass costs, and the drafts against transformers (bench.py --mode=hf --hf=<model>)
+
 @torch.no_grad()
 def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=None):
     """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
@@ -304,9 +308,6 @@ def _on_mkl(model, fn):
     finally:
         cpu_linears(model, "onednn")
 
-
-# -----------------------------------------------------------------------------
-# Measured against transformers (bench.py --mode=hf --hf=<model>)
 
 SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story about a lighthouse keeper.",
                 "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
