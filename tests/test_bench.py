@@ -38,7 +38,9 @@ def test_gpu_script_runs_at_a_tiny_size_on_the_cpu(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(report)))
-    assert {r["table"] for r in rows} == {"decode", "train", "hf"}
+    assert {r["table"] for r in rows} == {"decode", "train", "hf", "verify"}     # verify: a pass over w tokens
+    verify = [r for r in rows if r["table"] == "verify"]
+    assert [float(r["vs one step"]) for r in verify if r["tokens per row"] == "1"] == [1.0, 1.0]   # batch 1, 8
     decode = [r for r in rows if r["table"] == "decode"]
     assert {r["model"] for r in decode} == {"vanilla", "MoR-3 expert-choice", "MoR-4 expert-choice"}
     assert all(float(r["spread %"]) >= 0 and float(r["ideal"]) >= 1 for r in decode)
