@@ -343,6 +343,7 @@ def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
     tiny("qwen3").save_pretrained(tmp_path / "qwen3")
     model, tokenizer = data.load_hf(str(tmp_path / "qwen3"))
     assert model.config.model_type == "qwen3" and tokenizer is None
+    assert "forward" in model.model.layers[0].mlp.down_proj.__dict__          # load_hf's oneDNN linears (CPU)
     assert "tokenizer is None" in capsys.readouterr().err
 
 
