@@ -141,7 +141,8 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "ratio", "kv-only %", "ppl", "vs full %", "task", "accuracy %", "nll", "gen ppl", "passes",
             "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
             "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle", "text",
-            "head checks %", "agree %", "same tokens %", "layer calls %", "tokens per row", "ms per pass", "vs one step"]
+            "head checks %", "agree %", "same tokens %", "layer calls %", "tokens per row", "ms per pass",
+            "vs one step"]
 
 
 def emit(table, row):

@@ -522,9 +522,9 @@ class DepthAdapter:
                  lookup=0, compile=False):
         """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
         speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
-        full model's own, at any router (speculative.speculate; lookup=n: prompt-lookup drafts). compile: static routers (none, fixed, drop, exit_head)
-        decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as eager;
-        the routed kinds decide from the data, so their decode stays eager (shapes follow the routing).
+        full model's own, at any router (speculative.speculate; lookup=n: prompt-lookup drafts). compile: static
+        routers (none, fixed, drop, exit_head) decode with _static_step under torch.compile (fullgraph; CUDA graphs on
+        a GPU), the same tokens as eager; routed kinds decide from the data, so their decode stays eager.
 
         Returns (output_ids (B, T0 + new), stats): _summary over the generated tokens that went through the decode
         loop (all but the last, which is never fed back), prompt_tokens / prompt_mean_depth, prefill_s, decode_s

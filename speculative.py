@@ -297,8 +297,8 @@ def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=N
         now(dev)
     timings = interleaved([(w, lambda w=w: passes(w)) for w in widths])
     one = timings[widths[0]][1]
-    return [{"batch": B, "tokens per row": w, "ms per pass": 1000 * timings[w][1] / n, "vs one step": timings[w][1] / one}
-            for w in widths]
+    return [{"batch": B, "tokens per row": w, "ms per pass": 1000 * timings[w][1] / n,
+             "vs one step": timings[w][1] / one} for w in widths]
 
 
 def _on_mkl(model, fn):
@@ -343,7 +343,7 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
         gen = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
-        if cpu_linears(model, "onednn"):                   # load_hf's CPU kernels (data.py); what they gain:
+        if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears; what they gain:
             runs.append(("transformers generate, MKL linears", lambda: _on_mkl(model, lambda: (
                 model.generate(ids, **gen), None))))      # the same call on torch's default kernels
         if B == 1:
