@@ -489,10 +489,11 @@ SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What
                 "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
 
 
-def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size):
+def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size, temperature=0.7):
     """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
     draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
-    text; answers sampled at temperature 0.7 (top-k 50) through DepthAdapter at full depth. -> (train ids, val
+    text; answers sampled at `temperature` (top-k 50; 0: greedy, the text greedy decoding will ask a draft
+    for) through DepthAdapter at full depth. -> (train ids, val
     ids) as corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
     from hf_wrap import DepthAdapter                  # here: data.py is read before the adapter exists
     words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
@@ -511,8 +512,8 @@ def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size)
         ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
         for row, e in enumerate(enc):                                         # left padding
             ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
-        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens, temperature=0.7,
-                               top_k=50, eos_token_id=eos)
+        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
+                               temperature=temperature, top_k=50, eos_token_id=eos)
         for row, e in zip(out.tolist(), enc):
             prompt, answer = e, row[T:]
             texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))

@@ -13,6 +13,8 @@ The routers (router.py holds the trainable ones; tune.py trains them with the ba
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
+  drafter         every token runs every layer; a trained drafter guesses the next tokens from the final state
+                  (a speculative draft, router.Drafter: generate(speculative=K) only)
   confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
                   is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
@@ -47,7 +49,7 @@ from model import apply_rope, sample_next
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
-ROUTERS = ("none", "drop", "exit_head", *GROUP_ROUTERS, "skip", "ffn")
+ROUTERS = ("none", "drop", "exit_head", "drafter", *GROUP_ROUTERS, "skip", "ffn")
 TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 
@@ -79,6 +81,7 @@ class _Run:
         self.no_pad = bool(key_valid.all())
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)
         self.kv_only = self.head_checks = 0      # token-layers of K/V alone; LM-head calls of the exit tests
+        self.h = None                            # the last _forward's final states (B, T, C): a drafter's input
         # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrating) set by this run's prefill
         self.cutoffs = None if ad.cutoffs is None else ad.cutoffs.clone().to(dev)
         self.calibrating = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in rt.ROUTER_KINDS
@@ -171,12 +174,13 @@ class DepthAdapter:
     None: the bias the tuning file's target search found, else 0). keep_ratio < 1 (skip, ffn, expert_choice):
     per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or
     calibrate(windows)). routers / router_path: trained routers (a router.FrozenRouters or its file; an exit head
-    file for exit_head). random_routers: untrained routers, for speed measurements only.
+    file for exit_head, a drafter file for drafter; or exit_head= / drafter= the module). random_routers: untrained
+    routers, for speed measurements only.
     """
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=None, depth=None, threshold=None,
                  router_path=None, routers=None, no_skip=False, exit_threshold=None, exits=True, drop_layers=None,
-                 random_routers=False, exit_head=None):
+                 random_routers=False, exit_head=None, drafter=None):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"DepthAdapter supports model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
@@ -199,7 +203,7 @@ class DepthAdapter:
         self.attn_share, self.kv_share = n(attn) / full, (n(attn.k_proj) + n(attn.v_proj)) / full
         self.head_share = self.lm_head.weight.numel() / full                 # one LM-head call (CALM's exit test)
 
-        self.file, self.routers, self.exit_head, self.cutoffs = {}, None, None, None
+        self.file, self.routers, self.exit_head, self.drafter, self.cutoffs = {}, None, None, None, None
         if router_path is not None and router in ("skip", "ffn", "expert_choice", "token_choice"):
             routers, self.file = rt.load_routers(router_path, cfg, TUNE_COMMAND)
             if routers.kind != router:
@@ -208,15 +212,18 @@ class DepthAdapter:
             raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
         if router == "exit_head" and exit_head is None and router_path is not None:
             exit_head, self.file = rt.load_exit_head(router_path, model, TUNE_COMMAND)
+        if router == "drafter" and drafter is None and router_path is not None:
+            drafter, self.file = rt.load_drafter(router_path, model, TUNE_COMMAND)
         # a learned router without trained weights is refused: random routing gives speed without quality
-        learned = router in rt.ROUTER_KINDS + ("exit_head",)
+        learned = router in rt.ROUTER_KINDS + ("exit_head", "drafter")
         everyone = keep_ratio == 1.0 and router != "token_choice"           # capacity 1: nothing is routed
-        self.random_routers = learned and routers is None and exit_head is None and not everyone
+        given = routers is not None or exit_head is not None or drafter is not None
+        self.random_routers = learned and not given and not everyone
         if self.random_routers and not random_routers:
             raise ValueError(f"router={router!r} needs trained routers, and none were given. Tune them for this model "
                              f"with the base frozen: {TUNE_COMMAND.replace('<kind>', router)} (it writes <dir>/routers.pt; then "
                              "router_path=that file, or sample.py --routers=that file; tune.py --exit_head_layer=l "
-                             "tunes an exit head). For speed measurements only, random_routers=True (sample.py "
+                             "tunes an exit head, tune.py --drafter=True a drafter). For speed measurements only, random_routers=True (sample.py "
                              "--random_routers) runs untrained routers.")
 
         # the units a decision covers, and what a token of depth d costs (layers_per_depth[d], in layers)
@@ -225,7 +232,7 @@ class DepthAdapter:
             self.layers_per_depth = [units[0][0]] + [b for _, b in units]
         else:
             units = routers.units if routers is not None else rt.unit_layout(L) if router in ("skip", "ffn") else []
-            self.layers_per_depth = [0, L] if router == "none" else list(range(L + 1))
+            self.layers_per_depth = [0, L] if router in ("none", "drafter") else list(range(L + 1))
         self.units, self.R, self.base_layers = units, max(len(units), 1), units[0][0] if units else 0
         if router == "fixed" and (not isinstance(depth, int) or not 0 <= depth <= self.R):
             raise ValueError(f"router='fixed' needs depth=d, an int in 0..R={self.R} (groups every token runs); "
@@ -241,12 +248,16 @@ class DepthAdapter:
             self.exit_head.to(self.embed.weight.device)
             every = torch.equal(self.exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
             self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.exit_head.vocab].float()
+        if router == "drafter":                        # full depth; the drafter reads the final state (speculative.py)
+            self.drafter = (drafter or rt.new_drafter(model)).eval().to(self.embed.weight.device)
+            every = torch.equal(self.drafter.vocab.cpu(), torch.arange(cfg.vocab_size))
+            self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.drafter.vocab].float()
         # static routers send every token through the same layers (no decisions, no host syncs, no K/V fill)
-        plan = {"none": range(L), "fixed": range(self.layers_per_depth[depth or 0]),
+        plan = {"none": range(L), "drafter": range(L), "fixed": range(self.layers_per_depth[depth or 0]),
                 "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())],
                 "exit_head": range(self.exit_head.layer) if self.exit_head else None}.get(router)
         self.plan = None if plan is None else tuple(plan)                    # the layers every token runs
-        self.static_depth = {"none": 1, "fixed": depth, "drop": len(self.plan or ()),
+        self.static_depth = {"none": 1, "drafter": 1, "fixed": depth, "drop": len(self.plan or ()),
                              "exit_head": len(self.plan or ())}.get(router)
 
         if router in DEFAULT_THRESHOLD:
@@ -254,7 +265,7 @@ class DepthAdapter:
             if (router == "confidence" and not 0 < threshold <= 1) or (router == "entropy" and threshold < 0):
                 raise ValueError(f"threshold={threshold} for router={router!r}: use a top-1 probability in (0, 1] "
                                  "for confidence, an entropy >= 0 (nats) for entropy.")
-        if learned and router != "exit_head":
+        if learned and router not in ("exit_head", "drafter"):
             if routers is None:                       # random_routers: gates whose decisions vary from token to token
                 routers = rt.FrozenRouters(router, self.hidden_size, units, mlp_hidden=16)
                 for gate in routers.gates:
@@ -375,7 +386,8 @@ class DepthAdapter:
     def _forward(self, run, ids, pos, start, all_logits=False):
         """ids, pos (B, T) fill cache slots start..start+T. -> (logits: the last position's (B, V), or every
         position's (B, T, V) with all_logits; depth (B, T) in decision units (layers_per_depth); cost (B, T): the
-        layer-equivalents each token ran, K/V fill not included)."""
+        layer-equivalents each token ran, K/V fill not included). run.h: the final states (B, T, C), before the
+        final norm (a drafter's input)."""
         B, T = ids.shape
         x = self.embed(ids)                                                   # (B, T, C)
         cos, sin = self.rotary(x, pos)                                        # (B, T, hd) each
@@ -420,7 +432,7 @@ class DepthAdapter:
             depth = (torch.stack(groups).long().sum(0) if self.router in GROUP_ROUTERS   # groups run
                      else mlp_ran.sum(0).long())                                         # layers (ffn: MLPs) run
             run.calibrating = False
-        h = x.unflatten(0, (B, T))
+        h = run.h = x.unflatten(0, (B, T))
         return self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T)
 
     def _static_step(self, k, v, key_valid, ids, pos, slot):
@@ -451,11 +463,14 @@ class DepthAdapter:
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
         if self.exit_head is None:
             return self.lm_head(self.norm(h))
-        sub = self.exit_head(h, self.head_weight)                             # (..., V')
+        return self._spread(self.exit_head(h, self.head_weight), self.exit_head.vocab)
+
+    def _spread(self, sub, vocab):
+        """A head's logits over its vocab (..., V') -> over the model's (..., V), -inf outside: never proposed."""
         if self.head_weight is self.lm_head.weight:
             return sub
         logits = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), -math.inf)
-        logits[..., self.exit_head.vocab] = sub
+        logits[..., vocab] = sub
         return logits
 
     # --- generation ------------------------------------------------------------------------------------------
@@ -533,6 +548,9 @@ class DepthAdapter:
         float32 with return_logits. Rows that emit eos_token_id continue with it; all done: generation stops."""
         if lookup and speculative is None:
             raise ValueError("lookup=n drafts for speculative decoding: pass speculative=K (tokens per cycle) too.")
+        if self.router == "drafter" and speculative is None:
+            raise ValueError("router='drafter' only drafts for speculative decoding: pass speculative=K (sample.py "
+                             "--speculative=4); its text is then the full model's. no_skip=True decodes without it.")
         if speculative is not None:
             if return_trace:
                 raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "

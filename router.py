@@ -438,6 +438,7 @@ def exit_ratio(stats, kind, threshold):
 # Router files: one format for every kind, loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
 EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
+DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (Drafter, below)
 
 
 def model_shape(config):
@@ -463,7 +464,8 @@ def read_router_file(path, tune_command="python tune.py"):
     except Exception as e:
         raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
                          "truncated: tune the routers again.") from None
-    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT):
+    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT,
+                                                                        DRAFTER_FILE_FORMAT):
         raise ValueError(f"{path} is not a router file of this version (format {blob.get('format') if isinstance(blob, dict) else None!r}): "
                          f"tune the routers again ({tune_command}).")
     return blob
@@ -495,7 +497,7 @@ def load_routers(path, model_config, tune_command="python tune.py"):
     """-> (FrozenRouters, the file's dict)."""
     def make(blob):
         if blob["format"] != ROUTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds an exit head (a speculative draft): use it with router='exit_head'.")
+            raise ValueError(f"{path} holds a speculative draft: use it with router={blob['router']!r}.")
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
     return load_router_file(path, model_config, make, tune_command)
@@ -548,8 +550,69 @@ def load_exit_head(path, model, tune_command="python tune.py"):
     """-> (ExitHead, the file's dict)."""
     def make(blob):
         if blob["format"] != EXIT_HEAD_FILE_FORMAT:
-            raise ValueError(f"{path} holds {blob.get('router')!r} routers, not an exit head: use "
+            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not an exit head: use "
                              f"router={blob.get('router')!r} with it.")
         return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
                         model.model.norm.variance_epsilon)
+    return load_router_file(path, model.config, make, tune_command)
+
+
+# -----------------------------------------------------------------------------
+# A speculative drafter on top of the full model (tune.py --drafter=True trains it)
+
+class Drafter(nn.Module):
+    """A recurrent drafter (ReDrafter, Cheng et al. 2024; the idea of Medusa, Hydra and EAGLE: draft from the
+    full model's last state, which a verify pass computes anyway), base frozen. After the full model ran at
+    position t, s = its final state there (before the final norm) and x = the token it chose for t + 1. Then
+        s <- s + up(silu(down([rms_norm(s); rms_norm(embed(x))])))       one step: no layer of the model runs
+        q  = softmax(head_rows(norm(s)))                                 the draft for token t + 2
+    and again from (s, the drafted token) for t + 3, t + 4, ... A draft costs one small MLP and the LM head's
+    rows for `vocab` (the tuning text's most frequent tokens, as ExitHead): a few percent of a decode step, where
+    a shallow exit pays for the layers below it. What it cannot know is everything the full model would still
+    compute from x: it learns that from the tuning text."""
+
+    def __init__(self, hidden_size, vocab, hidden=512, eps=1e-5):
+        super().__init__()
+        self.hidden = hidden
+        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
+        self.down = nn.Linear(2 * hidden_size, hidden, bias=False)
+        self.up = nn.Linear(hidden, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def step(self, s, e):
+        """s (..., C) the state so far, e (..., C) the embedding of the token after it -> the next state."""
+        s, e = s.float(), e.float()
+        C = s.shape[-1]
+        return s + self.up(F.silu(self.down(torch.cat([F.rms_norm(s, (C,)), F.rms_norm(e, (C,))], -1))))
+
+    def forward(self, s, head_weight):
+        """s (..., C) a state from step(); head_weight (V', C) the LM head's rows for vocab -> logits (..., V')."""
+        return F.linear(self.norm(s).to(head_weight.dtype), head_weight)
+
+
+def new_drafter(model, vocab=None, hidden=512):
+    """An untrained Drafter for `model` (vocab None: every token), its norm copied from the model's final norm."""
+    cfg = model.config
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"drafter hidden={hidden!r}: the width of its MLP, an int >= 1 (512 is a good start).")
+    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
+    drafter = Drafter(cfg.hidden_size, vocab, hidden, model.model.norm.variance_epsilon)
+    drafter.norm.weight.data.copy_(model.model.norm.weight.float())
+    return drafter.to(model.get_input_embeddings().weight.device)
+
+
+def save_drafter(path, drafter, hf_model, **meta):
+    save_router_file(path, DRAFTER_FILE_FORMAT, drafter, hf_model.config, {
+        "router": "drafter", "hidden": drafter.hidden, "head_vocab": drafter.vocab.numel()}, **meta)
+
+
+def load_drafter(path, model, tune_command="python tune.py"):
+    """-> (Drafter, the file's dict)."""
+    def make(blob):
+        if blob["format"] != DRAFTER_FILE_FORMAT:
+            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not a drafter: use "
+                             f"router={blob.get('router')!r} with it.")
+        return Drafter(model.config.hidden_size, torch.zeros(blob["head_vocab"]), blob["hidden"],
+                       model.model.norm.variance_epsilon)
     return load_router_file(path, model.config, make, tune_command)

@@ -37,7 +37,8 @@ csv = ""                        # write the depth histogram to this CSV (diffusi
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
 # the Hugging Face adapter (hf_wrap.py)
 router = "none"                 # none | fixed | confidence | entropy | drop (hf_wrap.ROUTERS), or the trained
-                                # kinds: skip | ffn | expert_choice | token_choice | exit_head (--routers sets it)
+                                # kinds: skip | ffn | expert_choice | token_choice | exit_head | drafter (--routers
+                                # sets it; exit_head and drafter are speculative drafts)
 R = 4                           # groups the routed layers are split into (fixed, confidence, entropy)
 base_layers = 2                 # layers every token runs before routing starts
 keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit, from the

@@ -6,11 +6,14 @@ verifies, and the output is exactly the full model's. Read hf_wrap.py first.
     python sample.py --hf smollm2-135m --routers=out-spec-draft/routers.pt --speculative=4   # --no_skip's text
 
 Any router drafts (a trained skip / ffn / expert / token-choice file, fixed depth, dropped layers, CALM exits),
-and so does an exit head: a small adapter plus the model's own LM head at one layer, trained here (tune_exit_head,
-run by `python tune.py config/hf_spec_draft.py`) to match the final layer's distribution. The draft and the
-verify share one cache: the verify pass rewrites every layer's K/V at the drafted slots, so whatever the draft
-computed there is replaced by the full model's. What it pays: k draft steps and one pass over k + 1 tokens per
-cycle, for 1 to k + 1 tokens (the README has the measured split between them).
+and so do two trained heads (base frozen, trained here to match the full model's distribution):
+  exit head   a small adapter plus the model's own LM head at one layer (tune_exit_head, `python tune.py
+              config/hf_spec_draft.py`): a draft runs the layers below it.
+  drafter     a small MLP on the full model's final state and the token it chose (tune_drafter, `python tune.py
+              config/hf_spec_drafter.py`): a draft runs no layer at all; the verify pass hands it the state.
+The draft and the verify share one cache: the verify pass rewrites every layer's K/V at the drafted slots, so
+whatever the draft computed there is replaced by the full model's. What it pays: k drafts and one pass over
+k + 1 tokens per cycle, for 1 to k + 1 tokens (the README has the measured split between them).
 
 A file of its own because it is its own algorithm on top of the adapter (draft, verify, accept, re-align), and
 so that hf_wrap.py stays the one loop it teaches.
@@ -37,7 +40,7 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     router) drafts, the full model verifies, and the output is the full model's own.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) this adapter's routing drafts
-    d1..dk one at a time; ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
+    d1..dk one at a time (a drafter: from the final state that chose the pending token, no layer run); ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
     after each of the k + 1 positions. Greedy keeps the drafts up to the first that is not p's argmax, then
     emits p's argmax there: 1 to k + 1 tokens, each the full model's choice. With temperature > 0, speculative
     sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
@@ -68,7 +71,8 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     if adapter.keep_ratio is not None and adapter.cutoffs is None and adapter.router in rt.ROUTER_KINDS:
         raise ValueError("a keep_ratio draft needs calibrated cutoffs (calibrate(windows)): speculative "
                          "decoding prefills with the full model, so the prompt cannot set them.")
-    full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
+    full = adapter if adapter.router in ("none", "drafter") else DepthAdapter(adapter.model, no_skip=True)
+    drafter = adapter.drafter                                # or None: the adapter's own routing drafts
     k_max = 2 * K if adapt_k else K
     run, ids, pos, mask = adapter._start(input_ids, attention_mask, max_new_tokens, extra=k_max + 1)
     dev, V, greedy = ids.device, adapter.lm_head.weight.shape[0], temperature == 0
@@ -86,6 +90,7 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     logits, _, _ = full._forward(run, ids, pos, 0)            # the prompt: exact at every layer
     t1 = now(dev)
     pending, _ = pick(logits)
+    state = run.h[:, -1]                      # (B, C) the final state that chose `pending`: the drafter starts there
     out[:, T0], n = pending, torch.ones(B, dtype=torch.long, device=dev)  # n: tokens emitted per row
     done = pending == eos_token_id if eos_token_id is not None else torch.zeros_like(n, dtype=torch.bool)
     if return_logits:
@@ -110,12 +115,17 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
                 q = [None if greedy else F.one_hot(d, V).float() * (j < lens)[:, None] for j, d in enumerate(drafts)]
             else:
                 found = None                                              # a row found none: the router drafts
+        s = state
         for j in range(kd if found is None else 0):                       # the draft: one token at a time
-            logits, _, cost = adapter._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
+            if drafter is not None:               # from the full model's last state: no layer runs, no cache slot
+                s = drafter.step(s, adapter.embed(tok))
+                logits = adapter._spread(drafter(s, adapter.head_weight), drafter.vocab)
+            else:                                 # the adapter's routing: its layers write draft K/V (overwritten)
+                logits, _, cost = adapter._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
+                draft_layers += float(cost[live, 0].sum())
             tok, qj = pick(logits)
             drafts.append(tok)
             q.append(qj)
-            draft_layers += float(cost[live, 0].sum())
         tb = now(dev)
         chunk = torch.stack([pending, *drafts], 1)                        # (B, kd + 1)
         vl, _, _ = full._forward(run, chunk, next_pos[:, None] + steps[:kd + 1], end,
@@ -151,6 +161,8 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         if return_logits:
             out_logits[r, n[r] + j] = vl[r, j].float()
         pending = torch.where(c > 0, new.gather(1, (c - 1).clamp(min=0)[:, None])[:, 0], pending)
+        last = (c - 1).clamp(min=0)                                       # the verify position that chose it
+        state = torch.where((c > 0)[:, None], run.h[torch.arange(B, device=dev), last], state)
         n, next_pos = n + c, next_pos + c
         end = run.keep(end, c)                       # each row keeps [pending, d1..d_{c-1}]: c exact slots
         drafted += int(lens[live].sum()) if found is not None else kd * int(live.sum())
@@ -202,6 +214,44 @@ def _states(model, layer, windows, batch_size):
     return torch.cat(h), torch.cat(final)
 
 
+def _head_vocab(cfg, train_ids, V):
+    """The tokens a draft head can propose: the exit_head_vocab most frequent of the tuning text (None: all).
+    -> (vocab or None, the text's token counts (V,))."""
+    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
+    if not cfg["exit_head_vocab"]:
+        return None, counts
+    return counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))], counts
+
+
+def _fit(cfg, module, loss_of, n, evaluate):
+    """AdamW on module with cfg's schedule: each step, loss_of(idx) over batch_size * block_size indices drawn at
+    random from range(n). -> (evaluate(0), evaluate(max_iters)); module left in eval mode, frozen."""
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
+                            weight_decay=cfg["weight_decay"])
+    gen, rows = torch.Generator().manual_seed(cfg["seed"]), cfg["batch_size"] * cfg["block_size"]
+    first, t0 = evaluate(0), time.time()
+    for it in range(cfg["max_iters"]):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
+        loss = loss_of(torch.randint(n, (rows,), generator=gen))
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % cfg["log_interval"] == 0:
+            print(f"iter {it + 1}: KL {loss.item():.4f}, {1000 * (time.time() - t0) / cfg['log_interval']:.0f} ms/iter")
+            t0 = time.time()
+    module.eval().requires_grad_(False)
+    return first, evaluate(cfg["max_iters"])
+
+
+def _kl(logits_p, logits_q):
+    """KL(p || q) per row, and log q: p and q from logits over the same (head) vocabulary."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1), logq
+
+
 def tune_exit_head(cfg, model, train_ids, val, path):
     """A draft for speculative decoding, base frozen: router.ExitHead at exit_head_layer, trained to match the
     final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
@@ -212,10 +262,7 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     sampling at temperature 1). Writes path (router.save_exit_head)."""
     layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
-    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
-    vocab = None
-    if cfg["exit_head_vocab"]:                                               # the most frequent tokens of the text
-        vocab = counts.argsort(descending=True)[:min(cfg["exit_head_vocab"], int((counts > 0).sum()))]
+    vocab, counts = _head_vocab(cfg, train_ids, V)
     try:
         head = rt.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
     except ValueError as e:
@@ -230,48 +277,98 @@ def tune_exit_head(cfg, model, train_ids, val, path):
     print(f"exit head at layer {layer} of {L} (rank {cfg['exit_head_rank']}, vocab {len(head.vocab):,} of {V:,}: "
           f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
           f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
-
-    def kl(hs, fs):                                     # KL(p || q) over vocab, p renormalized there; (N,) each
-        logp = F.log_softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
-        logq = F.log_softmax(head(hs, Wv).float(), -1)
-        return (logp.exp() * (logp - logq)).sum(-1), logp, logq
+    kl = lambda hs, fs: _kl(F.linear(fs.to(Wv.dtype), Wv), head(hs, Wv))   # p renormalized over the vocab
 
     @torch.no_grad()
     def evaluate(it):
         agree = overlap = loss = 0.0
         for i in range(0, len(vh), 512):
             hs, fs = vh[i:i + 512], vfinal[i:i + 512]
-            k, logp, logq = kl(hs, fs)
+            k, logq = kl(hs, fs)
             target = F.linear(fs, W).argmax(-1)                               # the full model's greedy token
             agree += float((head.vocab[logq.argmax(-1)] == target).sum())
-            overlap += float(torch.minimum(logp.exp(), logq.exp()).sum(-1).sum())
+            p = F.softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
+            overlap += float(torch.minimum(p, logq.exp()).sum(-1).sum())
             loss += float(k.sum())
         result = {"iter": it, "kl": loss / len(vh), "greedy_agree": agree / len(vh), "overlap": overlap / len(vh)}
         print(f"step {it}: held-out KL {result['kl']:.4f}, argmax = the full model's {result['greedy_agree']:.1%}, "
               f"sum min(p, q) {result['overlap']:.1%}")
         return result
 
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    rows = cfg["batch_size"] * cfg["block_size"]
-    first, t0 = evaluate(0), time.time()
-    for it in range(cfg["max_iters"]):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
-        idx = torch.randint(len(h), (rows,), generator=gen).to(dev)
-        loss = kl(h[idx], final[idx])[0].mean()
-        loss.backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(head.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (it + 1) % cfg["log_interval"] == 0:
-            print(f"iter {it + 1}: KL {loss.item():.4f}, {1000 * (time.time() - t0) / cfg['log_interval']:.0f} ms/iter")
-            t0 = time.time()
-    head.eval().requires_grad_(False)
-    last = evaluate(cfg["max_iters"])
+    first, last = _fit(cfg, head, lambda idx: kl(h[idx.to(dev)], final[idx.to(dev)])[0].mean(), len(h), evaluate)
     rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+
+
+@torch.no_grad()
+def _final_states(model, windows, batch_size):
+    """The full model's final states over windows (N, T), before the final norm: (N, T, C), through the adapter's
+    own full-depth loop (run.h), which is what a drafter reads when it drafts."""
+    full, out = DepthAdapter(model, no_skip=True), []
+    for i in range(0, len(windows), batch_size):
+        run, ids, pos, _ = full._start(windows[i:i + batch_size], None, 0)
+        full._forward(run, ids, pos, 0)
+        out.append(run.h)
+    return torch.cat(out)
+
+
+def tune_drafter(cfg, model, train_ids, val, path):
+    """A draft for speculative decoding on the full model's final state, base frozen: router.Drafter, trained on
+    the tuning text to draft drafter_steps tokens in a row. From the final state h_t and the text's next token
+    x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to the full
+    model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full model runs
+    once over exit_head_windows windows; the steps then train on those states. Reports, on held-out text, how
+    often the first 1, 2, ... drafts in a row are all the full model's argmax (greedy acceptance of a cycle's
+    leading drafts, given that the full model's tokens came before). Writes path (router.save_drafter)."""
+    dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, cfg["drafter_steps"]
+    vocab, counts = _head_vocab(cfg, train_ids, V)
+    drafter = rt.new_drafter(model, vocab, cfg["drafter_hidden"])
+    W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
+    Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
+    n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
+    windows, vwin = text_windows(train_ids, cfg["block_size"], n)[:, :-1].to(dev), val[:, :-1].to(dev)
+    T = windows.shape[1] - D                                                  # start positions per window
+    if T < 1:
+        raise SystemExit(f"error: block_size={cfg['block_size']} leaves no room to draft drafter_steps="
+                         f"{D} tokens ahead: use a block_size above drafter_steps.")
+    t0 = time.time()
+    h, vh = _final_states(model, windows, cfg["batch_size"]), _final_states(model, vwin, cfg["batch_size"])
+    print(f"drafter (hidden {cfg['drafter_hidden']}, {D} steps, vocab {len(drafter.vocab):,} of {V:,}: "
+          f"{counts[drafter.vocab].sum() / counts.sum():.1%} of the tuning text's tokens; "
+          f"{sum(p.numel() for p in drafter.parameters()):,} trainable parameters); {h.shape[0] * T:,} train / "
+          f"{vh.shape[0] * T:,} held-out start positions, base states in {time.time() - t0:.0f} s")
+
+    def chain(hs, ids, idx):
+        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, target)."""
+        b, t, out = idx // T, idx % T, []
+        s = hs[b, t]
+        for j in range(1, D + 1):
+            s = drafter.step(s, E[ids[b, t + j]])             # the text's token, as the verified one will be
+            fs = norm(hs[b, t + j])
+            k, logq = _kl(F.linear(fs.to(Wv.dtype), Wv), drafter(s, Wv))
+            out.append((k, logq, fs))
+        return out
+
+    @torch.no_grad()
+    def evaluate(it):
+        N = vh.shape[0] * T
+        agree, loss = torch.zeros(D), 0.0
+        for i in range(0, N, 512):
+            ok = True
+            for j, (k, logq, fs) in enumerate(chain(vh, vwin, torch.arange(i, min(i + 512, N), device=dev))):
+                ok = ok & (drafter.vocab[logq.argmax(-1)] == F.linear(fs, W).argmax(-1))   # all drafts so far
+                agree[j] += float(ok.sum())
+                loss += float(k.sum()) / D
+        chained = (agree / N).tolist()
+        result = {"iter": it, "kl": loss / N, "greedy_agree": chained[0], "chain_agree": chained,
+                  "tokens_per_cycle": 1 + sum(chained)}
+        print(f"step {it}: held-out KL {result['kl']:.4f}, the first 1..{D} drafts all the full model's argmax: "
+              + " / ".join(f"{a:.1%}" for a in chained) + f" (at K={D}: {1 + sum(chained):.2f} tokens per cycle)")
+        return result
+
+    loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, windows, idx.to(dev))) / D
+    first, last = _fit(cfg, drafter, loss_of, h.shape[0] * T, evaluate)
+    rt.save_drafter(path, drafter, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
@@ -331,7 +428,8 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
     for path in router_paths:
         kind = rt.read_router_file(path)["router"]
         drafts.append((f"{kind} ({path})", DepthAdapter(model, router=kind, router_path=path,
-                                                        threshold=None if kind == "exit_head" else threshold)))
+                                                        threshold=None if kind in ("exit_head", "drafter")
+                                                        else threshold)))
     exit_layer = next((ad.exit_head.layer for _, ad in drafts if ad.exit_head is not None), 2 * L // 3)
     drafts.append((f"untrained exit at layer {exit_layer}",
                    DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1)))
@@ -355,7 +453,7 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
         runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                eos_token_id=eos)))
         for name, ad in drafts:
-            if ad.exit_head is None and ad.router != "fixed":   # the router alone, no verification: speed + quality
+            if ad.router in rt.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
                 runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
                                                                                 max_new_tokens=n)))   # all n tokens
             for adapt in (False, True):
@@ -366,7 +464,8 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
         if lookup:                                         # drafts from the text itself, alone and with a head
             runs.append((f"speculative, prompt lookup ({lookup}-gram)", lambda: full.generate(
                 ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, speculative=K, lookup=lookup)))
-            for name, ad in [d for d in drafts if d[1].exit_head is not None][:1]:
+            heads = [d for d in drafts if d[1].drafter is not None] + [d for d in drafts if d[1].exit_head is not None]
+            for name, ad in heads[:1]:                     # the drafter, else the first exit head
                 runs.append((f"speculative, prompt lookup, else {name}, adaptive K", lambda ad=ad: ad.generate(
                     ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos, speculative=K, adapt_k=True,
                     lookup=lookup)))

@@ -15,8 +15,8 @@ the LM loss) plus a compute penalty toward target_active_ratio; the last part of
 (straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
 learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
 really skips the work. All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers).
-exit_head_layer=l trains a speculative draft instead (speculative.py); self_distill=N tunes on the model's own
-answers to N prompts (data.self_distill_ids): a draft learns best on the text it will draft.
+exit_head_layer=l or drafter=True trains a speculative draft instead (speculative.py); self_distill=N tunes on
+the model's own answers to N prompts (data.self_distill_ids): a draft learns best on the text it will draft.
 A file of its own (README): it trains ~100k router parameters on someone else's frozen model, its own loop.
 """
 import math
@@ -32,7 +32,7 @@ import hf_wrap
 import router as rt
 from data import corpus_ids, load_hf, text_windows
 from hf_wrap import DepthAdapter
-from speculative import tune_exit_head       # the exit head is a speculative draft: its file trains it
+from speculative import tune_drafter, tune_exit_head     # speculative drafts: their file trains them
 
 # -----------------------------------------------------------------------------
 hf = "smollm2-135m"             # the frozen base: built-in name, local folder, .gguf file or hub name
@@ -88,11 +88,16 @@ target_tol = 0.005              # the search stops within this of the target lay
 # a speculative draft instead of skip gates: an exit head (router.ExitHead) trained by KL to the final layer
 exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
-exit_head_vocab = 8192          # tokens it can propose: the most frequent ones of the tuning text (0 = all)
+exit_head_vocab = 8192          # tokens it (or the drafter) can propose: the tuning text's most frequent (0 = all)
 exit_head_windows = 256         # train-split windows whose frozen-base states are computed once, then reused
+# or a drafter (router.Drafter) on the full model's final state, trained by KL to its next distributions
+drafter = False                 # True: tune a drafter (exit_head_vocab and exit_head_windows apply to it too)
+drafter_hidden = 512            # its MLP's width
+drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
-self_distill_tokens = 128       # new tokens per answer (sampled at temperature 0.7, top-k 50)
+self_distill_tokens = 128       # new tokens per answer
+self_distill_temperature = 0.7  # the answers' sampling temperature (top-k 50); 0 = greedy
 init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
                                 # drop (the units of lowest block influence off, the rest on, for every token)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
@@ -226,7 +231,11 @@ def tune_routers(cfg):
                            and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                and cfg["router_group"] == 1)),
                            "an int >= 0, and 0 unless router is skip or ffn with router_group=1 (one stand-in per "
-                           "one-layer unit)")]:
+                           "one-layer unit)"),
+                          ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
+                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1 (3: trained to draft 3 ahead)"),
+                          ("exit_head_windows", cfg["exit_head_windows"] >= 1, "an int >= 1"),
+                          ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
     torch.manual_seed(cfg["seed"])
@@ -273,7 +282,8 @@ def tune_routers(cfg):
         raise SystemExit(f"error: block_size={block} exceeds {name}'s context ({max_pos}): lower block_size.")
     if cfg["self_distill"]:
         train_ids, val_ids = data.self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
-                                              cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"])
+                                              cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"],
+                                              cfg["self_distill_temperature"])
     else:
         train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
     if max(int(train_ids.max()), int(val_ids.max())) >= mc.vocab_size:
@@ -299,8 +309,12 @@ def tune_routers(cfg):
     if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
         with open(os.path.join(out_dir, "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
+    if cfg["exit_head_layer"] and cfg["drafter"]:
+        raise SystemExit("error: exit_head_layer > 0 and drafter=True each tune a speculative draft: pick one.")
     if cfg["exit_head_layer"]:
         return tune_exit_head(cfg, model, train_ids, val, path)
+    if cfg["drafter"]:
+        return tune_drafter(cfg, model, train_ids, val, path)
     routed = int(sizes.sum())
     print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {kind} routers, {len(units)} units over "
           f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "

@@ -22,10 +22,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def drafts(model):
-    """Drafts that are often wrong: an exit after 2 of 6 layers, random skip gates, an untrained exit head."""
+    """Drafts that are often wrong: an exit after 2 of 6 layers, random skip gates, an untrained exit head, an
+    untrained drafter (its first draft is the full model's guess for the token it already chose)."""
     return {"fixed": DepthAdapter(model, router="fixed", R=4, base_layers=2, depth=0),
             "skip": DepthAdapter(model, router="skip", random_routers=True),
-            "exit_head": DepthAdapter(model, router="exit_head", depth=3, random_routers=True)}
+            "exit_head": DepthAdapter(model, router="exit_head", depth=3, random_routers=True),
+            "drafter": DepthAdapter(model, router="drafter", random_routers=True)}
 
 
 @pytest.mark.parametrize("arch", list(CONFIGS))
@@ -211,12 +213,16 @@ def test_bad_input():
         ad.generate(ids, max_new_tokens=8, lookup=3)
     with pytest.raises(ValueError, match="trace"):
         ad.generate(ids, max_new_tokens=8, speculative=2, return_trace=True)
-    for router in ("exit_head", "skip"):                              # a draft that was never trained
+    for router in ("exit_head", "skip", "drafter"):                   # a draft that was never trained
         with pytest.raises(ValueError, match="python tune.py"):
             DepthAdapter(model, router=router)
     with pytest.raises(ValueError, match="calibrate"):
         DepthAdapter(model, router="expert_choice", keep_ratio=0.5, random_routers=True).generate(
             ids, max_new_tokens=8, speculative=2)
+    with pytest.raises(ValueError, match="only drafts for speculative decoding"):   # alone it has no text of its own
+        DepthAdapter(model, router="drafter", random_routers=True).generate(ids, max_new_tokens=8)
+    with pytest.raises(ValueError, match="drafter hidden"):
+        rt.new_drafter(model, hidden=0)
     with pytest.raises(ValueError, match="exit head layer"):
         DepthAdapter(model, router="exit_head", depth=LAYERS, random_routers=True)
 
@@ -257,6 +263,45 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
         == set(ad.exit_head.vocab.tolist())
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("llama", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="exit_head",
+                     router_path=path)
+
+
+def test_drafter_tuning_and_file(tmp_path, monkeypatch):
+    """tune.py --drafter=True on a tiny char model's own answers: the drafter moves toward the full model (held-out
+    KL falls, leading drafts agree more often), the base stays byte-identical, the file loads through router_path
+    (sample.py's --routers reads it as router 'drafter'), and speculative decoding with it gives generate()'s
+    tokens, with no layer run to draft; greedy and at batch 3 with left padding."""
+    import tune
+    from data import Tokenizer
+    from test_hf_tune import tune_config
+    chars = Tokenizer.build("char", "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ:.,?\n")
+    model, tok = tiny("mistral", vocab_size=chars.vocab_size), chars.to_hf()
+    with torch.no_grad():                 # a random model's next-token distributions are near uniform: sharpen them
+        model.lm_head.weight.mul_(8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    cfg = tune_config(hf="tiny", out_dir=str(tmp_path), drafter=True, drafter_hidden=64, drafter_steps=2,
+                      exit_head_vocab=20, exit_head_windows=64, self_distill=60, self_distill_tokens=32,
+                      batch_size=8, max_iters=100, log_interval=50, learning_rate=3e-3)
+    tune.tune_routers(cfg)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    path = str(tmp_path / "routers.pt")
+    blob = rt.read_router_file(path)
+    assert blob["router"] == "drafter" and blob["hidden"] == 64 and blob["head_vocab"] == 20
+    first, last = blob["untrained"], blob["last_eval"]
+    assert last["kl"] < first["kl"] and last["greedy_agree"] > first["greedy_agree"]
+    assert len(last["chain_agree"]) == 2 and last["chain_agree"][1] <= last["chain_agree"][0]
+    ad = DepthAdapter(model, router="drafter", router_path=path)
+    assert not ad.random_routers and ad.drafter.vocab.numel() == 20
+    ids, mask = prompts(3)
+    ids = ids % chars.vocab_size
+    want, _ = hf_greedy(model, ids, mask, 24)
+    out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=24, speculative=3, adapt_k=True)
+    assert torch.equal(out, want) and st["draft_layers"] == 0 and st["drafted"] > 0
+    with pytest.raises(ValueError, match="not an exit head"):
+        DepthAdapter(model, router="exit_head", router_path=path)
+    with pytest.raises(ValueError, match="tuned for another model"):
+        DepthAdapter(tiny("mistral", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="drafter",
                      router_path=path)
 
 
