@@ -223,8 +223,8 @@ class DepthAdapter:
             raise ValueError(f"router={router!r} needs trained routers, and none were given. Tune them for this model "
                              f"with the base frozen: {TUNE_COMMAND.replace('<kind>', router)} (it writes <dir>/routers.pt; then "
                              "router_path=that file, or sample.py --routers=that file; tune.py --exit_head_layer=l "
-                             "tunes an exit head, tune.py --drafter=True a drafter). For speed measurements only, random_routers=True (sample.py "
-                             "--random_routers) runs untrained routers.")
+                             "tunes an exit head, tune.py --drafter=True a drafter). For speed measurements only, "
+                             "random_routers=True (sample.py --random_routers) runs untrained routers.")
 
         # the units a decision covers, and what a token of depth d costs (layers_per_depth[d], in layers)
         if router in GROUP_ROUTERS:

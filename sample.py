@@ -7,8 +7,9 @@ depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
                    --max_new_tokens 64 --prompt "Explain mixture of recursions simply."
   python sample.py --hf path/to/exported_dir --no_skip      # exactly the model's own greedy output
   python sample.py --hf smollm2-135m --no_skip --prompt "The capital of France is"   # built in, offline
-  python sample.py --hf smollm2-135m --speculative=4 --routers=out-spec-draft/routers.pt   # --no_skip's text, lossless
-  python sample.py --hf smollm2-135m --no_skip --speculative=4 --lookup=3   # drafts by prompt lookup: the fastest here
+  python sample.py --speculative=4 --routers=out-spec-drafter-greedy/routers.pt   # --no_skip's text, lossless
+  python sample.py --speculative=4 --lookup=3 --routers=out-spec-drafter-greedy/routers.pt   # the fastest here
+  python sample.py --hf smollm2-135m --no_skip --speculative=4 --lookup=3   # prompt lookup alone: no trained draft
 """
 import os
 import time

@@ -40,8 +40,9 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     router) drafts, the full model verifies, and the output is the full model's own.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) this adapter's routing drafts
-    d1..dk one at a time (a drafter: from the final state that chose the pending token, no layer run); ONE full-depth pass over [pending, d1..dk] gives the full model's distribution p
-    after each of the k + 1 positions. Greedy keeps the drafts up to the first that is not p's argmax, then
+    d1..dk one at a time (a drafter: from the final state that chose the pending token, no layer run); ONE
+    full-depth pass over [pending, d1..dk] gives the full model's distribution p after each of the k + 1
+    positions. Greedy keeps the drafts up to the first that is not p's argmax, then
     emits p's argmax there: 1 to k + 1 tokens, each the full model's choice. With temperature > 0, speculative
     sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
     min(1, p(d_j) / q(d_j)); at the first rejection the token comes from norm(max(0, p - q)), after k kept
@@ -119,11 +120,13 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
         for j in range(kd if found is None else 0):                       # the draft: one token at a time
             if drafter is not None:               # from the full model's last state: no layer runs, no cache slot
                 s = drafter.step(s, adapter.embed(tok))
-                logits = adapter._spread(drafter(s, adapter.head_weight), drafter.vocab)
+                sub = drafter(s, adapter.head_weight)                     # (B, V') over its vocab
+                tok, qj = (drafter.vocab[sub.argmax(-1)], None) if greedy else pick(
+                    adapter._spread(sub, drafter.vocab))
             else:                                 # the adapter's routing: its layers write draft K/V (overwritten)
                 logits, _, cost = adapter._forward(run, tok[:, None], (next_pos + j)[:, None], end + j)
                 draft_layers += float(cost[live, 0].sum())
-            tok, qj = pick(logits)
+                tok, qj = pick(logits)
             drafts.append(tok)
             q.append(qj)
         tb = now(dev)

@@ -329,8 +329,8 @@ def test_smollm2_speculative_equals_generate():
 
 @pytest.mark.slow
 def test_sample_py_speculative(tmp_path):
-    """The user's path: sample.py --routers=<an exit-head file> --speculative=3 prints --no_skip's text and the
-    acceptance line; bad K is a clear error, not a traceback."""
+    """The user's path: sample.py --routers=<an exit-head or drafter file> --speculative=3 prints --no_skip's text
+    and the acceptance line; bad K, or a drafter without --speculative, is a clear error, not a traceback."""
     import os
     import subprocess
     import sys
@@ -358,6 +358,11 @@ def test_sample_py_speculative(tmp_path):
     got = sample("--hf", str(tmp_path / "model"), "--no_skip", "--speculative=3", "--lookup=2")
     assert text(got) == text(want) and "prompt-lookup draft (2-gram) (0.0 layers per model draft)" in got
     assert "int >= 1" in sample("--routers", str(tmp_path / "head.pt"), "--speculative=-2", ok=False)
+    drafter = rt.new_drafter(model, torch.arange(1, chars.vocab_size, 2), hidden=8)
+    rt.save_drafter(str(tmp_path / "drafter.pt"), drafter, model, model=str(tmp_path / "model"))
+    got = sample("--routers", str(tmp_path / "drafter.pt"), "--speculative=2", "--adapt_k=False")
+    assert text(got) == text(want) and "speculative decoding, drafter draft (0.0 layers per model draft), K=2" in got
+    assert "only drafts for speculative decoding" in sample("--routers", str(tmp_path / "drafter.pt"), ok=False)
 
 
 @pytest.mark.slow
