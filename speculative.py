@@ -315,14 +315,15 @@ def _final_states(model, windows, batch_size):
     return torch.cat(out)
 
 
-def tune_drafter(cfg, model, train_ids, val, path):
+def tune_drafter(cfg, model, train_ids, val, path, extra_ids=None):
     """A draft for speculative decoding on the full model's final state, base frozen: router.Drafter, trained on
     the tuning text to draft drafter_steps tokens in a row. From the final state h_t and the text's next token
     x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to the full
     model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full model runs
     once over exit_head_windows windows; the steps then train on those states. Reports, on held-out text, how
     often the first 1, 2, ... drafts in a row are all the full model's argmax (greedy acceptance of a cycle's
-    leading drafts, given that the full model's tokens came before). Writes path (router.save_drafter)."""
+    leading drafts, given that the full model's tokens came before). extra_ids: more text (drafter_text), up to
+    exit_head_windows more windows of it; the held-out text stays the tuning text's. Writes path (save_drafter)."""
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, cfg["drafter_steps"]
     vocab, counts = _head_vocab(cfg, train_ids, V)
     drafter = rt.new_drafter(model, vocab, cfg["drafter_hidden"])
@@ -330,6 +331,9 @@ def tune_drafter(cfg, model, train_ids, val, path):
     Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
     n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
     windows, vwin = text_windows(train_ids, cfg["block_size"], n)[:, :-1].to(dev), val[:, :-1].to(dev)
+    if extra_ids is not None:                 # the vocab stays the tuning text's: the drafts it will be asked for
+        n_extra = min(cfg["exit_head_windows"], len(extra_ids) // (cfg["block_size"] + 1))
+        windows = torch.cat([windows, text_windows(extra_ids, cfg["block_size"], n_extra)[:, :-1].to(dev)])
     T = windows.shape[1] - D                                                  # start positions per window
     if T < 1:
         raise SystemExit(f"error: block_size={cfg['block_size']} leaves no room to draft drafter_steps="

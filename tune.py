@@ -94,6 +94,8 @@ exit_head_windows = 256         # train-split windows whose frozen-base states a
 drafter = False                 # True: tune a drafter (exit_head_vocab and exit_head_windows apply to it too)
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
+drafter_text = ""               # a dataset whose plain text also trains it (pydoc | shakespeare | a .txt path): the
+                                # model's distributions on any text teach it, and variety helps it most (README)
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
 self_distill_tokens = 128       # new tokens per answer
@@ -314,7 +316,8 @@ def tune_routers(cfg):
     if cfg["exit_head_layer"]:
         return tune_exit_head(cfg, model, train_ids, val, path)
     if cfg["drafter"]:
-        return tune_drafter(cfg, model, train_ids, val, path)
+        extra = corpus_ids(tok, cfg["drafter_text"])[0] if cfg["drafter_text"] else None
+        return tune_drafter(cfg, model, train_ids, val, path, extra)
     routed = int(sizes.sum())
     print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {kind} routers, {len(units)} units over "
           f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "

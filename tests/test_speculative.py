@@ -266,11 +266,12 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
                      router_path=path)
 
 
-def test_drafter_tuning_and_file(tmp_path, monkeypatch):
+def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
     """tune.py --drafter=True on a tiny char model's own answers: the drafter moves toward the full model (held-out
     KL falls, leading drafts agree more often), the base stays byte-identical, the file loads through router_path
     (sample.py's --routers reads it as router 'drafter'), and speculative decoding with it gives generate()'s
-    tokens, with no layer run to draft; greedy and at batch 3 with left padding."""
+    tokens, with no layer run to draft; greedy and at batch 3 with left padding. drafter_text adds a text's
+    windows."""
     import tune
     from data import Tokenizer
     from test_hf_tune import tune_config
@@ -300,6 +301,13 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch):
     assert torch.equal(out, want) and st["draft_layers"] == 0 and st["drafted"] > 0
     with pytest.raises(ValueError, match="not an exit head"):
         DepthAdapter(model, router="exit_head", router_path=path)
+    # drafter_text: a plain text file's windows join the answers' (the held-out text stays the answers')
+    (tmp_path / "more.txt").write_text("the quick brown fox jumps over the lazy dog. " * 60)
+    counts = []
+    for extra in ("", str(tmp_path / "more.txt")):
+        tune.tune_routers({**cfg, "max_iters": 2, "drafter_text": extra, "out_dir": str(tmp_path / "x")})
+        counts.append(int(capsys.readouterr().out.split(" train / ")[0].split()[-1].replace(",", "")))
+    assert counts[1] > counts[0]
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("mistral", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="drafter",
                      router_path=path)
