@@ -94,12 +94,11 @@ exit_head_windows = 256         # train-split windows whose frozen-base states a
 drafter = False                 # True: tune a drafter (exit_head_vocab and exit_head_windows apply to it too)
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
-drafter_text = ""               # a dataset whose plain text also trains it (pydoc | shakespeare | a .txt path): the
-                                # model's distributions on any text teach it, and variety helps it most (README)
+drafter_text = ""               # a dataset whose plain text also trains it: pydoc | shakespeare | a .txt path
 # the text: the dataset's, or the model's own answers (self-distillation)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
 self_distill_tokens = 128       # new tokens per answer
-self_distill_temperature = 0.7  # the answers' sampling temperature (top-k 50); 0 = greedy
+self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
 init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
                                 # drop (the units of lowest block influence off, the rest on, for every token)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
