@@ -236,6 +236,8 @@ def tune_routers(cfg):
                           ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
                           ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1 (3: trained to draft 3 ahead)"),
                           ("exit_head_windows", cfg["exit_head_windows"] >= 1, "an int >= 1"),
+                          ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
+                           "(each tunes a speculative draft: pick one)"),
                           ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
@@ -310,8 +312,6 @@ def tune_routers(cfg):
     if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
         with open(os.path.join(out_dir, "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
-    if cfg["exit_head_layer"] and cfg["drafter"]:
-        raise SystemExit("error: exit_head_layer > 0 and drafter=True each tune a speculative draft: pick one.")
     if cfg["exit_head_layer"]:
         return tune_exit_head(cfg, model, train_ids, val, path)
     if cfg["drafter"]:

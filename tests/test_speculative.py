@@ -308,6 +308,9 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
         tune.tune_routers({**cfg, "max_iters": 2, "drafter_text": extra, "out_dir": str(tmp_path / "x")})
         counts.append(int(capsys.readouterr().out.split(" train / ")[0].split()[-1].replace(",", "")))
     assert counts[1] > counts[0]
+    for bad, what in [(dict(drafter_hidden=0), "drafter_hidden"), (dict(exit_head_layer=3), "pick one")]:
+        with pytest.raises(SystemExit, match=what):
+            tune.tune_routers({**cfg, **bad})
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("mistral", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="drafter",
                      router_path=path)
