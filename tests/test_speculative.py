@@ -155,13 +155,13 @@ def test_stats_writers(tmp_path):
 # -----------------------------------------------------------------------------
 # Sampling: speculative sampling keeps the full model's distribution
 
-@pytest.mark.parametrize("lookup", [0, 1])
+@pytest.mark.parametrize("lookup", [0, 1, "drafter"])
 def test_sampling_keeps_the_full_distribution(lookup):
     """A vocabulary of 8, one 4-token prompt repeated over 6,000 rows, 4 new tokens with K=3 drafts from an exit
     after 2 of 6 layers. The frequencies of (token 2, token 3) and of token 4 match the full model's exact
     probabilities (enumerated) by a chi-square test; the same test rejects the draft's own distribution, so it
     can tell them apart. lookup=1: prompt-lookup drafts at full depth (all of q's mass on one token; rows without
-    a match draft nothing) keep it too."""
+    a match draft nothing) keep it too, and so do an untrained drafter's drafts ("drafter")."""
     V, N = 8, 6000
     model = tiny("llama", vocab_size=V)
     prompt = torch.tensor([[3, 1, 4, 1]])
@@ -180,10 +180,12 @@ def test_sampling_keeps_the_full_distribution(lookup):
     p, q = exact(DepthAdapter(model)), exact(draft)
     assert 0.1 < (p - q).abs().sum() / 2                              # the draft is far from the model
     torch.manual_seed(0)
-    drafter = DepthAdapter(model) if lookup else draft              # lookup: rows without a match draft nothing
+    drafter = DepthAdapter(model) if lookup == 1 else draft         # lookup: rows without a match draft nothing
+    if lookup == "drafter":                                          # an untrained drafter: q from the final state
+        drafter, lookup = DepthAdapter(model, router="drafter", random_routers=True), 0
     out, st = drafter.generate(prompt.expand(N, -1), max_new_tokens=4, temperature=0.8, speculative=3,
                                lookup=lookup)
-    assert 0.2 < st["acceptance_rate"] < 0.9 if not lookup else st["drafted"] > N and st["accepted"] > 0
+    assert 0.2 < st["acceptance_rate"] < 0.9 if drafter is draft else st["drafted"] > N and st["accepted"] > 0
     x = out[:, -4:]
     pairs = torch.bincount(x[:, 1] * V + x[:, 2], minlength=V * V).float()
     last = torch.bincount(x[:, 3], minlength=V).float()
