@@ -495,7 +495,7 @@ def bench_ppl():
     """For each target depth f: static drop of round((1 - f) * L) layers (lowest block influence) against every
     adaptive method matched to the same layer-call ratio on calibration text (tune.quality_table); perplexity,
     greedy agreement with full depth and the work actually done on the held-out split of every dataset."""
-    import router as rt
+    import hf_wrap
     import tune
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
@@ -506,7 +506,7 @@ def bench_ppl():
     L = model.config.num_hidden_layers
     T = min(block_size, getattr(model.config, "max_position_embeddings", None) or block_size)
     try:
-        trained = [rt.load_routers(p, model.config) for p in routers.split(",") if p]
+        trained = [hf_wrap.load_routers(p, model.config) for p in routers.split(",") if p]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]

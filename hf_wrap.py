@@ -8,13 +8,13 @@ Every router comes down to two decisions per layer l, for each token:
 One loop (DepthAdapter._forward) asks both questions at every layer, in prefill and in decode alike, and runs
 the layer's attention and MLP on the tokens that run it, packed (kv_cache.ActiveSet, the native model's form).
 
-The routers (router.py holds the trainable ones; tune.py trains them with the base frozen):
+The routers (their trainable parts are below; tune.py trains them with the base frozen):
   none            every token runs every layer: the exact full-depth mode
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
   drafter         every token runs every layer; a trained drafter guesses the next tokens from the final state
-                  (a speculative draft, router.Drafter: generate(speculative=K) only)
+                  (a speculative draft, Drafter: generate(speculative=K) only)
   confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
                   is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
@@ -37,21 +37,356 @@ Models come from data.load_hf (a hub name, a folder, a .gguf file, or the built-
 file reads top to bottom: the cache and one chunk of tokens, the adapter (its decisions, its one loop), generate().
 """
 import math
+import os
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import router as rt
+from configurator import save_checkpoint
 from kv_cache import ActiveSet, from_grid, sdpa, to_grid
 from model import apply_rope, sample_next
+from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
 ROUTERS = ("none", "drop", "exit_head", "drafter", *GROUP_ROUTERS, "skip", "ffn")
 TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
+
+
+# -----------------------------------------------------------------------------
+# The adapter's trainable decisions (DepthAdapter below runs them, tune.py trains them)
+#
+# A pretrained Llama-family stack is not one shared block, but the same two questions
+# apply layer by layer: does a token stop here, and does it run this layer? The routed
+# layers are cut into *units* (runs of layers under one decision). Four kinds:
+#
+#   skip           a gate per unit: run the unit, or pass over it unchanged (MindSkip);
+#   ffn            a gate per unit over the MLPs only: attention always runs, so every
+#                  token's K/V stay exact (FlexiDepth-style capacity on the MLP);
+#   expert_choice  a gate per unit = a group: stay or exit for good (MoR's expert-choice,
+#                  hierarchical; its top-k is made causal by a calibrated cutoff);
+#   token_choice   one router before the first unit picks a depth 0..U (MoR's token-choice).
+#
+# Training blends instead of deciding (the base is frozen, only the gates learn): unit u's
+# update is scaled by a continue weight w_u in [0, 1], x <- x + w_u * (unit(x) - x) (ffn:
+# the MLP's update only). The kinds differ only in how w_u comes from the gate logits z:
+#   skip, ffn:      w_u = sigmoid(z_u)                     independent per unit
+#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good
+#   token_choice:   w_u = P(depth > u) = 1 - cumsum(softmax(z))[u]
+# Inference makes the 0/1 decision those weights stand for, with one knob, `bias`: a gate
+# passes when z_u > bias, and token-choice takes argmax_d (z_d - bias * d). bias = 0 is the
+# decision training ended on; a larger bias runs fewer layers.
+
+ROUTER_KINDS = ("skip", "ffn", "expert_choice", "token_choice")
+GATE_INIT_LOGIT = 3.0     # a new gate starts at sigmoid(3) = 0.95: the untrained routers are nearly the full model
+EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until it is trained
+
+
+class DecisionNet(nn.Module):
+    """One decision point: hidden state (..., C) -> logits (..., n_out), float32. The input is
+    RMS-normalized without weights (pretrained residual streams carry a few huge channels);
+    then a small MLP, or a linear map (mlp_hidden=0). bias_init: zero weights and this bias,
+    so every token starts at sigmoid(bias_init)."""
+
+    def __init__(self, hidden_size, n_out=1, mlp_hidden=64, bias_init=None):
+        super().__init__()
+        self.net = (nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, n_out))
+                    if mlp_hidden else nn.Linear(hidden_size, n_out))
+        last = self.net[-1] if mlp_hidden else self.net
+        if bias_init is not None:
+            nn.init.zeros_(last.weight)
+            nn.init.constant_(last.bias, bias_init)
+
+    def forward(self, h):
+        h = h.float()
+        return self.net(F.rms_norm(h, (h.shape[-1],)))
+
+
+class StandIn(nn.Module):
+    """What a token that passes over a unit gets instead of it (FlexiDepth's adapter): a small
+    bottleneck MLP on the RMS-normalized state, added to the residual stream, x <- x + up(gelu(
+    down(norm(x)))). `up` starts at zero, so a new stand-in is the plain skip. For SmolLM2-135M at
+    rank 64 it holds 74k weights, 2% of a layer's 3.5M: the skip keeps its saving, and the token
+    no longer just misses the layer's update. (ffn units: it replaces the MLP alone.)"""
+
+    def __init__(self, hidden_size, rank):
+        super().__init__()
+        self.down, self.up = nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        h = x.float()
+        return self.up(F.gelu(self.down(F.rms_norm(h, (h.shape[-1],))))).to(x.dtype)
+
+
+def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
+    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; the defaults keep
+    the first and the last layer always on) in runs of `group`; 'every_other' gates units 0, 2, ..."""
+    stop_at = stop + n_layers if stop < 0 else stop
+    if pattern not in ("every", "every_other"):
+        raise ValueError(f"router_pattern={pattern!r}: use 'every' (a gate on every unit) or 'every_other'.")
+    if not isinstance(group, int) or group < 1:
+        raise ValueError(f"router_group={group!r}: the layers per routed unit must be an int >= 1.")
+    if not 1 <= start < stop_at <= n_layers:
+        raise ValueError(f"router_start={start}, router_stop={stop} leave no routed layers on this {n_layers}-layer "
+                         f"model: need 1 <= router_start < router_stop <= {n_layers} (router_stop < 0 counts from "
+                         "the end; layer 0 always runs).")
+    units = [(a, min(a + group, stop_at)) for a in range(start, stop_at, group)]
+    return units[::2] if pattern == "every_other" else units
+
+
+def group_layout(n_layers, R, base_layers):
+    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups
+    (sizes as even as possible, the first ones a layer longer). A token's depth d in 0..R is the
+    number of groups it ran."""
+    if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers:
+        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 is never skipped "
+                         "and at least one layer must be left to route).")
+    if not isinstance(R, int) or not 1 <= R <= n_layers - base_layers:
+        raise ValueError(f"R={R}: this model has {n_layers} layers, {n_layers - base_layers} after base_layers="
+                         f"{base_layers}; use 1 <= R <= {n_layers - base_layers} (or lower base_layers).")
+    rest = n_layers - base_layers
+    edges = [base_layers + sum(rest // R + (g < rest % R) for g in range(i)) for i in range(R + 1)]
+    return [(edges[g], edges[g + 1]) for g in range(R)]
+
+
+class FrozenRouters(nn.Module):
+    """The trainable part of depth routing on a frozen model: gates over `units`, and optional exit
+    gates at `exit_layers` (a token whose exit gate fires stops there: CALM's learned confidence).
+    Everything a router file holds; hf_wrap.DepthAdapter decides with it, tune.py trains it."""
+
+    def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
+                 stand_in_rank=0):
+        super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(ROUTER_KINDS)}.")
+        self.kind, self.mlp_hidden = kind, mlp_hidden
+        self.units, self.exit_layers = [tuple(u) for u in units], sorted(int(l) for l in exit_layers)
+        if self.exit_layers and not 1 <= self.exit_layers[0] <= self.exit_layers[-1] < self.units[-1][1]:
+            raise ValueError(f"exit_layers={list(exit_layers)}: an exit gate sits at the input of layer l, 1 <= l < "
+                             f"{self.units[-1][1]} (a token must run layer 0).")
+        n_gates, n_out = (1, len(self.units) + 1) if kind == "token_choice" else (len(self.units), 1)
+        # token-choice starts with every token at full depth: the last depth's logit gets the head start
+        # init_logit: every token's first weight, sigmoid(init_logit) (tune.py starts the gates at the budget)
+        self.gates = nn.ModuleList(DecisionNet(hidden_size, n_out, mlp_hidden, init_logit) for _ in range(n_gates))
+        if kind == "token_choice":                    # every token starts at full depth: depth U leads by 3
+            last = self.gates[0].net[-1] if mlp_hidden else self.gates[0].net
+            last.bias.data.zero_()[-1] = GATE_INIT_LOGIT
+        self.exits = nn.ModuleList(DecisionNet(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
+        # skip / ffn: stand_in_rank > 0 gives every unit a StandIn for the tokens that pass over it
+        if stand_in_rank and kind not in ("skip", "ffn"):
+            raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
+                             "routers stop tokens instead.")
+        self.stand_in_rank = stand_in_rank
+        self.stand_ins = (nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank
+                          else None)
+        self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
+        self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
+        self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
+
+    def continue_weights(self, u, h, carry=None, hard=False):
+        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what
+        to carry to unit u + 1. hard: the 0/1 decision in the forward pass and the soft weight's
+        gradient in the backward (straight-through), so training ends on what inference does."""
+        if self.kind == "token_choice":
+            if u == 0:                                                        # one decision for all units
+                p = torch.softmax(self.gates[0](h), -1)                       # (B, T, U + 1) over depths
+                if hard:
+                    p = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) + p - p.detach()
+                carry = 1 - p.cumsum(-1)                                      # [..., u] = P(depth > u)
+            return carry[..., u:u + 1], carry
+        z = self.gates[u](h)                                                  # (B, T, 1)
+        w = torch.sigmoid(z)
+        if hard:
+            w = (z > 0).to(w.dtype) + w - w.detach()
+        if self.kind == "expert_choice" and carry is not None:
+            w = w * carry                                                     # hierarchical: out is out for good
+        return w, w
+
+
+# Router files: one format for every kind, loaded with weights_only=True.
+ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
+EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
+DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (Drafter, below)
+
+
+def model_shape(config):
+    """What a router file must match to load on a model."""
+    return {"model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size, "vocab_size": config.vocab_size}
+
+
+def save_router_file(path, fmt, module, model_config, layout, **meta):
+    """Atomic torch.save: module's weights, its layout, the model's shape and meta (plain types,
+    tensors; meta['model'] = the model's name or path, what sample.py loads without --hf)."""
+    save_checkpoint({"format": fmt, **model_shape(model_config), **layout, **meta,
+                     "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()}}, path)
+
+
+def read_router_file(path, tune_command="python tune.py"):
+    """The dict in a router file. ValueError says what to do."""
+    if not os.path.isfile(path):
+        raise ValueError(f"no router file at {path!r}: router tuning ({tune_command}) writes out_dir/routers.pt.")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
+                         "truncated: tune the routers again.") from None
+    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT,
+                                                                        DRAFTER_FILE_FORMAT):
+        raise ValueError(f"{path} is not a router file of this version (format {blob.get('format') if isinstance(blob, dict) else None!r}): "
+                         f"tune the routers again ({tune_command}).")
+    return blob
+
+
+def load_router_file(path, model_config, make, tune_command="python tune.py"):
+    """-> (make(blob) with the file's weights, blob). ValueError when it was tuned for another model."""
+    blob = read_router_file(path, tune_command)
+    want = model_shape(model_config)
+    bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
+    if bad:
+        raise ValueError(f"{path} was tuned for another model ({blob.get('model')!r}: {bad}); this one has "
+                         f"{ {k: want[k] for k in bad} }. Tune routers for this model: {tune_command}.")
+    module = make(blob)
+    try:
+        module.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit its recorded layout ({str(e).splitlines()[0]}).") from None
+    return module, blob
+
+
+def save_routers(path, routers, model_config, **meta):
+    save_router_file(path, ROUTER_FILE_FORMAT, routers, model_config, {
+        "router": routers.kind, "units": [list(u) for u in routers.units], "exit_layers": routers.exit_layers,
+        "mlp_hidden": routers.mlp_hidden, "stand_in_rank": routers.stand_in_rank}, **meta)
+
+
+def load_routers(path, model_config, tune_command="python tune.py"):
+    """-> (FrozenRouters, the file's dict)."""
+    def make(blob):
+        if blob["format"] != ROUTER_FILE_FORMAT:
+            raise ValueError(f"{path} holds a speculative draft: use it with router={blob['router']!r}.")
+        return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
+                             blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
+    return load_router_file(path, model_config, make, tune_command)
+
+
+# -----------------------------------------------------------------------------
+# A speculative draft head for a frozen model (tune.py --exit_head_layer trains it)
+
+class ExitHead(nn.Module):
+    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network; base
+    frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose `up` starts at zero ->
+    RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for `vocab`. vocab (V',)
+    holds the tokens it can propose (the tuning text's most frequent: SmolLM2's full head is ~20% of a CPU
+    decode step). Speculative decoding stays exact: a token outside vocab is never proposed (probability 0)."""
+
+    def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
+        super().__init__()
+        self.layer, self.rank = layer, rank
+        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def forward(self, h, head_weight):
+        """h (..., C): the state entering `layer`; head_weight (V', C): the LM head's rows for vocab -> (..., V')."""
+        h = h.float()
+        h = h + self.up(F.silu(self.down(F.rms_norm(h, (h.shape[-1],)))))
+        return F.linear(self.norm(h).to(head_weight.dtype), head_weight)
+
+
+def new_exit_head(model, layer, vocab=None, rank=128):
+    """An untrained ExitHead for `model` at `layer` (vocab None: every token), its norm copied from the model's."""
+    cfg = model.config
+    if not isinstance(layer, int) or not 1 <= layer < cfg.num_hidden_layers:
+        raise ValueError(f"exit head layer={layer!r}: the head reads the state entering layer l, "
+                         f"1 <= l <= {cfg.num_hidden_layers - 1} (layer 0 always runs).")
+    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
+    head = ExitHead(cfg.hidden_size, layer, vocab, rank, model.model.norm.variance_epsilon)
+    head.norm.weight.data.copy_(model.model.norm.weight.float())
+    return head.to(model.get_input_embeddings().weight.device)
+
+
+def save_exit_head(path, head, hf_model, **meta):
+    save_router_file(path, EXIT_HEAD_FILE_FORMAT, head, hf_model.config, {
+        "router": "exit_head", "layer": head.layer, "rank": head.rank, "head_vocab": head.vocab.numel()}, **meta)
+
+
+def load_exit_head(path, model, tune_command="python tune.py"):
+    """-> (ExitHead, the file's dict)."""
+    def make(blob):
+        if blob["format"] != EXIT_HEAD_FILE_FORMAT:
+            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not an exit head: use "
+                             f"router={blob.get('router')!r} with it.")
+        return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
+                        model.model.norm.variance_epsilon)
+    return load_router_file(path, model.config, make, tune_command)
+
+
+# -----------------------------------------------------------------------------
+# A speculative drafter on top of the full model (tune.py --drafter=True trains it)
+
+class Drafter(nn.Module):
+    """A recurrent drafter (ReDrafter, Cheng et al. 2024; the idea of Medusa, Hydra and EAGLE: draft from the
+    full model's last state, which a verify pass computes anyway), base frozen. After the full model ran at
+    position t, s = its final state there (before the final norm) and x = the token it chose for t + 1. Then
+        s <- s + up(silu(down([rms_norm(s); rms_norm(embed(x))])))       one step: no layer of the model runs
+        q  = softmax(head_rows(norm(s)))                                 the draft for token t + 2
+    and again from (s, the drafted token) for t + 3, t + 4, ... A draft costs one small MLP and the LM head's
+    rows for `vocab` (the tuning text's most frequent tokens, as ExitHead): a few percent of a decode step, where
+    a shallow exit pays for the layers below it. What it cannot know is everything the full model would still
+    compute from x: it learns that from the tuning text."""
+
+    def __init__(self, hidden_size, vocab, hidden=512, eps=1e-5):
+        super().__init__()
+        self.hidden = hidden
+        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
+        self.down = nn.Linear(2 * hidden_size, hidden, bias=False)
+        self.up = nn.Linear(hidden, hidden_size, bias=False)
+        nn.init.zeros_(self.up.weight)
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+
+    def step(self, s, e):
+        """s (..., C) the state so far, e (..., C) the embedding of the token after it -> the next state."""
+        s, e = s.float(), e.float()
+        C = s.shape[-1]
+        return s + self.up(F.silu(self.down(torch.cat([F.rms_norm(s, (C,)), F.rms_norm(e, (C,))], -1))))
+
+    def forward(self, s, head_weight):
+        """s (..., C) a state from step(); head_weight (V', C) the LM head's rows for vocab -> logits (..., V')."""
+        return F.linear(self.norm(s).to(head_weight.dtype), head_weight)
+
+
+def new_drafter(model, vocab=None, hidden=512):
+    """An untrained Drafter for `model` (vocab None: every token), its norm copied from the model's final norm."""
+    cfg = model.config
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
+        raise ValueError(f"drafter hidden={hidden!r}: the width of its MLP, an int >= 1 (512 is a good start).")
+    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
+    drafter = Drafter(cfg.hidden_size, vocab, hidden, model.model.norm.variance_epsilon)
+    drafter.norm.weight.data.copy_(model.model.norm.weight.float())
+    return drafter.to(model.get_input_embeddings().weight.device)
+
+
+def save_drafter(path, drafter, hf_model, **meta):
+    save_router_file(path, DRAFTER_FILE_FORMAT, drafter, hf_model.config, {
+        "router": "drafter", "hidden": drafter.hidden, "head_vocab": drafter.vocab.numel()}, **meta)
+
+
+def load_drafter(path, model, tune_command="python tune.py"):
+    """-> (Drafter, the file's dict)."""
+    def make(blob):
+        if blob["format"] != DRAFTER_FILE_FORMAT:
+            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not a drafter: use "
+                             f"router={blob.get('router')!r} with it.")
+        return Drafter(model.config.hidden_size, torch.zeros(blob["head_vocab"]), blob["hidden"],
+                       model.model.norm.variance_epsilon)
+    return load_router_file(path, model.config, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
@@ -84,7 +419,7 @@ class _Run:
         self.h = None                            # the last _forward's final states (B, T, C): a drafter's input
         # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrating) set by this run's prefill
         self.cutoffs = None if ad.cutoffs is None else ad.cutoffs.clone().to(dev)
-        self.calibrating = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in rt.ROUTER_KINDS
+        self.calibrating = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in ROUTER_KINDS
         if self.calibrating:
             self.cutoffs = torch.zeros(len(ad.units), device=dev)
 
@@ -173,7 +508,7 @@ class DepthAdapter:
     router's logit bias (a gate passes when its logit > bias; token-choice takes argmax_d(logit_d - bias * d);
     None: the bias the tuning file's target search found, else 0). keep_ratio < 1 (skip, ffn, expert_choice):
     per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or
-    calibrate(windows)). routers / router_path: trained routers (a router.FrozenRouters or its file; an exit head
+    calibrate(windows)). routers / router_path: trained routers (a FrozenRouters or its file; an exit head
     file for exit_head, a drafter file for drafter; or exit_head= / drafter= the module). random_routers: untrained
     routers, for speed measurements only.
     """
@@ -205,17 +540,17 @@ class DepthAdapter:
 
         self.file, self.routers, self.exit_head, self.drafter, self.cutoffs = {}, None, None, None, None
         if router_path is not None and router in ("skip", "ffn", "expert_choice", "token_choice"):
-            routers, self.file = rt.load_routers(router_path, cfg, TUNE_COMMAND)
+            routers, self.file = load_routers(router_path, cfg, TUNE_COMMAND)
             if routers.kind != router:
                 raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
         if routers is not None and routers.kind != router:
             raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
         if router == "exit_head" and exit_head is None and router_path is not None:
-            exit_head, self.file = rt.load_exit_head(router_path, model, TUNE_COMMAND)
+            exit_head, self.file = load_exit_head(router_path, model, TUNE_COMMAND)
         if router == "drafter" and drafter is None and router_path is not None:
-            drafter, self.file = rt.load_drafter(router_path, model, TUNE_COMMAND)
+            drafter, self.file = load_drafter(router_path, model, TUNE_COMMAND)
         # a learned router without trained weights is refused: random routing gives speed without quality
-        learned = router in rt.ROUTER_KINDS + ("exit_head", "drafter")
+        learned = router in ROUTER_KINDS + ("exit_head", "drafter")
         everyone = keep_ratio == 1.0 and router != "token_choice"           # capacity 1: nothing is routed
         given = routers is not None or exit_head is not None or drafter is not None
         self.random_routers = learned and not given and not everyone
@@ -228,10 +563,10 @@ class DepthAdapter:
 
         # the units a decision covers, and what a token of depth d costs (layers_per_depth[d], in layers)
         if router in GROUP_ROUTERS:
-            units = routers.units if routers is not None else rt.group_layout(L, R, base_layers)
+            units = routers.units if routers is not None else group_layout(L, R, base_layers)
             self.layers_per_depth = [units[0][0]] + [b for _, b in units]
         else:
-            units = routers.units if routers is not None else rt.unit_layout(L) if router in ("skip", "ffn") else []
+            units = routers.units if routers is not None else unit_layout(L) if router in ("skip", "ffn") else []
             self.layers_per_depth = [0, L] if router in ("none", "drafter") else list(range(L + 1))
         self.units, self.R, self.base_layers = units, max(len(units), 1), units[0][0] if units else 0
         if router == "fixed" and (not isinstance(depth, int) or not 0 <= depth <= self.R):
@@ -244,12 +579,12 @@ class DepthAdapter:
                                  f"runs); got {drop_layers!r}. tune.static_drop_layers() picks them by block influence.")
             self.drop_layers = drop
         if router == "exit_head":
-            self.exit_head = (exit_head or rt.new_exit_head(model, L // 2 if depth is None else depth)).eval()
+            self.exit_head = (exit_head or new_exit_head(model, L // 2 if depth is None else depth)).eval()
             self.exit_head.to(self.embed.weight.device)
             every = torch.equal(self.exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
             self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.exit_head.vocab].float()
         if router == "drafter":                        # full depth; the drafter reads the final state (speculative.py)
-            self.drafter = (drafter or rt.new_drafter(model)).eval().to(self.embed.weight.device)
+            self.drafter = (drafter or new_drafter(model)).eval().to(self.embed.weight.device)
             every = torch.equal(self.drafter.vocab.cpu(), torch.arange(cfg.vocab_size))
             self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.drafter.vocab].float()
         # static routers send every token through the same layers (no decisions, no host syncs, no K/V fill)
@@ -267,7 +602,7 @@ class DepthAdapter:
                                  "for confidence, an entropy >= 0 (nats) for entropy.")
         if learned and router not in ("exit_head", "drafter"):
             if routers is None:                       # random_routers: gates whose decisions vary from token to token
-                routers = rt.FrozenRouters(router, self.hidden_size, units, mlp_hidden=16)
+                routers = FrozenRouters(router, self.hidden_size, units, mlp_hidden=16)
                 for gate in routers.gates:
                     nn.init.normal_(gate.net[-1].weight)
                     nn.init.zeros_(gate.net[-1].bias)
@@ -494,9 +829,9 @@ class DepthAdapter:
         return _Run(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
 
     def _summary(self, depth, cost, run):
-        """Depth histogram (router.depth_summary) of the tokens given, with the layer calls they really made
+        """Depth histogram (router.py's depth_summary) of the tokens given, with the layer calls they really made
         (layer-equivalents: attention alone counts attn_share of a layer) and the K/V-only fill."""
-        stats = rt.depth_summary(depth, self.layers_per_depth)
+        stats = depth_summary(depth, self.layers_per_depth)
         L = len(self.layers)
         stats["layer_calls"] = float(cost.sum())
         stats["compute_saved_pct"] = 100.0 * (1 - stats["layer_calls"] / max(stats["tokens"] * L, 1))
@@ -524,7 +859,7 @@ class DepthAdapter:
         """Teacher forcing through the prefill path: every position's logits (B, T, V) float32, and stats (over
         the non-pad tokens). Prefill equals decode for every router here (causal decisions), so a perplexity
         from here is what generation sees; expert_choice at keep_ratio < 1 needs calibrated cutoffs."""
-        if self.keep_ratio is not None and self.cutoffs is None and self.router in rt.ROUTER_KINDS:
+        if self.keep_ratio is not None and self.cutoffs is None and self.router in ROUTER_KINDS:
             raise ValueError("prefill_logits is teacher forcing and needs causal routing; keep_ratio < 1 without "
                              "calibrated cutoffs would take them from this very text. Call calibrate(windows) first.")
         run, ids, pos, mask = self._start(input_ids, attention_mask, 0)

@@ -13,13 +13,24 @@ depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
 """
 import os
 import time
+from csv import writer as csv_writer
 
 import torch
 
 import data
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
                           write_prometheus, write_stats_csv)
-from router import read_router_file, write_depth_csv
+from hf_wrap import read_router_file
+
+def write_depth_csv(summary, path):
+    """One row per depth: depth, tokens, fraction."""
+    hist, n = summary["depth_hist"], max(1, summary["tokens"])
+    with open(path, "w", newline="") as f:
+        w = csv_writer(f)
+        w.writerow(["depth", "tokens", "fraction"])
+        for d, c in enumerate(hist):
+            w.writerow([d, c, f"{c / n:.6f}"])
+
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)

@@ -23,8 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import router as rt
 from configurator import lr_at
+import hf_wrap
 from data import cpu_linears, text_windows
 from hf_wrap import DepthAdapter, now
 from model import token_probs
@@ -69,7 +69,7 @@ def speculate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, a
     if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
         raise ValueError(f"lookup={lookup!r}: the n-gram length that prompt-lookup drafting matches, an int >= 0 "
                          "(3 is a good start; 0 = off: the adapter's router drafts).")
-    if adapter.keep_ratio is not None and adapter.cutoffs is None and adapter.router in rt.ROUTER_KINDS:
+    if adapter.keep_ratio is not None and adapter.cutoffs is None and adapter.router in hf_wrap.ROUTER_KINDS:
         raise ValueError("a keep_ratio draft needs calibrated cutoffs (calibrate(windows)): speculative "
                          "decoding prefills with the full model, so the prompt cannot set them.")
     full = adapter if adapter.router in ("none", "drafter") else DepthAdapter(adapter.model, no_skip=True)
@@ -256,18 +256,18 @@ def _kl(logits_p, logits_q):
 
 
 def tune_exit_head(cfg, model, train_ids, val, path):
-    """A draft for speculative decoding, base frozen: router.ExitHead at exit_head_layer, trained to match the
+    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at exit_head_layer, trained to match the
     final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's vocab, with p
     renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its vocab is the
     one that speculative sampling accepts most). The base runs once over exit_head_windows windows; the steps
     then train on those states, batch_size * block_size tokens each, drawn at random. Reports, on held-out text,
     how often the head's argmax is the full model's (greedy acceptance) and sum(min(p, q)) (acceptance when
-    sampling at temperature 1). Writes path (router.save_exit_head)."""
+    sampling at temperature 1). Writes path (hf_wrap.save_exit_head)."""
     layer, dev = cfg["exit_head_layer"], model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     vocab, counts = _head_vocab(cfg, train_ids, V)
     try:
-        head = rt.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
+        head = hf_wrap.new_exit_head(model, layer, vocab, cfg["exit_head_rank"])
     except ValueError as e:
         raise SystemExit(f"error: exit_head_layer: {e}") from None
     W = model.get_output_embeddings().weight
@@ -299,7 +299,7 @@ def tune_exit_head(cfg, model, train_ids, val, path):
         return result
 
     first, last = _fit(cfg, head, lambda idx: kl(h[idx.to(dev)], final[idx.to(dev)])[0].mean(), len(h), evaluate)
-    rt.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    hf_wrap.save_exit_head(path, head, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
@@ -316,7 +316,7 @@ def _final_states(model, windows, batch_size):
 
 
 def tune_drafter(cfg, model, train_ids, val, path, extra_ids=None):
-    """A draft for speculative decoding on the full model's final state, base frozen: router.Drafter, trained on
+    """A draft for speculative decoding on the full model's final state, base frozen: hf_wrap.Drafter, trained on
     the tuning text to draft drafter_steps tokens in a row. From the final state h_t and the text's next token
     x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to the full
     model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full model runs
@@ -326,7 +326,7 @@ def tune_drafter(cfg, model, train_ids, val, path, extra_ids=None):
     exit_head_windows more windows of it; the held-out text stays the tuning text's. Writes path (save_drafter)."""
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, cfg["drafter_steps"]
     vocab, counts = _head_vocab(cfg, train_ids, V)
-    drafter = rt.new_drafter(model, vocab, cfg["drafter_hidden"])
+    drafter = hf_wrap.new_drafter(model, vocab, cfg["drafter_hidden"])
     W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
     Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
     n = min(cfg["exit_head_windows"], len(train_ids) // (cfg["block_size"] + 1))
@@ -375,7 +375,7 @@ def tune_drafter(cfg, model, train_ids, val, path, extra_ids=None):
 
     loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, windows, idx.to(dev))) / D
     first, last = _fit(cfg, drafter, loss_of, h.shape[0] * T, evaluate)
-    rt.save_drafter(path, drafter, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
+    hf_wrap.save_drafter(path, drafter, model, model=cfg["hf"], config=cfg, untrained=first, last_eval=last)
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
@@ -433,7 +433,7 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
     L, eos = model.config.num_hidden_layers, tok.eos_token_id
     drafts = []
     for path in router_paths:
-        kind = rt.read_router_file(path)["router"]
+        kind = hf_wrap.read_router_file(path)["router"]
         drafts.append((f"{kind} ({path})", DepthAdapter(model, router=kind, router_path=path,
                                                         threshold=None if kind in ("exit_head", "drafter")
                                                         else threshold)))
@@ -460,7 +460,7 @@ def compare(model, tok, router_paths, threshold, batches, n, K, interleaved, emi
         runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                                eos_token_id=eos)))
         for name, ad in drafts:
-            if ad.router in rt.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
+            if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
                 runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
                                                                                 max_new_tokens=n)))   # all n tokens
             for adapt in (False, True):

@@ -7,10 +7,10 @@ bench.py --mode=ppl (perplexity through the adapter at matched layer calls, bloc
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
 
-What trains: the gates of router.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
+What trains: the gates of hf_wrap.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
 router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
 weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; stand_in_rank > 0 adds (1 - w_u) *
-stand_in_u(x), router.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
+stand_in_u(x), hf_wrap.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
 the LM loss) plus a compute penalty toward target_active_ratio; the last part of the run is 0/1 forward
 (straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
 learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
@@ -29,7 +29,6 @@ import torch.nn.functional as F
 import configurator
 import data
 import hf_wrap
-import router as rt
 from data import corpus_ids, load_hf, text_windows
 from hf_wrap import DepthAdapter
 from speculative import tune_drafter, tune_exit_head     # speculative drafts: their file trains them
@@ -51,7 +50,7 @@ log_interval = 25
 calib_windows = 32              # train-split windows: keep_ratio cutoffs and the target search are measured here
 router = "skip"                 # skip | ffn (MLP only, attention always runs) | expert_choice | token_choice
 loss = "kl"                     # kl: match the full model's next-token distribution | lm: the text's next token
-# where the gates sit: skip / ffn units (router.unit_layout), expert / token-choice groups (router.group_layout)
+# where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
 R = 4                           # expert_choice / token_choice: groups after base_layers
 base_layers = 2                 # expert_choice / token_choice: layers every token runs
 router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
@@ -59,7 +58,7 @@ router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
 router_group = 1                # layers per routed unit (one gate skips them together)
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
-stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (router.StandIn, FlexiDepth's
+stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (hf_wrap.StandIn, FlexiDepth's
                                 # adapter) of this rank, for the tokens that pass over it (0 = they just skip)
 # the loss: KL (or LM) + penalty_weight * max(mean weight - target_active_ratio, 0) + entropy
 target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
@@ -85,12 +84,12 @@ keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn
 target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
-# a speculative draft instead of skip gates: an exit head (router.ExitHead) trained by KL to the final layer
+# a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
 exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
 exit_head_vocab = 8192          # tokens it (or the drafter) can propose: the tuning text's most frequent (0 = all)
 exit_head_windows = 256         # train-split windows whose frozen-base states are computed once, then reused
-# or a drafter (router.Drafter) on the full model's final state, trained by KL to its next distributions
+# or a drafter (hf_wrap.Drafter) on the full model's final state, trained by KL to its next distributions
 drafter = False                 # True: tune a drafter (exit_head_vocab and exit_head_windows apply to it too)
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
@@ -132,7 +131,7 @@ def _causal_mask(T, window, like):
 
 def soft_forward(model, routers, ids, influence=None, hard=False):
     """The tuning forward: teacher forcing on whole sequences with continue weights instead of decisions. Unit u
-    of `routers` (router.FrozenRouters) gets w_u (B, T, 1) from the state entering it; its update is scaled by w_u
+    of `routers` (hf_wrap.FrozenRouters) gets w_u (B, T, 1) from the state entering it; its update is scaled by w_u
     (ffn: each MLP's update). HF's own decoder layers run it with explicit causal / sliding masks (ffn: their
     attention and MLP separately). routers=None: the model itself.
 
@@ -203,7 +202,7 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 def tune_routers(cfg):
     """Router tuning for a pretrained model, every base weight frozen. cfg: default_config(...) or the script's.
 
-    Phase 1: the gates of router.FrozenRouters(cfg['router']) trained through soft_forward and _tuning_loss for
+    Phase 1: the gates of hf_wrap.FrozenRouters(cfg['router']) trained through soft_forward and _tuning_loss for
     max_iters steps. Phase 2 (with exit_layers and exit_iters > 0): the gates are frozen and each exit gate learns,
     by BCE, whether the state at its layer, through the final norm and LM head, already gives the routed model's
     final argmax (CALM's consistency target, learned: the gate sees only the state). Then the per-unit cutoffs of
@@ -223,7 +222,7 @@ def tune_routers(cfg):
                           ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
                            "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
                           ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
-                          ("router", cfg["router"] in rt.ROUTER_KINDS, f"one of {', '.join(rt.ROUTER_KINDS)}"),
+                          ("router", cfg["router"] in hf_wrap.ROUTER_KINDS, f"one of {', '.join(hf_wrap.ROUTER_KINDS)}"),
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
                           ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
                            cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
@@ -255,19 +254,19 @@ def tune_routers(cfg):
     L = mc.num_hidden_layers
     kind = cfg["router"]
     try:
-        units = (rt.group_layout(L, cfg["R"], cfg["base_layers"]) if kind in ("expert_choice", "token_choice") else
-                 rt.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"], cfg["router_group"]))
+        units = (hf_wrap.group_layout(L, cfg["R"], cfg["base_layers"]) if kind in ("expert_choice", "token_choice") else
+                 hf_wrap.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"], cfg["router_group"]))
         # the gates start at the budget: every weight = target_active_ratio (expert-choice: its product over the
         # units averages about that; token-choice starts at full depth), so the penalty has nothing to undo
         p = cfg["target_active_ratio"] ** (2 / (len(units) + 1) if kind == "expert_choice" else 1)
-        init = rt.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
-        routers = rt.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init,
+        init = hf_wrap.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
+        routers = hf_wrap.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init,
                                    cfg["stand_in_rank"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if cfg["init_from"]:                                  # trained gates to start from (new exit gates stay fresh)
         try:
-            start, blob = rt.load_routers(cfg["init_from"], mc)
+            start, blob = hf_wrap.load_routers(cfg["init_from"], mc)
         except ValueError as e:
             raise SystemExit(f"error: init_from: {e}") from None
         if (start.kind, start.units, start.stand_in_rank) != (kind, routers.units, routers.stand_in_rank):
@@ -304,7 +303,7 @@ def tune_routers(cfg):
         off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:n_off])
         for u, g in enumerate(routers.gates):
             (g.net[-1] if cfg["router_mlp_hidden"] else g.net).bias.data.fill_(
-                -rt.GATE_INIT_LOGIT if u in off else rt.GATE_INIT_LOGIT)
+                -hf_wrap.GATE_INIT_LOGIT if u in off else hf_wrap.GATE_INIT_LOGIT)
         print(f"gates start at the static drop of units {sorted(units[u] for u in off)} (lowest block influence)")
     out_dir = cfg["out_dir"]
     os.makedirs(out_dir, exist_ok=True)
@@ -352,7 +351,7 @@ def tune_routers(cfg):
     def save(**extra):
         meta = {"model": name, "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
                 "exits_trained": False, "full_val_loss": full_val, **state, **extra}
-        rt.save_routers(path, routers, mc, **meta)
+        hf_wrap.save_routers(path, routers, mc, **meta)
 
     full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
 
@@ -537,6 +536,36 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
     return best[1], best[2], best[0] <= tol
 
 
+# CALM's training-free exits, measured once on the full model (quality_table's cheap threshold search)
+
+@torch.no_grad()
+def exit_statistics(model, windows, batch_size=8):
+    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
+    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
+    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
+    for i in range(0, len(windows), batch_size):
+        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
+        c, e = [], []
+        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
+            logp = F.log_softmax(head(norm(h)).float(), -1).flatten(0, 1)
+            c.append(logp.max(-1).values.exp())
+            e.append(-(logp.exp() * logp).sum(-1))
+        conf.append(torch.stack(c, 1).cpu())
+        ent.append(torch.stack(e, 1).cpu())
+    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
+
+
+def exit_ratio(stats, kind, threshold):
+    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
+    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    s = stats[kind]                                                           # (N, L - 1)
+    ok = s >= threshold if kind == "confidence" else s <= threshold
+    L = s.shape[1] + 1
+    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
+    return {"layer_ratio": float(layers.float().mean()) / L}
+
+
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
                   emit=lambda row: None):
     """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
@@ -566,7 +595,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
     # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
     # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
     # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
-    stats = rt.exit_statistics(model, calib, bs)
+    stats = exit_statistics(model, calib, bs)
     progress("exit statistics at every layer on calibration text")
 
     def row(depth, method, setting, ad):
@@ -586,7 +615,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
         drop = static_drop_layers(influence, n_drop)
         row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
         for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
-            v, _, ok = search_cutoff(lambda v: rt.exit_ratio(stats, kind, v), lo, hi, target, target_tol)
+            v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
                 DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
         for module, blob in trained:

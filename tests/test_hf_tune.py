@@ -1,5 +1,5 @@
 """
-Tests for router tuning on a frozen pretrained model (tune.py, router.FrozenRouters of every kind: skip, ffn,
+Tests for router tuning on a frozen pretrained model (tune.py, hf_wrap.FrozenRouters of every kind: skip, ffn,
 expert_choice, token_choice; router="drop") and the evaluation helpers behind bench.py --mode=ppl (tune.py too).
 Tiny random-weight models built from configs, offline.
 
@@ -23,14 +23,14 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
-import router as rt  # noqa: E402
+import hf_wrap  # noqa: E402
 import tune  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
 from tune import soft_forward  # noqa: E402
 from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, prompts, tiny  # noqa: E402
 
 TEXT = "KING:\nWhat say you, my lord? Speak, and speak the truth.\n\nQUEEN:\nI have no words to give you now.\n\n" * 40
-KINDS = rt.ROUTER_KINDS                      # skip, ffn, expert_choice, token_choice
+KINDS = hf_wrap.ROUTER_KINDS                      # skip, ffn, expert_choice, token_choice
 GROUP_KINDS = ("expert_choice", "token_choice")
 
 
@@ -41,21 +41,21 @@ def layout(kind, n_layers=LAYERS, R=4, base_layers=2, **unit_kw):
     """The units a kind routes: skip / ffn units (one layer each by default), or R groups after base_layers
     (R=4, base_layers=2 on 6 layers: groups of one layer)."""
     if kind in GROUP_KINDS:
-        return rt.group_layout(n_layers, R, base_layers)
-    return rt.unit_layout(n_layers, **unit_kw)
+        return hf_wrap.group_layout(n_layers, R, base_layers)
+    return hf_wrap.unit_layout(n_layers, **unit_kw)
 
 
 def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed=0, stand_in_rank=0, **kw):
     """FrozenRouters whose gates differ from token to token (a stand-in for trained ones): random last layers;
     with stand_in_rank, stand-ins whose output is not zero (as after training)."""
     torch.manual_seed(seed)
-    r = rt.FrozenRouters(kind, hidden, layout(kind, n_layers, **kw), exit_layers, mlp_hidden=16)
+    r = hf_wrap.FrozenRouters(kind, hidden, layout(kind, n_layers, **kw), exit_layers, mlp_hidden=16)
     for gate in list(r.gates) + list(r.exits):
         torch.nn.init.normal_(gate.net[-1].weight, std=1.0)
         torch.nn.init.zeros_(gate.net[-1].bias)
     if stand_in_rank:                                             # the same gates, with stand-ins
         gates = r.state_dict()
-        r = rt.FrozenRouters(kind, hidden, r.units, exit_layers, mlp_hidden=16, stand_in_rank=stand_in_rank)
+        r = hf_wrap.FrozenRouters(kind, hidden, r.units, exit_layers, mlp_hidden=16, stand_in_rank=stand_in_rank)
         r.load_state_dict(gates, strict=False)
         for s in r.stand_ins:
             torch.nn.init.normal_(s.up.weight, std=0.1)
@@ -135,7 +135,7 @@ def test_kl_fit_is_zero_at_the_full_model_and_lm_without_it():
 
 def test_straight_through_gate():
     """hard=True: inference's 0/1 decision (logit > 0) forward, the sigmoid's gradient backward."""
-    r = rt.FrozenRouters("skip", 8, [(1, 2)], mlp_hidden=0)
+    r = hf_wrap.FrozenRouters("skip", 8, [(1, 2)], mlp_hidden=0)
     r.gates[0] = torch.nn.Identity()                              # the gate's logit is its input: the rule alone
     z = torch.tensor([-2.0, 0.5]).view(1, 2, 1).requires_grad_()
     w, _ = r.continue_weights(0, z, None, hard=True)
@@ -237,7 +237,7 @@ def test_straight_through_forward_is_inference(kind):
 
 @pytest.mark.parametrize("kind", ["skip", "ffn"])
 def test_stand_ins_train_as_they_run(kind):
-    """Stand-ins (router.StandIn) for the tokens that pass over a unit: a new one (up = 0) is the plain skip; a
+    """Stand-ins (hf_wrap.StandIn) for the tokens that pass over a unit: a new one (up = 0) is the plain skip; a
     trained one changes the output, and the tuning forward's 0/1 decisions are the adapter's prefill, which is its
     cached decode, with each stand-in counted in the layer calls at its weights' share."""
     model = tiny("llama")
@@ -273,7 +273,7 @@ def test_penalty_pushes_mean_gate_to_target():
     where the LM loss holds it. The targets are the model's own greedy predictions, so the LM loss wants every
     layer (on random text a random model's layers are noise, and skipping them would lower the loss by itself)."""
     model = tiny("llama").requires_grad_(False)
-    r = rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), mlp_hidden=16).train()
+    r = hf_wrap.FrozenRouters("skip", 64, hf_wrap.unit_layout(LAYERS), mlp_hidden=16).train()
     cfg = tune_config(target_active_ratio=0.4, penalty_weight=5.0, penalty_warmup_iters=5)
     opt = torch.optim.AdamW(r.parameters(), lr=2e-2, weight_decay=0.0)
     gen, means = torch.Generator().manual_seed(0), []
@@ -323,7 +323,7 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert v.numpy().tobytes() == before[k].numpy().tobytes(), k
     path = str(tmp_path / "out" / "routers.pt")
-    blob = rt.read_router_file(path)
+    blob = hf_wrap.read_router_file(path)
     assert blob["model"] == "some/model" and blob["router"] == "skip" and blob["exits_trained"]
     assert blob["units"] == [[l, l + 1] for l in range(1, LAYERS - 1)] and blob["exit_layers"] == [3]
     assert sorted(blob["cutoffs"]) == ["0.30", "0.55"] and all(len(c) == LAYERS - 2 for c in blob["cutoffs"].values())
@@ -354,7 +354,7 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
     for k, v in model.state_dict().items():
         assert v.numpy().tobytes() == before[k].numpy().tobytes(), k
     path = str(tmp_path / "out" / "routers.pt")
-    blob = rt.read_router_file(path)
+    blob = hf_wrap.read_router_file(path)
     units = layout(kind, R=3)
     assert blob["router"] == kind and blob["model"] == "some/model" and blob["units"] == [list(u) for u in units]
     assert blob["bias"] == 0.0 and not blob["exits_trained"]                   # no target: bias 0
@@ -382,7 +382,7 @@ def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
     cfg = tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), out_dir=str(tmp_path / "a"),
                       init_gates="influence", target_active_ratio=0.5, max_iters=0, keep_ratios=())
     tune.tune_routers(cfg)
-    r, _ = rt.load_routers(str(tmp_path / "a" / "routers.pt"), model.config)
+    r, _ = hf_wrap.load_routers(str(tmp_path / "a" / "routers.pt"), model.config)
     train_ids, _ = data.corpus_ids(tok, cfg["dataset"])
     calib = data.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
                               torch.Generator().manual_seed(cfg["seed"] + 2))
@@ -407,11 +407,11 @@ def test_tuning_trains_stand_ins(kind, tmp_path, monkeypatch):
     common = dict(hf="some/model", dataset=str(tmp_path / "text.txt"), router=kind, keep_ratios=(0.5,))
     tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), stand_in_rank=4, **common))
     path = str(tmp_path / "a" / "routers.pt")
-    r, blob = rt.load_routers(path, model.config)
+    r, blob = hf_wrap.load_routers(path, model.config)
     assert blob["stand_in_rank"] == 4 and all(float(s.up.weight.detach().abs().max()) > 0 for s in r.stand_ins)
     tune.tune_routers(tune_config(out_dir=str(tmp_path / "b"), stand_in_rank=4, init_from=path, max_iters=0,
                                   **common))
-    again, _ = rt.load_routers(str(tmp_path / "b" / "routers.pt"), model.config)
+    again, _ = hf_wrap.load_routers(str(tmp_path / "b" / "routers.pt"), model.config)
     for a, b in zip(r.stand_ins.state_dict().values(), again.stand_ins.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(SystemExit, match="stand_in_rank=4"):
@@ -535,7 +535,7 @@ def test_keep_ratio_cutoffs(tmp_path):
         assert abs(counter.rows[l, "mlp.gate_proj"] / ids.numel() - 0.3) < 0.02, l
     # the file's table
     path = str(tmp_path / "routers.pt")
-    rt.save_routers(path, r, model.config, model="tiny", cutoffs={"0.30": cut.tolist()})
+    hf_wrap.save_routers(path, r, model.config, model="tiny", cutoffs={"0.30": cut.tolist()})
     fa = DepthAdapter(model, router="skip", router_path=path, keep_ratio=0.3)
     assert torch.equal(fa.cutoffs, cut)
     torch.testing.assert_close(fa.prefill_logits(ids)[0], logits)
@@ -602,18 +602,18 @@ def test_target_search_converges():
 
 def test_cheap_exit_search_matches_the_adapter():
     """bench.py --mode=ppl searches CALM's thresholds on statistics of the full model computed once
-    (router.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
+    (tune.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
     every token whose earlier tokens all ran at full depth, so at the extremes the two ratios are equal, and in
     between the ratio is monotone and lands near the adapter's (other tokens see shallower K/V)."""
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (6, 33), generator=torch.Generator().manual_seed(7))
-    stats = rt.exit_statistics(model, windows, batch_size=3)
+    stats = tune.exit_statistics(model, windows, batch_size=3)
     assert stats["confidence"].shape == stats["entropy"].shape == (6 * 32, LAYERS - 1)
-    assert rt.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
-    assert rt.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
-    ratios = [rt.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
+    assert tune.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
+    assert tune.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
+    ratios = [tune.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 and ratios[-1] == pytest.approx(1 / LAYERS)
-    v, found, reached = tune.search_cutoff(lambda v: rt.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
+    v, found, reached = tune.search_cutoff(lambda v: tune.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
     assert reached
     real = tune.eval_ppl(DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v), windows)
     assert abs(real["layer_ratio"] - found["layer_ratio"]) < 0.1
@@ -630,8 +630,8 @@ def test_router_file_round_trip(kind, tmp_path):
     r = spread_routers(kind, exit_layers=(3,) if kind == "skip" else (),
                        stand_in_rank=4 if kind in ("skip", "ffn") else 0)
     path = str(tmp_path / "routers.pt")
-    rt.save_routers(path, r, model.config, model="tiny", bias=0.25, exit_threshold=0.8, exits_trained=True)
-    loaded, blob = rt.load_routers(path, model.config)
+    hf_wrap.save_routers(path, r, model.config, model="tiny", bias=0.25, exit_threshold=0.8, exits_trained=True)
+    loaded, blob = hf_wrap.load_routers(path, model.config)
     assert loaded.kind == kind and loaded.units == r.units and loaded.exit_layers == r.exit_layers
     assert loaded.stand_in_rank == r.stand_in_rank
     assert blob["router"] == kind and blob["mlp_hidden"] == 16 and blob["bias"] == 0.25 and blob["model"] == "tiny"
@@ -648,9 +648,9 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
     model, tok = char_model(tmp_path / "model")
     r = spread_routers(hidden=64, exit_layers=(3,))
     path = str(tmp_path / "routers.pt")
-    rt.save_routers(path, r, model.config, model=str(tmp_path / "model"), bias=0.4, exit_threshold=0.8,
+    hf_wrap.save_routers(path, r, model.config, model=str(tmp_path / "model"), bias=0.4, exit_threshold=0.8,
                     exits_trained=True)
-    loaded, blob = rt.load_routers(path, model.config)
+    loaded, blob = hf_wrap.load_routers(path, model.config)
     for a, b in zip(r.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
     ad = DepthAdapter(model, router="skip", router_path=path)                 # the file's bias and exits by default
@@ -689,16 +689,16 @@ def test_errors_are_clear(tmp_path, monkeypatch):
     for kwargs, match in [(dict(pattern="odd"), "every_other"), (dict(start=0), "router_start"),
                           (dict(start=3, stop=3), "router_stop"), (dict(group=0), "router_group")]:
         with pytest.raises(ValueError, match=match):
-            rt.unit_layout(LAYERS, **kwargs)
+            hf_wrap.unit_layout(LAYERS, **kwargs)
     for R, base, match in [(4, 0, "base_layers"), (4, LAYERS, "base_layers"), (0, 2, "R="), (5, 2, "R=")]:
         with pytest.raises(ValueError, match=match):
-            rt.group_layout(LAYERS, R, base)
+            hf_wrap.group_layout(LAYERS, R, base)
     for exits in [(0,), (LAYERS,), (LAYERS - 1,)]:                 # layer LAYERS - 1 is past the last unit's start
         with pytest.raises(ValueError, match="exit_layers"):
-            rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), exit_layers=exits)
-    rt.FrozenRouters("skip", 64, rt.unit_layout(LAYERS), exit_layers=(1, LAYERS - 2))   # the ends that are fine
+            hf_wrap.FrozenRouters("skip", 64, hf_wrap.unit_layout(LAYERS), exit_layers=exits)
+    hf_wrap.FrozenRouters("skip", 64, hf_wrap.unit_layout(LAYERS), exit_layers=(1, LAYERS - 2))   # the ends that are fine
     with pytest.raises(ValueError, match="unknown router kind"):
-        rt.FrozenRouters("skipp", 64, rt.unit_layout(LAYERS))
+        hf_wrap.FrozenRouters("skipp", 64, hf_wrap.unit_layout(LAYERS))
     model = tiny("llama")
     with pytest.raises(ValueError, match="needs trained routers"):
         DepthAdapter(model, router="skip")
@@ -721,12 +721,12 @@ def test_errors_are_clear(tmp_path, monkeypatch):
         DepthAdapter(model, router="skip", routers=spread_routers(), hard_threshold=0.5)
     # router files: missing, not a router file, another model, the other kind, keep_ratio without its cutoffs
     with pytest.raises(ValueError, match="no router file"):
-        rt.read_router_file(str(tmp_path / "nope.pt"))
+        hf_wrap.read_router_file(str(tmp_path / "nope.pt"))
     torch.save({"model": {}, "model_args": {}}, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match="not a router file"):
-        rt.read_router_file(str(tmp_path / "ckpt.pt"))
+        hf_wrap.read_router_file(str(tmp_path / "ckpt.pt"))
     path = str(tmp_path / "r.pt")
-    rt.save_routers(path, spread_routers(), model.config, model="tiny-6", cutoffs={"0.50": [0.0] * (LAYERS - 2)})
+    hf_wrap.save_routers(path, spread_routers(), model.config, model="tiny-6", cutoffs={"0.50": [0.0] * (LAYERS - 2)})
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("llama", num_hidden_layers=8), router="skip", router_path=path)
     with pytest.raises(ValueError, match="router='skip'"):

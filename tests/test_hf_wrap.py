@@ -293,11 +293,11 @@ def test_expert_choice_decode_keeps_keep_ratio():
 def test_router_file_round_trip(tmp_path):
     """A router file holds the weights and the layout; loading rebuilds the same routing, and refuses a file
     tuned for another model or another router kind."""
-    import router as rt
+    import hf_wrap
     model = tiny("llama")
     path = str(tmp_path / "routers.pt")
     a = DepthAdapter(model, router="expert_choice", R=3, random_routers=True)
-    rt.save_routers(path, a.routers, model.config, model="tiny", bias=0.25)
+    hf_wrap.save_routers(path, a.routers, model.config, model="tiny", bias=0.25)
     b = DepthAdapter(model, router="expert_choice", router_path=path)
     assert not b.random_routers and b.units == a.units and b.threshold == 0.25
     for pa, pb in zip(a.routers.parameters(), b.routers.parameters()):

@@ -13,7 +13,6 @@ import torch
 import configurator
 import data
 import hf_wrap
-import router as rt
 import speculative
 from hf_wrap import DepthAdapter
 from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
@@ -224,7 +223,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="only drafts for speculative decoding"):   # alone it has no text of its own
         DepthAdapter(model, router="drafter", random_routers=True).generate(ids, max_new_tokens=8)
     with pytest.raises(ValueError, match="drafter hidden"):
-        rt.new_drafter(model, hidden=0)
+        hf_wrap.new_drafter(model, hidden=0)
     with pytest.raises(ValueError, match="exit head layer"):
         DepthAdapter(model, router="exit_head", depth=LAYERS, random_routers=True)
 
@@ -250,7 +249,7 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
     tune.tune_routers(cfg)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     path = str(tmp_path / "routers.pt")
-    blob = rt.read_router_file(path)
+    blob = hf_wrap.read_router_file(path)
     assert blob["router"] == "exit_head" and blob["layer"] == 3 and blob["head_vocab"] == 20
     assert blob["last_eval"]["kl"] < blob["untrained"]["kl"]
     assert blob["last_eval"]["greedy_agree"] > blob["untrained"]["greedy_agree"]
@@ -289,7 +288,7 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
     tune.tune_routers(cfg)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     path = str(tmp_path / "routers.pt")
-    blob = rt.read_router_file(path)
+    blob = hf_wrap.read_router_file(path)
     assert blob["router"] == "drafter" and blob["hidden"] == 64 and blob["head_vocab"] == 20
     first, last = blob["untrained"], blob["last_eval"]
     assert last["kl"] < first["kl"] and last["greedy_agree"] > first["greedy_agree"]
@@ -352,8 +351,8 @@ def test_sample_py_speculative(tmp_path):
     model = tiny("qwen3", vocab_size=chars.vocab_size)
     model.save_pretrained(tmp_path / "model")
     chars.to_hf().save_pretrained(tmp_path / "model")
-    head = rt.new_exit_head(model, 3, torch.arange(0, chars.vocab_size, 2), rank=8)
-    rt.save_exit_head(str(tmp_path / "head.pt"), head, model, model=str(tmp_path / "model"))
+    head = hf_wrap.new_exit_head(model, 3, torch.arange(0, chars.vocab_size, 2), rank=8)
+    hf_wrap.save_exit_head(str(tmp_path / "head.pt"), head, model, model=str(tmp_path / "model"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def sample(*args, ok=True):
@@ -371,8 +370,8 @@ def test_sample_py_speculative(tmp_path):
     got = sample("--hf", str(tmp_path / "model"), "--no_skip", "--speculative=3", "--lookup=2")
     assert text(got) == text(want) and "prompt-lookup draft (2-gram) (0.0 layers per model draft)" in got
     assert "int >= 1" in sample("--routers", str(tmp_path / "head.pt"), "--speculative=-2", ok=False)
-    drafter = rt.new_drafter(model, torch.arange(1, chars.vocab_size, 2), hidden=8)
-    rt.save_drafter(str(tmp_path / "drafter.pt"), drafter, model, model=str(tmp_path / "model"))
+    drafter = hf_wrap.new_drafter(model, torch.arange(1, chars.vocab_size, 2), hidden=8)
+    hf_wrap.save_drafter(str(tmp_path / "drafter.pt"), drafter, model, model=str(tmp_path / "model"))
     got = sample("--routers", str(tmp_path / "drafter.pt"), "--speculative=2", "--adapt_k=False")
     assert text(got) == text(want) and "speculative decoding, drafter draft (0.0 layers per model draft), K=2" in got
     assert "only drafts for speculative decoding" in sample("--routers", str(tmp_path / "drafter.pt"), ok=False)
