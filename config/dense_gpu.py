@@ -1,6 +1,6 @@
-# The base model of the issue-6 quality table (README, "Adaptive depth vs static layer dropping"): a dense
-# (vanilla) 12-layer Llama-style model on Shakespeare characters, trained on one GPU in a few minutes, then
-# exported to a transformers Llama folder that hf_wrap.py treats like any pretrained model:
+# A dense (vanilla) 12-layer Llama-style model on Shakespeare characters, trained on one GPU in a few minutes, then
+# exported to a transformers Llama folder that hf_wrap.py treats like any pretrained model (a base for
+# config/hf_router_tune.py with --hf=out-dense-gpu/hf):
 #   python train.py config/dense_gpu.py                                       # 237 s on an H100
 #   python sample.py --out_dir=out-dense-gpu --export_hf=out-dense-gpu/hf
 # config/dense_cpu.py is the same recipe, smaller, for a CPU.
@@ -11,7 +11,7 @@ tokenizer = "char"              # ~70 characters: a tiny LM head; the exported f
 # 64 sequences * 256 characters = 16,384 tokens per iteration
 batch_size = 64
 block_size = 256
-max_iters = 4100                # the measured H100 run (README); val loss was lowest near 2000
+max_iters = 4100                # the measured H100 run; its val loss was lowest near iteration 2000
 eval_interval = 500
 eval_iters = 40
 log_interval = 50
