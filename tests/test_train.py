@@ -64,7 +64,8 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 def test_resume_errors_are_clear(tmp_path, data_dir):
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
-    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3", ok=False)
+    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3",
+            ok=False)
     assert p.returncode != 0 and "n_layer" in p.stderr and "does not match" in p.stderr
     ckpt = os.path.join(out, "ckpt.pt")
     good = open(ckpt, "rb").read()
