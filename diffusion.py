@@ -132,7 +132,7 @@ class RefinementConfig:
 
     @classmethod
     def preset(cls, name="balanced", **overrides):
-        """A preset from the seed system's tuning guide, then any field overridden."""
+        """A preset (PRESETS: balanced, max_speed, max_quality), then any field overridden."""
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
         unknown = set(overrides) - {f.name for f in fields(cls)}
@@ -189,6 +189,20 @@ class RefinementKV:
 
 
 # -----------------------------------------------------------------------------
+# The difficulty signals: probabilities p [..., V] -> difficulty in [0, 1] (0 = certain), one per strategy
+
+DIFFICULTY = {
+    "confidence": lambda p: 1 - p.amax(-1),                         # 1 - the top probability
+    "fixed": lambda p: 1 - p.amax(-1),
+    "entropy": lambda p: (torch.special.entr(p).sum(-1) / math.log(p.shape[-1])).clamp(0, 1),   # / log V: 0 to 1
+    # |softmax(z) - onehot(argmax z)|: the norm of the gradient, with respect to the logits z, of the cross-entropy
+    # that would train the token towards its own prediction (closed form, no backward pass). Unlike confidence it
+    # grows when the rest of the mass sits on one rival: a two-way tie is harder than a long tail.
+    "gradient": lambda p: (p - F.one_hot(p.argmax(-1), p.shape[-1])).norm(dim=-1).clamp(0, 1),
+}
+
+
+# -----------------------------------------------------------------------------
 # The decoder
 
 class AdaptiveRefiner:
@@ -197,6 +211,7 @@ class AdaptiveRefiner:
 
     def __init__(self, config=None):
         self.config = config or RefinementConfig()
+        self.difficulty_of = DIFFICULTY[self.config.strategy]    # the strategy's signal, chosen once
         self.reset_stats()
 
     # -- the difficulty signal -----------------------------------------------------
@@ -205,23 +220,9 @@ class AdaptiveRefiner:
         return logits.float().softmax(-1).amax(-1)
 
     def compute_difficulty(self, logits):
-        """logits [..., V] -> difficulty in [0, 1] (0 = certain), by the strategy's signal:
-          confidence (and fixed)  1 - top probability;
-          entropy                 entropy / log V (0 for one-hot, 1 for uniform);
-          gradient                |softmax(z) - onehot(argmax z)|: the norm of the gradient, with respect
-                                  to the logits z, of the cross-entropy that would train the token
-                                  towards its own prediction. Closed form, no backward pass. 0 for a
-                                  certain prediction, near 1 for a uniform one; unlike confidence it
-                                  grows when the rest of the mass sits on one rival (a two-way tie is
-                                  harder than a long tail at the same top probability).
+        """logits [..., V] -> difficulty in [0, 1] (0 = certain), by the strategy's signal (DIFFICULTY).
         The depth mapping reads 1 - difficulty against the confidence thresholds."""
-        p = logits.float().softmax(-1)
-        if self.config.strategy == "entropy":
-            return (torch.special.entr(p).sum(-1) / math.log(p.shape[-1])).clamp(0, 1)
-        if self.config.strategy == "gradient":
-            top = p.argmax(-1, keepdim=True)
-            return p.scatter_add(-1, top, -torch.ones_like(top, dtype=p.dtype)).norm(dim=-1).clamp(0, 1)
-        return 1 - p.amax(-1)
+        return self.difficulty_of(logits.float().softmax(-1))
 
     def compute_recursion_depths(self, difficulty):
         """difficulty [...] -> passes each token needs [...] (long). Score s = 1 - difficulty:
@@ -321,7 +322,8 @@ class AdaptiveRefiner:
         return x
 
     def _refine(self, model, x, fill, logprobs=None):
-        """Fill the positions fill [B, T] of x (all [MASK]) in place: one block."""
+        """Fill the positions fill [B, T] of x (all [MASK]) in place: one block. Each pass runs the tokens that
+        need it, reads every masked token's difficulty, picks the ones due and commits them."""
         c, st = self.config, self.stats
         if not c.batch_by_difficulty and x.shape[0] > 1:        # one call per row: same tokens, more calls
             for b in range(x.shape[0]):
@@ -343,69 +345,86 @@ class AdaptiveRefiner:
             rows = todo.any(1)
             # who runs: every token of the rows still working (exact passes, and the first pass with
             # the cache), or only the tokens still masked and those whose K/V need their new id
-            run = rows[:, None].expand(B, T) if kv is None or first else (todo | write) & rows[:, None]
+            runs = rows[:, None].expand(B, T) if kv is None or first else (todo | write) & rows[:, None]
             if kv is None:
                 logits = model(x[rows])[0][todo[rows]]                          # (M, V)
             else:
-                logits = model(x, kv=kv, active=None if bool(run.all()) else run)[0][todo]
+                logits = model(x, kv=kv, active=None if bool(runs.all()) else runs)[0][todo]
             logits = logits[:, :-1]                                             # [MASK] is never predicted
             st["total_steps"] += 1
-            st["token_layer_ops"] += int(run.sum()) * n_layers
-            computed += run
+            st["token_layer_ops"] += int(runs.sum()) * n_layers
+            computed += runs
             passes += rows
-
-            # the signal of each masked token, laid out [B, T]
-            difficulty = torch.ones(B, T, device=dev)
-            difficulty[todo] = self.compute_difficulty(logits)
-            score = 1 - difficulty
-            confidence = torch.full((B, T), -1.0, device=dev)
-            confidence[todo] = self.compute_confidence(logits)
-            if first:                                       # easy / medium / hard by the first look
-                easy, hard = todo & (score >= c.confidence_high), todo & (score <= c.confidence_low)
-                st["easy_tokens"] += int(easy.sum())
-                st["hard_tokens"] += int(hard.sum())
-                st["medium_tokens"] += int((todo & ~easy & ~hard).sum())
+            difficulty, confidence = self._signals(logits, todo)
+            if first:
+                self._count_first_look(todo, 1 - difficulty)
             first = False
-
-            # who is due. The schedule: enough of what remains, the most confident first, to finish by
-            # max_recursions (for fixed, LLaDA's equal shares; adaptive strategies start it at min_recursions)
-            left = c.max_recursions - passes + 1                              # passes left, this one included
-            share = (todo.sum(1) + left - 1) // left
-            if c.strategy != "fixed":
-                share = torch.where(passes >= c.min_recursions, share, 0)
-            rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-            due = todo & (rank < share[:, None])
-            skip = torch.zeros_like(todo)
-            if c.strategy != "fixed":
-                if c.skip_confident_tokens:                                   # confident enough: at once
-                    skip = todo & (score >= c.skip_threshold)
-                due = due | skip
-                if c.parallel_acceptance:                                     # and every token whose passes
-                    depth = torch.full((B, T), c.max_recursions, dtype=torch.long, device=dev)   # reached its depth
-                    depth[todo] = self.compute_recursion_depths(difficulty[todo]).to(dev)
-                    due = due | todo & (depth <= passes[:, None])
-
-            # commit
-            if c.temperature == 0:
-                pred = logits.argmax(-1)
-            else:
-                pred = torch.multinomial((logits.float() / c.temperature).softmax(-1), 1)[:, 0]
-            chosen = torch.zeros_like(x)
-            chosen[todo] = pred
-            if logprobs is not None:
-                lp = torch.zeros_like(logprobs)
-                lp[todo] = logits.float().log_softmax(-1)
-                logprobs[due] = lp[due]
-            x[due] = chosen[due]
+            due, skip = self._due(todo, passes, difficulty, confidence)
+            self._commit(x, logits, todo, due, logprobs)
             todo = todo & ~due
             write = due & ~skip
             st["tokens_skipped"] += int((due & skip).sum())
+        self._count_passes(computed[fill].cpu())
 
-        done = computed[fill].cpu()
-        st["total_recursions"] += int(done.sum())
+    def _signals(self, logits, todo):
+        """The signals of the masked tokens (logits (M, V-1)), laid out [B, T]: difficulty (1 elsewhere) and
+        confidence (the top probability; -1 elsewhere, so that the schedule ranks the masked tokens first)."""
+        difficulty = torch.ones(todo.shape, device=todo.device)
+        difficulty[todo] = self.compute_difficulty(logits)
+        confidence = torch.full(todo.shape, -1.0, device=todo.device)
+        confidence[todo] = self.compute_confidence(logits)
+        return difficulty, confidence
+
+    def _count_first_look(self, todo, score):
+        """easy / medium / hard by the first pass's score."""
+        c, st = self.config, self.stats
+        easy, hard = todo & (score >= c.confidence_high), todo & (score <= c.confidence_low)
+        st["easy_tokens"] += int(easy.sum())
+        st["hard_tokens"] += int(hard.sum())
+        st["medium_tokens"] += int((todo & ~easy & ~hard).sum())
+
+    def _due(self, todo, passes, difficulty, confidence):
+        """Who is committed in this pass -> (due, skip) [B, T]. The schedule: enough of what remains, the most
+        confident first, to finish by max_recursions (for fixed, LLaDA's equal shares; adaptive strategies start
+        it at min_recursions). Adaptive strategies add the skipped tokens (confident enough: at once) and, with
+        parallel_acceptance, every token whose passes reached its depth."""
+        c = self.config
+        left = c.max_recursions - passes + 1                              # passes left, this one included
+        share = (todo.sum(1) + left - 1) // left
+        adaptive = c.strategy != "fixed"
+        if adaptive:
+            share = torch.where(passes >= c.min_recursions, share, 0)
+        rank = confidence.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        due = todo & (rank < share[:, None])
+        skip = torch.zeros_like(todo)
+        if adaptive and c.skip_confident_tokens:
+            skip = todo & (1 - difficulty >= c.skip_threshold)
+        if adaptive and c.parallel_acceptance:
+            depth = torch.full(todo.shape, c.max_recursions, dtype=torch.long, device=todo.device)
+            depth[todo] = self.compute_recursion_depths(difficulty[todo]).to(todo.device)
+            due = due | todo & (depth <= passes[:, None])
+        return due | skip, skip
+
+    def _commit(self, x, logits, todo, due, logprobs):
+        """Write the due tokens' predictions into x (and, with logprobs, the distribution each came from)."""
+        c = self.config
+        if c.temperature == 0:
+            pred = logits.argmax(-1)
+        else:
+            pred = torch.multinomial((logits.float() / c.temperature).softmax(-1), 1)[:, 0]
+        chosen = torch.zeros_like(x)
+        chosen[todo] = pred
+        if logprobs is not None:
+            lp = torch.zeros_like(logprobs)
+            lp[todo] = logits.float().log_softmax(-1)
+            logprobs[due] = lp[due]
+        x[due] = chosen[due]
+
+    def _count_passes(self, done):
+        """done: the passes that computed each filled token -> total_recursions and the depth histogram."""
+        self.stats["total_recursions"] += int(done.sum())
         counts = torch.bincount(done, minlength=len(self.depth_counts))
         self.depth_counts = F.pad(self.depth_counts, (0, len(counts) - len(self.depth_counts))) + counts
-
 
 def describe_stats(s):
     """get_stats() as a few lines for a terminal (sample.py, bench.py)."""
@@ -417,80 +436,3 @@ def describe_stats(s):
             f"  easy {s['easy_tokens']}, medium {s['medium_tokens']}, hard {s['hard_tokens']} tokens; "
             f"skipped {s['tokens_skipped']}; tokens by passes computed {hist}")
 
-
-# -----------------------------------------------------------------------------
-# Adaptive refinement against fixed passes (the rows of bench.py --mode=diffusion)
-
-def decoders(fixed_passes=(1, 2, 4, 8)):
-    """(name, RefinementConfig) of every row: fixed passes, and each adaptive strategy (cached by default)."""
-    return [(f"fixed {n}", RefinementConfig(strategy="fixed", max_recursions=n, cache_committed=False))
-            for n in fixed_passes] + [
-        ("fixed 4, cached", RefinementConfig(strategy="fixed", cache_committed=True)),
-        ("confidence, exact passes", RefinementConfig(cache_committed=False)),
-        ("confidence", RefinementConfig()),
-        ("confidence, no skip", RefinementConfig(skip_confident_tokens=False)),
-        ("entropy", RefinementConfig(strategy="entropy")),
-        ("gradient", RefinementConfig(strategy="gradient")),
-        ("preset max_speed", RefinementConfig.preset("max_speed")),
-        ("preset max_quality", RefinementConfig.preset("max_quality")),
-    ]
-
-
-def compare_decoders(model, judge, passages, prompts, mask_rates, fixed_passes, gen_prompt, gen_tokens, gen_block,
-                     gen_temperature, seed, generator, interleaved):
-    """Every decoder (decoders()) on infilling (each of mask_rates of `passages` hidden, the same positions for
-    every decoder: accuracy, and the NLL of the truth under the distribution each token was committed from) and
-    on generation after gen_prompt tokens of `prompts` (perplexity under the autoregressive `judge`), with the
-    passes, token-layer operations and wall time each ran, and the compute and time saved against fixed 4.
-    generator draws the hidden positions; seed reseeds each generation. interleaved([(name, fn)]) ->
-    {name: (result, median_s, ...)} times the decoders in turn (bench.py's). -> (rows, [(task, rate)])."""
-    from dataclasses import replace
-    infill_windows, T = passages.shape
-    mask, device, gen = model.config.mask_token, passages.device, generator
-
-    def judge_nll(x):   # mean NLL (nats) of x's tokens after gen_prompt, each given everything before it
-        with torch.no_grad():
-            logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
-        return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())
-
-    decoders_ = decoders(fixed_passes)
-    table = [{"task": "generate", "decoder": "(validation text)", "gen ppl": math.exp(judge_nll(prompts))}]
-    tasks = [(f"infill {100 * r:.0f}%", r) for r in mask_rates] + [("generate", None)]
-    for task, rate in tasks:
-        if rate is not None:   # the same hidden positions for every decoder
-            order = torch.rand(infill_windows, T, generator=gen).argsort(dim=1)[:, :round(rate * T)]
-            hidden = torch.zeros(infill_windows, T, dtype=torch.bool).scatter(1, order, True).to(device)
-
-        def run(refiner):
-            refiner.reset_stats()
-            torch.manual_seed(seed)                    # generation samples: the same draws for each decoder
-            if rate is None:
-                return refiner.generate(model, prompts[:, :gen_prompt], gen_tokens), refiner.get_stats()
-            x, logprobs = refiner.apply_adaptive_refinement(model, passages.masked_fill(hidden, mask), True)
-            return (x, logprobs), refiner.get_stats()
-
-        refiners = {name: AdaptiveRefiner(c if rate is not None else
-                                          replace(c, block_length=gen_block, temperature=gen_temperature))
-                    for name, c in decoders_}
-        timed_runs = interleaved([(name, lambda r=refiners[name]: run(r)) for name, _ in decoders_])
-        for name, _ in decoders_:
-            (out, stats), median_s, _, _ = timed_runs[name]
-            row = {"task": task, "decoder": name, "passes": stats["total_steps"],
-                   "mean recursions": stats["mean_recursions_per_token"], "token-layer ops": stats["token_layer_ops"],
-                   "wall ms": 1000 * median_s, "easy/medium/hard %": "/".join(
-                       f"{100 * stats[k] / stats['tokens_processed']:.0f}" for k in ("easy_tokens", "medium_tokens",
-                                                                                     "hard_tokens"))}
-            if rate is None:
-                row["gen ppl"] = math.exp(judge_nll(out))
-            else:
-                x, logprobs = out
-                truth = passages[hidden]
-                row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
-                row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
-            table.append(row)
-    for r in table:   # savings against the fixed baseline at the default pass count, task by task
-        base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
-        if base and "wall ms" in r:
-            r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])
-            r["time saved %"] = 100 * (1 - r["wall ms"] / base["wall ms"])
-    return table, tasks

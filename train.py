@@ -277,7 +277,7 @@ def log_depths(it, kind, summary):
 peak = gpu_peak_flops(device)
 dense_fpt = raw_model.dense_flops_per_token(block_size)   # vanilla of the same depth and shape
 if master and peak is None and device_type == "cuda":
-    print(f"note: {torch.cuda.get_device_name()} is not in model.py's peak-FLOPs table: MFU is not reported")
+    print(f"note: {torch.cuda.get_device_name()} is not in configurator.py's peak-FLOPs table: MFU is not reported")
 t0, iters_timed = time.time(), 0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule, lr_decay_iters, decay_frac)

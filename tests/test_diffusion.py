@@ -215,19 +215,44 @@ def test_one_call_per_row_gives_the_same_tokens():
     assert torch.equal(outs[0], outs[1]) and steps[1] > steps[0]
 
 
+def spy_calls(m):
+    """Record every forward call of m: the positions it ran ([B, T] bool; model.py's `active`, None = all)."""
+    calls, forward = [], m.forward
+
+    def spy(idx, *args, active=None, **kw):
+        calls.append(torch.ones_like(idx, dtype=torch.bool) if active is None else active.clone())
+        return forward(idx, *args, active=active, **kw)
+    m.forward = spy
+    return calls
+
+
 def test_statistics_add_up_and_write_out(tmp_path):
-    import hf_wrap
+    """Every statistic against a count made outside the refiner: easy / medium / hard from the model's own
+    first-pass scores, the passes per token and the layer work from the positions each forward call ran."""
     m = tiny()
     x = masked_input()
-    refiner = AdaptiveRefiner(spread_config(m, x))
+    c = spread_config(m, x)
+    fill = x == MASK
+    n = 2 * int(fill.sum())
+    with torch.no_grad():                                  # the first pass sees x as it is: the scores it reads
+        score = 1 - (1 - m(x)[0][fill][:, :-1].softmax(-1).amax(-1))
+    easy, hard = int((score >= c.confidence_high).sum()), int((score <= c.confidence_low).sum())
+    refiner, calls = AdaptiveRefiner(c), spy_calls(m)
     for strategy_run in range(2):                          # statistics accumulate over calls
         refiner.apply_adaptive_refinement(m, x.clone())
     s = refiner.get_stats()
-    n = 2 * int((x == MASK).sum())
-    assert s["tokens_processed"] == n == s["easy_tokens"] + s["medium_tokens"] + s["hard_tokens"]
-    assert min(s["easy_tokens"], s["medium_tokens"], s["hard_tokens"]) > 0
-    assert sum(s["depth_hist"]) == n and sum(d * c for d, c in enumerate(s["depth_hist"])) == s["total_recursions"]
-    assert s["mean_recursions_per_token"] == s["total_recursions"] / n
+    assert s["tokens_processed"] == n
+    assert (s["easy_tokens"], s["medium_tokens"], s["hard_tokens"]) == (2 * easy, n - 2 * easy - 2 * hard, 2 * hard)
+    assert min(easy, hard, n // 2 - easy - hard) > 0
+    half = len(calls) // 2                                 # the two runs are alike: count the first
+    assert all(torch.equal(a, b) for a, b in zip(calls[:half], calls[half:]))
+    passes = sum(a[fill] for a in calls[:half])            # forward calls that computed each filled position
+    assert len(calls) == s["total_steps"] and s["total_recursions"] == 2 * int(passes.sum())
+    assert s["depth_hist"] == (2 * torch.bincount(passes)).tolist()
+    assert s["mean_recursions_per_token"] == 2 * int(passes.sum()) / n
+    ops = sum(int(a.sum()) for a in calls) * m.plan.full_depth_layers
+    full = 2 * c.max_recursions * x.numel() * m.plan.full_depth_layers     # every row has masked tokens
+    assert s["token_layer_ops"] == ops and s["compute_saved_pct"] == pytest.approx(100 * (1 - ops / full))
     assert 0 < s["compute_saved_pct"] < 100 and 0 < s["tokens_skipped"] < n
     configurator.write_stats_csv(s, tmp_path / "s.csv")
     configurator.write_prometheus(s, str(tmp_path / "s.prom"), prefix="nanomor_diffusion")
@@ -242,6 +267,29 @@ def test_generate_slides_past_the_context():
     prompt = torch.randint(0, MASK, (2, 5))
     out = AdaptiveRefiner(RefinementConfig(block_length=8)).generate(m, prompt, 40)   # 45 > block_size 32
     assert out.shape == (2, 45) and (out != MASK).all() and torch.equal(out[:, :5], prompt)
+
+
+def test_generation_is_conditioned_on_the_context_generate_claims_to_keep():
+    """generate's promise, recomputed by hand: while the sequence fits in block_size, a block is predicted in the
+    whole sequence (later blocks still [MASK]); past it, in the block_size positions that end at the block. With
+    fixed at one pass a block is one forward, each position its most likely token; an adaptive refiner gives the
+    last block what apply_adaptive_refinement gives it in that window."""
+    m, L, bs = tiny(seed=3), 8, 32                  # a seed whose predictions follow their context
+    prompt = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(3))
+    one_pass = RefinementConfig(strategy="fixed", max_recursions=1, cache_committed=False, block_length=L)
+    out = AdaptiveRefiner(one_pass).generate(m, prompt, 40)          # blocks end at 13, 21, 29, 37 and 45 > 32
+    ref, blind = torch.cat((prompt, torch.full((2, 40), MASK)), 1), 0
+    with torch.no_grad():
+        for lo in range(5, 45, L):
+            start = 0 if lo + L <= bs else lo + L - bs
+            logits = m(ref[:, start:max(lo + L, bs)])[0][:, lo - start:lo - start + L, :-1]
+            ref[:, lo:lo + L] = logits.argmax(-1)
+            blind += torch.equal(ref[:, lo:lo + L], m(torch.full((2, L), MASK))[0][..., :-1].argmax(-1))
+    assert torch.equal(out, ref) and blind == 0          # and no block is what the block alone would give
+    adaptive = RefinementConfig(block_length=L)
+    out = AdaptiveRefiner(adaptive).generate(m, prompt, 40)
+    window = torch.cat((out[:, 45 - bs:45 - L], torch.full((2, L), MASK)), 1)
+    assert torch.equal(out[:, 45 - bs:], AdaptiveRefiner(adaptive).apply_adaptive_refinement(m, window))
 
 
 # -----------------------------------------------------------------------------

@@ -248,7 +248,9 @@ def test_threshold_routers_count_difficulty():
     for router, threshold in [("confidence", 0.05), ("entropy", 4.5)]:
         _, stats = DepthAdapter(model, router=router, threshold=threshold).generate(ids, attention_mask=mask,
                                                                                     max_new_tokens=16)
-        assert stats["easy"] + stats["medium"] + stats["hard"] == stats["tokens"] == 3 * 15
+        thirds = [sum(n for d, n in enumerate(stats["depth_hist"]) if lo <= 3 * d / stats["R"] < hi)
+                  for lo, hi in ((0, 1), (1, 2), (2, 4))]      # exit in the first / middle / last third (or never)
+        assert [stats["easy"], stats["medium"], stats["hard"]] == thirds and sum(thirds) == stats["tokens"] == 3 * 15
 
 
 # -----------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def test_verify_cost_rows():
     rows = speculative.verify_cost(tiny("qwen2"), 2, 6, widths=(1, 3), n=2, interleaved=timer)
     assert [(r["batch"], r["tokens per row"]) for r in rows] == [(2, 1), (2, 3)]
     assert rows[0]["vs one step"] == 1.0 and all(r["ms per pass"] > 0 for r in rows)
+    assert rows[1]["vs one step"] == pytest.approx(rows[1]["ms per pass"] / rows[0]["ms per pass"], rel=1e-9)
 
 
 def test_lookup_finds_the_latest_continuation():

@@ -27,6 +27,24 @@ def test_smoke_train_then_sample(tmp_path, data_dir):
     assert "\nROMEO:" in s.stdout and "tok/s" in s.stdout
 
 
+
+def test_train_model_globals_are_MoRConfigs_defaults():
+    """train.py restates MoRConfig's fields as its config globals (nanoGPT's style: one screen of plain keys);
+    every one must keep MoRConfig's default, read from train.py's source (not run: it would train)."""
+    import ast
+    from dataclasses import MISSING, fields
+    from model import MoRConfig
+    derived = ("vocab_size", "mask_token")      # set from the corpus and the objective, not config keys
+    defaults = {f.name: f.default for f in fields(MoRConfig) if f.default is not MISSING and f.name not in derived}
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    shared = {}
+    for node in tree.body:                     # the first assignment of each name: the config globals
+        for t in node.targets if isinstance(node, ast.Assign) else ():
+            if isinstance(t, ast.Name) and t.id in defaults and t.id not in shared:
+                shared[t.id] = ast.literal_eval(node.value)
+    assert {"n_layer", "n_recursion", "router", "capacity", "target_depth_weight"} <= shared.keys()
+    assert {k: v for k, v in shared.items() if v != defaults[k]} == {}, f"of {len(shared)} shared keys"
+
 def test_resume_continues_exactly(tmp_path, data_dir):
     """8 iterations straight == 4 iterations, then resume to 8: same weights, same optimizer state."""
     common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"]
@@ -46,7 +64,8 @@ def test_resume_continues_exactly(tmp_path, data_dir):
 def test_resume_errors_are_clear(tmp_path, data_dir):
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
-    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3", ok=False)
+    p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--init_from=resume", "--n_layer=3",
+            ok=False)
     assert p.returncode != 0 and "n_layer" in p.stderr and "does not match" in p.stderr
     ckpt = os.path.join(out, "ckpt.pt")
     good = open(ckpt, "rb").read()
