@@ -23,8 +23,7 @@ import torch
 
 import data
 from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
-from kv_cache import ContinuousBatching
-from model import MoR, MoRConfig
+from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ training, in generation and in continuous depth-wise batching:
 
     route = router(r, h, candidates, state, rule)
         h           [N, d]  the candidates' hidden states
-        candidates  the kv_cache.ActiveSet they form (rows, positions, grid shape)
+        candidates  the model.ActiveSet they form (rows, positions, grid shape)
         state       a RouteState: this forward's losses, statistics and per-token choices
         rule        'topk' (training) or 'causal' (generation): see expert-choice below
     route.keep      [N] bool, the candidates that run step r (None: all of them)

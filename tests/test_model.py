@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from kv_cache import KVCache
-from kv_cache import ContinuousBatching
-from model import MoR, MoRConfig, export_hf, layer_plan
+from model import ContinuousBatching, MoR, MoRConfig, export_hf, layer_plan
 
 V = 53
 VARIANTS = {
