@@ -155,11 +155,10 @@ class RefinementKV:
     """Keys and values of every position of a [B, T] window, per layer application, kept
     from one forward call to the next. The interface model.py's forward uses (kv_cache.py
     has the other two): the first call runs whole rows and fills them; a later call runs
-    any subset (forward's `active`), overwrites those positions' K/V, and every query
+    any subset (forward's `run_only`), overwrites those positions' K/V, and every query
     attends to all T positions of its row (bidirectional, so no mask). The other positions
     serve the K/V of the last call that computed them."""
     seq_len = 0        # the window starts at position 0
-    reached = None     # no causal cache (model.py's FLOP count)
 
     def __init__(self, kv_mode="recursion"):
         self.kv_mode = kv_mode
@@ -347,7 +346,7 @@ class AdaptiveRefiner:
             if kv is None:
                 logits = model(x[rows])[0][todo[rows]]                          # (M, V)
             else:
-                logits = model(x, kv=kv, active=None if bool(run.all()) else run)[0][todo]
+                logits = model(x, kv=kv, run_only=None if bool(run.all()) else run)[0][todo]
             logits = logits[:, :-1]                                             # [MASK] is never predicted
             st["total_steps"] += 1
             st["token_layer_ops"] += int(run.sum()) * n_layers

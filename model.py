@@ -22,13 +22,22 @@ attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
   4. KV caching (kv_cache.py): attention at step r among the tokens active at r
      (recursion-wise), or against the K/V that step 0 wrote (share-first).
 
-The whole method is the loop in MoR.forward:
+The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
 
-    for r in range(R):                                  # R steps of one shared block
-        route = router(r, h[act], act, ...)             # who of last step's tokens runs step r
-        act = act.subset(route.keep)                    # pack them: [N, d], nobody else
-        x = block(h[act])                               # attention among them only (kv_cache.py)
-        h[act] = h[act] + g * (x - h[act])              # the gated update, scattered back
+    h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s): every token
+    act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
+    for r in range(plan.n_recursion):                               # R steps of one shared block
+        act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
+        if act.n == 0:
+            break                                                   # everyone exited: nothing left to run
+        h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
+        depth[act.flat] += 1                                        # a token's depth: the steps it ran
+    h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s): every token
+
+_route asks the router (router.py) and packs the tokens it keeps into an ActiveSet: [N, d],
+nobody else. _run gathers x_in = h[act.flat], runs the layers on it (attention among these
+tokens only: kv_cache.py), computes the gated update x_in + g * (x - x_in) and scatters it
+back, so a token that exited keeps its h and costs nothing.
 
 The gate. A pre-norm block returns x = h + f(h), where f(h) is everything the step's
 layers add to the residual stream (attention and MLP outputs, summed over the block's
@@ -248,6 +257,14 @@ class LayerPlan:
         return self.n_pre + self.n_shared + self.n_post
 
     @property
+    def prelude(self):
+        return list(range(self.n_pre))                        # unique-layer indices of the first layer(s)
+
+    @property
+    def coda(self):
+        return list(range(self.n_pre + self.n_shared, self.n_unique))   # ... and of the last layer(s)
+
+    @property
     def full_depth_layers(self):
         return self.n_pre + sum(len(s) for s in self.steps) + self.n_post
 
@@ -383,6 +400,21 @@ def sample_next(logits, temperature=1.0, top_k=None):
 # -----------------------------------------------------------------------------
 # The model
 
+class ForwardInfo(NamedTuple):
+    """What one forward call ran: the record behind MoR.last_depth, last_route, last_flops."""
+    depth: torch.Tensor               # [B, T] recursion steps each token ran
+    route: RouteState                 # the routers' losses and statistics
+    start: int                        # position of the call's first token
+    reached: Optional[torch.Tensor]   # [B, R] earlier tokens per row that ran step r (KVCache.reached)
+    n_logits: int                     # positions per row sent to the LM head
+    ran: Optional[torch.Tensor]       # [B, T] bool: the tokens that ran at all (run_only); None: all
+
+
+def gather(h, act):
+    """The rows of h (B*T, d) that act lists, (N, d); h itself when act is every token."""
+    return h if act.n == h.shape[0] else h[act.flat]
+
+
 class MoR(nn.Module):
     def __init__(self, config, router=None):
         """router: a router module to use instead of the one config.router names (bench.py
@@ -416,9 +448,7 @@ class MoR(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
-        self.last_depth = None   # [B, T] depth of each token in the last forward
-        self.last_route = None   # RouteState of the last forward: router losses and stats
-        self._last_call = None   # what the last forward ran, for last_flops
+        self.last_forward = None   # ForwardInfo of the last forward call
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -436,80 +466,80 @@ class MoR(nn.Module):
     def rope(self, pos):
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, active=None):
+    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, run_only=None):
         """idx [B, T] token ids -> (logits [B, T, V], loss or None).
 
         kv:   a KVCache to continue from (generation), or None for a whole-sequence pass.
-        active: [B, T] bool, the only tokens that run (None: all). The others run no layer:
-              kv serves their keys and values from an earlier call (diffusion.py's refinement
-              passes, where committed tokens stop computing); their logits are meaningless.
         rule: how expert-choice picks tokens: 'topk' (training; sees the whole sequence)
               or 'causal' (threshold / aux router; what generation uses). Default:
               'topk' in train mode, 'causal' in eval mode. Token-choice is causal always.
+        run_only: [B, T] bool, the only tokens that run (None: all). kv serves the others'
+              K/V from an earlier call (diffusion.py's refinement passes); their logits are
+              meaningless.
         """
         cfg, plan = self.config, self.plan
         B, T = idx.shape
-        start = kv.seq_len if kv is not None else 0
+        start = 0 if kv is None else kv.seq_len                          # tokens already in the cache
         if start + T > cfg.block_size:
             raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
         rule = rule or ("topk" if self.training else "causal")
         attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0,
                                                     causal=not cfg.bidirectional)
         state = RouteState(B * T)
-
         h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
-        if active is not None:                                   # only these run; kv holds the rest's K/V
-            everyone = everyone.subset(active.view(-1))[0]
-        rope_all = self.rope(everyone.pos)
-        x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_pre):                              # unshared first layer(s): every (active) token
-            x = self.layers[i](x, rope_all, attn, Site("pre", None, i), everyone)
-        h = x if active is None else h.index_copy(0, everyone.flat, x)
-        depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
-        act = everyone
-        for r in range(plan.n_recursion):                       # the recursion: R steps of the shared block
-            gate = None
-            if self.router is not None:                          # who runs step r (router.py)
-                route = self.router(r, h if act.n == B * T else h[act.flat], act, state, rule)
-                gate = route.gate
-                if route.keep is not None:                       # hierarchical: a subset of last step's tokens
-                    act, picked = act.subset(route.keep, route.per_row)
-                    gate = None if gate is None else gate[picked]
-                state.log_step(r, act.n, B * T)
+        if run_only is not None:                                 # diffusion.py: the others' K/V are in kv
+            everyone = everyone.subset(run_only.view(-1))[0]
+        h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s): every token
+        act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
+        for r in range(plan.n_recursion):                               # R steps of one shared block
+            act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
             if act.n == 0:
-                break                                            # everyone exited: nothing left to run
-            dense = act.n == B * T
-            x_in = h if dense else h[act.flat]                   # gather: (N, d)
-            rope = rope_all if dense else self.rope(act.pos)
-            x = x_in
-            for j, li in enumerate(plan.steps[r]):
-                x = self.layers[li](x, rope, attn, Site("rec", r, j), act)
-            if gate is not None:                                 # h <- h + g * f(h), f = what the step added
-                x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
-            h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
-            depth[act.flat] += 1
-        x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_post):                             # unshared last layer(s): every (active) token
-            li = plan.n_pre + plan.n_shared + i
-            x = self.layers[li](x, rope_all, attn, Site("post", None, i), everyone)
-        h = x if active is None else h.index_copy(0, everyone.flat, x)
+                break                                                   # everyone exited: nothing left to run
+            h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
+            depth[act.flat] += 1                                        # a token's depth: the steps it ran
+        h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s): every token
 
         h = h.view(B, T, cfg.n_embd)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        self._last_call = (depth, start, None if kv is None else kv.reached, h.shape[1], active)
+        # KVCache.reached: the cached tokens per row and step, which the FLOP count needs
+        self.last_forward = ForwardInfo(depth, state, start, getattr(kv, "reached", None), h.shape[1], run_only)
         if kv is not None:
             kv.advance(depth)
-        self.last_depth, self.last_route = depth, state
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
             if self.training:
                 loss = loss + state.total_loss()
         return logits, loss
+
+    def _route(self, r, h, act, state, rule):
+        """Ask step r's router (router.py) which of last step's tokens `act` run step r.
+        Returns them, packed (an ActiveSet), and their gates (None: ungated)."""
+        if self.router is None:
+            return act, None                                      # every token runs every step
+        route = self.router(r, gather(h, act), act, state, rule)
+        gate = route.gate
+        if route.keep is not None:                                # hierarchical: a subset of last step's tokens
+            act, picked = act.subset(route.keep, route.per_row)   # picked: their index among last step's
+            gate = None if gate is None else gate[picked]
+        state.log_step(r, act.n, state.n_tokens)
+        return act, gate
+
+    def _run(self, h, act, layer_ids, part, step, kv, gate=None):
+        """Depth-wise batching: gather the tokens `act` from h (B*T, d), run the layers on them
+        packed (attention among them only: kv_cache.py), apply the gate and scatter them back.
+        The other tokens keep their h and cost nothing."""
+        x_in = x = gather(h, act)                                 # (N, d)
+        rope = self.rope(act.pos)
+        for j, li in enumerate(layer_ids):
+            x = self.layers[li](x, rope, kv, Site(part, step, j), act)
+        if gate is not None:                                      # h <- h + g * f(h), f = what the step added
+            x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
+        return x if act.n == h.shape[0] else h.index_copy(0, act.flat, x)   # scatter back
 
     # -- FLOP accounting: from what ran, in one place ----------------------------
     def _layer_flops(self, n, with_kv):
@@ -521,17 +551,19 @@ class MoR(nn.Module):
             per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
         return 2 * n * per_token
 
-    def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call from what ran: depth [B, T] of the call's tokens, start =
-        the position of its first token, reached [B, R] = earlier (cached) tokens of each row
-        that ran step r (None: no cache), n_logits = positions per row sent to the LM head,
-        ran [B, T] = the tokens that ran at all (forward's `active`; None: all of them).
+    def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
+        """Forward FLOPs of one call from what ran, as (linear, attention). depth [B, T] of the
+        call's tokens, start = the position of its first token, reached [B, R] = earlier
+        (cached) tokens of each row that ran step r (None: no cache), n_logits = positions
+        per row sent to the LM head, ran [B, T] = the tokens that ran at all (forward's
+        `run_only`; None: all of them).
 
-        Attention costs 4 * d FLOPs per (query, key) pair (QK^T and AV over all heads). A
-        causal query at step r sees: recursion-wise, the tokens of its row that ran step r
-        and came before it (cached ones and this call's); share-first deeper steps, every
-        token up to its position; unshared layers, every token up to its position. A
-        bidirectional query (masked diffusion, no router) sees every token of its row.
+        linear: 2 * rows * in * out over every Linear (projections, MLPs, LM head).
+        attention: 4 * d per (query, key) pair (QK^T and AV over all heads). A causal query
+        at step r sees: recursion-wise, the tokens of its row that ran step r and came
+        before it (cached ones and this call's); share-first deeper steps, every token up
+        to its position; unshared layers, every token up to its position. A bidirectional
+        query (masked diffusion, no router) sees every token of its row.
         """
         cfg, plan = self.config, self.plan
         B, T = depth.shape
@@ -541,7 +573,8 @@ class MoR(nn.Module):
         def pairs_all(queries):                                    # queries [B, T] bool: their keys, summed
             return (queries.sum() * (start + T)) if cfg.bidirectional else ((pos + 1) * queries).sum()
         n_edge = plan.n_pre + plan.n_post
-        flops = n_edge * (self._layer_flops(1, True) * ran.sum() + pair * pairs_all(ran))
+        linear = n_edge * self._layer_flops(1, True) * ran.sum()
+        attention = n_edge * pair * pairs_all(ran)
         for r in range(plan.n_recursion):
             at = depth > r                                         # [B, T]: the tokens that ran step r
             n = at.sum(1)                                          # [B]
@@ -551,13 +584,31 @@ class MoR(nn.Module):
                 before = 0 if reached is None else reached[:, r]
                 pairs = (before * n + n * (n + 1) // 2).sum()
             with_kv = not (cfg.kv_mode == "share_first" and r > 0)
-            flops = flops + len(plan.steps[r]) * (self._layer_flops(1, with_kv) * n.sum() + pair * pairs)
-        return flops + 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
+            linear = linear + len(plan.steps[r]) * self._layer_flops(1, with_kv) * n.sum()
+            attention = attention + len(plan.steps[r]) * pair * pairs
+        lm_head = 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
+        return linear + lm_head, attention
+
+    def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
+        """Forward FLOPs of one call from what ran (flop_parts: linear + attention)."""
+        linear, attention = self.flop_parts(depth, start, reached, n_logits, ran)
+        return linear + attention
 
     @property
     def last_flops(self):
         """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
-        return self.count_flops(*self._last_call)
+        f = self.last_forward
+        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)
+
+    @property
+    def last_depth(self):
+        """[B, T] depth of each token in the last forward."""
+        return self.last_forward.depth
+
+    @property
+    def last_route(self):
+        """RouteState of the last forward: router losses and stats."""
+        return self.last_forward.route
 
     def dense_flops_per_token(self, T):
         """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
