@@ -688,17 +688,17 @@ class ContinuousBatching:
       3. a token that stops runs the unshared last layer(s), the LM head and sampling;
       4. its sequence's next token enters at once: embedding, unshared first layer(s),
          the step-0 routing decision; it runs the block in the next tick.
-    A token costs exactly its depth in block rows, and each token sees exactly what it
-    sees in generate(), so greedy outputs are the same (tests check both).
+    Each token sees exactly what it sees in generate(), so greedy outputs are the same.
 
-    Why every lane runs every part of the tick: the shapes never change, so there is no
-    host sync and nothing data-dependent, and compile=True captures the tick whole
-    (torch.compile fullgraph; on a GPU, mode='reduce-overhead' replays it as one CUDA
-    graph). The price: the unshared layers, the LM head and the embedding run on every
-    lane in every tick, where only the lanes whose token exits or enters need them, and a
-    lane whose sequence is finished idles in the block until all are. With sharing='cycle'
-    there are no unshared layers, and the LM head is what is left. A vanilla model
-    (R = 1) runs here too: every token exits after one tick.
+    What it saves: host syncs (none inside a tick) and shape changes (none at all), so
+    compile=True captures the tick whole (torch.compile fullgraph; on a GPU,
+    mode='reduce-overhead' replays it as one CUDA graph), and every block call is a full
+    batch. What it spends: every lane runs every part of every tick. The shared block
+    takes all B lanes, also those whose sequence is finished; the unshared layers, the LM
+    head and the embedding run on every lane, where only the lanes whose token exits or
+    enters need them. run()'s stats count both: block_rows, the rows that entered the
+    block (B per tick), and live_rows, those that carried a token in flight (the sum of
+    the decoded tokens' depths). A vanilla model (R = 1) runs here too.
 
     Needs recursion-wise caching, one block for every step (cycle or middle_cycle sharing)
     and capacity 1 at step 0. The prompt is prefilled as in generate(). Sampling at
@@ -732,7 +732,7 @@ class ContinuousBatching:
         self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
         self.step = torch.zeros(B, dtype=torch.long, device=dev)                     # the step it runs next
         self.gate = torch.ones(B, device=dev)                                        # its gate at that step
-        self.block_rows = torch.zeros((), dtype=torch.long, device=dev)              # lanes with a live token, summed
+        self.live_rows = torch.zeros((), dtype=torch.long, device=dev)               # block rows of live tokens
         self.state = RouteState(B)                     # token-choice: each lane's chosen depth
         self.state.depth = torch.zeros(B, dtype=torch.long, device=dev)
         self.state.prob = torch.ones(B, device=dev)
@@ -748,7 +748,7 @@ class ContinuousBatching:
         logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
         self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
         if self.idx.device.type == "cuda":     # let a CUDA graph mutate the state and the cache in place
-            for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.block_rows,
+            for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.live_rows,
                       self.state.depth, self.state.prob, *(x for st in self.kv.stores.values()
                                                          for x in (st.k, st.v, st.pos, st.length))]:
                 torch._dynamo.mark_static_address(t)
@@ -759,8 +759,8 @@ class ContinuousBatching:
             ticks += 1
             if ticks % 4 == 0 and not bool((self.n_out < self.max_new).any()):   # one host sync per 4 ticks
                 break
-        stats = {"ticks": ticks, "block_rows": int(self.block_rows),
-                 "rows_per_block_call": int(self.block_rows) / ticks}
+        B, live = self.lane.numel(), int(self.live_rows)
+        stats = {"ticks": ticks, "block_rows": B * ticks, "live_rows": live, "live_rows_per_tick": live / ticks}
         return torch.cat((self.idx, self.out), dim=1), self.depths[:, :-1], stats
 
     def _lanes(self, cache_row, write):
@@ -768,10 +768,9 @@ class ContinuousBatching:
 
     def _edge_layers(self, x, part, write):
         """The unshared first ('pre') or last ('post') layer(s) on every lane; K/V kept where `write`."""
-        m, plan = self.model, self.model.plan
-        first = 0 if part == "pre" else plan.n_pre + plan.n_shared
-        for i in range(plan.n_pre if part == "pre" else plan.n_post):
-            x = m.layers[first + i](x, m.rope(self.pos), self.kv, Site(part, None, i), self._lanes(self.lane, write))
+        m = self.model
+        for i, li in enumerate(m.plan.prelude if part == "pre" else m.plan.coda):
+            x = m.layers[li](x, m.rope(self.pos), self.kv, Site(part, None, i), self._lanes(self.lane, write))
         return x
 
     def _enter(self, entering):
@@ -802,7 +801,7 @@ class ContinuousBatching:
             x = x_in + self.gate[:, None].to(x.dtype) * (x - x_in)       # h <- h + g * f(h)
         self.h.copy_(x)
         self.step.copy_(self.step + live.long())
-        self.block_rows.add_(live.sum())
+        self.live_rows.add_(live.sum())
         # 2. routing: which tokens go on to the step they are now at
         go_on = self.step < plan.n_recursion
         if m.router is not None:

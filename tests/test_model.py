@@ -3,7 +3,7 @@ that really skips compute, both KV strategies, HF export parity."""
 import pytest
 import torch
 
-from kv_cache import KVCache
+from kv_cache import KVCache, Lanes
 from model import ContinuousBatching, MoR, MoRConfig, export_hf, layer_plan
 
 V = 53
@@ -98,6 +98,19 @@ def test_generate_past_the_context_and_errors():
     m = tiny(block_size=16).eval()
     out = m.generate(torch.zeros(1, 10, dtype=torch.long), 30, temperature=1.0, top_k=5)
     assert out.shape == (1, 40)
+    # greedy: 6 tokens fill the context (16), then the cache restarts from the last half, the 8
+    # tokens 9..16, and decoding goes on exactly as a fresh generate from those 8 tokens
+    m = tiny(block_size=16, **VARIANTS["ec_recursion"]).eval()
+    with torch.no_grad():
+        for p in m.parameters():                             # big weights: greedy tokens follow the context
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    x = torch.randint(0, V, (2, 10))
+    out = m.generate(x, 30, temperature=0)
+    assert torch.equal(out[:, :17], m.generate(x, 7, temperature=0))
+    fresh = m.generate(out[:, 9:17], 23, temperature=0)
+    assert torch.equal(out[:, 17:], fresh[:, 8:])
+    assert out[:, 17:].unique().numel() > 3                     # varied tokens, so a wrong restart shows
     with pytest.raises(ValueError, match="context"):
         m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
 
@@ -282,8 +295,25 @@ def test_continuous_batching_decodes_the_same_tokens(kw, forced):
     assert torch.equal(depth, ref_depth[:, 5:-1])        # the decoded tokens (the last is never fed back)
     if m.router is not None:
         assert depth.min() < depth.max()                  # mixed depths, so calls really mixed steps
-    # a token costs exactly its depth in block rows: nothing ran for tokens that had exited
-    assert stats["block_rows"] == int(depth.sum())
+    # a token's useful cost is exactly its depth in block rows
+    assert stats["live_rows"] == int(depth.sum())
+
+
+def test_continuous_batching_counts_the_rows_that_enter_the_block():
+    """A hook on the shared layer counts the rows each tick feeds it: every lane, every tick
+    (B per tick), also lanes whose sequence is finished. The stats say so (block_rows), and
+    keep the useful part apart (live_rows: the decoded tokens' depths, from generate)."""
+    m = spread_router(tiny(n_layer=6, n_recursion=3, sharing="middle_cycle", router="expert_choice")).eval()
+    B, T0, new = 4, 5, 20
+    x = torch.randint(0, V, (B, T0))
+    _, ref_depth = m.generate(x, new, temperature=0, return_depths=True)
+    rows = []
+    shared = m.layers[m.plan.steps[0][0]]
+    shared.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]) if isinstance(inp[4], Lanes)
+                                 else None)                      # ticks only: prefill passes an ActiveSet
+    _, depth, stats = ContinuousBatching(m, x, new, temperature=0).run()
+    assert rows == [B] * stats["ticks"] and stats["block_rows"] == sum(rows)
+    assert stats["live_rows"] == int(ref_depth[:, T0:-1].sum()) < stats["block_rows"]
 
 
 def test_continuous_batching_refuses_what_it_cannot_do():
