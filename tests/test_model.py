@@ -188,6 +188,72 @@ def test_share_first_deeper_steps_compute_no_kv():
     assert [n for name, n in shared if name == "q_proj"] == [60, 40, 20]  # queries for active tokens
 
 
+def _expected_rows(m, depth):
+    """What _record_rows should see for one call whose tokens ran `depth` [B, T] steps: every
+    token in the unshared layers, at step r only the tokens that reached it."""
+    plan, share_first = m.plan, m.config.kv_mode == "share_first"
+    rows = []
+    def layer(i, n, with_kv=True):
+        rows.extend([(i, "q_proj", n)] + [(i, "k_proj", n)] * with_kv + [(i, "mlp", n)])
+    for i in plan.prelude:
+        layer(i, depth.numel())
+    for r in range(plan.n_recursion):
+        for i in plan.steps[r] if (depth > r).any() else []:
+            layer(i, int((depth > r).sum()), not (share_first and r > 0))
+    for i in plan.coda:
+        layer(i, depth.numel())
+    return rows
+
+
+@pytest.mark.parametrize("name", ["ec_recursion", "ec_share_first", "tc_recursion", "tc_share_first"])
+def test_cached_decoding_feeds_each_step_only_the_tokens_that_reached_it(name):
+    """Prefill and token-by-token decoding under a KVCache: hooks on every layer's q/k
+    projections and MLP see, call by call, exactly the rows of the tokens that reached each
+    step, so an exited token costs nothing in generation either."""
+    m = spread_router(tiny(**VARIANTS[name])).eval()
+    calls = _record_rows(m)
+    x = torch.randint(0, V, (3, 16))
+    kv, depths = KVCache(m, 3), []
+    with torch.no_grad():
+        for lo, hi in [(0, 8)] + [(t, t + 1) for t in range(8, 16)]:
+            calls.clear()
+            m(x[:, lo:hi], kv=kv, rule="causal")
+            assert calls == _expected_rows(m, m.last_depth), (lo, hi)
+            depths.append(m.last_depth)
+    assert torch.cat(depths, 1).unique().numel() > 1              # tokens stopped at different steps
+
+
+def _linear_flops_by_hooks(m, run):
+    """2 * rows * in * out summed over every Linear of the layers and the LM head, as fed by run()."""
+    total = []
+    def count(mod, inp, out):                                    # rows: tokens fed, [N, d] or [B, T, d]
+        total.append(2 * (inp[0].numel() // mod.in_features) * mod.in_features * mod.out_features)
+    hooks = [mod.register_forward_hook(count)
+             for mod in [*m.layers.modules(), m.lm_head] if isinstance(mod, torch.nn.Linear)]
+    run()
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+@pytest.mark.parametrize("name", ["recursive", "ec_recursion", "ec_share_first", "tc_recursion", "tc_share_first"])
+def test_flop_count_equals_the_rows_every_linear_was_fed(name):
+    """The FLOP formula's linear part against what really ran: hooks count the rows into every
+    Linear, in a training pass (top-k) and in prefill + cached decoding (causal)."""
+    m = spread_router(tiny(**VARIANTS[name]))
+    x = torch.randint(0, V, (3, 20))
+    def linear_part():
+        f = m.last_forward
+        return int(m.flop_parts(f.depth, f.start, f.reached, f.n_logits, f.ran)[0])
+    m.train()
+    assert _linear_flops_by_hooks(m, lambda: m(x, x)) == linear_part()
+    m.eval()
+    kv = KVCache(m, 3)
+    with torch.no_grad():
+        for lo, hi in [(0, 8)] + [(t, t + 1) for t in range(8, 12)]:
+            assert _linear_flops_by_hooks(m, lambda: m(x[:, lo:hi], kv=kv, last_only=hi > 8)) == linear_part()
+
+
 @pytest.mark.parametrize("name", ["ec_recursion", "ec_aux_router", "tc_recursion"])
 def test_routers_receive_gradients(name):
     m = tiny(**VARIANTS[name]).train()
