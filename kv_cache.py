@@ -45,6 +45,10 @@ class Lanes(NamedTuple):
     cache_row: torch.Tensor   # [B] the cache row each lane reads and writes at this layer
     write: torch.Tensor       # [B] bool: lanes whose K/V are kept; the others run and leave nothing
 
+    @property
+    def n(self):
+        return self.flat.numel()
+
 
 def to_grid(x, active):
     """[N, ...] packed -> [rows, K, ...] grid (pads are zeros)."""
@@ -180,12 +184,8 @@ class KVCache:
             self._write(key, off, k, v, active)
         st = self.stores[key]
         L = st.bound[off]                                                # upper bound on keys per row
-        if active.all_rows:   # every batch row is in this call: slice, no copy
-            sl = slice(off, off + self.B)
-            kg, vg, lengths, key_pos = st.k[sl, :, :L], st.v[sl, :, :L], st.length[sl], st.pos[sl, :L]
-        else:                 # a subset of rows: gather them
-            rows = active.rows + off
-            kg, vg, lengths, key_pos = st.k[rows, :, :L], st.v[rows, :, :L], st.length[rows], st.pos[rows, :L]
+        rows = slice(off, off + self.B) if active.all_rows else active.rows + off   # all rows: a view, no copy
+        kg, vg, lengths, key_pos = st.k[rows, :, :L], st.v[rows, :, :L], st.length[rows], st.pos[rows, :L]
         qg = to_grid(q, active).transpose(1, 2)                          # (rows, H, K, hd)
         is_causal, mask = False, None
         if active.grid_index is None and st.uniform[off] and L == active.K:

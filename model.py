@@ -52,9 +52,6 @@ the LM loss tells the router which tokens gained from the step. With alpha small
 the router's early random preferences barely change the residual stream, so the
 block can learn first. Token-choice gates only a token's last step, by the
 probability of the depth it chose.
-
-Layers work on packed tokens [N, d] everywhere; only attention (kv_cache.py)
-lays them out as [rows, K] grids for scaled_dot_product_attention.
 """
 import math
 from dataclasses import dataclass
@@ -112,11 +109,17 @@ class ActiveSet:
     @staticmethod
     def everyone(B, T, start, device):
         """All B*T tokens: unshared layers, vanilla layers, and steps that keep everyone."""
-        flat = torch.arange(B * T, device=device)
+        return ActiveSet._full(torch.arange(B * T, device=device), B, T, T, start)
+
+    @staticmethod
+    def _full(flat, B, T, K, start):
+        """Every row keeps K tokens, flat [B*K] row by row: a full grid, built with no host sync."""
+        dev = flat.device
         pos = start + flat % T
-        return ActiveSet(flat=flat, row=flat // T, rank=flat % T, pos=pos, rows=torch.arange(B, device=device),
-                         counts=torch.full((B,), T, device=device), qpos=pos.view(B, T), grid_index=None,
-                         B=B, T=T, K=T, all_rows=True, start=start)
+        rows = torch.arange(B, device=dev)
+        return ActiveSet(flat=flat, row=rows.repeat_interleave(K), rank=torch.arange(K, device=dev).repeat(B),
+                         pos=pos, rows=rows, counts=torch.full((B,), K, device=dev), qpos=pos.view(B, K),
+                         grid_index=None, B=B, T=T, K=K, all_rows=True, start=start)
 
     def subset(self, keep, per_row=None):
         """The tokens of this set where keep [N] is True (hierarchical selection), and the
@@ -130,14 +133,7 @@ class ActiveSet:
             # a stable descending sort puts each row's kept slots first, in position order
             cols = keep.view(self.B, self.K).to(torch.int32).sort(dim=1, descending=True, stable=True).indices
             picked = (torch.arange(self.B, device=keep.device)[:, None] * self.K + cols[:, :per_row]).view(-1)
-            flat = self.flat[picked]
-            pos = self.start + flat % self.T
-            rows = torch.arange(self.B, device=keep.device)
-            return ActiveSet(flat=flat, row=rows.repeat_interleave(per_row),
-                             rank=torch.arange(per_row, device=keep.device).repeat(self.B), pos=pos, rows=rows,
-                             counts=torch.full((self.B,), per_row, device=keep.device),
-                             qpos=pos.view(self.B, per_row), grid_index=None, B=self.B, T=self.T, K=per_row,
-                             all_rows=True, start=self.start), picked
+            return ActiveSet._full(self.flat[picked], self.B, self.T, per_row, self.start), picked
         picked = keep.nonzero().squeeze(1)
         mask = torch.zeros(self.B * self.T, dtype=torch.bool, device=keep.device)
         mask[self.flat[picked]] = True
@@ -166,10 +162,9 @@ class ActiveSet:
 
 
 class Site(NamedTuple):
-    """One layer application. part: 'pre' | 'rec' | 'post'; step: the recursion step of a
-    'rec' site (None elsewhere, and None for continuous batching, whose tokens each sit
-    at their own step, folded into their cache row: see KVCache.cache_row); index: the
-    layer inside its part."""
+    """One layer application: Site('pre', None, i) and Site('post', None, i) for the unshared
+    first and last layers, Site('rec', r, j) for layer j of the shared block at step r (step
+    None in continuous batching, where each token's step is folded into its cache row)."""
     part: str
     step: Optional[int]
     index: int
@@ -294,9 +289,9 @@ def layer_plan(n_layer, R, sharing):
     return LayerPlan(edge, k, edge, R, steps, inner - k * R)
 
 
-SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
-ROUTERS = ("none", "expert_choice", "token_choice")
-KV_MODES = ("recursion", "share_first")
+CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),
+           "router": ("none", "expert_choice", "token_choice"), "kv_mode": ("recursion", "share_first"),
+           "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"), "router_aux": ("loss", "router")}
 
 
 @dataclass
@@ -345,21 +340,19 @@ class MoRConfig:
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.sharing in SHARING, f"sharing must be one of {SHARING}, got {self.sharing!r}")
-        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
-        need(self.kv_mode in KV_MODES, f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
-        need(self.balancing in ("loss", "loss_free", "none"), f"balancing must be loss | loss_free | none, got {self.balancing!r}")
-        need(self.router_fn in ("sigmoid", "tanh"), f"router_fn must be sigmoid | tanh, got {self.router_fn!r}")
-        need(self.router_aux in ("loss", "router"), f"router_aux must be loss | router, got {self.router_aux!r}")
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            need(value in allowed, f"{key} must be one of {' | '.join(allowed)}, got {value!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
-        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head "
+                                                 f"{self.n_kv_head}")
         need(self.n_recursion >= 1, "n_recursion must be >= 1")
         need(-1 <= self.mask_token < self.vocab_size,
              f"mask_token must be a vocab id (0..{self.vocab_size - 1}) or -1 for none, got {self.mask_token}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.sharing != "none" or self.n_recursion == 1,
-             "sharing='none' means one pass (n_recursion=1); to recurse pick cycle, sequence, middle_cycle or middle_sequence")
+        need(self.sharing != "none" or self.n_recursion == 1, "sharing='none' means one pass (n_recursion=1); "
+             "to recurse pick cycle, sequence, middle_cycle or middle_sequence")
         need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
         need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
         layer_plan(self.n_layer, self.n_recursion, self.sharing)    # raises if the layers don't fit the sharing
@@ -377,27 +370,6 @@ class MoRConfig:
 
 
 # -----------------------------------------------------------------------------
-# Sampling one token (generate() and continuous batching below, hf_wrap.py, sample.py)
-
-def token_probs(logits, temperature=1.0, top_k=None):
-    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
-    temperature), over the top_k logits only when top_k is set. Speculative sampling
-    (hf_wrap.py) needs these probabilities themselves, not just a draw."""
-    logits = logits / temperature
-    if top_k is not None:
-        v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < v, -float("inf"))
-    return F.softmax(logits.float(), dim=-1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1)
-
-
-# -----------------------------------------------------------------------------
 # The model
 
 class ForwardInfo(NamedTuple):
@@ -405,7 +377,7 @@ class ForwardInfo(NamedTuple):
     depth: torch.Tensor               # [B, T] recursion steps each token ran
     route: RouteState                 # the routers' losses and statistics
     start: int                        # position of the call's first token
-    reached: Optional[torch.Tensor]   # [B, R] earlier tokens per row that ran step r (KVCache.reached)
+    reached: Optional[torch.Tensor]   # [B, R] earlier (cached) tokens per row that ran step r; None: no cache
     n_logits: int                     # positions per row sent to the LM head
     ran: Optional[torch.Tensor]       # [B, T] bool: the tokens that ran at all (run_only); None: all
 
@@ -532,7 +504,7 @@ class MoR(nn.Module):
     def _run(self, h, act, layer_ids, part, step, kv, gate=None):
         """Depth-wise batching: gather the tokens `act` from h (B*T, d), run the layers on them
         packed (attention among them only: kv_cache.py), apply the gate and scatter them back.
-        The other tokens keep their h and cost nothing."""
+        The other tokens keep their h and cost nothing. (ContinuousBatching runs it on Lanes.)"""
         x_in = x = gather(h, act)                                 # (N, d)
         rope = self.rope(act.pos)
         for j, li in enumerate(layer_ids):
@@ -552,18 +524,13 @@ class MoR(nn.Module):
         return 2 * n * per_token
 
     def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call from what ran, as (linear, attention). depth [B, T] of the
-        call's tokens, start = the position of its first token, reached [B, R] = earlier
-        (cached) tokens of each row that ran step r (None: no cache), n_logits = positions
-        per row sent to the LM head, ran [B, T] = the tokens that ran at all (forward's
-        `run_only`; None: all of them).
-
-        linear: 2 * rows * in * out over every Linear (projections, MLPs, LM head).
-        attention: 4 * d per (query, key) pair (QK^T and AV over all heads). A causal query
-        at step r sees: recursion-wise, the tokens of its row that ran step r and came
-        before it (cached ones and this call's); share-first deeper steps, every token up
-        to its position; unshared layers, every token up to its position. A bidirectional
-        query (masked diffusion, no router) sees every token of its row.
+        """Forward FLOPs of one call from what ran, as (linear, attention); the arguments are
+        ForwardInfo's fields. linear: 2 * rows * in * out over every Linear (projections,
+        MLPs, LM head). attention: 4 * d per (query, key) pair (QK^T and AV, all heads). A
+        causal query at step r sees: recursion-wise, the tokens of its row that ran step r
+        and came before it (cached ones and this call's); share-first deeper steps and
+        unshared layers, every token up to its position. A bidirectional query (masked
+        diffusion, no router) sees every token of its row.
         """
         cfg, plan = self.config, self.plan
         B, T = depth.shape
@@ -598,7 +565,7 @@ class MoR(nn.Module):
     def last_flops(self):
         """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
         f = self.last_forward
-        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)
+        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)   # ForwardInfo minus route
 
     @property
     def last_depth(self):
@@ -669,40 +636,54 @@ class MoR(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Continuous depth-wise batching (the paper's section 2.3 throughput engine): lanes over the cache's step rows
+# Sampling one token (generate() above, continuous batching below)
+
+def token_probs(logits, temperature=1.0, top_k=None):
+    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
+    temperature), over the top_k logits only when top_k is set."""
+    logits = logits / temperature
+    if top_k is not None:
+        v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < v, -float("inf"))
+    return F.softmax(logits.float(), dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# Continuous depth-wise batching (the paper's section 2.3): lanes over the cache's step rows
 
 class ContinuousBatching:
     """Decode B sequences so that every call of the shared block is a full batch.
 
-    generate() runs recursion step r on the rows whose token reached step r, so its
-    calls shrink step by step, and at decode a call costs about the same with 3 rows
-    as with 32 (reading the block's weights dominates). Here each sequence is a *lane*
-    with one token in flight, and one *tick* runs the shared block once on the tokens of
-    all lanes, whatever step each is at: the weights are the same at every step, so one
-    call serves them all.
-
-    The algorithm, per tick (all of it on all B lanes, with per-lane masks):
-      1. run the shared block on every lane's token; each reads and writes the cache row
+    generate() runs step r on the rows whose token reached step r, so its calls shrink step
+    by step, and at decode a call costs about the same with 3 rows as with 32 (reading the
+    block's weights dominates). Here each sequence is a *lane* with one token in flight,
+    and one *tick* runs the shared block once on the tokens of all lanes, whatever step
+    each is at: the weights are the same at every step. Per tick, on all B lanes:
+      1. the shared block on every lane's token, each reading and writing the cache row
          of its own step (KVCache.cache_row), and the gated update h <- h + g * f(h);
-      2. ask the router, step by step, which tokens go on (router.py's one interface);
+      2. the router, step by step, says which tokens go on (router.py's one interface);
       3. a token that stops runs the unshared last layer(s), the LM head and sampling;
-      4. its sequence's next token enters at once: embedding, unshared first layer(s),
-         the step-0 routing decision; it runs the block in the next tick.
+      4. its sequence's next token enters: embedding, first layer(s), step-0 routing.
     Each token sees exactly what it sees in generate(), so greedy outputs are the same.
 
-    What it saves: host syncs (none inside a tick) and shape changes (none at all), so
-    compile=True captures the tick whole (torch.compile fullgraph; on a GPU,
-    mode='reduce-overhead' replays it as one CUDA graph), and every block call is a full
-    batch. What it spends: every lane runs every part of every tick. The shared block
-    takes all B lanes, also those whose sequence is finished; the unshared layers, the LM
-    head and the embedding run on every lane, where only the lanes whose token exits or
-    enters need them. run()'s stats count both: block_rows, the rows that entered the
-    block (B per tick), and live_rows, those that carried a token in flight (the sum of
-    the decoded tokens' depths). A vanilla model (R = 1) runs here too.
+    What it saves: host syncs (none inside a tick) and shape changes (none), so
+    compile=True captures the tick whole (fullgraph; on a GPU, mode='reduce-overhead'
+    replays it as one CUDA graph), and every block call is a full batch. What it spends:
+    every lane runs every part of every tick: the shared block also on finished lanes, the
+    unshared layers, LM head and embedding also on lanes whose token neither exits nor
+    enters. run()'s stats count both: block_rows (what entered the block, B per tick) and
+    live_rows (rows of tokens in flight: the decoded tokens' depths, summed).
 
-    Needs recursion-wise caching, one block for every step (cycle or middle_cycle sharing)
-    and capacity 1 at step 0. The prompt is prefilled as in generate(). Sampling at
-    temperature > 0 draws for every lane, so its random stream differs from generate()'s.
+    Needs kv_mode='recursion', one block for every step (cycle or middle_cycle sharing)
+    and capacity 1 at step 0; R = 1 runs too. Sampling at temperature > 0 draws for every
+    lane, so its random stream differs from generate()'s.
     """
 
     def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
@@ -766,18 +747,11 @@ class ContinuousBatching:
     def _lanes(self, cache_row, write):
         return Lanes(flat=self.lane, row=self.lane, pos=self.pos, cache_row=cache_row, write=write)
 
-    def _edge_layers(self, x, part, write):
-        """The unshared first ('pre') or last ('post') layer(s) on every lane; K/V kept where `write`."""
-        m = self.model
-        for i, li in enumerate(m.plan.prelude if part == "pre" else m.plan.coda):
-            x = m.layers[li](x, m.rope(self.pos), self.kv, Site(part, None, i), self._lanes(self.lane, write))
-        return x
-
     def _enter(self, entering):
         """A new token for the lanes in `entering`: embedding, first layer(s), step-0 routing."""
         m = self.model
         x = m.embed_tokens(self.out[self.lane, (self.n_out - 1).clamp(max=self.max_new - 1)])
-        x = self._edge_layers(x, "pre", entering)
+        x = m._run(x, self._lanes(self.lane, entering), m.plan.prelude, "pre", None, self.kv)   # K/V kept: entering
         self.h.copy_(torch.where(entering[:, None], x.to(self.h.dtype), self.h))
         if m.router is not None:
             kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
@@ -792,14 +766,9 @@ class ContinuousBatching:
         """One call of the shared block on every lane, then exits and entries."""
         m, plan = self.model, self.model.plan
         live = self.n_out < self.max_new                                  # lanes with a token in flight
-        # 1. the shared block, each token at its own step's cache row
+        # 1. the shared block (the same at every step), each token at its own step's cache row
         lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
-        x_in = x = self.h
-        for j, li in enumerate(plan.steps[0]):                           # the block, the same at every step
-            x = m.layers[li](x, m.rope(self.pos), self.kv, Site("rec", None, j), lanes)
-        if self.gated:
-            x = x_in + self.gate[:, None].to(x.dtype) * (x - x_in)       # h <- h + g * f(h)
-        self.h.copy_(x)
+        self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, self.gate if self.gated else None))
         self.step.copy_(self.step + live.long())
         self.live_rows.add_(live.sum())
         # 2. routing: which tokens go on to the step they are now at
@@ -814,7 +783,7 @@ class ContinuousBatching:
                     self.gate.copy_(torch.where(at, route.gate.float(), self.gate))
         # 3. exits: last layer(s), LM head, sampling
         done = live & ~go_on
-        logits = m.lm_head(m.norm(self._edge_layers(self.h, "post", done)))
+        logits = m.lm_head(m.norm(m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)))
         nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
         at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
         self.out[at] = torch.where(done, nxt, self.out[at])
