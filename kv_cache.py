@@ -4,9 +4,9 @@ Who attends to whom in Mixture-of-Recursions, and which keys and values are kept
 Read model.py and router.py first. By the time a layer reaches attention, the router
 has picked the tokens that run this recursion step, and model.py has packed them into
 an ActiveSet. Layers only ever see those packed tokens, [N, d]; this file is where they
-meet the other tokens' keys and values. It imports nothing from model.py: it reads an
-ActiveSet's fields (row, rank, pos, rows, counts, qpos, grid_index, K, T) by name. Two strategies from the paper
-(section 2.3, "KV caching strategies"):
+meet the other tokens' keys and values. (It imports nothing from model.py: it reads an
+ActiveSet's fields by name.) Two strategies from the paper (section 2.3, "KV caching
+strategies"):
 
   recursion-wise  ('recursion')   At step r, a token attends only to the tokens that
       are active at r (and came before it), and only their K/V are kept for step r.
@@ -25,6 +25,8 @@ Two classes give one interface, `wants_kv(site)` and `attend(site, q, k, v, acti
               the keys are the call's own active tokens; nothing outlives the call.
   KVCache     generation: per-layer buffers that grow token by token, so prefill
               followed by decoding computes exactly what one causal pass does.
+A cache passed to MoR.forward as kv (KVCache, diffusion.py's RefinementKV) also has
+`seq_len`, the position of the call's first token, and `advance(depth)`, told what ran.
 
 KVCache also serves `Lanes` (model.py's ContinuousBatching): one token per sequence,
 each at its own recursion step, reading and writing that step's cache row.
@@ -153,7 +155,8 @@ class KVCache:
         self.R = model.plan.n_recursion
         self.stores = {}   # (part, index) -> _Store, created on first write
         self.seq_len = 0   # tokens fed so far: the next token's position
-        # tokens of each row that ran recursion step r so far, [B, R] (FLOP counting in model.py)
+        # the FLOP counter: tokens of each row that ran step r so far, [B, R]. Only model.py's
+        # count_flops reads it (attention at step r costs what the row's earlier step-r tokens hold)
         self.reached = torch.zeros(batch_size, self.R, dtype=torch.long, device=model.rope_cos.device)
 
     def advance(self, depth):

@@ -24,15 +24,15 @@ attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
 
 The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
 
-    h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s): every token
+    h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
     act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
     for r in range(plan.n_recursion):                               # R steps of one shared block
         act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
         if act.n == 0:
-            break                                                   # everyone exited: nothing left to run
+            break                                                   # every token has exited
         h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
-        depth[act.flat] += 1                                        # a token's depth: the steps it ran
-    h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s): every token
+        depth[act.flat] += 1                                        # depth: the steps a token ran
+    h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
 _route asks the router (router.py) and packs the tokens it keeps into an ActiveSet: [N, d],
 nobody else. _run gathers x_in = h[act.flat], runs the layers on it (attention among these
@@ -289,9 +289,10 @@ def layer_plan(n_layer, R, sharing):
     return LayerPlan(edge, k, edge, R, steps, inner - k * R)
 
 
-CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),
+CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),   # MoRConfig's string keys
            "router": ("none", "expert_choice", "token_choice"), "kv_mode": ("recursion", "share_first"),
-           "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"), "router_aux": ("loss", "router")}
+           "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"),
+           "router_aux": ("loss", "router")}
 
 
 @dataclass
@@ -462,23 +463,23 @@ class MoR(nn.Module):
         everyone = ActiveSet.everyone(B, T, start, idx.device)
         if run_only is not None:                                 # diffusion.py: the others' K/V are in kv
             everyone = everyone.subset(run_only.view(-1))[0]
-        h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s): every token
+        h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
         act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
         for r in range(plan.n_recursion):                               # R steps of one shared block
             act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
             if act.n == 0:
-                break                                                   # everyone exited: nothing left to run
+                break                                                   # every token has exited
             h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
-            depth[act.flat] += 1                                        # a token's depth: the steps it ran
-        h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s): every token
+            depth[act.flat] += 1                                        # depth: the steps a token ran
+        h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
         h = h.view(B, T, cfg.n_embd)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        # KVCache.reached: the cached tokens per row and step, which the FLOP count needs
-        self.last_forward = ForwardInfo(depth, state, start, getattr(kv, "reached", None), h.shape[1], run_only)
+        reached = getattr(kv, "reached", None)                  # a KVCache's FLOP counter (kv_cache.py)
+        self.last_forward = ForwardInfo(depth, state, start, reached, h.shape[1], run_only)
         if kv is not None:
             kv.advance(depth)
         loss = None
@@ -565,7 +566,7 @@ class MoR(nn.Module):
     def last_flops(self):
         """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
         f = self.last_forward
-        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)   # ForwardInfo minus route
+        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)
 
     @property
     def last_depth(self):
@@ -751,7 +752,7 @@ class ContinuousBatching:
         """A new token for the lanes in `entering`: embedding, first layer(s), step-0 routing."""
         m = self.model
         x = m.embed_tokens(self.out[self.lane, (self.n_out - 1).clamp(max=self.max_new - 1)])
-        x = m._run(x, self._lanes(self.lane, entering), m.plan.prelude, "pre", None, self.kv)   # K/V kept: entering
+        x = m._run(x, self._lanes(self.lane, entering), m.plan.prelude, "pre", None, self.kv)
         self.h.copy_(torch.where(entering[:, None], x.to(self.h.dtype), self.h))
         if m.router is not None:
             kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
@@ -768,7 +769,8 @@ class ContinuousBatching:
         live = self.n_out < self.max_new                                  # lanes with a token in flight
         # 1. the shared block (the same at every step), each token at its own step's cache row
         lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
-        self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, self.gate if self.gated else None))
+        gate = self.gate if self.gated else None
+        self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, gate))
         self.step.copy_(self.step + live.long())
         self.live_rows.add_(live.sum())
         # 2. routing: which tokens go on to the step they are now at
@@ -783,7 +785,8 @@ class ContinuousBatching:
                     self.gate.copy_(torch.where(at, route.gate.float(), self.gate))
         # 3. exits: last layer(s), LM head, sampling
         done = live & ~go_on
-        logits = m.lm_head(m.norm(m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)))
+        x = m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)   # K/V kept: done
+        logits = m.lm_head(m.norm(x))
         nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
         at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
         self.out[at] = torch.where(done, nxt, self.out[at])

@@ -115,6 +115,17 @@ def test_generate_past_the_context_and_errors():
         m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
 
 
+def test_the_docstring_loop_is_the_code():
+    """model.py's docstring shows MoR.forward's loop line for line, so the two cannot drift."""
+    import inspect
+    import textwrap
+    import model
+    doc = model.__doc__
+    at = doc.index("    h = self._run(h, everyone, plan.prelude")
+    loop = textwrap.dedent(doc[at:doc.index("\n\n", at)])
+    assert loop.count("\n") >= 8 and textwrap.indent(loop, "    ") in textwrap.dedent(inspect.getsource(MoR.forward))
+
+
 @pytest.mark.parametrize("sharing,R,L,expect", [
     ("none", 1, 6, (0, 6, 0, 0)),
     ("cycle", 3, 6, (0, 2, 0, 0)),
