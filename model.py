@@ -34,10 +34,9 @@ The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
         depth[act.flat] += 1                                        # depth: the steps a token ran
     h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
-_route asks the router (router.py) and packs the tokens it keeps into an ActiveSet: [N, d],
-nobody else. _run gathers x_in = h[act.flat], runs the layers on it (attention among these
-tokens only: kv_cache.py), computes the gated update x_in + g * (x - x_in) and scatters it
-back, so a token that exited keeps its h and costs nothing.
+_route asks the router and packs the tokens it keeps into an ActiveSet; _run gathers
+them, x_in = h[act.flat] (N, d), runs the layers on them and scatters x_in + g * (x - x_in)
+back into h.
 
 The gate. A pre-norm block returns x = h + f(h), where f(h) is everything the step's
 layers add to the residual stream (attention and MLP outputs, summed over the block's
@@ -603,12 +602,11 @@ class MoR(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
         """Sample max_new_tokens after idx [B, T0] with a KV cache. temperature 0 = greedy.
 
-        Expert-choice decides causally (sigmoid(logit) > 0.5 or the aux router);
-        token-choice by argmax. When the context fills up, the cache is rebuilt from
-        the last half of the context (positions restart at 0, as in training).
-        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths
-        (each token's depth when it was read as input). ContinuousBatching (below)
-        decodes the same tokens with every block call a full batch.
+        Routers decide causally (rule='causal'). When the context fills up, the cache is
+        rebuilt from the last half of the context (positions restart at 0, as in training).
+        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths (each
+        token's depth when it was read as input). ContinuousBatching (below) decodes the
+        same tokens with every block call a full batch.
         """
         B, T0 = idx.shape
         bs = self.config.block_size
@@ -730,9 +728,9 @@ class ContinuousBatching:
         logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
         self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
         if self.idx.device.type == "cuda":     # let a CUDA graph mutate the state and the cache in place
+            caches = [x for st in self.kv.stores.values() for x in (st.k, st.v, st.pos, st.length)]
             for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.live_rows,
-                      self.state.depth, self.state.prob, *(x for st in self.kv.stores.values()
-                                                         for x in (st.k, st.v, st.pos, st.length))]:
+                      self.state.depth, self.state.prob, *caches]:
                 torch._dynamo.mark_static_address(t)
         self._enter(self.n_out < self.max_new)
         ticks = 0
