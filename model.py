@@ -705,16 +705,17 @@ class ContinuousBatching:
         self.kv = KVCache(model, B)
         self.lane = torch.arange(B, device=dev)
         # per-lane state, updated in place (so a captured graph always finds it at the same address)
-        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)      # generated tokens
-        self.n_out = torch.ones(B, dtype=torch.long, device=dev)                     # tokens generated per lane
-        self.depths = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)   # depth of each decoded token
-        self.pos = torch.full((B,), T0, dtype=torch.long, device=dev)                # position of the lane's token
+        i64 = dict(dtype=torch.long, device=dev)
+        self.out = torch.zeros(B, max_new_tokens, **i64)       # generated tokens
+        self.n_out = torch.ones(B, **i64)                      # tokens generated per lane
+        self.depths = torch.zeros(B, max_new_tokens, **i64)    # depth of each decoded token
+        self.pos = torch.full((B,), T0, **i64)                 # position of the lane's token
         self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
-        self.step = torch.zeros(B, dtype=torch.long, device=dev)                     # the step it runs next
-        self.gate = torch.ones(B, device=dev)                                        # its gate at that step
-        self.live_rows = torch.zeros((), dtype=torch.long, device=dev)               # block rows of live tokens
-        self.state = RouteState(B)                     # token-choice: each lane's chosen depth
-        self.state.depth = torch.zeros(B, dtype=torch.long, device=dev)
+        self.step = torch.zeros(B, **i64)                      # the step it runs next
+        self.gate = torch.ones(B, device=dev)                  # its gate at that step
+        self.live_rows = torch.zeros((), **i64)                # block rows of live tokens, summed
+        self.state = RouteState(B)                             # token-choice: each lane's chosen depth
+        self.state.depth = torch.zeros(B, **i64)
         self.state.prob = torch.ones(B, device=dev)
         self.tick = self._tick
         if compile:
