@@ -31,7 +31,7 @@ A cache passed to MoR.forward as kv (KVCache, diffusion.py's RefinementKV) also 
 KVCache also serves `Lanes` (model.py's ContinuousBatching): one token per sequence,
 each at its own recursion step, reading and writing that step's cache row.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
