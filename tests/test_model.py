@@ -398,8 +398,8 @@ def test_continuous_batching_refuses_what_it_cannot_do():
         ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="sequence", router="expert_choice"),
                            torch.zeros(1, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="recursion"):
-        ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first"),
-                           torch.zeros(1, 3, dtype=torch.long), 4)
+        m = tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first")
+        ContinuousBatching(m, torch.zeros(1, 3, dtype=torch.long), 4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
