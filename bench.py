@@ -24,8 +24,7 @@ import torch
 
 import data
 from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
-from kv_cache import ContinuousBatching
-from model import MoR, MoRConfig
+from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
@@ -338,7 +337,7 @@ def bench_decode(batches=None, models=None):
             row = {"model": name, "decode": how, "batch": B, "routing": "-" if not R else depth_dist,
                    "tokens/s": tps, "spread %": 100 * (hi - lo) / med, "ms/step": 1000 * med / new_tokens,
                    "mean depth": float(d.float().mean()) if R else 1.0,
-                   "rows/block call": extra[0]["rows_per_block_call"] if extra else None,
+                   "rows/block call": extra[0]["live_rows_per_tick"] if extra else None,
                    "vs vanilla": base / med, "ideal": lpd[-1] / layers}
             row["of ideal %"] = 100 * row["vs vanilla"] / row["ideal"]
             new_rows.append(row)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from kv_cache import _shares_first, from_grid, sdpa, to_grid
+from kv_cache import shares_first, from_grid, sdpa, to_grid
 
 # -----------------------------------------------------------------------------
 # Training: the forward (noising) process and the MDLM/LLaDA loss
@@ -155,18 +155,17 @@ class RefinementKV:
     """Keys and values of every position of a [B, T] window, per layer application, kept
     from one forward call to the next. The interface model.py's forward uses (kv_cache.py
     has the other two): the first call runs whole rows and fills them; a later call runs
-    any subset (forward's `active`), overwrites those positions' K/V, and every query
+    any subset (forward's `run_only`), overwrites those positions' K/V, and every query
     attends to all T positions of its row (bidirectional, so no mask). The other positions
     serve the K/V of the last call that computed them."""
     seq_len = 0        # the window starts at position 0
-    reached = None     # no causal cache (model.py's FLOP count)
 
     def __init__(self, kv_mode="recursion"):
         self.kv_mode = kv_mode
         self.k, self.v = {}, {}    # (part, step, index) -> [B, Hkv, T, hd]
 
     def wants_kv(self, site):
-        return not _shares_first(self.kv_mode, site)
+        return not shares_first(self.kv_mode, site)
 
     def advance(self, depth):
         pass               # positions are fixed: nothing moves between calls
@@ -349,7 +348,7 @@ class AdaptiveRefiner:
             if kv is None:
                 logits = model(x[rows])[0][todo[rows]]                          # (M, V)
             else:
-                logits = model(x, kv=kv, active=None if bool(runs.all()) else runs)[0][todo]
+                logits = model(x, kv=kv, run_only=None if bool(runs.all()) else runs)[0][todo]
             logits = logits[:, :-1]                                             # [MASK] is never predicted
             st["total_steps"] += 1
             st["token_layer_ops"] += int(runs.sum()) * n_layers

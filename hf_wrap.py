@@ -6,7 +6,7 @@ Every router comes down to two decisions per layer l, for each token:
                                  through the model's final norm and LM head (early exit).
   2. does it run this layer?     A token that passes over a layer keeps its state and goes on to the next.
 One loop (DepthAdapter._forward) asks both questions at every layer, in prefill and in decode alike, and runs
-the layer's attention and MLP on the tokens that run it, packed (kv_cache.ActiveSet, the native model's form).
+the layer's attention and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
 
 The routers (their trainable parts are below; tune.py trains them with the base frozen):
   none            every token runs every layer: the exact full-depth mode
@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configurator import save_checkpoint
-from kv_cache import ActiveSet, from_grid, sdpa, to_grid
-from model import apply_rope, sample_next
+from kv_cache import from_grid, sdpa, to_grid
+from model import ActiveSet, apply_rope, sample_next
 from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

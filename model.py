@@ -22,13 +22,21 @@ attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
   4. KV caching (kv_cache.py): attention at step r among the tokens active at r
      (recursion-wise), or against the K/V that step 0 wrote (share-first).
 
-The whole method is the loop in MoR.forward:
+The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
 
-    for r in range(R):                                  # R steps of one shared block
-        route = router(r, h[act], act, ...)             # who of last step's tokens runs step r
-        act = act.subset(route.keep)                    # pack them: [N, d], nobody else
-        x = block(h[act])                               # attention among them only (kv_cache.py)
-        h[act] = h[act] + g * (x - h[act])              # the gated update, scattered back
+    h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
+    act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
+    for r in range(plan.n_recursion):                               # R steps of one shared block
+        act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
+        if act.n == 0:
+            break                                                   # every token has exited
+        h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
+        depth[act.flat] += 1                                        # depth: the steps a token ran
+    h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
+
+_route asks the router and packs the tokens it keeps into an ActiveSet; _run gathers
+them, x_in = h[act.flat] (N, d), runs the layers on them and scatters x_in + g * (x - x_in)
+back into h.
 
 The gate. A pre-norm block returns x = h + f(h), where f(h) is everything the step's
 layers add to the residual stream (attention and MLP outputs, summed over the block's
@@ -43,19 +51,122 @@ the LM loss tells the router which tokens gained from the step. With alpha small
 the router's early random preferences barely change the residual stream, so the
 block can learn first. Token-choice gates only a token's last step, by the
 probability of the depth it chose.
-
-Layers work on packed tokens [N, d] everywhere; only attention (kv_cache.py)
-lays them out as [rows, K] grids for scaled_dot_product_attention.
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kv_cache import ActiveSet, KVCache, SequenceKV, Site
+from kv_cache import KVCache, Lanes, SequenceKV
 from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summary
+
+
+# -----------------------------------------------------------------------------
+# Depth-wise batching: the tokens that run one step, packed (ActiveSet), and where (Site)
+#
+# Linear layers and the MLP run on packed [N, d] rows with no padding at all.
+# Attention needs a rectangle: each batch row that has active tokens becomes one grid
+# row of width K = its largest active count. Expert-choice keeps the same count in
+# every row, so the grid is exactly full and packing is a free .view(). Token-choice
+# (and threshold routing at inference) keeps different counts per row: the gaps are
+# zero-padded. A row's real tokens fill its first grid slots and pads come after
+# them, so a causal mask over grid slots is already exact for the real tokens; the
+# pads' outputs are dropped. We pad only here, inside attention, because a varlen
+# kernel does not run on the CPU and flex_attention compiles per mask shape.
+
+@dataclass
+class ActiveSet:
+    """The tokens of one forward call ([B, T] tokens, flattened) that run a step.
+
+    Tokens are listed row by row, in position order, so causal order survives packing.
+    """
+    flat: torch.Tensor         # [N] index into the call's B*T tokens (the gather/scatter index)
+    row: torch.Tensor          # [N] batch row of each token (a cache row for continuous batching)
+    rank: torch.Tensor         # [N] rank of the token among its row's active tokens
+    pos: torch.Tensor          # [N] absolute position (rotary angle, causal masks)
+    rows: torch.Tensor         # [n_rows] batch rows with at least one active token
+    counts: torch.Tensor       # [n_rows] active tokens in each of those rows
+    qpos: torch.Tensor         # [n_rows, K] position at each grid slot (pads: later than everything)
+    grid_index: Optional[torch.Tensor]   # [N] flat grid slot of each token; None when the grid is full
+    B: int                     # rows of the call
+    T: int                     # tokens per row in the call
+    K: int                     # grid width: the most active tokens in any row
+    all_rows: bool             # rows == every batch row, in order
+    start: int                 # position of the call's first token (tokens already in the cache)
+
+    @property
+    def n(self):
+        return self.flat.numel()
+
+    @property
+    def n_rows(self):
+        return self.rows.numel()
+
+    @staticmethod
+    def everyone(B, T, start, device):
+        """All B*T tokens: unshared layers, vanilla layers, and steps that keep everyone."""
+        return ActiveSet._full(torch.arange(B * T, device=device), B, T, T, start)
+
+    @staticmethod
+    def _full(flat, B, T, K, start):
+        """Every row keeps K tokens, flat [B*K] row by row: a full grid, built with no host sync."""
+        dev = flat.device
+        pos = start + flat % T
+        rows = torch.arange(B, device=dev)
+        return ActiveSet(flat=flat, row=rows.repeat_interleave(K), rank=torch.arange(K, device=dev).repeat(B),
+                         pos=pos, rows=rows, counts=torch.full((B,), K, device=dev), qpos=pos.view(B, K),
+                         grid_index=None, B=B, T=T, K=K, all_rows=True, start=start)
+
+    def subset(self, keep, per_row=None):
+        """The tokens of this set where keep [N] is True (hierarchical selection), and the
+        index of each kept token in this set [N'].
+
+        per_row: every row keeps exactly this many (expert-choice top-k on a full grid).
+        The result is then a full grid again, built without reading the mask on the host.
+        """
+        if per_row is not None:
+            assert self.grid_index is None and self.all_rows, "per-row selection needs a full grid"
+            # a stable descending sort puts each row's kept slots first, in position order
+            cols = keep.view(self.B, self.K).to(torch.int32).sort(dim=1, descending=True, stable=True).indices
+            picked = (torch.arange(self.B, device=keep.device)[:, None] * self.K + cols[:, :per_row]).view(-1)
+            return ActiveSet._full(self.flat[picked], self.B, self.T, per_row, self.start), picked
+        picked = keep.nonzero().squeeze(1)
+        mask = torch.zeros(self.B * self.T, dtype=torch.bool, device=keep.device)
+        mask[self.flat[picked]] = True
+        return ActiveSet._from_mask(mask.view(self.B, self.T), self.start), picked
+
+    @staticmethod
+    def _from_mask(mask, start):
+        """Any subset: mask [B, T] bool. Rows may keep different counts (ragged)."""
+        B, T = mask.shape
+        dev = mask.device
+        per_row = mask.sum(1)                                    # [B]
+        rows = per_row.nonzero().squeeze(1)                      # rows with any active token
+        flat = mask.view(-1).nonzero().squeeze(1)                # row-major: causal order kept
+        n_rows, N = rows.numel(), flat.numel()
+        K = int(per_row.max()) if N else 0
+        row, t = flat // T, flat % T
+        rank = torch.arange(N, device=dev) - (per_row.cumsum(0) - per_row)[row]   # rank inside the row
+        grid_row = torch.zeros(B, dtype=torch.long, device=dev)
+        grid_row[rows] = torch.arange(n_rows, device=dev)
+        grid_index = grid_row[row] * K + rank
+        qpos = torch.full((n_rows * K,), 2**40, dtype=torch.long, device=dev)  # pads: after everything
+        qpos = qpos.index_copy(0, grid_index, start + t).view(n_rows, K)
+        full = N == n_rows * K
+        return ActiveSet(flat=flat, row=row, rank=rank, pos=start + t, rows=rows, counts=per_row[rows], qpos=qpos,
+                         grid_index=None if full else grid_index, B=B, T=T, K=K, all_rows=n_rows == B, start=start)
+
+
+class Site(NamedTuple):
+    """One layer application: Site('pre', None, i) and Site('post', None, i) for the unshared
+    first and last layers, Site('rec', r, j) for layer j of the shared block at step r (step
+    None in continuous batching, where each token's step is folded into its cache row)."""
+    part: str
+    step: Optional[int]
+    index: int
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +251,14 @@ class LayerPlan:
         return self.n_pre + self.n_shared + self.n_post
 
     @property
+    def prelude(self):
+        return list(range(self.n_pre))                        # unique-layer indices of the first layer(s)
+
+    @property
+    def coda(self):
+        return list(range(self.n_pre + self.n_shared, self.n_unique))   # ... and of the last layer(s)
+
+    @property
     def full_depth_layers(self):
         return self.n_pre + sum(len(s) for s in self.steps) + self.n_post
 
@@ -169,9 +288,10 @@ def layer_plan(n_layer, R, sharing):
     return LayerPlan(edge, k, edge, R, steps, inner - k * R)
 
 
-SHARING = ("none", "cycle", "sequence", "middle_cycle", "middle_sequence")
-ROUTERS = ("none", "expert_choice", "token_choice")
-KV_MODES = ("recursion", "share_first")
+CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),   # MoRConfig's string keys
+           "router": ("none", "expert_choice", "token_choice"), "kv_mode": ("recursion", "share_first"),
+           "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"),
+           "router_aux": ("loss", "router")}
 
 
 @dataclass
@@ -220,21 +340,19 @@ class MoRConfig:
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
-        need(self.sharing in SHARING, f"sharing must be one of {SHARING}, got {self.sharing!r}")
-        need(self.router in ROUTERS, f"router must be one of {ROUTERS}, got {self.router!r}")
-        need(self.kv_mode in KV_MODES, f"kv_mode must be one of {KV_MODES}, got {self.kv_mode!r}")
-        need(self.balancing in ("loss", "loss_free", "none"), f"balancing must be loss | loss_free | none, got {self.balancing!r}")
-        need(self.router_fn in ("sigmoid", "tanh"), f"router_fn must be sigmoid | tanh, got {self.router_fn!r}")
-        need(self.router_aux in ("loss", "router"), f"router_aux must be loss | router, got {self.router_aux!r}")
+        for key, allowed in CHOICES.items():
+            value = getattr(self, key)
+            need(value in allowed, f"{key} must be one of {' | '.join(allowed)}, got {value!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
-        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head "
+                                                 f"{self.n_kv_head}")
         need(self.n_recursion >= 1, "n_recursion must be >= 1")
         need(-1 <= self.mask_token < self.vocab_size,
              f"mask_token must be a vocab id (0..{self.vocab_size - 1}) or -1 for none, got {self.mask_token}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(self.sharing != "none" or self.n_recursion == 1,
-             "sharing='none' means one pass (n_recursion=1); to recurse pick cycle, sequence, middle_cycle or middle_sequence")
+        need(self.sharing != "none" or self.n_recursion == 1, "sharing='none' means one pass (n_recursion=1); "
+             "to recurse pick cycle, sequence, middle_cycle or middle_sequence")
         need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
         need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
         layer_plan(self.n_layer, self.n_recursion, self.sharing)    # raises if the layers don't fit the sharing
@@ -252,28 +370,22 @@ class MoRConfig:
 
 
 # -----------------------------------------------------------------------------
-# Sampling one token (generate() and continuous batching below, hf_wrap.py, sample.py)
-
-def token_probs(logits, temperature=1.0, top_k=None):
-    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
-    temperature), over the top_k logits only when top_k is set. Speculative sampling
-    (hf_wrap.py) needs these probabilities themselves, not just a draw."""
-    logits = logits / temperature
-    if top_k is not None:
-        v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
-        logits = logits.masked_fill(logits < v, -float("inf"))
-    return F.softmax(logits.float(), dim=-1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None):
-    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1)
-
-
-# -----------------------------------------------------------------------------
 # The model
+
+class ForwardInfo(NamedTuple):
+    """What one forward call ran: the record behind MoR.last_depth, last_route, last_flops."""
+    depth: torch.Tensor               # [B, T] recursion steps each token ran
+    route: RouteState                 # the routers' losses and statistics
+    start: int                        # position of the call's first token
+    reached: Optional[torch.Tensor]   # [B, R] earlier (cached) tokens per row that ran step r; None: no cache
+    n_logits: int                     # positions per row sent to the LM head
+    ran: Optional[torch.Tensor]       # [B, T] bool: the tokens that ran at all (run_only); None: all
+
+
+def gather(h, act):
+    """The rows of h (B*T, d) that act lists, (N, d); h itself when act is every token."""
+    return h if act.n == h.shape[0] else h[act.flat]
+
 
 class MoR(nn.Module):
     def __init__(self, config, router=None):
@@ -308,9 +420,7 @@ class MoR(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
-        self.last_depth = None   # [B, T] depth of each token in the last forward
-        self.last_route = None   # RouteState of the last forward: router losses and stats
-        self._last_call = None   # what the last forward ran, for last_flops
+        self.last_forward = None   # ForwardInfo of the last forward call
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -328,80 +438,80 @@ class MoR(nn.Module):
     def rope(self, pos):
         return self.rope_cos[pos], self.rope_sin[pos]
 
-    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, active=None):
+    def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, run_only=None):
         """idx [B, T] token ids -> (logits [B, T, V], loss or None).
 
         kv:   a KVCache to continue from (generation), or None for a whole-sequence pass.
-        active: [B, T] bool, the only tokens that run (None: all). The others run no layer:
-              kv serves their keys and values from an earlier call (diffusion.py's refinement
-              passes, where committed tokens stop computing); their logits are meaningless.
         rule: how expert-choice picks tokens: 'topk' (training; sees the whole sequence)
               or 'causal' (threshold / aux router; what generation uses). Default:
               'topk' in train mode, 'causal' in eval mode. Token-choice is causal always.
+        run_only: [B, T] bool, the only tokens that run (None: all). kv serves the others'
+              K/V from an earlier call (diffusion.py's refinement passes); their logits are
+              meaningless.
         """
         cfg, plan = self.config, self.plan
         B, T = idx.shape
-        start = kv.seq_len if kv is not None else 0
+        start = 0 if kv is None else kv.seq_len                          # tokens already in the cache
         if start + T > cfg.block_size:
             raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
         rule = rule or ("topk" if self.training else "causal")
         attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0,
                                                     causal=not cfg.bidirectional)
         state = RouteState(B * T)
-
         h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
-        if active is not None:                                   # only these run; kv holds the rest's K/V
-            everyone = everyone.subset(active.view(-1))[0]
-        rope_all = self.rope(everyone.pos)
-        x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_pre):                              # unshared first layer(s): every (active) token
-            x = self.layers[i](x, rope_all, attn, Site("pre", None, i), everyone)
-        h = x if active is None else h.index_copy(0, everyone.flat, x)
-        depth = torch.zeros(B * T, dtype=torch.long, device=idx.device)
-        act = everyone
-        for r in range(plan.n_recursion):                       # the recursion: R steps of the shared block
-            gate = None
-            if self.router is not None:                          # who runs step r (router.py)
-                route = self.router(r, h if act.n == B * T else h[act.flat], act, state, rule)
-                gate = route.gate
-                if route.keep is not None:                       # hierarchical: a subset of last step's tokens
-                    act, picked = act.subset(route.keep, route.per_row)
-                    gate = None if gate is None else gate[picked]
-                state.log_step(r, act.n, B * T)
+        if run_only is not None:                                 # diffusion.py: the others' K/V are in kv
+            everyone = everyone.subset(run_only.view(-1))[0]
+        h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
+        act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
+        for r in range(plan.n_recursion):                               # R steps of one shared block
+            act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
             if act.n == 0:
-                break                                            # everyone exited: nothing left to run
-            dense = act.n == B * T
-            x_in = h if dense else h[act.flat]                   # gather: (N, d)
-            rope = rope_all if dense else self.rope(act.pos)
-            x = x_in
-            for j, li in enumerate(plan.steps[r]):
-                x = self.layers[li](x, rope, attn, Site("rec", r, j), act)
-            if gate is not None:                                 # h <- h + g * f(h), f = what the step added
-                x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
-            h = x if dense else h.index_copy(0, act.flat, x)      # scatter back; exited tokens untouched
-            depth[act.flat] += 1
-        x = h if active is None else h[everyone.flat]
-        for i in range(plan.n_post):                             # unshared last layer(s): every (active) token
-            li = plan.n_pre + plan.n_shared + i
-            x = self.layers[li](x, rope_all, attn, Site("post", None, i), everyone)
-        h = x if active is None else h.index_copy(0, everyone.flat, x)
+                break                                                   # every token has exited
+            h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
+            depth[act.flat] += 1                                        # depth: the steps a token ran
+        h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
         h = h.view(B, T, cfg.n_embd)
         if last_only:
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        self._last_call = (depth, start, None if kv is None else kv.reached, h.shape[1], active)
+        reached = getattr(kv, "reached", None)                  # a KVCache's FLOP counter (kv_cache.py)
+        self.last_forward = ForwardInfo(depth, state, start, reached, h.shape[1], run_only)
         if kv is not None:
             kv.advance(depth)
-        self.last_depth, self.last_route = depth, state
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
             if self.training:
                 loss = loss + state.total_loss()
         return logits, loss
+
+    def _route(self, r, h, act, state, rule):
+        """Ask step r's router (router.py) which of last step's tokens `act` run step r.
+        Returns them, packed (an ActiveSet), and their gates (None: ungated)."""
+        if self.router is None:
+            return act, None                                      # every token runs every step
+        route = self.router(r, gather(h, act), act, state, rule)
+        gate = route.gate
+        if route.keep is not None:                                # hierarchical: a subset of last step's tokens
+            act, picked = act.subset(route.keep, route.per_row)   # picked: their index among last step's
+            gate = None if gate is None else gate[picked]
+        state.log_step(r, act.n, state.n_tokens)
+        return act, gate
+
+    def _run(self, h, act, layer_ids, part, step, kv, gate=None):
+        """Depth-wise batching: gather the tokens `act` from h (B*T, d), run the layers on them
+        packed (attention among them only: kv_cache.py), apply the gate and scatter them back.
+        The other tokens keep their h and cost nothing. (ContinuousBatching runs it on Lanes.)"""
+        x_in = x = gather(h, act)                                 # (N, d)
+        rope = self.rope(act.pos)
+        for j, li in enumerate(layer_ids):
+            x = self.layers[li](x, rope, kv, Site(part, step, j), act)
+        if gate is not None:                                      # h <- h + g * f(h), f = what the step added
+            x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
+        return x if act.n == h.shape[0] else h.index_copy(0, act.flat, x)   # scatter back
 
     # -- FLOP accounting: from what ran, in one place ----------------------------
     def _layer_flops(self, n, with_kv):
@@ -413,17 +523,14 @@ class MoR(nn.Module):
             per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
         return 2 * n * per_token
 
-    def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call from what ran: depth [B, T] of the call's tokens, start =
-        the position of its first token, reached [B, R] = earlier (cached) tokens of each row
-        that ran step r (None: no cache), n_logits = positions per row sent to the LM head,
-        ran [B, T] = the tokens that ran at all (forward's `active`; None: all of them).
-
-        Attention costs 4 * d FLOPs per (query, key) pair (QK^T and AV over all heads). A
+    def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
+        """Forward FLOPs of one call from what ran, as (linear, attention); the arguments are
+        ForwardInfo's fields. linear: 2 * rows * in * out over every Linear (projections,
+        MLPs, LM head). attention: 4 * d per (query, key) pair (QK^T and AV, all heads). A
         causal query at step r sees: recursion-wise, the tokens of its row that ran step r
-        and came before it (cached ones and this call's); share-first deeper steps, every
-        token up to its position; unshared layers, every token up to its position. A
-        bidirectional query (masked diffusion, no router) sees every token of its row.
+        and came before it (cached ones and this call's); share-first deeper steps and
+        unshared layers, every token up to its position. A bidirectional query (masked
+        diffusion, no router) sees every token of its row.
         """
         cfg, plan = self.config, self.plan
         B, T = depth.shape
@@ -433,7 +540,8 @@ class MoR(nn.Module):
         def pairs_all(queries):                                    # queries [B, T] bool: their keys, summed
             return (queries.sum() * (start + T)) if cfg.bidirectional else ((pos + 1) * queries).sum()
         n_edge = plan.n_pre + plan.n_post
-        flops = n_edge * (self._layer_flops(1, True) * ran.sum() + pair * pairs_all(ran))
+        linear = n_edge * self._layer_flops(1, True) * ran.sum()
+        attention = n_edge * pair * pairs_all(ran)
         for r in range(plan.n_recursion):
             at = depth > r                                         # [B, T]: the tokens that ran step r
             n = at.sum(1)                                          # [B]
@@ -443,13 +551,31 @@ class MoR(nn.Module):
                 before = 0 if reached is None else reached[:, r]
                 pairs = (before * n + n * (n + 1) // 2).sum()
             with_kv = not (cfg.kv_mode == "share_first" and r > 0)
-            flops = flops + len(plan.steps[r]) * (self._layer_flops(1, with_kv) * n.sum() + pair * pairs)
-        return flops + 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
+            linear = linear + len(plan.steps[r]) * self._layer_flops(1, with_kv) * n.sum()
+            attention = attention + len(plan.steps[r]) * pair * pairs
+        lm_head = 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
+        return linear + lm_head, attention
+
+    def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
+        """Forward FLOPs of one call from what ran (flop_parts: linear + attention)."""
+        linear, attention = self.flop_parts(depth, start, reached, n_logits, ran)
+        return linear + attention
 
     @property
     def last_flops(self):
         """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
-        return self.count_flops(*self._last_call)
+        f = self.last_forward
+        return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)
+
+    @property
+    def last_depth(self):
+        """[B, T] depth of each token in the last forward."""
+        return self.last_forward.depth
+
+    @property
+    def last_route(self):
+        """RouteState of the last forward: router losses and stats."""
+        return self.last_forward.route
 
     def dense_flops_per_token(self, T):
         """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
@@ -476,12 +602,11 @@ class MoR(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
         """Sample max_new_tokens after idx [B, T0] with a KV cache. temperature 0 = greedy.
 
-        Expert-choice decides causally (sigmoid(logit) > 0.5 or the aux router);
-        token-choice by argmax. When the context fills up, the cache is rebuilt from
-        the last half of the context (positions restart at 0, as in training).
-        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths
-        (each token's depth when it was read as input). kv_cache.ContinuousBatching
-        decodes the same tokens with every block call a full batch.
+        Routers decide causally (rule='causal'). When the context fills up, the cache is
+        rebuilt from the last half of the context (positions restart at 0, as in training).
+        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths (each
+        token's depth when it was read as input). ContinuousBatching (below) decodes the
+        same tokens with every block call a full batch.
         """
         B, T0 = idx.shape
         bs = self.config.block_size
@@ -507,6 +632,170 @@ class MoR(nn.Module):
         if return_depths:
             return idx, torch.cat(depths, dim=1)
         return idx
+
+
+# -----------------------------------------------------------------------------
+# Sampling one token (generate() above, continuous batching below)
+
+def token_probs(logits, temperature=1.0, top_k=None):
+    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
+    temperature), over the top_k logits only when top_k is set."""
+    logits = logits / temperature
+    if top_k is not None:
+        v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < v, -float("inf"))
+    return F.softmax(logits.float(), dim=-1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """logits [B, V] -> next token [B, 1]. temperature 0 = argmax."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    return torch.multinomial(token_probs(logits, temperature, top_k), num_samples=1)
+
+
+# -----------------------------------------------------------------------------
+# Continuous depth-wise batching (the paper's section 2.3): lanes over the cache's step rows
+
+class ContinuousBatching:
+    """Decode B sequences so that every call of the shared block is a full batch.
+
+    generate() runs step r on the rows whose token reached step r, so its calls shrink step
+    by step, and at decode a call costs about the same with 3 rows as with 32 (reading the
+    block's weights dominates). Here each sequence is a *lane* with one token in flight,
+    and one *tick* runs the shared block once on the tokens of all lanes, whatever step
+    each is at: the weights are the same at every step. Per tick, on all B lanes:
+      1. the shared block on every lane's token, each reading and writing the cache row
+         of its own step (KVCache.cache_row), and the gated update h <- h + g * f(h);
+      2. the router, step by step, says which tokens go on (router.py's one interface);
+      3. a token that stops runs the unshared last layer(s), the LM head and sampling;
+      4. its sequence's next token enters: embedding, first layer(s), step-0 routing.
+    Each token sees exactly what it sees in generate(), so greedy outputs are the same.
+
+    What it saves: host syncs (none inside a tick) and shape changes (none), so
+    compile=True captures the tick whole (fullgraph; on a GPU, mode='reduce-overhead'
+    replays it as one CUDA graph), and every block call is a full batch. What it spends:
+    every lane runs every part of every tick: the shared block also on finished lanes, the
+    unshared layers, LM head and embedding also on lanes whose token neither exits nor
+    enters. run()'s stats count both: block_rows (what entered the block, B per tick) and
+    live_rows (rows of tokens in flight: the decoded tokens' depths, summed).
+
+    Needs kv_mode='recursion', one block for every step (cycle or middle_cycle sharing)
+    and capacity 1 at step 0; R = 1 runs too. Sampling at temperature > 0 draws for every
+    lane, so its random stream differs from generate()'s.
+    """
+
+    def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
+        cfg, plan = model.config, model.plan
+        if cfg.kv_mode != "recursion" or not (plan.n_recursion == 1 or cfg.sharing.endswith("cycle")):
+            raise ValueError("continuous depth-wise batching needs one block for every step (sharing cycle or "
+                             "middle_cycle) and kv_mode='recursion'")
+        if cfg.router == "expert_choice" and cfg.capacity_schedule(plan.n_recursion)[0] < 1:
+            raise ValueError("continuous depth-wise batching needs capacity 1 at step 0")
+        B, T0 = idx.shape
+        if T0 + max_new_tokens > cfg.block_size:
+            raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size "
+                             f"{cfg.block_size}: continuous decoding does not re-prefill")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.model, self.idx, self.max_new = model, idx, max_new_tokens
+        self.temperature, self.top_k = temperature, top_k
+        self.gated = model.router is not None and model.router.gated
+        dev = idx.device
+        self.kv = KVCache(model, B)
+        self.lane = torch.arange(B, device=dev)
+        # per-lane state, updated in place (so a captured graph always finds it at the same address)
+        i64 = dict(dtype=torch.long, device=dev)
+        self.out = torch.zeros(B, max_new_tokens, **i64)       # generated tokens
+        self.n_out = torch.ones(B, **i64)                      # tokens generated per lane
+        self.depths = torch.zeros(B, max_new_tokens, **i64)    # depth of each decoded token
+        self.pos = torch.full((B,), T0, **i64)                 # position of the lane's token
+        self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
+        self.step = torch.zeros(B, **i64)                      # the step it runs next
+        self.gate = torch.ones(B, device=dev)                  # its gate at that step
+        self.live_rows = torch.zeros((), **i64)                # block rows of live tokens, summed
+        self.state = RouteState(B)                             # token-choice: each lane's chosen depth
+        self.state.depth = torch.zeros(B, **i64)
+        self.state.prob = torch.ones(B, device=dev)
+        self.tick = self._tick
+        if compile:
+            mode = "reduce-overhead" if dev.type == "cuda" else None    # reduce-overhead = CUDA graphs
+            self.tick = torch.compile(self._tick, fullgraph=True, mode=mode)
+
+    @torch.no_grad()
+    def run(self):
+        """Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
+        m = self.model
+        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
+        self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
+        if self.idx.device.type == "cuda":     # let a CUDA graph mutate the state and the cache in place
+            caches = [x for st in self.kv.stores.values() for x in (st.k, st.v, st.pos, st.length)]
+            for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.live_rows,
+                      self.state.depth, self.state.prob, *caches]:
+                torch._dynamo.mark_static_address(t)
+        self._enter(self.n_out < self.max_new)
+        ticks = 0
+        while True:
+            self.tick()
+            ticks += 1
+            if ticks % 4 == 0 and not bool((self.n_out < self.max_new).any()):   # one host sync per 4 ticks
+                break
+        B, live = self.lane.numel(), int(self.live_rows)
+        stats = {"ticks": ticks, "block_rows": B * ticks, "live_rows": live, "live_rows_per_tick": live / ticks}
+        return torch.cat((self.idx, self.out), dim=1), self.depths[:, :-1], stats
+
+    def _lanes(self, cache_row, write):
+        return Lanes(flat=self.lane, row=self.lane, pos=self.pos, cache_row=cache_row, write=write)
+
+    def _enter(self, entering):
+        """A new token for the lanes in `entering`: embedding, first layer(s), step-0 routing."""
+        m = self.model
+        x = m.embed_tokens(self.out[self.lane, (self.n_out - 1).clamp(max=self.max_new - 1)])
+        x = m._run(x, self._lanes(self.lane, entering), m.plan.prelude, "pre", None, self.kv)
+        self.h.copy_(torch.where(entering[:, None], x.to(self.h.dtype), self.h))
+        if m.router is not None:
+            kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
+            route = m.router(0, x, self._lanes(self.lane, entering), self.state, "causal")
+            assert route.keep is None, "step 0 takes every token"
+            self.state.depth.copy_(torch.where(entering, self.state.depth, kept_depth))  # the others keep theirs
+            self.state.prob.copy_(torch.where(entering, self.state.prob, kept_prob))
+            if self.gated:
+                self.gate.copy_(torch.where(entering, route.gate.float(), self.gate))
+
+    def _tick(self):
+        """One call of the shared block on every lane, then exits and entries."""
+        m, plan = self.model, self.model.plan
+        live = self.n_out < self.max_new                                  # lanes with a token in flight
+        # 1. the shared block (the same at every step), each token at its own step's cache row
+        lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
+        gate = self.gate if self.gated else None
+        self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, gate))
+        self.step.copy_(self.step + live.long())
+        self.live_rows.add_(live.sum())
+        # 2. routing: which tokens go on to the step they are now at
+        go_on = self.step < plan.n_recursion
+        if m.router is not None:
+            for r in range(1, plan.n_recursion):
+                route = m.router(r, self.h, lanes, self.state, "causal")
+                at = self.step == r
+                if route.keep is not None:
+                    go_on = torch.where(at, route.keep, go_on)
+                if self.gated:
+                    self.gate.copy_(torch.where(at, route.gate.float(), self.gate))
+        # 3. exits: last layer(s), LM head, sampling
+        done = live & ~go_on
+        x = m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)   # K/V kept: done
+        logits = m.lm_head(m.norm(x))
+        nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
+        at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
+        self.out[at] = torch.where(done, nxt, self.out[at])
+        read = (self.lane, self.n_out - 1)                               # the token that just finished its depth
+        self.depths[read] = torch.where(done, self.step, self.depths[read])
+        self.n_out.add_(done.long())
+        self.pos.add_(done.long())
+        self.step.copy_(torch.where(done, 0, self.step))
+        # 4. entries: the sequences that go on feed the token they just sampled
+        self._enter(done & (self.n_out < self.max_new))
 
 
 # -----------------------------------------------------------------------------

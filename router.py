@@ -8,7 +8,7 @@ training, in generation and in continuous depth-wise batching:
 
     route = router(r, h, candidates, state, rule)
         h           [N, d]  the candidates' hidden states
-        candidates  the kv_cache.ActiveSet they form (rows, positions, grid shape)
+        candidates  the model.ActiveSet they form (rows, positions, grid shape)
         state       a RouteState: this forward's losses, statistics and per-token choices
         rule        'topk' (training) or 'causal' (generation): see expert-choice below
     route.keep      [N] bool, the candidates that run step r (None: all of them)
@@ -46,7 +46,7 @@ class Route(NamedTuple):
     """A router's answer for one step (see the module docstring)."""
     keep: Optional[torch.Tensor]   # [N] bool over the candidates; None = every candidate runs
     gate: Optional[torch.Tensor]   # [N] gate per candidate; None = ungated (h <- block(h))
-    per_row: Optional[int] = None  # top-k: each row keeps exactly this many (lets model.py skip a host sync)
+    per_row: Optional[int] = None  # top-k: each row keeps exactly this many (model.py packs with no host sync)
 
 
 class RouteState:
@@ -55,7 +55,7 @@ class RouteState:
     losses: name -> (weight, value), added to the LM loss in training.
     stats:  name -> detached tensor, for logs (fraction per step, agreement, load, entropy).
     depth, prob: [n_tokens] the depth each token chose and its probability, for routers
-      that decide the whole depth at step 0 (token-choice). Indexed by ActiveSet.flat.
+      that decide the whole depth at step 0 (token-choice). Indexed by model.ActiveSet.flat.
     """
     def __init__(self, n_tokens=0):
         self.n_tokens = n_tokens
@@ -139,7 +139,8 @@ class ExpertChoiceRouter(nn.Module):
         # sigmoid(logit) > 0.5 reproduces it causally at inference.
         decide = self.aux_nets[str(r)](h.detach()).squeeze(-1) if self.aux_nets is not None else logit
         target = keep.to(logit.dtype)
-        state.add_loss("aux", cfg.router_aux_weight, F.binary_cross_entropy_with_logits(decide.float(), target.float()))
+        bce = F.binary_cross_entropy_with_logits(decide.float(), target.float())
+        state.add_loss("aux", cfg.router_aux_weight, bce)
         state.add_stat(f"agree{r}", ((decide > 0) == keep).float().mean())
         if cfg.router_z_weight > 0:  # one logit per token: its logsumexp is the logit itself
             state.add_loss("z", cfg.router_z_weight, logit.float().pow(2).mean())

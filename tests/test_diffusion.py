@@ -99,7 +99,7 @@ def test_bidirectional_ragged_rows_hide_their_pads():
 
 
 def test_an_active_subset_with_a_filled_cache_equals_the_full_pass():
-    """model.py's `active` with RefinementKV: run every token once, then only some of them against
+    """model.py's `run_only` with RefinementKV: run every token once, then only some of them against
     the cached K/V of the rest; nothing changed, so their logits are exactly the full pass's."""
     m = tiny()
     x = masked_input()
@@ -108,7 +108,7 @@ def test_an_active_subset_with_a_filled_cache_equals_the_full_pass():
     with torch.no_grad():
         kv = RefinementKV()
         full = m(x, kv=kv)[0]
-        part = m(x, kv=kv, active=active)[0]
+        part = m(x, kv=kv, run_only=active)[0]
     torch.testing.assert_close(part[active], full[active], atol=1e-5, rtol=1e-5)
 
 
@@ -149,10 +149,10 @@ def test_committed_tokens_receive_no_further_compute():
     calls = []
     forward = m.forward
 
-    def spy(idx, *args, active=None, **kw):
-        calls.append({"x": idx.clone(), "active": torch.ones_like(fill) if active is None else active.clone(),
+    def spy(idx, *args, run_only=None, **kw):
+        calls.append({"x": idx.clone(), "active": torch.ones_like(fill) if run_only is None else run_only.clone(),
                       "rows": []})
-        return forward(idx, *args, active=active, **kw)
+        return forward(idx, *args, run_only=run_only, **kw)
 
     m.forward = spy
     for layer in m.layers:
@@ -216,12 +216,12 @@ def test_one_call_per_row_gives_the_same_tokens():
 
 
 def spy_calls(m):
-    """Record every forward call of m: the positions it ran ([B, T] bool; model.py's `active`, None = all)."""
+    """Record every forward call of m: the positions it ran ([B, T] bool; model.py's `run_only`, None = all)."""
     calls, forward = [], m.forward
 
-    def spy(idx, *args, active=None, **kw):
-        calls.append(torch.ones_like(idx, dtype=torch.bool) if active is None else active.clone())
-        return forward(idx, *args, active=active, **kw)
+    def spy(idx, *args, run_only=None, **kw):
+        calls.append(torch.ones_like(idx, dtype=torch.bool) if run_only is None else run_only.clone())
+        return forward(idx, *args, run_only=run_only, **kw)
     m.forward = spy
     return calls
 

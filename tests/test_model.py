@@ -3,9 +3,8 @@ that really skips compute, both KV strategies, HF export parity."""
 import pytest
 import torch
 
-from kv_cache import KVCache
-from kv_cache import ContinuousBatching
-from model import MoR, MoRConfig, export_hf, layer_plan
+from kv_cache import KVCache, Lanes
+from model import ContinuousBatching, MoR, MoRConfig, export_hf, layer_plan
 
 V = 53
 VARIANTS = {
@@ -99,8 +98,32 @@ def test_generate_past_the_context_and_errors():
     m = tiny(block_size=16).eval()
     out = m.generate(torch.zeros(1, 10, dtype=torch.long), 30, temperature=1.0, top_k=5)
     assert out.shape == (1, 40)
+    # greedy: 6 tokens fill the context (16), then the cache restarts from the last half, the 8
+    # tokens 9..16, and decoding goes on exactly as a fresh generate from those 8 tokens
+    m = tiny(block_size=16, **VARIANTS["ec_recursion"]).eval()
+    with torch.no_grad():
+        for p in m.parameters():                             # big weights: greedy tokens follow the context
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    x = torch.randint(0, V, (2, 10))
+    out = m.generate(x, 30, temperature=0)
+    assert torch.equal(out[:, :17], m.generate(x, 7, temperature=0))
+    fresh = m.generate(out[:, 9:17], 23, temperature=0)
+    assert torch.equal(out[:, 17:], fresh[:, 8:])
+    assert out[:, 17:].unique().numel() > 3                     # varied tokens, so a wrong restart shows
     with pytest.raises(ValueError, match="context"):
         m.generate(torch.zeros(1, 17, dtype=torch.long), 1)
+
+
+def test_the_docstring_loop_is_the_code():
+    """model.py's docstring shows MoR.forward's loop line for line, so the two cannot drift."""
+    import inspect
+    import textwrap
+    import model
+    doc = model.__doc__
+    at = doc.index("    h = self._run(h, everyone, plan.prelude")
+    loop = textwrap.dedent(doc[at:doc.index("\n\n", at)])
+    assert loop.count("\n") >= 8 and textwrap.indent(loop, "    ") in textwrap.dedent(inspect.getsource(MoR.forward))
 
 
 @pytest.mark.parametrize("sharing,R,L,expect", [
@@ -174,6 +197,72 @@ def test_share_first_deeper_steps_compute_no_kv():
     shared = [(name, n) for i, name, n in calls if i == 1]
     assert [n for name, n in shared if name == "k_proj"] == [60]          # step 0 only, every token
     assert [n for name, n in shared if name == "q_proj"] == [60, 40, 20]  # queries for active tokens
+
+
+def _expected_rows(m, depth):
+    """What _record_rows should see for one call whose tokens ran `depth` [B, T] steps: every
+    token in the unshared layers, at step r only the tokens that reached it."""
+    plan, share_first = m.plan, m.config.kv_mode == "share_first"
+    rows = []
+    def layer(i, n, with_kv=True):
+        rows.extend([(i, "q_proj", n)] + [(i, "k_proj", n)] * with_kv + [(i, "mlp", n)])
+    for i in plan.prelude:
+        layer(i, depth.numel())
+    for r in range(plan.n_recursion):
+        for i in plan.steps[r] if (depth > r).any() else []:
+            layer(i, int((depth > r).sum()), not (share_first and r > 0))
+    for i in plan.coda:
+        layer(i, depth.numel())
+    return rows
+
+
+@pytest.mark.parametrize("name", ["ec_recursion", "ec_share_first", "tc_recursion", "tc_share_first"])
+def test_cached_decoding_feeds_each_step_only_the_tokens_that_reached_it(name):
+    """Prefill and token-by-token decoding under a KVCache: hooks on every layer's q/k
+    projections and MLP see, call by call, exactly the rows of the tokens that reached each
+    step, so an exited token costs nothing in generation either."""
+    m = spread_router(tiny(**VARIANTS[name])).eval()
+    calls = _record_rows(m)
+    x = torch.randint(0, V, (3, 16))
+    kv, depths = KVCache(m, 3), []
+    with torch.no_grad():
+        for lo, hi in [(0, 8)] + [(t, t + 1) for t in range(8, 16)]:
+            calls.clear()
+            m(x[:, lo:hi], kv=kv, rule="causal")
+            assert calls == _expected_rows(m, m.last_depth), (lo, hi)
+            depths.append(m.last_depth)
+    assert torch.cat(depths, 1).unique().numel() > 1              # tokens stopped at different steps
+
+
+def _linear_flops_by_hooks(m, run):
+    """2 * rows * in * out summed over every Linear of the layers and the LM head, as fed by run()."""
+    total = []
+    def count(mod, inp, out):                                    # rows: tokens fed, [N, d] or [B, T, d]
+        total.append(2 * (inp[0].numel() // mod.in_features) * mod.in_features * mod.out_features)
+    hooks = [mod.register_forward_hook(count)
+             for mod in [*m.layers.modules(), m.lm_head] if isinstance(mod, torch.nn.Linear)]
+    run()
+    for h in hooks:
+        h.remove()
+    return sum(total)
+
+
+@pytest.mark.parametrize("name", ["recursive", "ec_recursion", "ec_share_first", "tc_recursion", "tc_share_first"])
+def test_flop_count_equals_the_rows_every_linear_was_fed(name):
+    """The FLOP formula's linear part against what really ran: hooks count the rows into every
+    Linear, in a training pass (top-k) and in prefill + cached decoding (causal)."""
+    m = spread_router(tiny(**VARIANTS[name]))
+    x = torch.randint(0, V, (3, 20))
+    def linear_part():
+        f = m.last_forward
+        return int(m.flop_parts(f.depth, f.start, f.reached, f.n_logits, f.ran)[0])
+    m.train()
+    assert _linear_flops_by_hooks(m, lambda: m(x, x)) == linear_part()
+    m.eval()
+    kv = KVCache(m, 3)
+    with torch.no_grad():
+        for lo, hi in [(0, 8)] + [(t, t + 1) for t in range(8, 12)]:
+            assert _linear_flops_by_hooks(m, lambda: m(x[:, lo:hi], kv=kv, last_only=hi > 8)) == linear_part()
 
 
 @pytest.mark.parametrize("name", ["ec_recursion", "ec_aux_router", "tc_recursion"])
@@ -283,8 +372,25 @@ def test_continuous_batching_decodes_the_same_tokens(kw, forced):
     assert torch.equal(depth, ref_depth[:, 5:-1])        # the decoded tokens (the last is never fed back)
     if m.router is not None:
         assert depth.min() < depth.max()                  # mixed depths, so calls really mixed steps
-    # a token costs exactly its depth in block rows: nothing ran for tokens that had exited
-    assert stats["block_rows"] == int(depth.sum())
+    # a token's useful cost is exactly its depth in block rows
+    assert stats["live_rows"] == int(depth.sum())
+
+
+def test_continuous_batching_counts_the_rows_that_enter_the_block():
+    """A hook on the shared layer counts the rows each tick feeds it: every lane, every tick
+    (B per tick), also lanes whose sequence is finished. The stats say so (block_rows), and
+    keep the useful part apart (live_rows: the decoded tokens' depths, from generate)."""
+    m = spread_router(tiny(n_layer=6, n_recursion=3, sharing="middle_cycle", router="expert_choice")).eval()
+    B, T0, new = 4, 5, 20
+    x = torch.randint(0, V, (B, T0))
+    _, ref_depth = m.generate(x, new, temperature=0, return_depths=True)
+    rows = []
+    shared = m.layers[m.plan.steps[0][0]]
+    shared.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]) if isinstance(inp[4], Lanes)
+                                 else None)                      # ticks only: prefill passes an ActiveSet
+    _, depth, stats = ContinuousBatching(m, x, new, temperature=0).run()
+    assert rows == [B] * stats["ticks"] and stats["block_rows"] == sum(rows)
+    assert stats["live_rows"] == int(ref_depth[:, T0:-1].sum()) < stats["block_rows"]
 
 
 def test_continuous_batching_refuses_what_it_cannot_do():
@@ -292,8 +398,8 @@ def test_continuous_batching_refuses_what_it_cannot_do():
         ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="sequence", router="expert_choice"),
                            torch.zeros(1, 3, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="recursion"):
-        ContinuousBatching(tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first"),
-                           torch.zeros(1, 3, dtype=torch.long), 4)
+        m = tiny(n_layer=6, n_recursion=3, sharing="cycle", router="token_choice", kv_mode="share_first")
+        ContinuousBatching(m, torch.zeros(1, 3, dtype=torch.long), 4)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -45,9 +45,27 @@ def test_train_model_globals_are_MoRConfigs_defaults():
     assert {"n_layer", "n_recursion", "router", "capacity", "target_depth_weight"} <= shared.keys()
     assert {k: v for k, v in shared.items() if v != defaults[k]} == {}, f"of {len(shared)} shared keys"
 
-def test_resume_continues_exactly(tmp_path, data_dir):
+
+def _assert_same(a, b, where):
+    """Nested dicts/lists of tensors and numbers (a state dict) are equal, bit for bit."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("variant", [[], ["--n_recursion=2", "--sharing=cycle", "--router=expert_choice"]])
+def test_resume_continues_exactly(tmp_path, data_dir, variant):
     """8 iterations straight == 4 iterations, then resume to 8: same weights, same optimizer state."""
-    common = [*TINY, f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"]
+    common = [*TINY, *variant, f"--data_dir={data_dir}", "--eval_interval=4", "--lr_decay_iters=8", "--dropout=0.1"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run("train.py", *common, f"--out_dir={a}", "--max_iters=8")
     run("train.py", *common, f"--out_dir={b}", "--max_iters=4")
@@ -58,6 +76,9 @@ def test_resume_continues_exactly(tmp_path, data_dir):
     assert first_leg["iter_num"] == 4 and ca["iter_num"] == cb["iter_num"] == 8
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
+    _assert_same(ca["optimizer"], cb["optimizer"], "optimizer")
+    assert ca["optimizer"]["state"] and not torch.equal(first_leg["optimizer"]["state"][0]["exp_avg"],
+                                                        cb["optimizer"]["state"][0]["exp_avg"])
     assert not torch.equal(first_leg["model"]["layers.0.mlp.up_proj.weight"], cb["model"]["layers.0.mlp.up_proj.weight"])
 
 
