@@ -236,3 +236,15 @@ def test_get_batch_on_cuda_matches_cpu():
     x, y = get_batch(stream, 4, 8, torch.Generator().manual_seed(0), 'cuda')
     x_cpu, y_cpu = get_batch(stream, 4, 8, torch.Generator().manual_seed(0), 'cpu')
     assert x.is_cuda and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+
+
+def test_data_imports_none_of_the_project():
+    """data.py sits at the bottom of the layering: it imports no other file of the project, not even inside a
+    function (self_distill_ids, which runs the adapter, lives in tune.py)."""
+    import ast
+    from pathlib import Path
+    root = Path(data.__file__).parent
+    tree = ast.parse((root / "data.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {p.stem for p in root.glob("*.py")}

@@ -1,6 +1,7 @@
 """
 Tests for router tuning on a frozen pretrained model (tune.py, hf_wrap.FrozenRouters of every kind: skip, ffn,
-expert_choice, token_choice; router="drop") and the evaluation helpers behind bench.py --mode=ppl (tune.py too).
+expert_choice, token_choice; router="drop"), its one optimizer loop, and the evaluation helpers behind bench.py
+--mode=ppl (tune.py's and bench.py's).
 Tiny random-weight models built from configs, offline.
 
 What must hold: gradients reach the routers only and the base weights stay byte-identical; the compute penalty
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402
 import data  # noqa: E402
 import hf_wrap  # noqa: E402
 import tune  # noqa: E402
@@ -553,7 +555,7 @@ def test_keep_ratio_cutoffs(tmp_path):
 # Static dropping and the threshold search
 
 def test_static_drop_picks_lowest_influence_never_layer_0():
-    assert tune.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
+    assert bench.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5))
     bi = tune.block_influence(model, windows, batch_size=2)
@@ -571,7 +573,7 @@ def test_static_drop_picks_lowest_influence_never_layer_0():
         h.remove()
     want = [float((1 - torch.cosine_similarity(ins[l], outs[l], dim=-1)).mean()) for l in range(LAYERS)]
     assert bi == pytest.approx(want, abs=1e-5)
-    drop = tune.static_drop_layers(bi, 2)
+    drop = bench.static_drop_layers(bi, 2)
     assert 0 not in drop and drop == sorted(sorted(range(1, LAYERS), key=lambda l: bi[l])[:2])
     # dropping = HF's model with those layers removed
     keep = [l for l in range(LAYERS) if l not in drop]
@@ -602,18 +604,18 @@ def test_target_search_converges():
 
 def test_cheap_exit_search_matches_the_adapter():
     """bench.py --mode=ppl searches CALM's thresholds on statistics of the full model computed once
-    (tune.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
+    (bench.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
     every token whose earlier tokens all ran at full depth, so at the extremes the two ratios are equal, and in
     between the ratio is monotone and lands near the adapter's (other tokens see shallower K/V)."""
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (6, 33), generator=torch.Generator().manual_seed(7))
-    stats = tune.exit_statistics(model, windows, batch_size=3)
+    stats = bench.exit_statistics(model, windows, batch_size=3)
     assert stats["confidence"].shape == stats["entropy"].shape == (6 * 32, LAYERS - 1)
-    assert tune.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
-    assert tune.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
-    ratios = [tune.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
+    assert bench.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
+    assert bench.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
+    ratios = [bench.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 and ratios[-1] == pytest.approx(1 / LAYERS)
-    v, found, reached = tune.search_cutoff(lambda v: tune.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
+    v, found, reached = tune.search_cutoff(lambda v: bench.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
     assert reached
     real = tune.eval_ppl(DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v), windows)
     assert abs(real["layer_ratio"] - found["layer_ratio"]) < 0.1
@@ -672,6 +674,45 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Errors a person can act on
+
+def test_fit_is_one_adamw_loop(capsys):
+    """tune.fit, the loop of every tuning job: evaluations before step 0, every eval_interval and after the last;
+    loss_of called accum times a step; lr from configurator.lr_at; log lines every log_interval (log_last: and
+    after the last step), log() called only then; the result is plain AdamW's."""
+    import configurator
+    w, ref = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt_kw = dict(learning_rate=0.1, min_lr=0.01, warmup_iters=1, beta1=0.9, beta2=0.95, weight_decay=0.0,
+                  grad_clip=0.0, log_interval=2)
+    calls, logged = [], []
+
+    def loss_of(it):
+        calls.append(it)
+        return (w ** 2).sum(), lambda lr: logged.append(it) or f"lr {lr:.3f}"
+
+    evals = tune.fit([w], loss_of, 5, accum=2, evaluate=lambda it: it, eval_interval=2, log_last=True, **opt_kw)
+    assert evals == [0, 2, 4, 5] and calls == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and logged == [1, 3, 4]
+    out = capsys.readouterr().out
+    assert out.count(" ms/iter") == 3 and f"iter 2: lr {configurator.lr_at(1, 0.1, 0.01, 1, 5):.3f}, " in out
+    opt = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    for it in range(5):
+        opt.param_groups[0]["lr"] = configurator.lr_at(it, 0.1, 0.01, 1, 5)
+        (ref ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(w, ref)                  # two half-losses a step: the same gradient as one whole loss
+
+
+def test_renamed_draft_keys_still_work(capsys):
+    """exit_head_vocab / exit_head_windows are draft_vocab / draft_windows now (they configure the drafter too):
+    the old names work for one release, with a note naming the new ones."""
+    cfg = tune.check_config(tune.default_config(hf="x", exit_head_vocab=20, exit_head_windows=16))
+    assert (cfg["draft_vocab"], cfg["draft_windows"]) == (20, 16) and "exit_head_vocab" not in cfg
+    assert "exit_head_vocab is renamed draft_vocab" in capsys.readouterr().out
+    cfg = tune.check_config(tune.default_config(hf="x", draft_vocab=30))
+    assert cfg["draft_vocab"] == 30 and "renamed" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="draft_windows"):
+        tune.check_config(tune.default_config(hf="x", exit_head_windows=0))
+
 
 def test_tune_config_is_tune_py_s_own():
     """tune.py reads its own settings (train.py no longer has them) and refuses keys it does not have."""
