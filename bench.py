@@ -590,9 +590,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
 
 def bench_ppl():
-    """For each target depth f: static drop of round((1 - f) * L) layers (lowest block influence) against every
-    adaptive method matched to the same layer-call ratio on calibration text (quality_table); perplexity,
-    greedy agreement with full depth and the work actually done on the held-out split of every dataset."""
+    """quality_table on --hf with the --routers files, printed, and whether adaptive beats static at each depth."""
     import hf_wrap
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "

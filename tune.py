@@ -207,12 +207,10 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
         log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
-    """AdamW on params for iters steps, warmup then cosine (configurator.lr_at). Step it runs loss_of(it) ->
-    (loss, log) `accum` times, backward on loss / accum each (gradient accumulation), clips the gradients' norm
-    to grad_clip (0 = off) and steps. evaluate(it) runs before step 0, every eval_interval steps (0 = never
-    between) and after the last. Every log_interval steps (log_last: and after the last) it prints
-    "<prefix> <step>: <log(lr)>, <ms> ms/iter"; log is called only then, so it may call .item().
-    -> [evaluate's results] (empty without evaluate)."""
+    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates loss / accum for each of `accum`
+    (loss, log) = loss_of(it) (gradient accumulation), clips to grad_clip (0 = off), steps. evaluate(it) before
+    step 0, every eval_interval (0 = never) and after the last; every log_interval steps (log_last: and the
+    last) prints "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     evals, t0 = [], time.time()
@@ -236,13 +234,10 @@ def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, b
             print(f"{prefix} {it + 1}: {log(lr)}, {ms:.0f} ms/iter")
 
 
-OPTIMIZER_KEYS = ("learning_rate", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay", "grad_clip",
-                 "log_interval")
-
-
 def optimizer_settings(cfg):
     """fit's optimizer keywords, from the settings above."""
-    return {k: cfg[k] for k in OPTIMIZER_KEYS}
+    return {k: cfg[k] for k in ("learning_rate", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay",
+                                "grad_clip", "log_interval")}
 
 
 # -----------------------------------------------------------------------------
@@ -252,8 +247,7 @@ RENAMED = {"exit_head_vocab": "draft_vocab", "exit_head_windows": "draft_windows
 
 
 def check_config(cfg):
-    """cfg with renamed keys moved to their new names (a printed note), once every setting is one tune_routers
-    can run; else SystemExit naming the key, what it must be and what to do."""
+    """cfg with renamed keys under their new names (and a note), if every setting can run; else SystemExit."""
     cfg = dict(cfg)
     for old, new in RENAMED.items():
         value = cfg.pop(old, -1)
@@ -294,8 +288,7 @@ def check_config(cfg):
 
 
 def load_base(cfg):
-    """The frozen base and its tokenizer, on cfg's device in cfg's dtype (bf16 on CUDA, float32 elsewhere): a
-    Llama-family decoder with a tokenizer and a context of at least block_size. -> (model, tokenizer, device)."""
+    """The frozen base (a Llama-family decoder, bf16 on CUDA, else float32) -> (model, tokenizer, device)."""
     name, device = cfg["hf"], configurator.autodetect_device(cfg["device"])
     _, dtype = configurator.autocast_context(device.split(":")[0], cfg["dtype"])
     model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
@@ -313,10 +306,9 @@ def load_base(cfg):
 
 
 def make_routers(cfg, mc):
-    """hf_wrap.FrozenRouters of cfg's kind over its units, the gates starting at the budget: every weight =
-    target_active_ratio (expert-choice: its product over the units averages about that; token-choice starts at
-    full depth), so the penalty has nothing to undo. init_from: its trained gates instead (new exit gates stay
-    fresh). A layout the model cannot have -> SystemExit."""
+    """hf_wrap.FrozenRouters of cfg's kind, the gates at the budget: every weight = target_active_ratio (expert-
+    choice: its product over the units averages about that; token-choice starts at full depth), so the penalty
+    has nothing to undo; or init_from's trained gates (new exit gates stay fresh)."""
     kind, L = cfg["router"], mc.num_hidden_layers
     try:
         if kind in ("expert_choice", "token_choice"):
@@ -346,8 +338,7 @@ def make_routers(cfg, mc):
 
 
 def tuning_text(cfg, model, tok):
-    """(train ids, val ids): the dataset's text in the model's tokens, or with self_distill the model's own
-    answers (self_distill_ids), also written to out_dir/self_distill.txt. Makes out_dir."""
+    """(train ids, val ids): the dataset in the model's tokens, or its own answers (self_distill_ids)."""
     if cfg["self_distill"]:
         train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
                                               cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"],
@@ -364,9 +355,8 @@ def tuning_text(cfg, model, tok):
 
 
 def start_at_static_drop(routers, influence, target_active_ratio, mlp_hidden):
-    """init_gates='influence': start where static drop is (ShortGPT): the units that turn the residual stream least
-    (block influence, averaged over a unit's layers) are off for every token, the rest on, at the budget; training
-    then lets each token choose. The gates' weights stay at 0, only their biases move."""
+    """init_gates='influence': start at ShortGPT's static drop: the units of lowest block influence off for every
+    token, the rest on, at the budget; training then lets each token choose. Only the gates' biases move."""
     units = routers.units
     unit_bi = [sum(influence[a:b]) / (b - a) for a, b in units]
     off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:round((1 - target_active_ratio) * len(units))])
@@ -377,7 +367,7 @@ def start_at_static_drop(routers, influence, target_active_ratio, mlp_hidden):
 
 
 def _batches(windows, size, device):
-    """(inputs, targets) of `windows` (N, T + 1), size at a time."""
+    """(inputs, targets) of windows (N, T + 1), size at a time."""
     for i in range(0, len(windows), size):
         w = windows[i:i + size].to(device)
         yield w[:, :-1], w[:, 1:]
@@ -385,8 +375,7 @@ def _batches(windows, size, device):
 
 @torch.no_grad()
 def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
-    """Phase 1's evaluation: val loss with soft weights, and the perplexity of decided() (a DepthAdapter at bias
-    0) against the full model's (full_val: its loss per token). -> the numbers the router file keeps."""
+    """Phase 1's evaluation: val loss with soft weights, and decided()'s (the adapter at bias 0) perplexity."""
     routers.eval()
     dev = model.get_input_embeddings().weight.device
     soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
@@ -401,9 +390,8 @@ def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
 
 
 def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
-    """Phase 1: the gates (and stand-ins) through soft_forward and _tuning_loss for max_iters steps, soft weights
-    first, 0/1 forward for the last hard_gate_frac (straight-through); checkpoint(it) at eval_interval. Leaves
-    the routers frozen. -> the mean continue weight of each unit on the calibration windows."""
+    """Phase 1: the gates (and stand-ins) through soft_forward and _tuning_loss, soft, then for the last
+    hard_gate_frac 0/1 forward (straight-through). -> each unit's mean continue weight on calib."""
     dev = model.get_input_embeddings().weight.device
     sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
     B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
@@ -436,8 +424,7 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
 
 def train_exits(model, routers, cfg, train_ids, gen):
     """Phase 2, routers frozen: each exit gate learns by BCE whether the state at its layer, through the final
-    norm and LM head, already gives the routed model's final argmax (CALM's consistency target, learned: the
-    gate sees only the state). exit_iters steps; the exit gates are not clipped."""
+    norm and LM head, already gives the routed model's final argmax (CALM's consistency target, learned)."""
     dev, head, norm = model.get_input_embeddings().weight.device, model.get_output_embeddings(), model.model.norm
     exit_layers = routers.exit_layers
 
@@ -459,8 +446,7 @@ def train_exits(model, routers, cfg, train_ids, gen):
 
 
 def calibrate_cutoffs(decided, keep_ratios, calib):
-    """Each keep_ratio's per-unit cutoffs, calibrated through the adapter (DepthAdapter.calibrate) on the
-    calibration windows. -> {"0.50": [cutoff per unit], ...}."""
+    """Each keep_ratio's per-unit cutoffs (DepthAdapter.calibrate) -> {"0.50": [cutoff per unit], ...}."""
     cutoffs = {}
     for kr in keep_ratios:
         adapter = decided(keep_ratio=kr)
@@ -470,9 +456,8 @@ def calibrate_cutoffs(decided, keep_ratios, calib):
 
 
 def search_bias(decided, calib, val, batch_size, target, tol, full_val):
-    """The bias whose layer-call ratio, measured through decided(threshold=v) on the calibration windows, is within tol
-    of `target` (bisection: search_cutoff); reported with its held-out ratio and perplexity against full_val
-    (the full model's loss per token). -> (bias, what the router file keeps of the search)."""
+    """Bisection (search_cutoff) on the bias until decided(threshold=bias)'s layer-call ratio on calib is within
+    tol of target. -> (bias, the search's numbers, held-out ones too)."""
     measure = lambda v: eval_ppl(decided(threshold=v), calib, batch_size)
     bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
     held, full_ppl = eval_ppl(decided(threshold=bias), val, batch_size), math.exp(full_val)
@@ -499,8 +484,7 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
-    """exit_head_layer > 0 or drafter=True: a speculative draft instead of skip gates (below), its settings from
-    cfg."""
+    """exit_head_layer > 0 or drafter=True: a speculative draft (below) instead of gates."""
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
                   meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
@@ -596,18 +580,19 @@ def _draft_windows(ids, block_size, windows, dev):
     return text_windows(ids, block_size, min(windows, len(ids) // (block_size + 1)))[:, :-1].to(dev)
 
 
-def _fit_draft(module, loss_of, n, rows, seed, evaluate, **schedule):
-    """fit on module: each step, loss_of(idx) over `rows` indices drawn at random from range(n) (a generator
-    seeded with seed). -> (evaluate(0), evaluate(iters)); module left in eval mode, frozen."""
+def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, batch_size, seed, meta, **schedule):
+    """fit on a draft: each step, loss_of(idx) over batch_size * block_size indices drawn at random from range(n);
+    then frozen, saved (save: hf_wrap.save_exit_head or save_drafter) with its first and last evaluations."""
     gen = torch.Generator().manual_seed(seed)
 
     def step(it):
-        loss = loss_of(torch.randint(n, (rows,), generator=gen))
+        loss = loss_of(torch.randint(n, (batch_size * block_size,), generator=gen))
         return loss, lambda lr: f"KL {loss.item():.4f}"
 
     evals = fit(module.parameters(), step, evaluate=evaluate, **schedule)
     module.eval().requires_grad_(False)
-    return evals[0], evals[-1]
+    save(path, module, model, **meta, untrained=evals[0], last_eval=evals[-1])
+    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
 def _kl(logits_p, logits_q):
@@ -616,16 +601,13 @@ def _kl(logits_p, logits_q):
     return (logp.exp() * (logp - logq)).sum(-1), logq
 
 
-def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, block_size, batch_size, seed,
-                   meta, **schedule):
-    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at `layer` with a rank-`rank` adapter,
-    trained to match the final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the
-    head's vocab of the vocab_size most frequent tokens, with p renormalized there: the head cannot propose what
-    it lacks, and a draft covering p's mass on its vocab is the one that speculative sampling accepts most). The
-    base runs once over `windows` windows of block_size tokens; the steps then train on those states, batch_size *
-    block_size tokens each, drawn at random. Reports, on held-out text, how often the head's argmax is the full
-    model's (greedy acceptance) and sum(min(p, q)) (acceptance when sampling at temperature 1). schedule: fit's
-    keywords. Writes path (hf_wrap.save_exit_head, with meta)."""
+def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
+    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at `layer` (adapter rank `rank`), trained to
+    match the final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's
+    vocab, with p renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its
+    vocab is the one that speculative sampling accepts most). The base runs once over `windows` windows; the
+    steps then train on those states. Reports, on held-out text, how often the head's argmax is the full model's
+    (greedy acceptance) and sum(min(p, q)) (acceptance when sampling at temperature 1). job: _fit_draft's."""
     dev = model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
@@ -636,8 +618,8 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
     W = model.get_output_embeddings().weight
     Wv = W if vocab is None else W[head.vocab].float()                       # (V', C) the head's rows, frozen
     t0 = time.time()
-    h, final = _states(model, layer, _draft_windows(train_ids, block_size, windows, dev), batch_size)
-    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), batch_size)
+    h, final = _states(model, layer, _draft_windows(train_ids, job["block_size"], windows, dev), job["batch_size"])
+    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), job["batch_size"])
     print(f"exit head at layer {layer} of {L} (rank {rank}, vocab {len(head.vocab):,} of {V:,}: "
           f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
           f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
@@ -660,9 +642,7 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
         return result
 
     loss_of = lambda idx: kl(h[idx.to(dev)], final[idx.to(dev)])[0].mean()
-    first, last = _fit_draft(head, loss_of, len(h), batch_size * block_size, seed, evaluate, **schedule)
-    hf_wrap.save_exit_head(path, head, model, **meta, untrained=first, last_eval=last)
-    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+    _fit_draft(model, head, loss_of, len(h), evaluate, hf_wrap.save_exit_head, path, **job)
 
 
 @torch.no_grad()
@@ -677,17 +657,16 @@ def _final_states(model, windows, batch_size):
     return torch.cat(out)
 
 
-def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, block_size, batch_size, seed,
-                 meta, extra_ids=None, **schedule):
-    """A draft for speculative decoding on the full model's final state, base frozen: hf_wrap.Drafter (an MLP of
-    width `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the
-    text's next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL
-    divergence to the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit
-    head). The full model runs once over `windows` windows; the steps then train on those states. Reports, on
-    held-out text, how often the first 1, 2, ... drafts in a row are all the full model's argmax (greedy
-    acceptance of a cycle's leading drafts, given that the full model's tokens came before). extra_ids: more text
-    (drafter_text), up to `windows` more windows of it; the held-out text stays the tuning text's. Writes path
-    (save_drafter, with meta)."""
+def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, extra_ids=None, **job):
+    """A draft for speculative decoding on the full model's final state, base frozen: hf_wrap.Drafter (MLP width
+    `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the text's
+    next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to
+    the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full
+    model runs once over `windows` windows. Reports, on held-out text, how often the first 1, 2, ... drafts in a
+    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts, given that the full
+    model's tokens came before). extra_ids: more text, up to `windows` more windows (held-out text stays the
+    tuning text's). job: _fit_draft's."""
+    block_size, batch_size = job["block_size"], job["batch_size"]
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, steps
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
     drafter = hf_wrap.new_drafter(model, vocab, hidden)
@@ -736,9 +715,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
         return result
 
     loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, wins, idx.to(dev))) / D
-    first, last = _fit_draft(drafter, loss_of, h.shape[0] * T, batch_size * block_size, seed, evaluate, **schedule)
-    hf_wrap.save_drafter(path, drafter, model, **meta, untrained=first, last_eval=last)
-    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+    _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, hf_wrap.save_drafter, path, **job)
 
 
 # -----------------------------------------------------------------------------
@@ -754,10 +731,9 @@ def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
     dev = adapter.embed.weight.device
     nll = calls = kv = head = n = same = 0
     argmax = []
-    for j, i in enumerate(range(0, len(windows), batch_size)):
-        w = windows[i:i + batch_size].to(dev)
-        logits, st = adapter.prefill_logits(w[:, :-1])
-        nll += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+    for j, (X, Y) in enumerate(_batches(windows, batch_size, dev)):
+        logits, st = adapter.prefill_logits(X)
+        nll += F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum").item()
         calls, n = calls + st["layer_calls"], n + st["tokens"]
         kv, head = kv + st["kv_only_layer_calls"] * st["kv_share"], head + st["head_checks"] * st["head_share"]
         if keep_argmax or reference is not None:
@@ -778,12 +754,11 @@ def block_influence(model, windows, batch_size=8):
     full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
     dev = model.get_input_embeddings().weight.device
     total, n = None, 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size, :-1].to(dev)
+    for X, _ in _batches(windows, batch_size, dev):
         bi = []
-        soft_forward(model, None, w, influence=bi)
+        soft_forward(model, None, X, influence=bi)
         total = bi if total is None else [a + b for a, b in zip(total, bi)]
-        n += w.numel()
+        n += X.numel()
     return [t / n for t in total]
 
 
