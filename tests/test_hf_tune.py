@@ -83,6 +83,14 @@ def char_model(tmp_path=None, arch="llama", **kw):
     return model, hf_tok
 
 
+def served(tmp_path, monkeypatch):
+    """char_model() served to tune.py in place of load_hf, with TEXT as a dataset file: (model, tok, its path)."""
+    model, tok = char_model()
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    return model, tok, str(tmp_path / "text.txt")
+
+
 def is_0_or_1(w):
     """Straight-through weights are (z > 0) + w - w.detach(): 0 or 1 up to one rounding."""
     return bool(((w.abs() < 1e-6) | ((w - 1).abs() < 1e-6)).all())
@@ -314,11 +322,9 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     """The whole loop (phase 1, exit gates, keep_ratio cutoffs, bias search) leaves every base weight
     byte-identical, and writes a router file that knows its model, layout, cutoffs and the bias it found: the
     adapter loaded from the file measures the same layer-call ratio on the calibration text."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
+    model, tok, text = served(tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=text,
                       exit_layers=(3,), exit_iters=3, target_speedup=1.25, target_tol=0.02, weight_decay=0.1,
                       keep_ratios=(0.3, 0.55))
     tune.tune_routers(cfg)
@@ -346,11 +352,9 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
 def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
     """One short tuning run per kind: the base stays byte-identical, and the file loads through router_path
     (kind, layout, bias and, but for token-choice, keep_ratio cutoffs) and generates."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
+    model, tok, text = served(tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=text,
                       router=kind, R=3, keep_ratios=(0.5,))
     tune.tune_routers(cfg)
     for k, v in model.state_dict().items():
@@ -378,10 +382,8 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
 def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
     """init_gates='influence': before any step, the gates of the units with the lowest block influence are off for
     every token and the rest on, round((1 - target_active_ratio) * units) of them off; other kinds are refused."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), out_dir=str(tmp_path / "a"),
+    model, tok, text = served(tmp_path, monkeypatch)
+    cfg = tune_config(hf="some/model", dataset=text, out_dir=str(tmp_path / "a"),
                       init_gates="influence", target_active_ratio=0.5, max_iters=0, keep_ratios=())
     tune.tune_routers(cfg)
     r, _ = hf_wrap.load_routers(str(tmp_path / "a" / "routers.pt"), model.config)
@@ -395,7 +397,7 @@ def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
     assert [u for u in range(len(r.units)) if (z[:, u] < 0).all()] == off
     assert all((z[:, u] > 0).all() for u in range(len(r.units)) if u not in off)
     with pytest.raises(SystemExit, match="init_gates"):
-        tune.tune_routers(tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), init_gates="influence",
+        tune.tune_routers(tune_config(hf="some/model", dataset=text, init_gates="influence",
                                       router="token_choice", out_dir=str(tmp_path / "b")))
 
 
@@ -403,10 +405,8 @@ def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
 def test_tuning_trains_stand_ins(kind, tmp_path, monkeypatch):
     """--stand_in_rank: the stand-ins learn with the gates (their output starts at zero and must not stay there),
     the file carries them, init_from brings them back, and a wrong rank or a grouped unit is refused."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    common = dict(hf="some/model", dataset=str(tmp_path / "text.txt"), router=kind, keep_ratios=(0.5,))
+    model, tok, text = served(tmp_path, monkeypatch)
+    common = dict(hf="some/model", dataset=text, router=kind, keep_ratios=(0.5,))
     tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), stand_in_rank=4, **common))
     path = str(tmp_path / "a" / "routers.pt")
     r, blob = hf_wrap.load_routers(path, model.config)
