@@ -13,7 +13,7 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
 Models are built with random weights: speed does not depend on what the weights say, except through routing.
 Untrained routers route arbitrarily, so decode forces depths 1..R equally likely by default (depth_dist='forced',
 the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
---mode=ppl is about quality: a real model's held-out perplexity at matched layer calls (tune.quality_table).
+--mode=ppl is about quality: a real model's held-out perplexity at matched layer calls (quality_table).
 """
 import csv
 import math
@@ -489,14 +489,109 @@ def bench_speculative():
 
 
 # -----------------------------------------------------------------------------
-# Quality at matched compute: does adaptive depth beat static layer dropping?
+# Quality at matched compute: does adaptive depth beat static layer dropping? ShortGPT's static drop, CALM's
+# training-free exits (measured once on the full model: a cheap threshold search) and the trained routers, through
+# tune.py's eval_ppl, block_influence and search_cutoff
+
+def static_drop_layers(influence, n):
+    """The n layers with the lowest block influence, never layer 0 (ShortGPT's static layer removal)."""
+    order = sorted(range(1, len(influence)), key=lambda l: influence[l])
+    return sorted(order[:n])
+
+
+@torch.no_grad()
+def exit_statistics(model, windows, batch_size=8):
+    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
+    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
+    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
+    for i in range(0, len(windows), batch_size):
+        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
+        c, e = [], []
+        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
+            logp = head(norm(h)).float().log_softmax(-1).flatten(0, 1)
+            c.append(logp.max(-1).values.exp())
+            e.append(-(logp.exp() * logp).sum(-1))
+        conf.append(torch.stack(c, 1).cpu())
+        ent.append(torch.stack(e, 1).cpu())
+    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
+
+
+def exit_ratio(stats, kind, threshold):
+    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
+    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    s = stats[kind]                                                           # (N, L - 1)
+    ok = s >= threshold if kind == "confidence" else s <= threshold
+    L = s.shape[1] + 1
+    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
+    return {"layer_ratio": float(layers.float().mean()) / L}
+
+
+def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
+                  emit=lambda row: None):
+    """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
+    statically (the n lowest block influences, never layer 0) and match every adaptive method to that same
+    layer-call ratio (L - n) / L, each by a bisection on its own threshold over calibration text (the train split
+    of names[0]): CALM's confidence and entropy exits, and each trained router of `trained` ([(FrozenRouters,
+    file dict)]). Then perplexity, greedy agreement with full depth and the work actually done on the held-out
+    split of every dataset in names. Progress lines as it goes; emit(row) as each row exists. -> (rows, calib)."""
+    from hf_wrap import DepthAdapter
+    from tune import block_influence, eval_ppl, search_cutoff
+    L = model.config.num_hidden_layers
+    train_ids, _ = data.corpus_ids(tok, names[0])
+    calib = data.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
+    held = {d: data.text_windows(data.corpus_ids(tok, d)[1], T, ppl_windows) for d in names}
+    bs, t_start = batch_size, time.time()
+
+    def progress(what):
+        print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
+
+    influence = block_influence(model, calib, bs)
+    progress("block influence per layer (1 - cos(in, out), calibration text): "
+             + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
+    full = {d: eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
+    table = [{"text": d, "target depth": "100%", "method": "full depth", "setting": "-", "ratio": 1.0,
+              "kv-only %": 0.0, "head checks %": 0.0, "ppl": full[d]["ppl"], "vs full %": 0.0, "agree %": 100.0}
+             for d in names]
+    for r in table:
+        emit(r)
+    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
+    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
+    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
+    stats = exit_statistics(model, calib, bs)
+    progress("exit statistics at every layer on calibration text")
+
+    def row(depth, method, setting, ad):
+        for d in names:
+            r = eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
+            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
+                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
+                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
+                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
+            emit(table[-1])
+        progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
+            f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
+
+    for depth in depths:
+        n_drop = min(L - 1, max(1, round((1 - depth) * L)))
+        target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
+        drop = static_drop_layers(influence, n_drop)
+        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
+        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
+            v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
+            row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
+                DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
+        for module, blob in trained:
+            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
+                                          exits=bool(blob.get("exits_trained")))
+            v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
+            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+    return table, calib
+
 
 def bench_ppl():
-    """For each target depth f: static drop of round((1 - f) * L) layers (lowest block influence) against every
-    adaptive method matched to the same layer-call ratio on calibration text (tune.quality_table); perplexity,
-    greedy agreement with full depth and the work actually done on the held-out split of every dataset."""
+    """quality_table on --hf with the --routers files, printed, and whether adaptive beats static at each depth."""
     import hf_wrap
-    import tune
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
@@ -510,12 +605,13 @@ def bench_ppl():
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]
-    table, calib = tune.quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows,
-                                      ppl_windows, seed, target_tol, lambda r: emit("ppl", r))
+    table, calib = quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows, ppl_windows,
+                                 seed, target_tol, lambda r: emit("ppl", r))
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %"]
     print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} tokens "
-                f"per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on {device_name()}; "
+                f"per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
+                f"{device_name()}; "
                 "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
                 "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
                 table, cols)

@@ -23,7 +23,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from glob import glob
 from pathlib import Path
 
@@ -480,43 +479,3 @@ def text_windows(ids, block_size, n, generator=None):
     else:
         starts = torch.randint(len(ids) - span + 1, (n,), generator=generator).tolist()
     return torch.stack([torch.from_numpy(ids[s:s + span].astype("int64")) for s in starts])
-
-
-# -----------------------------------------------------------------------------
-# The model's own answers as tuning text (self-distillation: tune.py --self_distill=N)
-
-SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
-                "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
-
-
-def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size, temperature=0.7):
-    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
-    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
-    text; answers sampled at `temperature` (top-k 50; 0: greedy, the text greedy decoding will ask a draft
-    for) through DepthAdapter at full depth. -> (train ids, val
-    ids) as corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
-    from hf_wrap import DepthAdapter                  # here: data.py is read before the adapter exists
-    words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
-    g = torch.Generator().manual_seed(seed)
-    pick = lambda k: int(torch.randint(k, (1,), generator=g))
-    prompts = [SELF_PROMPTS[pick(len(SELF_PROMPTS))].format(words[pick(len(words))]) for _ in range(n)]
-    full, eos = DepthAdapter(model, no_skip=True), tokenizer.eos_token_id
-    dev, texts, t0 = model.get_input_embeddings().weight.device, [], time.time()
-    torch.manual_seed(seed)
-    for i in range(0, n, batch_size):
-        chat = getattr(tokenizer, "chat_template", None)
-        enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                             return_dict=True)["input_ids"] if chat else tokenizer(p)["input_ids"]
-               for p in prompts[i:i + batch_size]]
-        T = max(map(len, enc))
-        ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
-        for row, e in enumerate(enc):                                         # left padding
-            ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
-        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
-                               temperature=temperature, top_k=50, eos_token_id=eos)
-        for row, e in zip(out.tolist(), enc):
-            prompt, answer = e, row[T:]
-            texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
-        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
-    cut = max(1, n // 10)
-    return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))

@@ -1,6 +1,6 @@
 """
-Router tuning for a pretrained Hugging Face model, every base weight frozen, and the quality table of
-bench.py --mode=ppl (perplexity through the adapter at matched layer calls, block influence, threshold search).
+Router tuning for a pretrained Hugging Face model, every base weight frozen; and the speculative drafts'
+training (an exit head or a drafter, which speculative.py decodes with).
 
   python tune.py config/hf_smollm2.py --router=ffn # the built-in SmolLM2-135M on its own answers (see that file)
   python tune.py config/hf_router_tune.py          # a tiny dense model trained and exported here (see that file)
@@ -8,30 +8,33 @@ bench.py --mode=ppl (perplexity through the adapter at matched layer calls, bloc
   python tune.py --help                            # every key, its default, what it does
 
 What trains: the gates of hf_wrap.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
-router.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
+hf_wrap.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
 weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; stand_in_rank > 0 adds (1 - w_u) *
 stand_in_u(x), hf_wrap.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
 the LM loss) plus a compute penalty toward target_active_ratio; the last part of the run is 0/1 forward
 (straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
 learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
 really skips the work. All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers).
-exit_head_layer=l or drafter=True trains a speculative draft instead (speculative.py); self_distill=N tunes on
-the model's own answers to N prompts (data.self_distill_ids): a draft learns best on the text it will draft.
+exit_head_layer=l or drafter=True trains a speculative draft instead; self_distill=N tunes on the model's own
+answers to N prompts (self_distill_ids): a draft learns best on the text it will draft. Every job runs through
+one AdamW loop, fit(). The quality table at matched compute is bench.py --mode=ppl's (it uses eval_ppl here).
 A file of its own (README): it trains ~100k router parameters on someone else's frozen model, its own loop.
 """
+import functools
 import math
 import os
+import re
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import configurator
 import data
 import hf_wrap
-from data import corpus_ids, load_hf, text_windows
+from data import corpus_ids, load_hf, text_windows, train_val_text
 from hf_wrap import DepthAdapter
-from speculative import tune_drafter, tune_exit_head     # speculative drafts: their file trains them
 
 # -----------------------------------------------------------------------------
 hf = "smollm2-135m"             # the frozen base: built-in name, local folder, .gguf file or hub name
@@ -87,15 +90,18 @@ target_tol = 0.005              # the search stops within this of the target lay
 # a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
 exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
-exit_head_vocab = 8192          # tokens it (or the drafter) can propose: the tuning text's most frequent (0 = all)
-exit_head_windows = 256         # train-split windows whose frozen-base states are computed once, then reused
 # or a drafter (hf_wrap.Drafter) on the full model's final state, trained by KL to its next distributions
-drafter = False                 # True: tune a drafter (exit_head_vocab and exit_head_windows apply to it too)
+drafter = False                 # True: tune a drafter
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
 drafter_text = ""               # a dataset whose plain text also trains it: pydoc | shakespeare | a .txt path
+# either draft
+draft_vocab = 8192              # tokens a draft can propose: the tuning text's most frequent (0 = all)
+draft_windows = 256             # train-split windows whose frozen-base states are computed once, then reused
+exit_head_vocab = -1            # renamed draft_vocab (-1: unset; the old name goes in the next release)
+exit_head_windows = -1          # renamed draft_windows (likewise)
 # the text: the dataset's, or the model's own answers (self-distillation)
-self_distill = 0                # > 0: tune on the model's answers to this many chat prompts built from the dataset's words
+self_distill = 0                # > 0: tune on the model's answers to this many chat prompts made of the dataset's words
 self_distill_tokens = 128       # new tokens per answer
 self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
 init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
@@ -197,24 +203,61 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 
 
 # -----------------------------------------------------------------------------
-# The tuning loop
+# One optimizer loop for every tuning job: the gates, the exit gates, the exit head and the drafter
 
-def tune_routers(cfg):
-    """Router tuning for a pretrained model, every base weight frozen. cfg: default_config(...) or the script's.
+def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
+        log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
+    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates loss / accum for each of `accum`
+    (loss, log) = loss_of(it) (gradient accumulation), clips to grad_clip (0 = off), steps. evaluate(it) before
+    step 0, every eval_interval (0 = never) and after the last; every log_interval steps (log_last: and the
+    last) prints "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    evals, t0 = [], time.time()
+    for it in range(iters + 1):
+        if evaluate is not None and (it in (0, iters) or (eval_interval and it % eval_interval == 0)):
+            evals.append(evaluate(it))
+        if it == iters:
+            return evals
+        lr = configurator.lr_at(it, learning_rate, min_lr, warmup_iters, iters)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for _ in range(accum):
+            loss, log = loss_of(it)
+            (loss / accum).backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if (it + 1) % log_interval == 0 or (log_last and it + 1 == iters):
+            ms, t0 = 1000 * (time.time() - t0) / log_interval, time.time()
+            print(f"{prefix} {it + 1}: {log(lr)}, {ms:.0f} ms/iter")
 
-    Phase 1: the gates of hf_wrap.FrozenRouters(cfg['router']) trained through soft_forward and _tuning_loss for
-    max_iters steps. Phase 2 (with exit_layers and exit_iters > 0): the gates are frozen and each exit gate learns,
-    by BCE, whether the state at its layer, through the final norm and LM head, already gives the routed model's
-    final argmax (CALM's consistency target, learned: the gate sees only the state). Then the per-unit cutoffs of
-    each of keep_ratios, calibrated through the adapter (DepthAdapter.calibrate), and with target_speedup (or
-    target_mean_layers) a bisection on the bias until the layer-call ratio measured through the adapter on
-    calibration text is within target_tol of the target. Everything lands in out_dir/routers.pt (atomic).
-    """
+
+def optimizer_settings(cfg):
+    """fit's optimizer keywords, from the settings above."""
+    return {k: cfg[k] for k in ("learning_rate", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay",
+                                "grad_clip", "log_interval")}
+
+
+# -----------------------------------------------------------------------------
+# The tuning run, phase by phase
+
+RENAMED = {"exit_head_vocab": "draft_vocab", "exit_head_windows": "draft_windows"}   # old key -> new (one release)
+
+
+def check_config(cfg):
+    """cfg with renamed keys under their new names (and a note), if every setting can run; else SystemExit."""
+    cfg = dict(cfg)
+    for old, new in RENAMED.items():
+        value = cfg.pop(old, -1)
+        if value != -1:
+            print(f"note: {old} is renamed {new} (the old name goes in the next release): {new}={value!r}")
+            cfg[new] = value
     if int(os.environ.get("RANK", -1)) != -1:
         raise SystemExit("error: router tuning runs in one process (the base is frozen and the routers are tiny): "
                          "run python tune.py ..., not torchrun.")
-    name = cfg["hf"]
-    if not name:
+    if not cfg["hf"]:
         raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), --hf=path/to/dir "
                          "(save_pretrained or sample.py --export_hf output), a .gguf file or a hub name.")
     for key, ok, what in [("target_active_ratio", 0 < cfg["target_active_ratio"] <= 1, "a fraction in (0, 1]"),
@@ -222,7 +265,8 @@ def tune_routers(cfg):
                           ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
                            "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
                           ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
-                          ("router", cfg["router"] in hf_wrap.ROUTER_KINDS, f"one of {', '.join(hf_wrap.ROUTER_KINDS)}"),
+                          ("router", cfg["router"] in hf_wrap.ROUTER_KINDS,
+                           f"one of {', '.join(hf_wrap.ROUTER_KINDS)}"),
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
                           ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
                            cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
@@ -234,15 +278,19 @@ def tune_routers(cfg):
                            "one-layer unit)"),
                           ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
                           ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1 (3: trained to draft 3 ahead)"),
-                          ("exit_head_windows", cfg["exit_head_windows"] >= 1, "an int >= 1"),
+                          ("draft_windows", cfg["draft_windows"] >= 1, "an int >= 1"),
                           ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
                            "(each tunes a speculative draft: pick one)"),
                           ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
-    torch.manual_seed(cfg["seed"])
-    device = configurator.autodetect_device(cfg["device"])
-    _, dtype = configurator.autocast_context(device.split(":")[0], cfg["dtype"])          # bf16 on CUDA, float32 elsewhere
+    return cfg
+
+
+def load_base(cfg):
+    """The frozen base (a Llama-family decoder, bf16 on CUDA, else float32) -> (model, tokenizer, device)."""
+    name, device = cfg["hf"], configurator.autodetect_device(cfg["device"])
+    _, dtype = configurator.autocast_context(device.split(":")[0], cfg["dtype"])
     model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
     mc = model.config
     if mc.model_type not in hf_wrap.SUPPORTED_MODEL_TYPES:
@@ -250,23 +298,33 @@ def tune_routers(cfg):
                          f"Llama-family decoders: {', '.join(hf_wrap.SUPPORTED_MODEL_TYPES)}.")
     if tok is None:
         raise SystemExit(f"error: {name} has no tokenizer: router tuning encodes its text with the model's own.")
-    model.requires_grad_(False)                                               # frozen: only routers get gradients
-    L = mc.num_hidden_layers
-    kind = cfg["router"]
+    max_pos = getattr(mc, "max_position_embeddings", None)
+    if max_pos and cfg["block_size"] > max_pos:
+        raise SystemExit(f"error: block_size={cfg['block_size']} exceeds {name}'s context ({max_pos}): lower "
+                         "block_size.")
+    return model.requires_grad_(False), tok, device                          # frozen: only routers get gradients
+
+
+def make_routers(cfg, mc):
+    """hf_wrap.FrozenRouters of cfg's kind, the gates at the budget: every weight = target_active_ratio (expert-
+    choice: its product over the units averages about that; token-choice starts at full depth), so the penalty
+    has nothing to undo; or init_from's trained gates (new exit gates stay fresh)."""
+    kind, L = cfg["router"], mc.num_hidden_layers
     try:
-        units = (hf_wrap.group_layout(L, cfg["R"], cfg["base_layers"]) if kind in ("expert_choice", "token_choice") else
-                 hf_wrap.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"], cfg["router_group"]))
-        # the gates start at the budget: every weight = target_active_ratio (expert-choice: its product over the
-        # units averages about that; token-choice starts at full depth), so the penalty has nothing to undo
+        if kind in ("expert_choice", "token_choice"):
+            units = hf_wrap.group_layout(L, cfg["R"], cfg["base_layers"])
+        else:
+            units = hf_wrap.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"],
+                                        cfg["router_group"])
         p = cfg["target_active_ratio"] ** (2 / (len(units) + 1) if kind == "expert_choice" else 1)
         init = hf_wrap.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
-        routers = hf_wrap.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"], init,
-                                   cfg["stand_in_rank"])
+        routers = hf_wrap.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"],
+                                        init, cfg["stand_in_rank"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg["init_from"]:                                  # trained gates to start from (new exit gates stay fresh)
+    if cfg["init_from"]:
         try:
-            start, blob = hf_wrap.load_routers(cfg["init_from"], mc)
+            start, _ = hf_wrap.load_routers(cfg["init_from"], mc)
         except ValueError as e:
             raise SystemExit(f"error: init_from: {e}") from None
         if (start.kind, start.units, start.stand_in_rank) != (kind, routers.units, routers.stand_in_rank):
@@ -276,193 +334,392 @@ def tune_routers(cfg):
         routers.gates.load_state_dict(start.gates.state_dict())
         if routers.stand_ins is not None:
             routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
-    routers, exit_layers = routers.to(device), routers.exit_layers
-    sizes = torch.tensor([float(b - a) for a, b in units], device=device)   # layers under each unit
-    block = cfg["block_size"]
-    max_pos = getattr(mc, "max_position_embeddings", None)
-    if max_pos and block > max_pos:
-        raise SystemExit(f"error: block_size={block} exceeds {name}'s context ({max_pos}): lower block_size.")
+    return routers
+
+
+def tuning_text(cfg, model, tok):
+    """(train ids, val ids): the dataset in the model's tokens, or its own answers (self_distill_ids)."""
     if cfg["self_distill"]:
-        train_ids, val_ids = data.self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
+        train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
                                               cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"],
                                               cfg["self_distill_temperature"])
     else:
         train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
-    if max(int(train_ids.max()), int(val_ids.max())) >= mc.vocab_size:
-        raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={mc.vocab_size}.")
-    B, accum = cfg["batch_size"], cfg["gradient_accumulation_steps"]
-    gen, calib_gen = torch.Generator().manual_seed(cfg["seed"]), torch.Generator().manual_seed(cfg["seed"] + 2)
-    calib = text_windows(train_ids, block, cfg["calib_windows"], calib_gen)   # thresholds are set on these
-    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
-    if cfg["init_gates"] == "influence":
-        # start where static drop is (ShortGPT): the units that turn the residual stream least are off for every
-        # token, the rest on, at the budget; training then lets each token choose. Gates' weights start at 0.
-        bi = block_influence(model, calib, B)
-        unit_bi = [sum(bi[a:b]) / (b - a) for a, b in units]
-        n_off = round((1 - cfg["target_active_ratio"]) * len(units))
-        off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:n_off])
-        for u, g in enumerate(routers.gates):
-            (g.net[-1] if cfg["router_mlp_hidden"] else g.net).bias.data.fill_(
-                -hf_wrap.GATE_INIT_LOGIT if u in off else hf_wrap.GATE_INIT_LOGIT)
-        print(f"gates start at the static drop of units {sorted(units[u] for u in off)} (lowest block influence)")
-    out_dir = cfg["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "routers.pt")
+    if max(int(train_ids.max()), int(val_ids.max())) >= model.config.vocab_size:
+        raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={model.config.vocab_size}.")
+    os.makedirs(cfg["out_dir"], exist_ok=True)
     if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
-        with open(os.path.join(out_dir, "self_distill.txt"), "w", encoding="utf-8") as f:
+        with open(os.path.join(cfg["out_dir"], "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
-    if cfg["exit_head_layer"]:
-        return tune_exit_head(cfg, model, train_ids, val, path)
-    if cfg["drafter"]:
-        extra = corpus_ids(tok, cfg["drafter_text"])[0] if cfg["drafter_text"] else None
-        return tune_drafter(cfg, model, train_ids, val, path, extra)
-    routed = int(sizes.sum())
-    print(f"router tuning for {name} ({mc.model_type}, {L} layers, base frozen): {kind} routers, {len(units)} units over "
-          f"{routed} routed layers (units {units}), exit gates at {exit_layers or 'none'}; "
+    return train_ids, val_ids
+
+
+def start_at_static_drop(routers, influence, target_active_ratio, mlp_hidden):
+    """init_gates='influence': start at ShortGPT's static drop: the units of lowest block influence off for every
+    token, the rest on, at the budget; training then lets each token choose. Only the gates' biases move."""
+    units = routers.units
+    unit_bi = [sum(influence[a:b]) / (b - a) for a, b in units]
+    off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:round((1 - target_active_ratio) * len(units))])
+    for u, g in enumerate(routers.gates):
+        (g.net[-1] if mlp_hidden else g.net).bias.data.fill_(
+            -hf_wrap.GATE_INIT_LOGIT if u in off else hf_wrap.GATE_INIT_LOGIT)
+    print(f"gates start at the static drop of units {sorted(units[u] for u in off)} (lowest block influence)")
+
+
+def _batches(windows, size, device):
+    """(inputs, targets) of windows (N, T + 1), size at a time."""
+    for i in range(0, len(windows), size):
+        w = windows[i:i + size].to(device)
+        yield w[:, :-1], w[:, 1:]
+
+
+@torch.no_grad()
+def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
+    """Phase 1's evaluation: val loss with soft weights, and decided()'s (the adapter at bias 0) perplexity."""
+    routers.eval()
+    dev = model.get_input_embeddings().weight.device
+    soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
+                            reduction="sum").item() / Y.numel() * len(X) for X, Y in _batches(val, batch_size, dev)]
+    hard = eval_ppl(decided(), val, batch_size)
+    routers.train()
+    print(f"step {it}: val loss full depth {full_val:.4f}, soft weights {sum(soft) / len(val):.4f} | decided "
+          f"(bias 0): val ppl {hard['ppl']:.3f} (full {math.exp(full_val):.3f}) at layer-call ratio "
+          f"{hard['layer_ratio']:.3f}")
+    return {"iter": it, "val_loss_soft": sum(soft) / len(val), "val_ppl_bias0": hard["ppl"],
+            "layer_ratio_bias0": hard["layer_ratio"]}
+
+
+def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
+    """Phase 1: the gates (and stand-ins) through soft_forward and _tuning_loss, soft, then for the last
+    hard_gate_frac 0/1 forward (straight-through). -> each unit's mean continue weight on calib."""
+    dev = model.get_input_embeddings().weight.device
+    sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
+    B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
+
+    def step(it):
+        hard = it >= (1 - cfg["hard_gate_frac"]) * iters                      # the last part: straight-through
+        X, Y = data.get_batch(train_ids, B, block, gen, dev)
+        full_logits = None
+        if cfg["loss"] == "kl":
+            with torch.no_grad():
+                full_logits = soft_forward(model, None, X)[0]                 # the full model: what to keep
+        logits, weights, _ = soft_forward(model, routers, X, hard=hard)
+        loss, parts = _tuning_loss(logits, Y, weights, cfg, it, sizes, full_logits)
+        return loss, lambda lr: (f"loss {loss.item():.4f} ({cfg['loss']} {parts['fit']:.4f}, penalty "
+                                 f"{parts['penalty']:.4f}, entropy {parts['entropy']:.3f}), mean "
+                                 f"{'hard' if hard else 'soft'} weight {parts['mean_weight']:.3f} (target "
+                                 f"{cfg['target_active_ratio']}), lr {lr:.2e}")
+
+    trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
+    routers.train()
+    fit(trained, step, iters, accum=cfg["gradient_accumulation_steps"], evaluate=checkpoint,
+        eval_interval=cfg["eval_interval"], **optimizer_settings(cfg))
+    routers.eval().requires_grad_(False)
+    with torch.no_grad():
+        w = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in _batches(calib, B, dev)])
+    print("mean continue weight per unit on calibration text: "
+          + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(routers.units, w.mean(0).tolist())))
+    return w.mean(0).tolist()
+
+
+def train_exits(model, routers, cfg, train_ids, gen):
+    """Phase 2, routers frozen: each exit gate learns by BCE whether the state at its layer, through the final
+    norm and LM head, already gives the routed model's final argmax (CALM's consistency target, learned)."""
+    dev, head, norm = model.get_input_embeddings().weight.device, model.get_output_embeddings(), model.model.norm
+    exit_layers = routers.exit_layers
+
+    def step(it):
+        X, _ = data.get_batch(train_ids, cfg["batch_size"], cfg["block_size"], gen, dev)
+        with torch.no_grad():                                                 # the model and routers: fixed
+            logits, _, states = soft_forward(model, routers, X)
+            final = logits.argmax(-1)                                         # (B, T) what continuing gives
+            target = {l: (head(norm(h)).argmax(-1) == final).float() for l, h in states.items()}
+        loss = sum(F.binary_cross_entropy_with_logits(routers.exits[i](states[l])[..., 0], target[l])
+                   for l, i in routers.exit_at.items()) / len(exit_layers)
+        agree = lambda: ", ".join(f"layer {l}: {target[l].mean().item():.2f}" for l in exit_layers)
+        return loss, lambda lr: f"BCE {loss.item():.4f}, intermediate argmax already final: {agree()}"
+
+    routers.exits.requires_grad_(True)
+    fit(routers.exits.parameters(), step, cfg["exit_iters"], log_last=True, prefix="exit iter",
+        **{**optimizer_settings(cfg), "grad_clip": 0.0})
+    routers.eval().requires_grad_(False)
+
+
+def calibrate_cutoffs(decided, keep_ratios, calib):
+    """Each keep_ratio's per-unit cutoffs (DepthAdapter.calibrate) -> {"0.50": [cutoff per unit], ...}."""
+    cutoffs = {}
+    for kr in keep_ratios:
+        adapter = decided(keep_ratio=kr)
+        cutoffs[f"{kr:.2f}"] = adapter.calibrate(calib[:, :-1].to(adapter.embed.weight.device)).tolist()
+    print(f"calibrated cutoffs for keep_ratio {', '.join(cutoffs)}")
+    return cutoffs
+
+
+def search_bias(decided, calib, val, batch_size, target, tol, full_val):
+    """Bisection (search_cutoff) on the bias until decided(threshold=bias)'s layer-call ratio on calib is within
+    tol of target. -> (bias, the search's numbers, held-out ones too)."""
+    measure = lambda v: eval_ppl(decided(threshold=v), calib, batch_size)
+    bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
+    held, full_ppl = eval_ppl(decided(threshold=bias), val, batch_size), math.exp(full_val)
+    print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): bias "
+          f"{bias:.4g} gives {found['layer_ratio']:.3f} on calibration text"
+          f"{'' if reached else ' (the closest reachable: not within target_tol)'}; held-out text: ratio "
+          f"{held['layer_ratio']:.3f}, ppl {held['ppl']:.3f} vs full depth {full_ppl:.3f} "
+          f"({100 * (held['ppl'] / full_ppl - 1):+.1f}%)")
+    return bias, {"layer_ratio": target, "calib_ratio": found["layer_ratio"], "reached": reached,
+                  "val_ratio": held["layer_ratio"], "val_ppl": held["ppl"]}
+
+
+def print_plan(cfg, model, routers, n_train, n_val):
+    """What this run tunes, and the layer-call ratio its budget stands for."""
+    mc, units, kind = model.config, routers.units, routers.kind
+    L, routed = mc.num_hidden_layers, sum(b - a for a, b in units)
+    print(f"router tuning for {cfg['hf']} ({mc.model_type}, {L} layers, base frozen): {kind} routers, {len(units)} "
+          f"units over {routed} routed layers (units {units}), exit gates at {routers.exit_layers or 'none'}; "
           f"{sum(p.numel() for p in routers.parameters()):,} trainable parameters; "
-          f"{len(train_ids):,} train / {len(val_ids):,} val tokens")
+          f"{n_train:,} train / {n_val:,} val tokens")
     # every unit at target_active_ratio would run this fraction of all layer calls (ffn: of the MLPs)
     print(f"target_active_ratio {cfg['target_active_ratio']} of routed units ~ a {'MLP' if kind == 'ffn' else 'layer'}"
           f"-call ratio of {(L - routed + cfg['target_active_ratio'] * routed) / L:.3f}")
 
-    def adapter(bias=0.0, exits=False, **kw):
-        return DepthAdapter(model, router=kind, routers=routers, threshold=bias, exits=exits,
-                            exit_threshold=cfg["exit_threshold"], **kw)
 
-    def batches(windows, size=B):
-        for i in range(0, len(windows), size):
-            w = windows[i:i + size].to(device)
-            yield w[:, :-1], w[:, 1:]
+def tune_draft(cfg, model, tok, train_ids, val, path):
+    """exit_head_layer > 0 or drafter=True: a speculative draft (below) instead of gates."""
+    common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
+                  batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
+                  meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
+    if cfg["exit_head_layer"]:
+        return tune_exit_head(model, train_ids, val, path, layer=cfg["exit_head_layer"], rank=cfg["exit_head_rank"],
+                              **common)
+    extra = corpus_ids(tok, cfg["drafter_text"])[0] if cfg["drafter_text"] else None
+    return tune_drafter(model, train_ids, val, path, hidden=cfg["drafter_hidden"], steps=cfg["drafter_steps"],
+                        extra_ids=extra, **common)
 
-    @torch.no_grad()
-    def evaluate(it):
-        """Val loss of the full model (once) and with soft weights; decided (bias 0) perplexity through the adapter."""
-        routers.eval()
-        soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
-                                reduction="sum").item() / Y.numel() * len(X) for X, Y in batches(val)]
-        hard = eval_ppl(adapter(), val, B)
-        routers.train()
-        print(f"step {it}: val loss full depth {full_val:.4f}, soft weights {sum(soft) / len(val):.4f} | decided "
-              f"(bias 0): val ppl {hard['ppl']:.3f} (full {math.exp(full_val):.3f}) at layer-call ratio "
-              f"{hard['layer_ratio']:.3f}")
-        return {"iter": it, "val_loss_soft": sum(soft) / len(val), "val_ppl_bias0": hard["ppl"],
-                "layer_ratio_bias0": hard["layer_ratio"]}
+
+def tune_routers(cfg):
+    """Router tuning for a pretrained model, every base weight frozen (cfg: default_config(...) or the script's),
+    phase by phase: the gates (train_gates), then with exit_layers and exit_iters > 0 the exit gates (train_exits),
+    each keep_ratio's per-unit cutoffs (calibrate_cutoffs) and, with target_speedup or target_mean_layers, the
+    bias that reaches it (search_bias). Or a speculative draft instead (tune_draft). Everything lands in
+    out_dir/routers.pt (atomic), saved at every evaluation and at the end."""
+    cfg = check_config(cfg)
+    torch.manual_seed(cfg["seed"])                                            # the gates' first weights draw here
+    model, tok, device = load_base(cfg)
+    routers = make_routers(cfg, model.config).to(device)
+    train_ids, val_ids = tuning_text(cfg, model, tok)
+    B, block, L = cfg["batch_size"], cfg["block_size"], model.config.num_hidden_layers
+    gen = torch.Generator().manual_seed(cfg["seed"])                          # the training batches, both phases
+    calib = text_windows(train_ids, block, cfg["calib_windows"], torch.Generator().manual_seed(cfg["seed"] + 2))
+    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
+    path = os.path.join(cfg["out_dir"], "routers.pt")
+    if cfg["exit_head_layer"] or cfg["drafter"]:
+        return tune_draft(cfg, model, tok, train_ids, val, path)
+    if cfg["init_gates"] == "influence":
+        start_at_static_drop(routers, block_influence(model, calib, B), cfg["target_active_ratio"],
+                             cfg["router_mlp_hidden"])
+    print_plan(cfg, model, routers, len(train_ids), len(val_ids))
+    full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
+    decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, threshold=0.0, exits=False,
+                                exit_threshold=cfg["exit_threshold"])        # the adapter on these routers
 
     def save(**extra):
-        meta = {"model": name, "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
+        meta = {"model": cfg["hf"], "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
                 "exits_trained": False, "full_val_loss": full_val, **state, **extra}
-        hf_wrap.save_routers(path, routers, mc, **meta)
+        hf_wrap.save_routers(path, routers, model.config, **meta)
 
-    full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
+    def checkpoint(it):
+        state["last_eval"] = evaluate_gates(model, routers, decided, val, B, full_val, it)
+        if it > 0:
+            save(iter_num=it)
 
-    # ---- phase 1: the gates, soft then straight-through ----------------------------------------------------
-    trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
-    opt = torch.optim.AdamW(trained, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]),
-                            weight_decay=cfg["weight_decay"])
-    routers.train()
-    t0 = time.time()
-    for it in range(cfg["max_iters"] + 1):
-        if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"]:
-            state["last_eval"] = evaluate(it)
-            if it > 0:
-                save(iter_num=it)
-        if it == cfg["max_iters"]:
-            break
-        for group in opt.param_groups:
-            group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["max_iters"])
-        hard = it >= (1 - cfg["hard_gate_frac"]) * cfg["max_iters"]            # the last part: straight-through
-        for _ in range(accum):
-            X, Y = data.get_batch(train_ids, B, block, gen, device)
-            full_logits = None
-            if cfg["loss"] == "kl":
-                with torch.no_grad():
-                    full_logits = soft_forward(model, None, X)[0]             # the full model: what to keep
-            logits, weights, _ = soft_forward(model, routers, X, hard=hard)
-            loss, parts = _tuning_loss(logits, Y, weights, cfg, it, sizes, full_logits)
-            (loss / accum).backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(routers.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if (it + 1) % cfg["log_interval"] == 0:
-            dt = (time.time() - t0) / cfg["log_interval"]
-            t0 = time.time()
-            print(f"iter {it + 1}: loss {loss.item():.4f} ({cfg['loss']} {parts['fit']:.4f}, penalty "
-                  f"{parts['penalty']:.4f}, entropy {parts['entropy']:.3f}), mean {'hard' if hard else 'soft'} "
-                  f"weight {parts['mean_weight']:.3f} (target {cfg['target_active_ratio']}), lr {group['lr']:.2e}, "
-                  f"{1000 * dt:.0f} ms/iter")
-    routers.eval()
-    routers.requires_grad_(False)
-
-    with torch.no_grad():
-        w = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in batches(calib)])
-    state["unit_mean_weight"] = w.mean(0).tolist()
-    print("mean continue weight per unit on calibration text: "
-          + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(units, state["unit_mean_weight"])))
+    state["unit_mean_weight"] = train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib)
     save(iter_num=cfg["max_iters"])
-
-    # ---- phase 2: exit gates, routers frozen -------------------------------------------------------------------
-    exits_trained = bool(exit_layers) and cfg["exit_iters"] > 0
-    if exits_trained:
-        opt = torch.optim.AdamW(routers.exits.parameters(), lr=cfg["learning_rate"],
-                                betas=(cfg["beta1"], cfg["beta2"]), weight_decay=cfg["weight_decay"])
-        routers.exits.requires_grad_(True)
-        head, norm = model.get_output_embeddings(), model.model.norm
-        t0 = time.time()
-        for it in range(cfg["exit_iters"]):
-            for group in opt.param_groups:
-                group["lr"] = configurator.lr_at(it, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], cfg["exit_iters"])
-            X, _ = data.get_batch(train_ids, B, block, gen, device)
-            with torch.no_grad():                                             # the model and routers: fixed
-                logits, _, states = soft_forward(model, routers, X)
-                final = logits.argmax(-1)                                     # (B, T) what continuing gives
-                target = {l: (head(norm(h)).argmax(-1) == final).float() for l, h in states.items()}
-            loss = sum(F.binary_cross_entropy_with_logits(routers.exits[i](states[l])[..., 0], target[l])
-                       for l, i in routers.exit_at.items()) / len(exit_layers)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if (it + 1) % cfg["log_interval"] == 0 or it + 1 == cfg["exit_iters"]:
-                dt = (time.time() - t0) / cfg["log_interval"]
-                t0 = time.time()
-                agree = ", ".join(f"layer {l}: {target[l].mean().item():.2f}" for l in exit_layers)
-                print(f"exit iter {it + 1}: BCE {loss.item():.4f}, intermediate argmax already final: {agree}, "
-                      f"{1000 * dt:.0f} ms/iter")
-        routers.eval()
-        routers.requires_grad_(False)
+    exits = bool(routers.exit_layers) and cfg["exit_iters"] > 0
+    if exits:
+        train_exits(model, routers, cfg, train_ids, gen)
         state["exits_trained"] = True
-
-    # ---- keep_ratio: per-unit cutoffs calibrated through the adapter (token-choice has none) -----------------
-    if kind != "token_choice":
-        state["cutoffs"] = {}
-        for kr in cfg["keep_ratios"]:
-            cut = adapter(exits=exits_trained, keep_ratio=kr).calibrate(calib[:, :-1].to(device))
-            state["cutoffs"][f"{kr:.2f}"] = cut.tolist()
-        print(f"calibrated cutoffs for keep_ratio {', '.join(state['cutoffs'])}")
-
-    # ---- target speedup: bisection on the bias -----------------------------------------------------------------
-    bias = 0.0
-    target = (1 / cfg["target_speedup"] if cfg["target_speedup"] else cfg["target_mean_layers"] / L
-              if cfg["target_mean_layers"] else None)
+    final = functools.partial(decided, exits=exits)                          # with the exit gates, if trained
+    if routers.kind != "token_choice":                                        # token-choice has no per-unit cutoffs
+        state["cutoffs"] = calibrate_cutoffs(final, cfg["keep_ratios"], calib)
+    bias, target = 0.0, (1 / cfg["target_speedup"] if cfg["target_speedup"] else cfg["target_mean_layers"] / L
+                         if cfg["target_mean_layers"] else None)
     if target is not None:
-        make = lambda v: adapter(v, exits=exits_trained)
-        bias, found, reached = search_cutoff(lambda v: eval_ppl(make(v), calib, B), -30.0, 30.0, target,
-                                             cfg["target_tol"])
-        held = eval_ppl(make(bias), val, B)
-        print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): bias "
-              f"{bias:.4g} gives {found['layer_ratio']:.3f} on calibration text"
-              f"{'' if reached else ' (the closest reachable: not within target_tol)'}; held-out text: ratio "
-              f"{held['layer_ratio']:.3f}, ppl {held['ppl']:.3f} vs full depth {math.exp(full_val):.3f} "
-              f"({100 * (held['ppl'] / math.exp(full_val) - 1):+.1f}%)")
-        state["target"] = {"layer_ratio": target, "calib_ratio": found["layer_ratio"], "reached": reached,
-                           "val_ratio": held["layer_ratio"], "val_ppl": held["ppl"]}
+        bias, state["target"] = search_bias(final, calib, val, B, target, cfg["target_tol"], full_val)
     save(iter_num=cfg["max_iters"], bias=bias)
     print(f"saved {path}\n  python sample.py --routers {path} --prompt 'Explain gravity simply.' "
           "--return_depth_trace")
 
 
 # -----------------------------------------------------------------------------
-# Quality at matched compute: perplexity, block influence, threshold search (bench.py --mode=ppl uses these)
+# A speculative draft (speculative.py decodes with it): an exit head or a drafter, trained by KL divergence to the
+# full model's distribution on frozen-base states computed once
+
+@torch.no_grad()
+def _states(model, layer, windows, batch_size):
+    """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
+    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
+    h, final = [], []
+    for i in range(0, len(windows), batch_size):
+        out = model.model(windows[i:i + batch_size], output_hidden_states=True)
+        h.append(out.hidden_states[layer].flatten(0, 1))                   # hidden_states[l]: layer l's input
+        final.append(out.last_hidden_state.flatten(0, 1))                  # after the final norm
+    return torch.cat(h), torch.cat(final)
+
+
+def _head_vocab(train_ids, V, size):
+    """The tokens a draft can propose: the `size` most frequent of the tuning text (size 0: all, None).
+    -> (vocab or None, the text's token counts (V,))."""
+    counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
+    if not size:
+        return None, counts
+    return counts.argsort(descending=True)[:min(size, int((counts > 0).sum()))], counts
+
+
+def _draft_windows(ids, block_size, windows, dev):
+    """Up to `windows` windows of block_size tokens of ids, back to back: (n, block_size) inputs on dev."""
+    return text_windows(ids, block_size, min(windows, len(ids) // (block_size + 1)))[:, :-1].to(dev)
+
+
+def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, batch_size, seed, meta, **schedule):
+    """fit on a draft: each step, loss_of(idx) over batch_size * block_size indices drawn at random from range(n);
+    then frozen, saved (save: hf_wrap.save_exit_head or save_drafter) with its first and last evaluations."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(it):
+        loss = loss_of(torch.randint(n, (batch_size * block_size,), generator=gen))
+        return loss, lambda lr: f"KL {loss.item():.4f}"
+
+    evals = fit(module.parameters(), step, evaluate=evaluate, **schedule)
+    module.eval().requires_grad_(False)
+    save(path, module, model, **meta, untrained=evals[0], last_eval=evals[-1])
+    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+
+
+def _kl(logits_p, logits_q):
+    """KL(p || q) per row, and log q: p and q from logits over the same (head) vocabulary."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1), logq
+
+
+def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
+    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at `layer` (adapter rank `rank`), trained to
+    match the final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's
+    vocab, with p renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its
+    vocab is the one that speculative sampling accepts most). The base runs once over `windows` windows; the
+    steps then train on those states. Reports, on held-out text, how often the head's argmax is the full model's
+    (greedy acceptance) and sum(min(p, q)) (acceptance when sampling at temperature 1). job: _fit_draft's."""
+    dev = model.get_input_embeddings().weight.device
+    L, V = model.config.num_hidden_layers, model.config.vocab_size
+    vocab, counts = _head_vocab(train_ids, V, vocab_size)
+    try:
+        head = hf_wrap.new_exit_head(model, layer, vocab, rank)
+    except ValueError as e:
+        raise SystemExit(f"error: exit_head_layer: {e}") from None
+    W = model.get_output_embeddings().weight
+    Wv = W if vocab is None else W[head.vocab].float()                       # (V', C) the head's rows, frozen
+    t0 = time.time()
+    h, final = _states(model, layer, _draft_windows(train_ids, job["block_size"], windows, dev), job["batch_size"])
+    vh, vfinal = _states(model, layer, val[:, :-1].to(dev), job["batch_size"])
+    print(f"exit head at layer {layer} of {L} (rank {rank}, vocab {len(head.vocab):,} of {V:,}: "
+          f"{counts[head.vocab].sum() / counts.sum():.1%} of the tuning text's tokens); {len(h):,} train / "
+          f"{len(vh):,} held-out tokens, base states in {time.time() - t0:.0f} s")
+    kl = lambda hs, fs: _kl(F.linear(fs.to(Wv.dtype), Wv), head(hs, Wv))   # p renormalized over the vocab
+
+    @torch.no_grad()
+    def evaluate(it):
+        agree = overlap = loss = 0.0
+        for i in range(0, len(vh), 512):
+            hs, fs = vh[i:i + 512], vfinal[i:i + 512]
+            k, logq = kl(hs, fs)
+            target = F.linear(fs, W).argmax(-1)                               # the full model's greedy token
+            agree += float((head.vocab[logq.argmax(-1)] == target).sum())
+            p = F.softmax(F.linear(fs.to(Wv.dtype), Wv).float(), -1)
+            overlap += float(torch.minimum(p, logq.exp()).sum(-1).sum())
+            loss += float(k.sum())
+        result = {"iter": it, "kl": loss / len(vh), "greedy_agree": agree / len(vh), "overlap": overlap / len(vh)}
+        print(f"step {it}: held-out KL {result['kl']:.4f}, argmax = the full model's {result['greedy_agree']:.1%}, "
+              f"sum min(p, q) {result['overlap']:.1%}")
+        return result
+
+    loss_of = lambda idx: kl(h[idx.to(dev)], final[idx.to(dev)])[0].mean()
+    _fit_draft(model, head, loss_of, len(h), evaluate, hf_wrap.save_exit_head, path, **job)
+
+
+@torch.no_grad()
+def _final_states(model, windows, batch_size):
+    """The full model's final states over windows (N, T), before the final norm: (N, T, C), through the adapter's
+    own full-depth loop (run.h), which is what a drafter reads when it drafts."""
+    full, out = DepthAdapter(model, no_skip=True), []
+    for i in range(0, len(windows), batch_size):
+        run, ids, pos, _ = full._start(windows[i:i + batch_size], None, 0)
+        full._forward(run, ids, pos, 0)
+        out.append(run.h)
+    return torch.cat(out)
+
+
+def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, extra_ids=None, **job):
+    """A draft for speculative decoding on the full model's final state, base frozen: hf_wrap.Drafter (MLP width
+    `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the text's
+    next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to
+    the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full
+    model runs once over `windows` windows. Reports, on held-out text, how often the first 1, 2, ... drafts in a
+    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts, given that the full
+    model's tokens came before). extra_ids: more text, up to `windows` more windows (held-out text stays the
+    tuning text's). job: _fit_draft's."""
+    block_size, batch_size = job["block_size"], job["batch_size"]
+    dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, steps
+    vocab, counts = _head_vocab(train_ids, V, vocab_size)
+    drafter = hf_wrap.new_drafter(model, vocab, hidden)
+    W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
+    Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
+    wins, vwin = _draft_windows(train_ids, block_size, windows, dev), val[:, :-1].to(dev)
+    if extra_ids is not None:                 # the vocab stays the tuning text's: the drafts it will be asked for
+        wins = torch.cat([wins, _draft_windows(extra_ids, block_size, windows, dev)])
+    T = wins.shape[1] - D                                                     # start positions per window
+    if T < 1:
+        raise SystemExit(f"error: block_size={block_size} leaves no room to draft drafter_steps={D} tokens "
+                         "ahead: use a block_size above drafter_steps.")
+    t0 = time.time()
+    h, vh = _final_states(model, wins, batch_size), _final_states(model, vwin, batch_size)
+    print(f"drafter (hidden {hidden}, {D} steps, vocab {len(drafter.vocab):,} of {V:,}: "
+          f"{counts[drafter.vocab].sum() / counts.sum():.1%} of the tuning text's tokens; "
+          f"{sum(p.numel() for p in drafter.parameters()):,} trainable parameters); {h.shape[0] * T:,} train / "
+          f"{vh.shape[0] * T:,} held-out start positions, base states in {time.time() - t0:.0f} s")
+
+    def chain(hs, ids, idx):
+        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, target)."""
+        b, t, out = idx // T, idx % T, []
+        s = hs[b, t]
+        for j in range(1, D + 1):
+            s = drafter.step(s, E[ids[b, t + j]])             # the text's token, as the verified one will be
+            fs = norm(hs[b, t + j])
+            k, logq = _kl(F.linear(fs.to(Wv.dtype), Wv), drafter(s, Wv))
+            out.append((k, logq, fs))
+        return out
+
+    @torch.no_grad()
+    def evaluate(it):
+        N = vh.shape[0] * T
+        agree, loss = torch.zeros(D), 0.0
+        for i in range(0, N, 512):
+            ok = True
+            for j, (k, logq, fs) in enumerate(chain(vh, vwin, torch.arange(i, min(i + 512, N), device=dev))):
+                ok = ok & (drafter.vocab[logq.argmax(-1)] == F.linear(fs, W).argmax(-1))   # all drafts so far
+                agree[j] += float(ok.sum())
+                loss += float(k.sum()) / D
+        chained = (agree / N).tolist()
+        result = {"iter": it, "kl": loss / N, "greedy_agree": chained[0], "chain_agree": chained,
+                  "tokens_per_cycle": 1 + sum(chained)}
+        print(f"step {it}: held-out KL {result['kl']:.4f}, the first 1..{D} drafts all the full model's argmax: "
+              + " / ".join(f"{a:.1%}" for a in chained) + f" (at K={D}: {1 + sum(chained):.2f} tokens per cycle)")
+        return result
+
+    loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, wins, idx.to(dev))) / D
+    _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, hf_wrap.save_drafter, path, **job)
+
+
+# -----------------------------------------------------------------------------
+# Measured through the adapter: perplexity, block influence, threshold search (bench.py --mode=ppl uses them too)
 
 @torch.no_grad()
 def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
@@ -474,10 +731,9 @@ def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
     dev = adapter.embed.weight.device
     nll = calls = kv = head = n = same = 0
     argmax = []
-    for j, i in enumerate(range(0, len(windows), batch_size)):
-        w = windows[i:i + batch_size].to(dev)
-        logits, st = adapter.prefill_logits(w[:, :-1])
-        nll += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+    for j, (X, Y) in enumerate(_batches(windows, batch_size, dev)):
+        logits, st = adapter.prefill_logits(X)
+        nll += F.cross_entropy(logits.flatten(0, 1), Y.flatten(), reduction="sum").item()
         calls, n = calls + st["layer_calls"], n + st["tokens"]
         kv, head = kv + st["kv_only_layer_calls"] * st["kv_share"], head + st["head_checks"] * st["head_share"]
         if keep_argmax or reference is not None:
@@ -498,19 +754,12 @@ def block_influence(model, windows, batch_size=8):
     full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
     dev = model.get_input_embeddings().weight.device
     total, n = None, 0
-    for i in range(0, len(windows), batch_size):
-        w = windows[i:i + batch_size, :-1].to(dev)
+    for X, _ in _batches(windows, batch_size, dev):
         bi = []
-        soft_forward(model, None, w, influence=bi)
+        soft_forward(model, None, X, influence=bi)
         total = bi if total is None else [a + b for a, b in zip(total, bi)]
-        n += w.numel()
+        n += X.numel()
     return [t / n for t in total]
-
-
-def static_drop_layers(influence, n):
-    """The n layers with the lowest block influence, never layer 0 (ShortGPT's static layer removal)."""
-    order = sorted(range(1, len(influence)), key=lambda l: influence[l])
-    return sorted(order[:n])
 
 
 def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
@@ -536,94 +785,43 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
     return best[1], best[2], best[0] <= tol
 
 
-# CALM's training-free exits, measured once on the full model (quality_table's cheap threshold search)
+# -----------------------------------------------------------------------------
+# The model's own answers as tuning text (self-distillation: tune.py --self_distill=N)
 
-@torch.no_grad()
-def exit_statistics(model, windows, batch_size=8):
-    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
-    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
-    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
-    head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
-    for i in range(0, len(windows), batch_size):
-        hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
-        c, e = [], []
-        for h in hs[1:-1]:                                                   # hidden_states[l] enters layer l
-            logp = F.log_softmax(head(norm(h)).float(), -1).flatten(0, 1)
-            c.append(logp.max(-1).values.exp())
-            e.append(-(logp.exp() * logp).sum(-1))
-        conf.append(torch.stack(c, 1).cpu())
-        ent.append(torch.stack(e, 1).cpu())
-    return {"confidence": torch.cat(conf), "entropy": torch.cat(ent)}
+SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
+                "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
 
 
-def exit_ratio(stats, kind, threshold):
-    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
-    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
-    s = stats[kind]                                                           # (N, L - 1)
-    ok = s >= threshold if kind == "confidence" else s <= threshold
-    L = s.shape[1] + 1
-    layers = torch.where(ok.any(1), ok.float().argmax(1) + 1, torch.full((len(s),), L))   # layers run
-    return {"layer_ratio": float(layers.float().mean()) / L}
-
-
-def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
-                  emit=lambda row: None):
-    """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
-    statically (the n lowest block influences, never layer 0) and match every adaptive method to that same
-    layer-call ratio (L - n) / L, each by a bisection on its own threshold over calibration text (the train split
-    of names[0]): CALM's confidence and entropy exits, and each trained router of `trained` ([(FrozenRouters,
-    file dict)]). Then perplexity, greedy agreement with full depth and the work actually done on the held-out
-    split of every dataset in names. Progress lines as it goes; emit(row) as each row exists. -> (rows, calib)."""
-    L = model.config.num_hidden_layers
-    train_ids, _ = data.corpus_ids(tok, names[0])
-    calib = data.text_windows(train_ids, T, calib_windows, torch.Generator().manual_seed(seed + 2))
-    held = {d: data.text_windows(data.corpus_ids(tok, d)[1], T, ppl_windows) for d in names}
-    bs, t_start = batch_size, time.time()
-
-    def progress(what):
-        print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
-
-    influence = block_influence(model, calib, bs)
-    progress("block influence per layer (1 - cos(in, out), calibration text): "
-             + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
-    full = {d: eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
-    table = [{"text": d, "target depth": "100%", "method": "full depth", "setting": "-", "ratio": 1.0,
-              "kv-only %": 0.0, "head checks %": 0.0, "ppl": full[d]["ppl"], "vs full %": 0.0, "agree %": 100.0}
-             for d in names]
-    for r in table:
-        emit(r)
-    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
-    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
-    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
-    stats = exit_statistics(model, calib, bs)
-    progress("exit statistics at every layer on calibration text")
-
-    def row(depth, method, setting, ad):
-        for d in names:
-            r = eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
-            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
-                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
-                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
-                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
-            emit(table[-1])
-        progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
-            f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
-
-    for depth in depths:
-        n_drop = min(L - 1, max(1, round((1 - depth) * L)))
-        target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
-        drop = static_drop_layers(influence, n_drop)
-        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
-        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
-            v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
-            row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
-                DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
-        for module, blob in trained:
-            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
-                                          exits=bool(blob.get("exits_trained")))
-            v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
-            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
-    return table, calib
+def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size, temperature=0.7):
+    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
+    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
+    text; answers sampled at `temperature` (top-k 50; 0: greedy, the text greedy decoding will ask a draft
+    for) through DepthAdapter at full depth. -> (train ids, val ids) as
+    corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
+    words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
+    g = torch.Generator().manual_seed(seed)
+    pick = lambda k: int(torch.randint(k, (1,), generator=g))
+    prompts = [SELF_PROMPTS[pick(len(SELF_PROMPTS))].format(words[pick(len(words))]) for _ in range(n)]
+    full, eos = DepthAdapter(model, no_skip=True), tokenizer.eos_token_id
+    dev, texts, t0 = model.get_input_embeddings().weight.device, [], time.time()
+    torch.manual_seed(seed)
+    for i in range(0, n, batch_size):
+        chat = getattr(tokenizer, "chat_template", None)
+        enc = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             return_dict=True)["input_ids"] if chat else tokenizer(p)["input_ids"]
+               for p in prompts[i:i + batch_size]]
+        T = max(map(len, enc))
+        ids, mask = torch.zeros(len(enc), T, dtype=torch.long), torch.zeros(len(enc), T, dtype=torch.long)
+        for row, e in enumerate(enc):                                         # left padding
+            ids[row, T - len(e):], mask[row, T - len(e):] = torch.tensor(e), 1
+        out, _ = full.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=new_tokens,
+                               temperature=temperature, top_k=50, eos_token_id=eos)
+        for row, e in zip(out.tolist(), enc):
+            prompt, answer = e, row[T:]
+            texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
+        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
+    cut = max(1, n // 10)
+    return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))
 
 
 if __name__ == "__main__":

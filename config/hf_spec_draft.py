@@ -20,8 +20,8 @@ hf = "smollm2-135m"
 out_dir = "out-spec-draft"
 exit_head_layer = 20
 exit_head_rank = 128
-exit_head_vocab = 8192
-exit_head_windows = 256         # 256 windows * 128 tokens = 32,768 tokens of base states, computed once (150 MB)
+draft_vocab = 8192
+draft_windows = 256             # 256 windows * 128 tokens = 32,768 tokens of base states, computed once (150 MB)
 
 # the text: the model's own answers (self-distillation) to 256 chat prompts like "Explain <a word> simply.", each
 # word from the Shakespeare training plays; 128 new tokens each, the first tenth of the answers held out. The

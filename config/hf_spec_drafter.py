@@ -21,8 +21,8 @@ out_dir = "out-spec-drafter-greedy"   # trained on greedy answers (below)
 drafter = True
 drafter_hidden = 512            # 885,312 trainable parameters
 drafter_steps = 3
-exit_head_vocab = 8192          # the answers below hold ~7,400 distinct tokens: all of them
-exit_head_windows = 2048        # every window the answers fill (~1,000 of 128 tokens)
+draft_vocab = 8192              # the answers below hold ~7,400 distinct tokens: all of them
+draft_windows = 2048            # every window the answers fill (~1,000 of 128 tokens)
 
 # the text: the model's own GREEDY answers (what greedy speculative decoding asks it to draft) to 1,024 chat prompts
 # like "Explain <a word> simply.", 128 new tokens each; the last tenth held out

@@ -236,3 +236,13 @@ def test_get_batch_on_cuda_matches_cpu():
     x, y = get_batch(stream, 4, 8, torch.Generator().manual_seed(0), 'cuda')
     x_cpu, y_cpu = get_batch(stream, 4, 8, torch.Generator().manual_seed(0), 'cpu')
     assert x.is_cuda and torch.equal(x.cpu(), x_cpu) and torch.equal(y.cpu(), y_cpu)
+
+
+def test_data_imports_none_of_the_project():
+    """data.py is the bottom layer: it imports no file of the project, not even in a function."""
+    import ast
+    root = os.path.dirname(os.path.abspath(data.__file__))
+    tree = ast.parse(open(os.path.join(root, "data.py")).read())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {n.split(".")[0] + ".py" for n in names} & set(os.listdir(root))

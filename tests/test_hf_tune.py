@@ -1,6 +1,7 @@
 """
 Tests for router tuning on a frozen pretrained model (tune.py, hf_wrap.FrozenRouters of every kind: skip, ffn,
-expert_choice, token_choice; router="drop") and the evaluation helpers behind bench.py --mode=ppl (tune.py too).
+expert_choice, token_choice; router="drop"), its one optimizer loop, and the evaluation helpers behind bench.py
+--mode=ppl (tune.py's and bench.py's).
 Tiny random-weight models built from configs, offline.
 
 What must hold: gradients reach the routers only and the base weights stay byte-identical; the compute penalty
@@ -22,6 +23,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench  # noqa: E402
 import data  # noqa: E402
 import hf_wrap  # noqa: E402
 import tune  # noqa: E402
@@ -79,6 +81,14 @@ def char_model(tmp_path=None, arch="llama", **kw):
         model.save_pretrained(tmp_path)
         hf_tok.save_pretrained(tmp_path)
     return model, hf_tok
+
+
+def served(tmp_path, monkeypatch):
+    """char_model() served to tune.py in place of load_hf, with TEXT as a dataset file: (model, tok, its path)."""
+    model, tok = char_model()
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
+    return model, tok, str(tmp_path / "text.txt")
 
 
 def is_0_or_1(w):
@@ -312,11 +322,9 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     """The whole loop (phase 1, exit gates, keep_ratio cutoffs, bias search) leaves every base weight
     byte-identical, and writes a router file that knows its model, layout, cutoffs and the bias it found: the
     adapter loaded from the file measures the same layer-call ratio on the calibration text."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
+    model, tok, text = served(tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=text,
                       exit_layers=(3,), exit_iters=3, target_speedup=1.25, target_tol=0.02, weight_decay=0.1,
                       keep_ratios=(0.3, 0.55))
     tune.tune_routers(cfg)
@@ -344,11 +352,9 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
 def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
     """One short tuning run per kind: the base stays byte-identical, and the file loads through router_path
     (kind, layout, bias and, but for token-choice, keep_ratio cutoffs) and generates."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
+    model, tok, text = served(tmp_path, monkeypatch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=str(tmp_path / "text.txt"),
+    cfg = tune_config(hf="some/model", out_dir=str(tmp_path / "out"), dataset=text,
                       router=kind, R=3, keep_ratios=(0.5,))
     tune.tune_routers(cfg)
     for k, v in model.state_dict().items():
@@ -376,10 +382,8 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
 def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
     """init_gates='influence': before any step, the gates of the units with the lowest block influence are off for
     every token and the rest on, round((1 - target_active_ratio) * units) of them off; other kinds are refused."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), out_dir=str(tmp_path / "a"),
+    model, tok, text = served(tmp_path, monkeypatch)
+    cfg = tune_config(hf="some/model", dataset=text, out_dir=str(tmp_path / "a"),
                       init_gates="influence", target_active_ratio=0.5, max_iters=0, keep_ratios=())
     tune.tune_routers(cfg)
     r, _ = hf_wrap.load_routers(str(tmp_path / "a" / "routers.pt"), model.config)
@@ -393,7 +397,7 @@ def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
     assert [u for u in range(len(r.units)) if (z[:, u] < 0).all()] == off
     assert all((z[:, u] > 0).all() for u in range(len(r.units)) if u not in off)
     with pytest.raises(SystemExit, match="init_gates"):
-        tune.tune_routers(tune_config(hf="some/model", dataset=str(tmp_path / "text.txt"), init_gates="influence",
+        tune.tune_routers(tune_config(hf="some/model", dataset=text, init_gates="influence",
                                       router="token_choice", out_dir=str(tmp_path / "b")))
 
 
@@ -401,10 +405,8 @@ def test_init_gates_influence_starts_at_the_static_drop(tmp_path, monkeypatch):
 def test_tuning_trains_stand_ins(kind, tmp_path, monkeypatch):
     """--stand_in_rank: the stand-ins learn with the gates (their output starts at zero and must not stay there),
     the file carries them, init_from brings them back, and a wrong rank or a grouped unit is refused."""
-    model, tok = char_model()
-    (tmp_path / "text.txt").write_text(TEXT)
-    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    common = dict(hf="some/model", dataset=str(tmp_path / "text.txt"), router=kind, keep_ratios=(0.5,))
+    model, tok, text = served(tmp_path, monkeypatch)
+    common = dict(hf="some/model", dataset=text, router=kind, keep_ratios=(0.5,))
     tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), stand_in_rank=4, **common))
     path = str(tmp_path / "a" / "routers.pt")
     r, blob = hf_wrap.load_routers(path, model.config)
@@ -553,7 +555,7 @@ def test_keep_ratio_cutoffs(tmp_path):
 # Static dropping and the threshold search
 
 def test_static_drop_picks_lowest_influence_never_layer_0():
-    assert tune.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
+    assert bench.static_drop_layers([0.0, 0.5, 0.1, 0.3, 0.2, 0.9], 2) == [2, 4]
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (3, 21), generator=torch.Generator().manual_seed(5))
     bi = tune.block_influence(model, windows, batch_size=2)
@@ -571,7 +573,7 @@ def test_static_drop_picks_lowest_influence_never_layer_0():
         h.remove()
     want = [float((1 - torch.cosine_similarity(ins[l], outs[l], dim=-1)).mean()) for l in range(LAYERS)]
     assert bi == pytest.approx(want, abs=1e-5)
-    drop = tune.static_drop_layers(bi, 2)
+    drop = bench.static_drop_layers(bi, 2)
     assert 0 not in drop and drop == sorted(sorted(range(1, LAYERS), key=lambda l: bi[l])[:2])
     # dropping = HF's model with those layers removed
     keep = [l for l in range(LAYERS) if l not in drop]
@@ -602,18 +604,18 @@ def test_target_search_converges():
 
 def test_cheap_exit_search_matches_the_adapter():
     """bench.py --mode=ppl searches CALM's thresholds on statistics of the full model computed once
-    (tune.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
+    (bench.exit_statistics / exit_ratio). The first exit point a statistic gives is the adapter's own decision for
     every token whose earlier tokens all ran at full depth, so at the extremes the two ratios are equal, and in
     between the ratio is monotone and lands near the adapter's (other tokens see shallower K/V)."""
     model = tiny("llama")
     windows = torch.randint(0, VOCAB, (6, 33), generator=torch.Generator().manual_seed(7))
-    stats = tune.exit_statistics(model, windows, batch_size=3)
+    stats = bench.exit_statistics(model, windows, batch_size=3)
     assert stats["confidence"].shape == stats["entropy"].shape == (6 * 32, LAYERS - 1)
-    assert tune.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
-    assert tune.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
-    ratios = [tune.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
+    assert bench.exit_ratio(stats, "confidence", 0.0)["layer_ratio"] == pytest.approx(1 / LAYERS)  # all at layer 1
+    assert bench.exit_ratio(stats, "confidence", 1.01)["layer_ratio"] == 1.0                         # nobody exits
+    ratios = [bench.exit_ratio(stats, "entropy", v)["layer_ratio"] for v in (0.0, 3.0, 4.0, 5.0, 9.0)]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 and ratios[-1] == pytest.approx(1 / LAYERS)
-    v, found, reached = tune.search_cutoff(lambda v: tune.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
+    v, found, reached = tune.search_cutoff(lambda v: bench.exit_ratio(stats, "entropy", v), 0.0, 9.0, 0.6, tol=0.02)
     assert reached
     real = tune.eval_ppl(DepthAdapter(model, router="entropy", R=LAYERS - 1, base_layers=1, threshold=v), windows)
     assert abs(real["layer_ratio"] - found["layer_ratio"]) < 0.1
@@ -672,6 +674,35 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
 
 # -----------------------------------------------------------------------------
 # Errors a person can act on
+
+def test_fit_is_one_adamw_loop(capsys):
+    """tune.fit, every tuning job's loop: evaluations at 0, every eval_interval and the end; accum calls a step;
+    log lines every log_interval (log_last: and the last step), log(lr) only then; the result is plain AdamW's."""
+    from configurator import lr_at
+    w, ref = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    calls, logged = [], []
+    loss_of = lambda it: (calls.append(it), (w ** 2).sum(), lambda lr: logged.append(it) or f"lr {lr:.3f}")[1:]
+    evals = tune.fit([w], loss_of, 5, accum=2, evaluate=lambda it: it, eval_interval=2, log_last=True, log_interval=2,
+                     learning_rate=0.1, min_lr=0.01, warmup_iters=1, beta1=0.9, beta2=0.95, weight_decay=0, grad_clip=0)
+    assert evals == [0, 2, 4, 5] and calls == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and logged == [1, 3, 4]
+    assert capsys.readouterr().out.count(" ms/iter") == 3
+    opt = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+    for it in range(5):
+        opt.param_groups[0]["lr"] = lr_at(it, 0.1, 0.01, 1, 5)
+        (ref ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(w, ref)                  # two half-losses a step: the same gradient as one whole loss
+
+
+def test_renamed_draft_keys_still_work(capsys):
+    """exit_head_vocab / exit_head_windows are draft_vocab / draft_windows: the old names work, with a note."""
+    cfg = tune.check_config(tune.default_config(hf="x", exit_head_vocab=20, exit_head_windows=16))
+    assert (cfg["draft_vocab"], cfg["draft_windows"]) == (20, 16) and "exit_head_vocab" not in cfg
+    assert "exit_head_vocab is renamed draft_vocab" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="draft_windows"):
+        tune.check_config(tune.default_config(hf="x", exit_head_windows=0))
+
 
 def test_tune_config_is_tune_py_s_own():
     """tune.py reads its own settings (train.py no longer has them) and refuses keys it does not have."""

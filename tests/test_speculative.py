@@ -244,8 +244,8 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
     model, tok = tiny("llama", vocab_size=chars.vocab_size), chars.to_hf()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
-    cfg = tune_config(hf="tiny", out_dir=str(tmp_path), exit_head_layer=3, exit_head_rank=16, exit_head_vocab=20,
-                      exit_head_windows=16, self_distill=12, self_distill_tokens=24, max_iters=30, log_interval=10,
+    cfg = tune_config(hf="tiny", out_dir=str(tmp_path), exit_head_layer=3, exit_head_rank=16, draft_vocab=20,
+                      draft_windows=16, self_distill=12, self_distill_tokens=24, max_iters=30, log_interval=10,
                       learning_rate=1e-2)
     tune.tune_routers(cfg)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -284,7 +284,7 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(tune, "load_hf", lambda *a, **k: (model, tok))
     cfg = tune_config(hf="tiny", out_dir=str(tmp_path), drafter=True, drafter_hidden=64, drafter_steps=2,
-                      exit_head_vocab=20, exit_head_windows=64, self_distill=60, self_distill_tokens=32,
+                      draft_vocab=20, draft_windows=64, self_distill=60, self_distill_tokens=32,
                       batch_size=8, max_iters=100, log_interval=50, learning_rate=3e-3)
     tune.tune_routers(cfg)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
