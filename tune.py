@@ -152,7 +152,7 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
             w, carry = routers.continue_weights(u, x, carry, hard)
             weights.append(w)
             w, x_unit = w.to(x.dtype), x
-        window = DepthAdapter._window(model.config, l)
+        window = hf_wrap.layer_window(model.config, l)
         if window not in masks:
             masks[window] = _causal_mask(T, window, x)
         x_in = x
@@ -326,7 +326,7 @@ def tune_routers(cfg):
           f"-call ratio of {(L - routed + cfg['target_active_ratio'] * routed) / L:.3f}")
 
     def adapter(bias=0.0, exits=False, **kw):
-        return DepthAdapter(model, router=kind, routers=routers, threshold=bias, exits=exits,
+        return DepthAdapter(model, router=kind, routers=routers, bias=bias, exits=exits,
                             exit_threshold=cfg["exit_threshold"], **kw)
 
     def batches(windows, size=B):
@@ -619,7 +619,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
                 DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
         for module, blob in trained:
-            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
+            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, bias=v,
                                           exits=bool(blob.get("exits_trained")))
             v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
             row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))

@@ -332,7 +332,7 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     assert -30 <= blob["bias"] <= 30
     # the file's bias (and exit gates) reproduce the search's measurement on its calibration windows
     ad = DepthAdapter(model, router="skip", router_path=path)
-    assert ad.threshold == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
+    assert ad.bias == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
     train_ids, _ = data.corpus_ids(tok, cfg["dataset"])
     calib = data.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
                               torch.Generator().manual_seed(cfg["seed"] + 2))
@@ -360,7 +360,7 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
     assert blob["bias"] == 0.0 and not blob["exits_trained"]                   # no target: bias 0
     assert ("cutoffs" in blob) == (kind != "token_choice")
     ad = DepthAdapter(model, router=kind, router_path=path)
-    assert not ad.random_routers and ad.routers.kind == kind and ad.units == units and ad.threshold == 0.0
+    assert not ad.random_routers and ad.routers.kind == kind and ad.units == units and ad.bias == 0.0
     ids = torch.tensor([tok(TEXT[:40])["input_ids"]])
     out, st = ad.generate(ids, max_new_tokens=12)
     assert out.shape == (1, ids.shape[1] + 12) and torch.equal(out[:, :ids.shape[1]], ids)
@@ -640,7 +640,7 @@ def test_router_file_round_trip(kind, tmp_path):
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     want, _ = DepthAdapter(model, router=kind, routers=r, threshold=0.25, exit_threshold=0.8).prefill_logits(ids)
     ad = DepthAdapter(model, router=kind, router_path=path)                  # the file's bias by default
-    assert ad.threshold == 0.25
+    assert ad.bias == 0.25
     torch.testing.assert_close(ad.prefill_logits(ids)[0], want)
 
 
@@ -654,7 +654,7 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
     for a, b in zip(r.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
     ad = DepthAdapter(model, router="skip", router_path=path)                 # the file's bias and exits by default
-    assert ad.threshold == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
+    assert ad.bias == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
     ids = torch.tensor([tok("KING:")["input_ids"]])
     out, st = ad.generate(ids, max_new_tokens=12)
     want = tok.decode(out[0, ids.shape[1]:])
