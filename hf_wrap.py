@@ -388,10 +388,10 @@ class AdapterCache:
         return new_end
 
 
-# What one pass over a chunk returns. logits: the last position's (B, V), or every position's (B, T, V);
-# depth (B, T) in decision units (layers_per_depth); cost (B, T) the layer-equivalents each token ran (K/V fill
-# not included); final_h (B, T, C) the final states before the final norm (a drafter's input; None from the
-# compiled step); kv_only: token-layers that computed K/V and nothing else; head_checks: CALM's LM-head calls.
+# One pass over a chunk: logits, the last position's (B, V) or every position's (B, T, V); depth (B, T) in decision
+# units (layers_per_depth); cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h
+# (B, T, C) before the final norm (a drafter's input; None from the compiled step); kv_only: token-layers that
+# computed K/V alone; head_checks: CALM's LM-head calls.
 Pass = namedtuple("Pass", "logits depth cost final_h kv_only head_checks")
 
 
@@ -483,13 +483,9 @@ def spread(sub, vocab, V):
 # -----------------------------------------------------------------------------
 # The adapter
 
-SPECULATIVE_MOVED = ("speculative decoding has its own entry point: speculative.generate(adapter, ids, K=4, "
-                     "lookup=n, drafter=d) (sample.py --speculative=4); DepthAdapter.generate decodes with the "
-                     "adapter alone.")
-NOT_A_ROUTER = ("a drafter is not a router kind (every token runs every layer under it): it is a draft source of "
-                "speculative decoding. speculative.load_drafter(path, model) loads its file, and "
-                "speculative.generate(DepthAdapter(model), ids, K=4, drafter=it) drafts with it (sample.py "
-                "--routers=drafter.pt --speculative=4).")
+SPECULATIVE_MOVED = "speculative decoding moved: speculative.generate(adapter, ids, K=4, lookup=n, drafter=d)."
+NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
+                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
 
 
 class DepthAdapter:
@@ -604,8 +600,7 @@ class DepthAdapter:
             self.static_depth = len(self.static_layers)
 
     def _setup_exit_head(self, depth, router_path, exit_head, exit_layer, random_routers):
-        """A trained draft head at one layer (or its file), or, for speed measurements, an untrained one at
-        exit_layer (default: the middle layer). Its logits come from the model's LM-head rows for its vocab."""
+        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle layer)."""
         if depth is not None:
             raise ValueError(f"router='exit_head' takes exit_layer=l (the layer its head reads), not depth={depth} "
                              "(fixed's group count).")
@@ -639,7 +634,7 @@ class DepthAdapter:
         kind, L = self.router, len(self.layers)
         if threshold is not None:                                 # the old name, for one release
             warnings.warn(f"threshold={threshold} for router={kind!r} is its logit bias: pass bias={threshold} "
-                          "(sample.py --bias); threshold is CALM's (confidence, entropy).", FutureWarning, 2)
+                          "(sample.py --bias); threshold is CALM's (confidence, entropy).", FutureWarning, 3)
             bias = threshold if bias is None else bias
         if router_path is not None:
             routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
@@ -777,9 +772,8 @@ class DepthAdapter:
 
     # --- the one loop ----------------------------------------------------------------------------------------
     def forward_chunk(self, cache, ids, pos, start, all_logits=False):
-        """The prefill, a decode step, or a verify pass: ids, pos (B, T) fill cache slots start..start+T, each token
-        through the layers its router gives it. -> Pass (logits of the last position, or of every position with
-        all_logits; depth; cost; final_h; kv_only; head_checks)."""
+        """The prefill, a decode step or a verify pass: ids, pos (B, T) fill cache slots start..start+T, each token
+        through the layers its router gives it. -> Pass (every position's logits with all_logits)."""
         B, T = ids.shape
         x = self.embed(ids)                                                   # (B, T, C)
         cos, sin = self.rotary(x, pos)                                        # (B, T, hd) each
