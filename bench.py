@@ -536,7 +536,11 @@ def spec_drafts(model, router_paths, bias):
 
 
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
-    """compare()'s decoders at one batch: (name, fn -> (output ids, stats or None))."""
+    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU also
+    on torch's default MKL linears instead of load_hf's oneDNN); at batch 1 its early-exit assistant at layer
+    exit_layer and its prompt lookup; the adapter at full depth; for each draft the router alone (routed decode:
+    speed, and the share of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed
+    and adaptive; lookup=n > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
@@ -590,15 +594,9 @@ def spec_row(B, name, timing, ids, ref, base):
 
 
 def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lambda row: None, lookup=3):
-    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, in one interleaved run: transformers generate
-    (and, on a CPU, the same on torch's default MKL linears instead of load_hf's oneDNN); transformers' own
-    early-exit assistant (generate(assistant_early_exit=l), batch 1 only) at the exit layer l of the first
-    exit-head draft; the adapter at full depth; and, for each draft (spec_drafts), the router alone (routed decode:
-    speed, and the share of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed
-    and adaptive. Every speculative row must give generate's tokens ("same as generate"); they add the
-    acceptance, tokens per cycle and the draft / verify time split. lookup=n > 0 adds prompt-lookup drafts
-    (n-gram): transformers' own (generate(prompt_lookup_num_tokens=K), batch 1), ours at full depth, and ours with
-    the drafter or the first exit head drafting when a row finds no match. -> rows (each also passed to emit)."""
+    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs in one interleaved
+    run per batch size. Every speculative row must give generate's tokens ("same as generate"); they add the
+    acceptance, tokens per cycle and the draft / verify time split. -> rows (each also passed to emit)."""
     dev, table = model.get_input_embeddings().weight.device, []
     drafts, exit_layer = spec_drafts(model, router_paths, bias)
     for B in batches:
@@ -616,9 +614,8 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
 
 
 def bench_speculative():
-    """--mode=spec --hf=<model>: self-speculative decoding on a real model (compare: transformers generate, its
-    early-exit assistant, the adapter at full depth, each --routers file routed and as a draft with
-    K = --speculative, fixed and adaptive, and the untrained exit); every row must give generate's tokens."""
+    """--mode=spec --hf=<model>: the verify pass's cost, then self-speculative decoding against transformers
+    (compare) with each --routers file and the untrained exit as drafts; every row must give generate's tokens."""
     global bias
     if not hf:
         raise SystemExit("error: --mode=spec needs --hf=<model> (smollm2-135m is built in), and --routers=<draft "

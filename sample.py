@@ -155,7 +155,7 @@ def read_routers():
     return kind, hf or blob.get("model"), is_drafter
 
 
-def hf_prompt(model, tok):
+def hf_prompt(tok):
     """The prompt in the model's tokens (its chat template when it has one), num_samples rows on the device."""
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
     if use_chat:
@@ -163,11 +163,7 @@ def hf_prompt(model, tok):
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    ctx_len = getattr(model.config, "max_position_embeddings", None)
-    if ctx_len and ids.shape[1] + max_new_tokens > ctx_len:
-        raise SystemExit(f"error: the prompt is {ids.shape[1]} tokens and max_new_tokens is {max_new_tokens}, "
-                         f"but {hf} has a context of {ctx_len}: shorten the prompt or ask for fewer tokens")
-    return ids.to(device).repeat(num_samples, 1)
+    return ids.to(device).repeat(num_samples, 1)          # too long for the context: new_cache says so
 
 
 def sample_hf(kind, is_drafter):
@@ -195,7 +191,7 @@ def sample_hf(kind, is_drafter):
                                        exit_threshold=exit_threshold, exits=not no_exits,
                                        random_routers=random_routers)
         drafter = spec.load_drafter(routers, model, hf_wrap.TUNE_COMMAND)[0] if is_drafter else None
-        ids = hf_prompt(model, tok)
+        ids = hf_prompt(tok)
         if speculative:
             out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
                                        temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,

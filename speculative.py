@@ -178,9 +178,8 @@ def _check(adapter, K, max_new_tokens, lookup, drafter, return_trace):
 
 
 class _Rule:
-    """The one sampling rule: probs(logits) is the distribution a token is drawn from and draw(p) draws it. Greedy
-    (temperature 0) puts all the mass on the argmax, draws the argmax and accepts at u = 1/2: a draft is then kept
-    iff it is p's argmax, and no random number is used."""
+    """The one sampling rule: probs(logits), the distribution a token is drawn from; draw(p). Greedy puts all the
+    mass on the argmax and accepts at u = 1/2: a draft is kept iff it is p's argmax, and no random number is used."""
 
     def __init__(self, temperature, top_k, V):
         self.greedy, self.temperature, self.top_k, self.V = temperature == 0, temperature, top_k, V
