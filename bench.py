@@ -6,7 +6,7 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
   python bench.py --mode=decode       # batched greedy decoding: per-step, continuous depth-wise batching, graphed
   python bench.py --mode=gpu --report_csv=gpu.csv   # the one GPU script: decode, compiled training, HF adapter
   python bench.py --mode=hf           # the HF adapter: generate vs --no_skip vs ~50% depth; a verify pass in steps
-  python bench.py --mode=hf --hf=smollm2-135m --routers=out-spec-draft/routers.pt   # speculative decoding, real model
+  python bench.py --mode=spec --hf=smollm2-135m --routers=out-spec-draft/routers.pt   # speculative decoding, real model
   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # quality table
   python bench.py --mode=diffusion    # masked diffusion: adaptive refinement vs fixed passes (trained models)
 
@@ -23,12 +23,14 @@ import time
 import torch
 
 import data
+import hf_wrap
+import speculative as spec
 from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
-mode = "all"                    # all | train | decode | hf | ppl, diffusion (not in all: trained models) | gpu (one GPU script)
+mode = "all"                    # all | train | decode | hf | spec, ppl, diffusion (not in all: trained models) | gpu
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
 n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
 n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
@@ -58,10 +60,11 @@ hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyL
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
-                                # (--mode=hf with --hf: the speculative drafts, any router files)
-speculative = 4                 # --mode=hf with --hf: drafts per cycle of the speculative rows, fixed and adaptive
+                                # (--mode=spec: the speculative drafts, any router or drafter files)
+speculative = 4                 # --mode=spec: drafts per cycle of the speculative rows, fixed and adaptive
 lookup = 3                      # ... and the n-gram of their prompt-lookup rows (0 = none)
-threshold = None                # --mode=hf with --hf: the --routers files' bias (None: each file's own)
+bias = None                     # --mode=spec: the trained --routers files' logit bias (None: each file's own)
+threshold = None                # deprecated: the old name of --bias
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
                                 # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
 ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of the layers
@@ -410,9 +413,10 @@ HF_SHAPES = {   # random weights from configs: speed does not depend on the weig
 
 def bench_hf():
     if hf:
-        return bench_speculative()
+        raise SystemExit(f"error: --mode=hf measures the adapter at random model shapes, without --hf; speculative "
+                         f"decoding on a real model is --mode=spec: python bench.py --mode=spec --hf={hf}"
+                         + (f" --routers={routers}" if routers else ""))
     from transformers import LlamaConfig, LlamaForCausalLM
-    import hf_wrap
     shapes = list(hf_shapes) or (["TinyLlama-1.1B", "Llama-3-8B"] if device_type == "cuda" else ["tiny"])
     if set(shapes) - set(HF_SHAPES):
         raise SystemExit(f"error: hf_shapes={list(hf_shapes)}: choose from {', '.join(HF_SHAPES)}")
@@ -436,8 +440,10 @@ def bench_hf():
             ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
             plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                            do_sample=False, pad_token_id=0)
-            runs = [("transformers generate", plain, L), ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
-                    (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens), L // 2)]
+            runs = [("transformers generate", plain, L),
+                    ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
+                    (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens),
+                     L // 2)]
             if graphed:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
                 static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                    do_sample=False, pad_token_id=0, cache_implementation="static")
@@ -456,34 +462,173 @@ def bench_hf():
                               "ms/token": 1000 * med / new_tokens, "vs generate": base / med})
         bench_verify(model, (1, 8), prompt_len, f"at the {shape} shape, {dtype}", shape=shape)
         del model
-    print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()} "
-                f"(prefill included; median of {repeats}, interleaved)", table,
+    print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on "
+                f"{device_name()} (prefill included; median of {repeats}, interleaved)", table,
                 ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
     for r in table:
         emit("hf", r)
 
 
+# -----------------------------------------------------------------------------
+# Speculative decoding (--mode=spec): what a verify pass costs, and the drafts against transformers on a real model
+
 def bench_verify(lm, batches, prompt, where, **tag):
-    """What speculative decoding rests on (speculative.verify_cost): a verify pass over w tokens, in decode steps."""
-    import speculative as sp
-    costs = [r for B in batches for r in sp.verify_cost(lm, B, prompt, interleaved=interleaved)]
+    """What speculative decoding rests on (verify_cost): a verify pass over w tokens, in decode steps."""
+    costs = [r for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
     print_table(f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after {prompt}",
                 costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
     for r in costs:
         emit("verify", dict(**tag, **r))
 
 
+@torch.no_grad()
+def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved):
+    """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
+    pass of w - 1 drafts) against one decode step (w = 1), batch B after a prompt of prompt_len random tokens, on
+    the model's own device and kernels. interleaved: the timer (median of its repeats, round-robin); each timed
+    call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
+    full, dev = hf_wrap.DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
+    ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
+    cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths))
+    full.forward_chunk(cache, ids, pos, 0)
+    new = torch.randint(0, model.config.vocab_size, (B, max(widths)), device=dev)
+    steps = pos[:, -1:] + 1 + torch.arange(max(widths), device=dev)
+
+    def passes(w):                      # the same cache slots each time: the cost, not the text, is measured
+        for _ in range(n):
+            full.forward_chunk(cache, new[:, :w], steps[:, :w], prompt_len, all_logits=True)
+        hf_wrap.now(dev)
+    timings = interleaved([(w, lambda w=w: passes(w)) for w in widths])
+    one = timings[widths[0]][1]
+    return [{"batch": B, "tokens per row": w, "ms per pass": 1000 * timings[w][1] / n,
+             "vs one step": timings[w][1] / one} for w in widths]
+
+
+def _on_mkl(model, fn):
+    data.cpu_linears(model, "mkl")
+    try:
+        return fn()
+    finally:
+        data.cpu_linears(model, "onednn")
+
+
+SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story about a lighthouse keeper.",
+                "How does a refrigerator keep food cold?", "Describe the water cycle for a ten-year-old.")
+
+
+def spec_drafts(model, router_paths, bias):
+    """(name, adapter, drafter) for each router file (trained routers at `bias`, an exit head, a drafter on the
+    full-depth adapter), then the untrained exit at layer l (the model's own head there: the first exit head's
+    layer, else 2L/3). -> (drafts, l)."""
+    L, drafts = model.config.num_hidden_layers, []
+    for path in router_paths:
+        blob = hf_wrap.read_router_file(path)
+        if blob["format"] == hf_wrap.DRAFTER_FILE_FORMAT:
+            drafts.append((f"drafter ({path})", hf_wrap.DepthAdapter(model), spec.load_drafter(path, model)[0]))
+        else:
+            drafts.append((f"{blob['router']} ({path})", hf_wrap.DepthAdapter(
+                model, router=blob["router"], router_path=path, bias=None if blob["router"] == "exit_head" else bias),
+                None))
+    exit_layer = next((ad.exit_head.layer for _, ad, _ in drafts if ad.exit_head is not None), 2 * L // 3)
+    drafts.append((f"untrained exit at layer {exit_layer}",
+                   hf_wrap.DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1), None))
+    return drafts, exit_layer
+
+
+def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
+    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU also
+    on torch's default MKL linears instead of load_hf's oneDNN); at batch 1 its early-exit assistant at layer
+    exit_layer and its prompt lookup; the adapter at full depth; for each draft the router alone (routed decode:
+    speed, and the share of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed
+    and adaptive; lookup=n > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
+    gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
+    full = hf_wrap.DepthAdapter(model, no_skip=True)
+    drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
+                                             K=K, **kw)
+    runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
+    if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears; what they gain:
+        runs.append(("transformers generate, MKL linears", lambda: _on_mkl(model, lambda: (
+            model.generate(ids, **gen), None))))      # the same call on torch's default kernels
+    if B == 1:
+        runs.append((f"transformers assistant_early_exit={exit_layer}",
+                     lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
+        if lookup:                                     # transformers' own prompt lookup (batch 1 only)
+            runs.append((f"transformers prompt_lookup_num_tokens={K}", lambda: (model.generate(
+                ids, prompt_lookup_num_tokens=K, max_matching_ngram_size=lookup, **gen), None)))
+    runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
+                                                           eos_token_id=eos)))
+    for name, ad, dr in drafts:
+        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
+            runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
+                                                                            max_new_tokens=n)))   # all n tokens
+        for adapt in (False, True):
+            runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
+                         lambda ad=ad, dr=dr, adapt=adapt: drafted(ad, drafter=dr, adapt_k=adapt)))
+    if lookup:                                         # drafts from the text itself, alone and with a head
+        runs.append((f"speculative, prompt lookup ({lookup}-gram)", lambda: drafted(full, lookup=lookup)))
+        heads = [d for d in drafts if d[2] is not None] + [d for d in drafts if d[1].exit_head is not None]
+        for name, ad, dr in heads[:1]:                 # the drafter, else the first exit head
+            runs.append((f"speculative, prompt lookup, else {name}, adaptive K",
+                         lambda ad=ad, dr=dr: drafted(ad, drafter=dr, adapt_k=True, lookup=lookup)))
+    return runs
+
+
+def spec_row(B, name, timing, ids, ref, base):
+    """One decoder's row: speed against generate, whether its tokens are generate's, and a draft's acceptance."""
+    (out, st), med, lo, hi = timing
+    row = {"batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
+           "spread %": 100 * (hi - lo) / med,
+           "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
+           "same as generate": "yes" if torch.equal(out, ref) else "NO"}
+    if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
+        row["same tokens %"] = 100 * float((out == ref)[:, ids.shape[1]:].float().mean())
+    if st is not None and "compute_saved_pct" in st and "acceptance_rate" not in st:
+        row["layer calls %"] = 100 - st["compute_saved_pct"]
+    if st is not None and "acceptance_rate" in st:
+        row.update({"K": f"{st['speculative']}" + (f" -> {st['k_final']} (mean {st['k_mean']:.1f})"
+                                                   if st["adapt_k"] else ""),
+                    "acceptance %": 100 * st["acceptance_rate"], "tokens/cycle": st["tokens_per_cycle"],
+                    "draft ms/cycle": 1000 * st["draft_s"] / st["cycles"],
+                    "verify ms/cycle": 1000 * st["verify_s"] / st["cycles"]})
+    return row
+
+
+def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lambda row: None, lookup=3):
+    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs in one interleaved
+    run per batch size. Every speculative row must give generate's tokens ("same as generate"); they add the
+    acceptance, tokens per cycle and the draft / verify time split. -> rows (each also passed to emit)."""
+    dev, table = model.get_input_embeddings().weight.device, []
+    drafts, exit_layer = spec_drafts(model, router_paths, bias)
+    for B in batches:
+        chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+                 if getattr(tok, "chat_template", None) else t for t in (SPEC_PROMPTS * B)[:B]]
+        enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)     # left padding (load_hf)
+        ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
+        runs = spec_runs(model, ids, mask, drafts, exit_layer, n, K, tok.eos_token_id, tok.pad_token_id, lookup)
+        timings = interleaved(runs)
+        ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
+        for name, _ in runs:
+            table.append(spec_row(B, name, timings[name], ids, ref, base))
+            emit(table[-1])
+    return table
+
+
 def bench_speculative():
-    """--mode=hf --hf=<model>: self-speculative decoding on a real model (speculative.compare: transformers
-    generate, its early-exit assistant, the adapter at full depth, each --routers file routed and as a draft with
-    K = --speculative, fixed and adaptive, and the untrained exit); every row must give generate's tokens."""
-    import speculative as sp
+    """--mode=spec --hf=<model>: the verify pass's cost, then self-speculative decoding against transformers
+    (compare) with each --routers file and the untrained exit as drafts; every row must give generate's tokens."""
+    global bias
+    if not hf:
+        raise SystemExit("error: --mode=spec needs --hf=<model> (smollm2-135m is built in), and --routers=<draft "
+                         "files> for trained drafts")
+    if threshold is not None:                     # the old name, for one release
+        print(f"note: --threshold is deprecated here: it is the trained routers' logit bias, --bias={threshold}")
+        bias = threshold if bias is None else bias
     model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
     bench_verify(model, list(decode_batches) or [1], 64, f"on {hf}", model=hf)
-    table = sp.compare(model, tok, [p for p in routers.split(",") if p], threshold, list(decode_batches) or [1],
-                       new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
-    print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on {device_name()} (prefill "
-                f"included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
+    table = compare(model, tok, [p for p in routers.split(",") if p], bias, list(decode_batches) or [1],
+                    new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
+    print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on "
+                f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
                  "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
@@ -582,7 +727,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
                 DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
         for module, blob in trained:
-            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, threshold=v,
+            make = lambda v: DepthAdapter(model, router=module.kind, routers=module, bias=v,
                                           exits=bool(blob.get("exits_trained")))
             v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
             row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
@@ -759,8 +904,8 @@ def device_name():
 
 
 if __name__ == "__main__":
-    if mode not in ("all", "train", "decode", "hf", "ppl", "gpu", "diffusion"):
-        raise SystemExit(f"error: mode must be all, train, decode, hf, ppl, gpu or diffusion, got {mode!r}")
+    if mode not in ("all", "train", "decode", "hf", "spec", "ppl", "gpu", "diffusion"):
+        raise SystemExit(f"error: mode must be all, train, decode, hf, spec, ppl, gpu or diffusion, got {mode!r}")
     print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
     if mode in ("all", "train"):
         bench_train()
@@ -768,6 +913,8 @@ if __name__ == "__main__":
         bench_decode()
     if mode in ("all", "hf"):
         bench_hf()
+    if mode == "spec":
+        bench_speculative()
     if mode == "ppl":
         bench_ppl()
     if mode == "gpu":

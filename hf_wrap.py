@@ -5,7 +5,7 @@ Every router comes down to two decisions per layer l, for each token:
   1. does the token stop here?   A token that stops keeps its state; after the last layer that state goes
                                  through the model's final norm and LM head (early exit).
   2. does it run this layer?     A token that passes over a layer keeps its state and goes on to the next.
-One loop (DepthAdapter._forward) asks both questions at every layer, in prefill and in decode alike, and runs
+One loop (DepthAdapter.forward_chunk) asks both questions at every layer, in prefill and in decode alike, and runs
 the layer's attention and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
 
 The routers (their trainable parts are below; tune.py trains them with the base frozen):
@@ -13,8 +13,6 @@ The routers (their trainable parts are below; tune.py trains them with the base 
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
-  drafter         every token runs every layer; a trained drafter guesses the next tokens from the final state
-                  (a speculative draft, Drafter: generate(speculative=K) only)
   confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
                   is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
@@ -30,15 +28,19 @@ shallower. Layers nobody can reach (fixed depth, dropped layers, past an exit he
 
 Exactness: router 'none' reproduces model.generate's tokens and logits (float32 and bfloat16, sliding windows
 included) on tiny random models of the four architectures and on the built-in real one. Lossless speed:
-generate(speculative=K) drafts with any router and verifies with the full model: the output is the full model's
-(speculative.py). Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
+speculative.generate(adapter, ids, K=4) drafts with any router and verifies with the full model: the output is the
+full model's. Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
 
 Models come from data.load_hf (a hub name, a folder, a .gguf file, or the built-in "smollm2-135m", offline). The
-file reads top to bottom: the cache and one chunk of tokens, the adapter (its decisions, its one loop), generate().
+file reads top to bottom: the trainable decisions and their files, the decoding primitives (AdapterCache, Pass,
+DepthAdapter.new_cache / forward_chunk / decode_step: what generate() and speculative.py compose), the adapter
+(its three families of kinds, its one loop), generate().
 """
 import math
 import os
 import time
+import warnings
+from collections import namedtuple
 
 import torch
 import torch.nn as nn
@@ -51,7 +53,7 @@ from router import depth_summary
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
-ROUTERS = ("none", "drop", "exit_head", "drafter", *GROUP_ROUTERS, "skip", "ffn")
+ROUTERS = ("none", "drop", "exit_head", *GROUP_ROUTERS, "skip", "ffn")
 TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 
@@ -210,7 +212,7 @@ class FrozenRouters(nn.Module):
 # Router files: one format for every kind, loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
 EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
-DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (Drafter, below)
+DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (speculative.py)
 
 
 def model_shape(config):
@@ -237,7 +239,8 @@ def read_router_file(path, tune_command="python tune.py"):
                          "truncated: tune the routers again.") from None
     if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT,
                                                                         DRAFTER_FILE_FORMAT):
-        raise ValueError(f"{path} is not a router file of this version (format {blob.get('format') if isinstance(blob, dict) else None!r}): "
+        fmt = blob.get("format") if isinstance(blob, dict) else None
+        raise ValueError(f"{path} is not a router file of this version (format {fmt!r}): "
                          f"tune the routers again ({tune_command}).")
     return blob
 
@@ -268,7 +271,8 @@ def load_routers(path, model_config, tune_command="python tune.py"):
     """-> (FrozenRouters, the file's dict)."""
     def make(blob):
         if blob["format"] != ROUTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a speculative draft: use it with router={blob['router']!r}.")
+            raise ValueError(f"{path} holds a speculative draft: use it with router='exit_head'." if blob["format"]
+                             == EXIT_HEAD_FILE_FORMAT else f"{path} holds a drafter: {NOT_A_ROUTER}")
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
     return load_router_file(path, model_config, make, tune_command)
@@ -329,72 +333,14 @@ def load_exit_head(path, model, tune_command="python tune.py"):
 
 
 # -----------------------------------------------------------------------------
-# A speculative drafter on top of the full model (tune.py --drafter=True trains it)
+# The decoding primitives: a cache, one pass over a chunk of tokens, its result (generate() and speculative.py
+# compose them, as gpt-fast composes prefill and decode_one)
 
-class Drafter(nn.Module):
-    """A recurrent drafter (ReDrafter, Cheng et al. 2024; the idea of Medusa, Hydra and EAGLE: draft from the
-    full model's last state, which a verify pass computes anyway), base frozen. After the full model ran at
-    position t, s = its final state there (before the final norm) and x = the token it chose for t + 1. Then
-        s <- s + up(silu(down([rms_norm(s); rms_norm(embed(x))])))       one step: no layer of the model runs
-        q  = softmax(head_rows(norm(s)))                                 the draft for token t + 2
-    and again from (s, the drafted token) for t + 3, t + 4, ... A draft costs one small MLP and the LM head's
-    rows for `vocab` (the tuning text's most frequent tokens, as ExitHead): a few percent of a decode step, where
-    a shallow exit pays for the layers below it. What it cannot know is everything the full model would still
-    compute from x: it learns that from the tuning text."""
-
-    def __init__(self, hidden_size, vocab, hidden=512, eps=1e-5):
-        super().__init__()
-        self.hidden = hidden
-        self.register_buffer("vocab", torch.as_tensor(vocab, dtype=torch.long))
-        self.down = nn.Linear(2 * hidden_size, hidden, bias=False)
-        self.up = nn.Linear(hidden, hidden_size, bias=False)
-        nn.init.zeros_(self.up.weight)
-        self.norm = nn.RMSNorm(hidden_size, eps=eps)
-
-    def step(self, s, e):
-        """s (..., C) the state so far, e (..., C) the embedding of the token after it -> the next state."""
-        s, e = s.float(), e.float()
-        C = s.shape[-1]
-        return s + self.up(F.silu(self.down(torch.cat([F.rms_norm(s, (C,)), F.rms_norm(e, (C,))], -1))))
-
-    def forward(self, s, head_weight):
-        """s (..., C) a state from step(); head_weight (V', C) the LM head's rows for vocab -> logits (..., V')."""
-        return F.linear(self.norm(s).to(head_weight.dtype), head_weight)
-
-
-def new_drafter(model, vocab=None, hidden=512):
-    """An untrained Drafter for `model` (vocab None: every token), its norm copied from the model's final norm."""
-    cfg = model.config
-    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"drafter hidden={hidden!r}: the width of its MLP, an int >= 1 (512 is a good start).")
-    vocab = torch.arange(cfg.vocab_size) if vocab is None else vocab
-    drafter = Drafter(cfg.hidden_size, vocab, hidden, model.model.norm.variance_epsilon)
-    drafter.norm.weight.data.copy_(model.model.norm.weight.float())
-    return drafter.to(model.get_input_embeddings().weight.device)
-
-
-def save_drafter(path, drafter, hf_model, **meta):
-    save_router_file(path, DRAFTER_FILE_FORMAT, drafter, hf_model.config, {
-        "router": "drafter", "hidden": drafter.hidden, "head_vocab": drafter.vocab.numel()}, **meta)
-
-
-def load_drafter(path, model, tune_command="python tune.py"):
-    """-> (Drafter, the file's dict)."""
-    def make(blob):
-        if blob["format"] != DRAFTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not a drafter: use "
-                             f"router={blob.get('router')!r} with it.")
-        return Drafter(model.config.hidden_size, torch.zeros(blob["head_vocab"]), blob["hidden"],
-                       model.model.norm.variance_epsilon)
-    return load_router_file(path, model.config, make, tune_command)
-
-
-# -----------------------------------------------------------------------------
-# The cache of one generate() call, and one chunk of tokens (the prompt, or the next token of each row)
-
-class _Run:
-    """A preallocated KV cache: per layer (B, n_kv, max_len, hd); key_valid (B, max_len) is False at left padding;
-    pos holds each slot's position id. kv_only counts token-layers that computed K/V and nothing else."""
+class AdapterCache:
+    """What a batch of sequences carries from one chunk to the next. The KV cache, preallocated: per layer
+    (B, n_kv, max_len, hd); key_valid (B, max_len) is False at left padding; pos holds each slot's position id.
+    And the gate cutoffs this batch decides with (keep_ratio < 1: the calibrated ones; or, when the adapter has
+    none, calibrate_next: the next chunk, the prompt, sets them). static: decode_step runs the compiled step."""
 
     def __init__(self, ad, B, max_len, key_valid, static=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
@@ -413,17 +359,15 @@ class _Run:
                         torch._dynamo.mark_static_address(t)
         self.k, self.v, self.key_valid = pool
         self.key_valid.copy_(key_valid)
-        self.no_pad = bool(key_valid.all())
+        self.no_pad, self.static = bool(key_valid.all()), static
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)
-        self.kv_only = self.head_checks = 0      # token-layers of K/V alone; LM-head calls of the exit tests
-        self.h = None                            # the last _forward's final states (B, T, C): a drafter's input
-        # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrating) set by this run's prefill
+        # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrate_next) set by this batch's prefill
         self.cutoffs = None if ad.cutoffs is None else ad.cutoffs.clone().to(dev)
-        self.calibrating = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in ROUTER_KINDS
-        if self.calibrating:
+        self.calibrate_next = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in ROUTER_KINDS
+        if self.calibrate_next:
             self.cutoffs = torch.zeros(len(ad.units), device=dev)
 
-    def keep(self, end, kept):
+    def realign(self, end, kept):
         """Speculative decoding: after a verify pass over slots end.., row b keeps its first kept[b] of them.
         -> the cache's new end. When rows keep different counts, each row's tokens shift so that every row ends at
         the same slot (a shorter row gains left padding): the cache is then each row's text so far, left-padded,
@@ -444,16 +388,24 @@ class _Run:
         return new_end
 
 
-class _Chunk:
-    """Cache slots start..end of every row. Tokens are the B*T rows of x (B*T, C), row-major; an ActiveSet
-    (kv_cache.py) lists the ones that run something, and its .pos are their cache slots."""
+# One pass over a chunk: logits, the last position's (B, V) or every position's (B, T, V); depth (B, T) in decision
+# units (layers_per_depth); cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h
+# (B, T, C) before the final norm (a drafter's input; None from the compiled step); kv_only: token-layers that
+# computed K/V alone; head_checks: CALM's LM-head calls.
+Pass = namedtuple("Pass", "logits depth cost final_h kv_only head_checks")
 
-    def __init__(self, run, start, B, T, cos, sin):
-        self.run, self.start, self.end, self.B, self.T = run, start, start + T, B, T
+
+class _Chunk:
+    """One pass over cache slots start..end of every row. Tokens are the B*T rows of x (B*T, C), row-major; an
+    ActiveSet (kv_cache.py) lists the ones that run something, and its .pos are their cache slots. calibrating:
+    this pass sets the cache's cutoffs; head_checks counts CALM's LM-head calls in it."""
+
+    def __init__(self, cache, start, B, T, cos, sin):
+        self.cache, self.start, self.end, self.B, self.T = cache, start, start + T, B, T
         self.cos, self.sin = cos.flatten(0, 1), sin.flatten(0, 1)           # (B*T, hd) rotary angles
-        self.valid = run.key_valid[:, start:self.end].flatten()              # (B*T,) False at left padding
+        self.valid = cache.key_valid[:, start:self.end].flatten()            # (B*T,) False at left padding
         self.everyone = ActiveSet.everyone(B, T, start, cos.device)
-        self.masks = {}
+        self.masks, self.calibrating, self.head_checks = {}, cache.calibrate_next, 0
 
     def subset(self, mask):
         """(B*T,) bool -> the ActiveSet of those tokens (one host sync); everyone if all; None if none."""
@@ -476,12 +428,12 @@ class _Chunk:
         q - window < j). Grid pads and padded queries see at least one key (their output is dropped)."""
         key = (id(s), window)
         if key not in self.masks:
-            if self.T == 1 and self.run.no_pad:                               # decode, no padding: every key
+            if self.T == 1 and self.cache.no_pad:                               # decode, no padding: every key
                 self.masks[key] = s, None
             else:
                 j = torch.arange(lo, self.end, device=s.qpos.device)
                 q = s.qpos[..., None]                                         # (rows, K, 1) query slots
-                ok = self.run.key_valid[s.rows][:, None, lo:self.end] & (j <= q)
+                ok = self.cache.key_valid[s.rows][:, None, lo:self.end] & (j <= q)
                 if window is not None:
                     ok = ok & (j > q - window)
                 self.masks[key] = s, (ok | (j == q.clamp(max=self.end - 1)))[:, None]
@@ -490,156 +442,247 @@ class _Chunk:
     def attend(self, l, q, s, scale, window):
         """q (N, H, hd), the queries of s -> (N, H, hd). Reads the cache's slots lo..end of s's rows."""
         lo = 0 if window is None else max(0, self.start + 1 - window)         # older keys are out of every window
-        k, v = self.run.k[l][:, :, lo:self.end], self.run.v[l][:, :, lo:self.end]
+        k, v = self.cache.k[l][:, :, lo:self.end], self.cache.v[l][:, :, lo:self.end]
         if not s.all_rows:
             k, v = k[s.rows], v[s.rows]
         o = sdpa(to_grid(q, s).transpose(1, 2), k, v, self.mask(s, lo, window), scale=scale)
         return from_grid(o.transpose(1, 2), s)
 
 
+
+def layer_window(config, i):
+    """Layer i's sliding window, None = full attention. HF 5.x: config.layer_types per layer (Qwen2/Qwen3), else
+    Mistral's sliding_window."""
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if types is None:
+        return window
+    if types[i] not in ("full_attention", "sliding_attention"):
+        raise ValueError(f"layer {i} has attention type {types[i]!r}; DepthAdapter handles full_attention "
+                         "and sliding_attention.")
+    return window if types[i] == "sliding_attention" else None
+
+
+def head_rows(lm_head, vocab):
+    """A draft head's rows of the LM head for its vocab (V', C), float32, and that vocab; (the LM head's own
+    weight, None) when vocab is every token in order: then there is nothing to gather, nor to spread."""
+    if torch.equal(vocab.cpu(), torch.arange(lm_head.weight.shape[0])):
+        return lm_head.weight, None
+    return lm_head.weight[vocab].float(), vocab
+
+
+def spread(sub, vocab, V):
+    """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside: never
+    proposed. vocab None (head_rows: every token): sub already is."""
+    if vocab is None:
+        return sub
+    logits = sub.new_full((*sub.shape[:-1], V), -math.inf)
+    logits[..., vocab] = sub
+    return logits
+
+
 # -----------------------------------------------------------------------------
 # The adapter
+
+SPECULATIVE_MOVED = "speculative decoding moved: speculative.generate(adapter, ids, K=4, lookup=n, drafter=d)."
+NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
+                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
+
 
 class DepthAdapter:
     """Route each token of a pretrained Llama-family model through fewer layers. See the module docstring.
 
-    router: one of ROUTERS. R, base_layers: the groups of the group routers (and of new expert/token-choice
-    routers). depth: fixed's groups. threshold: confidence's top-1 probability, entropy's nats, or a trained
-    router's logit bias (a gate passes when its logit > bias; token-choice takes argmax_d(logit_d - bias * d);
-    None: the bias the tuning file's target search found, else 0). keep_ratio < 1 (skip, ffn, expert_choice):
-    per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or
-    calibrate(windows)). routers / router_path: trained routers (a FrozenRouters or its file; an exit head
-    file for exit_head, a drafter file for drafter; or exit_head= / drafter= the module). random_routers: untrained
-    routers, for speed measurements only.
+    router: one of ROUTERS; each family has its own setup below (static: none, fixed, drop, exit_head; CALM:
+    confidence, entropy; trained: skip, ffn, expert_choice, token_choice). R, base_layers: the groups of the group
+    routers (and of new expert/token-choice routers). depth: fixed's groups. exit_layer: an untrained exit head's
+    layer. threshold (CALM): confidence's top-1 probability, entropy's nats. bias (trained routers): a gate passes
+    when its logit > bias; token-choice takes argmax_d(logit_d - bias * d); None: the bias the tuning file's
+    target search found, else 0. keep_ratio < 1 (skip, ffn, expert_choice): per-unit cutoffs at the
+    (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or calibrate(windows)).
+    routers / router_path: trained routers (a FrozenRouters or its file; an exit head file for exit_head, or
+    exit_head= the module). random_routers: untrained routers, for speed measurements only.
     """
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=None, depth=None, threshold=None,
-                 router_path=None, routers=None, no_skip=False, exit_threshold=None, exits=True, drop_layers=None,
-                 random_routers=False, exit_head=None, drafter=None):
+                 bias=None, router_path=None, routers=None, no_skip=False, exit_threshold=None, exits=True,
+                 drop_layers=None, random_routers=False, exit_head=None, exit_layer=None):
+        router = "none" if no_skip else router
+        self._check_kind(model, router, keep_ratio)
+        self.model, self.router, self.keep_ratio = model, router, keep_ratio
+        self._read_model(model)
+        # the decisions' attributes, every kind's: each family's setup below sets the ones it uses
+        self.file, self.routers, self.exit_head, self.cutoffs, self.random_routers = {}, None, None, None, False
+        self.units, self.static_layers, self.static_depth, self._stops = [], None, None, None
+        self.threshold = self.bias = self.head_weight = self.head_vocab = self.exit_threshold = None
+        self.stand_in_share, self.exit_cutoff, self.use_exits, self.unit_of = 0.0, math.inf, False, {}
+        if router in ("none", "fixed", "drop", "exit_head"):
+            self._setup_static(R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
+                               random_routers)
+        elif router in ("confidence", "entropy"):
+            self._setup_calm(R, base_layers, threshold, bias)
+        else:
+            self._setup_trained(R, base_layers, threshold, bias, router_path, routers, exit_threshold, exits,
+                                random_routers)
+        # what every kind's decisions and statistics read: the units, a token's cost at depth d (in layers)
+        self.n_units, self.base_layers = max(len(self.units), 1), self.units[0][0] if self.units else 0
+        self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
+        self.counts_groups = router in GROUP_ROUTERS                         # depth: groups run (else layers)
+        self.attn_always = router == "ffn"                                   # ffn: attention always runs
+        self.static_cache, self.compiled_step = {}, None      # generate(compile=True): pooled caches, the step
+
+    @staticmethod
+    def _check_kind(model, router, keep_ratio):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"DepthAdapter supports model_type {', '.join(SUPPORTED_MODEL_TYPES)} (Llama-family "
                              f"decoders); got {cfg.model_type!r} ({type(model).__name__}).")
-        router = "none" if no_skip else router
+        if router == "drafter":
+            raise ValueError(NOT_A_ROUTER)
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
             raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit must lie in "
                              "(0, 1]; 1.0 runs every token at full depth (None: the threshold decides).")
-        self.model, self.router, self.keep_ratio, self.depth = model, router, keep_ratio, depth
+
+    def _read_model(self, model):
+        """The HF modules the loop runs, and what a layer costs in layer-equivalents, from its weights: what a
+        token pays for attention alone, for K/V alone, for one LM-head call (CALM's exit test)."""
+        cfg = model.config
         self.embed, self.layers = model.get_input_embeddings(), model.model.layers
         self.norm, self.lm_head, self.rotary = model.model.norm, model.get_output_embeddings(), model.model.rotary_emb
-        L, attn = len(self.layers), self.layers[0].self_attn
+        attn = self.layers[0].self_attn
         self.head_dim, self.hidden_size, self.n_kv = attn.head_dim, cfg.hidden_size, cfg.num_key_value_heads
-        self.windows = [self._window(cfg, i) for i in range(L)]              # None = full attention
-        # cost of a layer in layer-equivalents, from its weights: what a token pays for attention alone, for K/V alone
-        n = lambda m: sum(p.numel() for p in m.parameters())
-        full = n(attn) + n(self.layers[0].mlp)
-        self.attn_share, self.kv_share = n(attn) / full, (n(attn.k_proj) + n(attn.v_proj)) / full
-        self.head_share = self.lm_head.weight.numel() / full                 # one LM-head call (CALM's exit test)
+        self.windows = [layer_window(cfg, i) for i in range(len(self.layers))]   # None = full attention
+        self.layer_weights = n_weights(attn) + n_weights(self.layers[0].mlp)
+        self.attn_share = n_weights(attn) / self.layer_weights
+        self.kv_share = (n_weights(attn.k_proj) + n_weights(attn.v_proj)) / self.layer_weights
+        self.head_share = self.lm_head.weight.numel() / self.layer_weights
 
-        self.file, self.routers, self.exit_head, self.drafter, self.cutoffs = {}, None, None, None, None
-        if router_path is not None and router in ("skip", "ffn", "expert_choice", "token_choice"):
-            routers, self.file = load_routers(router_path, cfg, TUNE_COMMAND)
-            if routers.kind != router:
-                raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
-        if routers is not None and routers.kind != router:
-            raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
-        if router == "exit_head" and exit_head is None and router_path is not None:
-            exit_head, self.file = load_exit_head(router_path, model, TUNE_COMMAND)
-        if router == "drafter" and drafter is None and router_path is not None:
-            drafter, self.file = load_drafter(router_path, model, TUNE_COMMAND)
-        # a learned router without trained weights is refused: random routing gives speed without quality
-        learned = router in ROUTER_KINDS + ("exit_head", "drafter")
-        everyone = keep_ratio == 1.0 and router != "token_choice"           # capacity 1: nothing is routed
-        given = routers is not None or exit_head is not None or drafter is not None
-        self.random_routers = learned and not given and not everyone
+    def _group_units(self, units):
+        """The group routers' units (group_layout's): a token of depth d ran groups 0..d-1."""
+        self.units, self.layers_per_depth = units, [units[0][0]] + [b for _, b in units]
+
+    def _refuse_untrained(self, given, everyone, random_routers):
+        """A learned router without trained weights is refused: random routing gives speed without quality."""
+        self.random_routers = not given and not everyone
         if self.random_routers and not random_routers:
-            raise ValueError(f"router={router!r} needs trained routers, and none were given. Tune them for this model "
-                             f"with the base frozen: {TUNE_COMMAND.replace('<kind>', router)} (it writes <dir>/routers.pt; then "
-                             "router_path=that file, or sample.py --routers=that file; tune.py --exit_head_layer=l "
-                             "tunes an exit head, tune.py --drafter=True a drafter). For speed measurements only, "
+            raise ValueError(f"router={self.router!r} needs trained routers, and none were given. Tune them for this "
+                             f"model with the base frozen: {TUNE_COMMAND.replace('<kind>', self.router)} (it writes "
+                             "<dir>/routers.pt; then router_path=that file, or sample.py --routers=that file; tune.py "
+                             "--exit_head_layer=l tunes an exit head). For speed measurements only, "
                              "random_routers=True (sample.py --random_routers) runs untrained routers.")
 
-        # the units a decision covers, and what a token of depth d costs (layers_per_depth[d], in layers)
-        if router in GROUP_ROUTERS:
-            units = routers.units if routers is not None else group_layout(L, R, base_layers)
-            self.layers_per_depth = [units[0][0]] + [b for _, b in units]
-        else:
-            units = routers.units if routers is not None else unit_layout(L) if router in ("skip", "ffn") else []
-            self.layers_per_depth = [0, L] if router in ("none", "drafter") else list(range(L + 1))
-        self.units, self.R, self.base_layers = units, max(len(units), 1), units[0][0] if units else 0
-        if router == "fixed" and (not isinstance(depth, int) or not 0 <= depth <= self.R):
-            raise ValueError(f"router='fixed' needs depth=d, an int in 0..R={self.R} (groups every token runs); "
-                             f"got depth={depth!r}.")
-        if router == "drop":
+    # --- the three families: each sets what its kinds decide with ----------------------------------------
+    def _setup_static(self, R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
+                      random_routers):
+        """none, fixed, drop, exit_head: every token runs the same layers, static_layers (no decisions, no host
+        syncs, no K/V fill past them); static_depth is the depth every token gets."""
+        L, kind = len(self.layers), self.router
+        self.layers_per_depth = [0, L] if kind == "none" else list(range(L + 1))
+        if kind == "fixed":
+            self._group_units(group_layout(L, R, base_layers))
+            if not isinstance(depth, int) or not 0 <= depth <= len(self.units):
+                raise ValueError(f"router='fixed' needs depth=d, an int in 0..R={len(self.units)} (groups every "
+                                 f"token runs); got depth={depth!r}.")
+            layers, self.static_depth = range(self.layers_per_depth[depth]), depth
+        elif kind == "drop":
             drop = sorted(set(drop_layers or ()))
             if not drop or not all(isinstance(l, int) and 1 <= l < L for l in drop):
                 raise ValueError(f"router='drop' needs drop_layers, layer indices in 1..{L - 1} (layer 0 always "
-                                 f"runs); got {drop_layers!r}. tune.static_drop_layers() picks them by block influence.")
-            self.drop_layers = drop
-        if router == "exit_head":
-            self.exit_head = (exit_head or new_exit_head(model, L // 2 if depth is None else depth)).eval()
-            self.exit_head.to(self.embed.weight.device)
-            every = torch.equal(self.exit_head.vocab.cpu(), torch.arange(cfg.vocab_size))
-            self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.exit_head.vocab].float()
-        if router == "drafter":                        # full depth; the drafter reads the final state (speculative.py)
-            self.drafter = (drafter or new_drafter(model)).eval().to(self.embed.weight.device)
-            every = torch.equal(self.drafter.vocab.cpu(), torch.arange(cfg.vocab_size))
-            self.head_weight = self.lm_head.weight if every else self.lm_head.weight[self.drafter.vocab].float()
-        # static routers send every token through the same layers (no decisions, no host syncs, no K/V fill)
-        plan = {"none": range(L), "drafter": range(L), "fixed": range(self.layers_per_depth[depth or 0]),
-                "drop": [l for l in range(L) if l not in getattr(self, "drop_layers", ())],
-                "exit_head": range(self.exit_head.layer) if self.exit_head else None}.get(router)
-        self.plan = None if plan is None else tuple(plan)                    # the layers every token runs
-        self.static_depth = {"none": 1, "drafter": 1, "fixed": depth, "drop": len(self.plan or ()),
-                             "exit_head": len(self.plan or ())}.get(router)
+                                 f"runs); got {drop_layers!r}. tune.static_drop_layers() picks them by block "
+                                 "influence.")
+            layers = [l for l in range(L) if l not in drop]
+        elif kind == "exit_head":
+            layers = range(self._setup_exit_head(depth, router_path, exit_head, exit_layer, random_routers).layer)
+        else:
+            layers, self.static_depth = range(L), 1
+        self.static_layers = tuple(layers)                                    # the layers every token runs
+        if kind in ("drop", "exit_head"):
+            self.static_depth = len(self.static_layers)
 
-        if router in DEFAULT_THRESHOLD:
-            threshold = DEFAULT_THRESHOLD[router] if threshold is None else float(threshold)
-            if (router == "confidence" and not 0 < threshold <= 1) or (router == "entropy" and threshold < 0):
-                raise ValueError(f"threshold={threshold} for router={router!r}: use a top-1 probability in (0, 1] "
-                                 "for confidence, an entropy >= 0 (nats) for entropy.")
-        if learned and router not in ("exit_head", "drafter"):
-            if routers is None:                       # random_routers: gates whose decisions vary from token to token
-                routers = FrozenRouters(router, self.hidden_size, units, mlp_hidden=16)
-                for gate in routers.gates:
-                    nn.init.normal_(gate.net[-1].weight)
-                    nn.init.zeros_(gate.net[-1].bias)
-            self.routers = routers.to(self.embed.weight.device).eval()
-            self.stand_in_share = (n(routers.stand_ins[0]) / full) if routers.stand_ins is not None else 0.0
-            threshold = float(self.file.get("bias", 0.0) if threshold is None else threshold)
-            if everyone:
-                self.cutoffs = torch.full((len(units),), -math.inf)
-            elif keep_ratio is not None:
-                if router == "token_choice":
-                    raise ValueError("keep_ratio is a per-unit capacity (skip, ffn, expert_choice); token-choice "
-                                     "picks a depth once: move its compute with threshold (a depth bias) instead.")
-                table = self.file.get("cutoffs", {})              # tune.py: keep_ratio -> per-unit cutoffs
-                if f"{keep_ratio:.2f}" in table:
-                    self.cutoffs = torch.tensor(table[f"{keep_ratio:.2f}"])
-                elif self.file:
-                    raise ValueError(f"{router_path} has calibrated cutoffs for keep_ratio in "
-                                     f"{sorted(table)}; use one of those, or call calibrate(windows) on your text.")
-            et = float(self.file.get("exit_threshold", 0.9) if exit_threshold is None else exit_threshold)
-            if not 0.0 < et <= 1.0:
-                raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability > "
-                                 "exit_threshold, a probability in (0, 1] (1 = never).")
-            self.exit_threshold, self.exit_cutoff = et, math.log(et / (1 - et)) if et < 1 else math.inf
-            self.use_exits = bool(exits and self.routers.exit_layers and self.file.get("exits_trained", True))
-        self.threshold = threshold
-        self.static_cache, self.compiled_step = {}, None      # generate(compile=True): pooled caches, the step
+    def _setup_exit_head(self, depth, router_path, exit_head, exit_layer, random_routers):
+        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle layer)."""
+        if depth is not None:
+            raise ValueError(f"router='exit_head' takes exit_layer=l (the layer its head reads), not depth={depth} "
+                             "(fixed's group count).")
+        if exit_head is None and router_path is not None:
+            exit_head, self.file = load_exit_head(router_path, self.model, TUNE_COMMAND)
+        self._refuse_untrained(exit_head is not None, self.keep_ratio == 1.0, random_routers)
+        layer = len(self.layers) // 2 if exit_layer is None else exit_layer
+        self.exit_head = (exit_head or new_exit_head(self.model, layer)).eval().to(self.embed.weight.device)
+        self.head_weight, self.head_vocab = head_rows(self.lm_head, self.exit_head.vocab)
+        return self.exit_head
 
-    @staticmethod
-    def _window(cfg, i):
-        """HF 5.x: config.layer_types per layer (Qwen2/Qwen3), else Mistral's sliding_window (None = full)."""
-        window, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
-        if types is None:
-            return window
-        if types[i] not in ("full_attention", "sliding_attention"):
-            raise ValueError(f"layer {i} has attention type {types[i]!r}; DepthAdapter handles full_attention "
-                             "and sliding_attention.")
-        return window if types[i] == "sliding_attention" else None
+    def _setup_calm(self, R, base_layers, threshold, bias):
+        """confidence, entropy (CALM, training-free): at each group start, a token stops when the state so far,
+        through the final norm and LM head, is sure enough (threshold: a top-1 probability / an entropy in nats)."""
+        if bias is not None:
+            raise ValueError(f"bias={bias} is a trained router's logit bias; router={self.router!r} stops on "
+                             "threshold= (a top-1 probability for confidence, an entropy in nats for entropy).")
+        self._group_units(group_layout(len(self.layers), R, base_layers))
+        self.threshold = DEFAULT_THRESHOLD[self.router] if threshold is None else float(threshold)
+        if (self.router == "confidence" and not 0 < self.threshold <= 1) or (
+                self.router == "entropy" and self.threshold < 0):
+            raise ValueError(f"threshold={self.threshold} for router={self.router!r}: use a top-1 probability in "
+                             "(0, 1] for confidence, an entropy >= 0 (nats) for entropy.")
+        self._stops = self._stops_confidence if self.router == "confidence" else self._stops_entropy
+
+    def _setup_trained(self, R, base_layers, threshold, bias, router_path, routers, exit_threshold, exits,
+                       random_routers):
+        """skip, ffn, expert_choice, token_choice: trained gates (a FrozenRouters, or its file) decide, with one
+        knob, bias; keep_ratio < 1 puts a calibrated cutoff per unit in its place. skip / ffn can also carry
+        trained exit gates (exit_threshold) and stand-ins."""
+        kind, L = self.router, len(self.layers)
+        if threshold is not None:                                 # the old name, for one release
+            warnings.warn(f"threshold={threshold} for router={kind!r} is its logit bias: pass bias={threshold} "
+                          "(sample.py --bias); threshold is CALM's (confidence, entropy).", FutureWarning, 3)
+            bias = threshold if bias is None else bias
+        if router_path is not None:
+            routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
+            if routers.kind != kind:
+                raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
+        if routers is not None and routers.kind != kind:
+            raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
+        everyone = self.keep_ratio == 1.0 and kind != "token_choice"        # capacity 1: nothing is routed
+        self._refuse_untrained(routers is not None, everyone, random_routers)
+        if kind in GROUP_ROUTERS:
+            self._group_units(routers.units if routers is not None else group_layout(L, R, base_layers))
+        else:
+            self.units = routers.units if routers is not None else unit_layout(L)
+            self.layers_per_depth = list(range(L + 1))
+        if routers is None:                           # random_routers: gates whose decisions vary from token to token
+            routers = FrozenRouters(kind, self.hidden_size, self.units, mlp_hidden=16)
+            for gate in routers.gates:
+                nn.init.normal_(gate.net[-1].weight)
+                nn.init.zeros_(gate.net[-1].bias)
+        self.routers = routers.to(self.embed.weight.device).eval()
+        if routers.stand_ins is not None:                                     # by their weights' share
+            self.stand_in_share = n_weights(routers.stand_ins[0]) / self.layer_weights
+        self.bias = float(self.file.get("bias", 0.0) if bias is None else bias)
+        self._setup_cutoffs(everyone, router_path)
+        et = float(self.file.get("exit_threshold", 0.9) if exit_threshold is None else exit_threshold)
+        if not 0.0 < et <= 1.0:
+            raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability > "
+                             "exit_threshold, a probability in (0, 1] (1 = never).")
+        self.exit_threshold, self.exit_cutoff = et, math.log(et / (1 - et)) if et < 1 else math.inf
+        self.use_exits = bool(exits and self.routers.exit_layers and self.file.get("exits_trained", True))
+        self.unit_of = routers.unit_of if kind in ("skip", "ffn") else {}     # per-unit gates: decision 2
+        self._stops = {"expert_choice": self._stops_expert_choice, "token_choice": self._stops_token_choice}.get(
+            kind, self._stops_exit_gates)
+
+    def _setup_cutoffs(self, everyone, router_path):
+        """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs for it (else calibrate())."""
+        if everyone:
+            self.cutoffs = torch.full((len(self.units),), -math.inf)
+        elif self.keep_ratio is not None:
+            if self.router == "token_choice":
+                raise ValueError("keep_ratio is a per-unit capacity (skip, ffn, expert_choice); token-choice "
+                                 "picks a depth once: move its compute with bias (a depth bias) instead.")
+            table = self.file.get("cutoffs", {})              # tune.py: keep_ratio -> per-unit cutoffs
+            if f"{self.keep_ratio:.2f}" in table:
+                self.cutoffs = torch.tensor(table[f"{self.keep_ratio:.2f}"])
+            elif self.file:
+                raise ValueError(f"{router_path} has calibrated cutoffs for keep_ratio in "
+                                 f"{sorted(table)}; use one of those, or call calibrate(windows) on your text.")
 
     # --- one layer: HF's sub-modules and weights, our cache and attention --------------------------------------
     def _heads(self, y, norm):                          # (..., n * hd) -> (..., n, hd), Qwen3's per-head norm
@@ -657,7 +700,7 @@ class DepthAdapter:
         attn = layer.self_attn
         a = layer.input_layernorm(x)
         k, v = self._kv(attn, a, c.cos, c.sin)                                # (B*T, n_kv, hd)
-        self_k, self_v = c.run.k[l], c.run.v[l]                               # (B, n_kv, max_len, hd)
+        self_k, self_v = c.cache.k[l], c.cache.v[l]                           # (B, n_kv, max_len, hd)
         self_k[:, :, c.start:c.end] = k.unflatten(0, (c.B, c.T)).transpose(1, 2)
         self_v[:, :, c.start:c.end] = v.unflatten(0, (c.B, c.T)).transpose(1, 2)
         if attn_set is not None:                                              # before attending: a token sees itself
@@ -682,105 +725,131 @@ class DepthAdapter:
             out[idx] = fn(x[idx]).float().reshape(idx.numel(), -1)[:, 0]
         return out
 
-    def _stops(self, l, x, active, run, carry):
-        """Decision 1 at layer l: which active tokens stop here -> (B*T,) bool, or None (no decision here)."""
-        rs, u = self.routers, None
-        if self.router in GROUP_ROUTERS:
-            u = next((i for i, (a, _) in enumerate(self.units) if a == l), None)
-            if u is None:
-                return None
-        if self.router in DEFAULT_THRESHOLD:          # CALM: the state so far through the final norm and LM head
-            def sure(h):
-                logp = F.log_softmax(self.lm_head(self.norm(h)).float(), -1)
-                if self.router == "confidence":
-                    return (logp.max(-1).values.exp() >= self.threshold).float()
-                return (-(logp.exp() * logp).sum(-1) <= self.threshold).float()
-            run.head_checks += int(active.sum())
-            return self._on(sure, x, active, 0.0) > 0
-        if self.router == "token_choice":             # one choice after base_layers: depth d runs units 0..d-1
-            if u == 0:
-                bias = min(max(self.threshold, -1e9), 1e9)                    # finite: 0 * inf would be nan
-                penalty = bias * torch.arange(self.R + 1, device=x.device)
-                carry["depth"] = self._on(lambda h: (rs.gates[0](h) - penalty).argmax(-1), x, active, 0.0)
-            return active & (carry["depth"] <= u)
-        if self.router == "expert_choice":
-            return active & ~self._passes(u, x, active, run)
-        if self.routers is not None and self.use_exits and l in rs.exit_at:  # skip / ffn: trained exit gates
-            return active & (self._on(rs.exits[rs.exit_at[l]], x, active, -math.inf) > self.exit_cutoff)
-        return None
+    # decision 1 (does a token stop at layer l?), one small rule per family, chosen once in __init__:
+    # -> (B*T,) bool of the alive tokens that stop here, or None (no decision at this layer)
+    def _stops_confidence(self, l, x, alive, c, carry):   # CALM: the state so far is sure of its top token
+        return self._calm(l, x, alive, c, lambda logp: logp.max(-1).values.exp() >= self.threshold)
 
-    def _passes(self, u, x, active, run):
-        """Gate u over the active tokens -> (B*T,) bool: logit > the unit's cutoff. A calibrating prefill first
-        sets the cutoff to the (1 - keep_ratio) quantile of the logits of the tokens that reach the unit."""
-        z = self._on(self.routers.gates[u], x, active, -math.inf)
-        if run.calibrating:
-            run.cutoffs[u] = torch.quantile(z[active], 1.0 - self.keep_ratio) if bool(active.any()) else math.inf
-        return active & (z > (self.threshold if run.cutoffs is None else run.cutoffs[u]))
+    def _stops_entropy(self, l, x, alive, c, carry):      # CALM: ... or its distribution is flat enough
+        return self._calm(l, x, alive, c, lambda logp: -(logp.exp() * logp).sum(-1) <= self.threshold)
+
+    def _calm(self, l, x, alive, c, sure):
+        """At a group start: the alive tokens' states through the final norm and LM head, tested by `sure`."""
+        if l not in self.unit_at:
+            return None
+        c.head_checks += int(alive.sum())
+        test = lambda h: sure(F.log_softmax(self.lm_head(self.norm(h)).float(), -1)).float()
+        return self._on(test, x, alive, 0.0) > 0
+
+    def _stops_token_choice(self, l, x, alive, c, carry):
+        """One choice after base_layers: depth d runs units 0..d-1 (argmax_d of logit_d - bias * d)."""
+        u = self.unit_at.get(l)
+        if u is None:
+            return None
+        if u == 0:
+            bias = min(max(self.bias, -1e9), 1e9)                             # finite: 0 * inf would be nan
+            penalty = bias * torch.arange(self.n_units + 1, device=x.device)
+            carry["depth"] = self._on(lambda h: (self.routers.gates[0](h) - penalty).argmax(-1), x, alive, 0.0)
+        return alive & (carry["depth"] <= u)
+
+    def _stops_expert_choice(self, l, x, alive, c, carry):   # a gate per group: stay or stop for good
+        u = self.unit_at.get(l)
+        return None if u is None else alive & ~self._passes(u, x, alive, c)
+
+    def _stops_exit_gates(self, l, x, alive, c, carry):      # skip / ffn: trained exit gates, if any
+        rs = self.routers
+        if not self.use_exits or l not in rs.exit_at:
+            return None
+        return alive & (self._on(rs.exits[rs.exit_at[l]], x, alive, -math.inf) > self.exit_cutoff)
+
+    def _passes(self, u, x, alive, c):
+        """Gate u over the alive tokens -> (B*T,) bool: logit > the unit's cutoff (else bias). A calibrating pass
+        first sets the cutoff to the (1 - keep_ratio) quantile of the logits of the tokens that reach the unit."""
+        z, cutoffs = self._on(self.routers.gates[u], x, alive, -math.inf), c.cache.cutoffs
+        if c.calibrating:
+            cutoffs[u] = torch.quantile(z[alive], 1.0 - self.keep_ratio) if bool(alive.any()) else math.inf
+        return alive & (z > (self.bias if cutoffs is None else cutoffs[u]))
 
     # --- the one loop ----------------------------------------------------------------------------------------
-    def _forward(self, run, ids, pos, start, all_logits=False):
-        """ids, pos (B, T) fill cache slots start..start+T. -> (logits: the last position's (B, V), or every
-        position's (B, T, V) with all_logits; depth (B, T) in decision units (layers_per_depth); cost (B, T): the
-        layer-equivalents each token ran, K/V fill not included). run.h: the final states (B, T, C), before the
-        final norm (a drafter's input)."""
+    def forward_chunk(self, cache, ids, pos, start, all_logits=False):
+        """The prefill, a decode step or a verify pass: ids, pos (B, T) fill cache slots start..start+T, each token
+        through the layers its router gives it. -> Pass (every position's logits with all_logits)."""
         B, T = ids.shape
         x = self.embed(ids)                                                   # (B, T, C)
         cos, sin = self.rotary(x, pos)                                        # (B, T, hd) each
-        run.pos[:, start:start + T] = pos
-        c = _Chunk(run, start, B, T, cos, sin)
+        cache.pos[:, start:start + T] = pos
+        c = _Chunk(cache, start, B, T, cos, sin)
         x = x.flatten(0, 1)                                                   # (B*T, C): one row per token
-        if self.plan is not None:                                             # static: every token, the same layers
-            for l in self.plan:
+        if self.static_layers is not None:                                    # static: every token, the same layers
+            for l in self.static_layers:
                 x = self._layer(c, l, x, c.everyone, c.everyone)
             depth = torch.full((B * T,), self.static_depth, device=x.device)
-            cost = torch.full((B * T,), float(len(self.plan)), device=x.device)
+            cost, kv_only = torch.full((B * T,), float(len(self.static_layers)), device=x.device), 0
         else:
-            active = c.valid.clone()                    # (B*T,) not stopped; padding never runs
-            carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
-            for l in range(len(self.layers)):
-                stop = self._stops(l, x, active, run, carry)                 # decision 1: stop here?
-                if stop is not None:
-                    active = active & ~stop
-                    groups.append(active)                                     # a group starts: who runs it
-                u = self.routers.unit_of.get(l) if self.router in ("skip", "ffn") else None
-                if u is not None and self.units[u][0] == l:                   # decision 2: run this unit?
-                    unit_go = self._passes(u, x, active, run) & active
-                go = active if u is None else unit_go
-                masks = (go, go) if self.router != "ffn" else (active, go)    # ffn: attention always runs
-                if masks[0] is not last[0] or masks[1] is not last[1]:        # routing changed: repack (host sync)
-                    attn_set = sets[0] if masks[0] is last[0] else c.subset(masks[0])
-                    sets = attn_set, attn_set if masks[1] is masks[0] else c.subset(masks[1])
-                    last = masks
-                x = self._layer(c, l, x, *sets)
-                ran.append(masks)
-                if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
-                    stood.append(active & ~unit_go)                           # passed over: the unit's stand-in
-                    idx = stood[-1].nonzero()[:, 0]
-                    if idx.numel():                                           # none: adds nothing, costs nothing
-                        x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
-            # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
-            attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
-            cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
-            if stood:                                                         # stand-ins, by their weights' share
-                cost = cost + self.stand_in_share * torch.stack(stood).float().sum(0)
-            run.kv_only += int((c.valid & (attn_ran == 0)).sum())                # K/V written, nothing else run
-            depth = (torch.stack(groups).long().sum(0) if self.router in GROUP_ROUTERS   # groups run
-                     else mlp_ran.sum(0).long())                                         # layers (ffn: MLPs) run
-            run.calibrating = False
-        h = run.h = x.unflatten(0, (B, T))
-        return self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T)
+            x, depth, cost, kv_only = self._routed(c, x)
+            cache.calibrate_next = False
+        h = x.unflatten(0, (B, T))
+        return Pass(self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T), h, kv_only,
+                    c.head_checks)
+
+    def _routed(self, c, x):
+        """The routed kinds' layer loop: at each layer, decision 1 (stop here?) then decision 2 (run this unit?),
+        then the layer on the tokens that run it, packed. -> (x, depth, cost, kv_only) per token."""
+        alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
+        carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
+        for l in range(len(self.layers)):
+            stop = self._stops(l, x, alive, c, carry)                        # decision 1: stop here?
+            if stop is not None:
+                alive = alive & ~stop
+                groups.append(alive)                                          # a group starts: who runs it
+            u = self.unit_of.get(l)
+            if u is not None and self.units[u][0] == l:                       # decision 2: run this unit?
+                unit_go = self._passes(u, x, alive, c) & alive
+            go = alive if u is None else unit_go
+            masks = (alive, go) if self.attn_always else (go, go)             # ffn: attention always runs
+            if masks[0] is not last[0] or masks[1] is not last[1]:            # routing changed: repack (host sync)
+                attn_set = sets[0] if masks[0] is last[0] else c.subset(masks[0])
+                sets = attn_set, attn_set if masks[1] is masks[0] else c.subset(masks[1])
+                last = masks
+            x = self._layer(c, l, x, *sets)
+            ran.append(masks)
+            if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
+                stood.append(alive & ~unit_go)                                # passed over: the unit's stand-in
+                idx = stood[-1].nonzero()[:, 0]
+                if idx.numel():                                               # none: adds nothing, costs nothing
+                    x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
+        # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
+        attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
+        cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
+        if stood:                                                             # stand-ins, by their weights' share
+            cost = cost + self.stand_in_share * torch.stack(stood).float().sum(0)
+        kv_only = int((c.valid & (attn_ran == 0)).sum())                      # K/V written, nothing else run
+        depth = (torch.stack(groups).long().sum(0) if self.counts_groups      # groups run
+                 else mlp_ran.sum(0).long())                                  # layers (ffn: MLPs) run
+        return x, depth, cost, kv_only
+
+    def decode_step(self, cache, tok, pos, slot):
+        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A cache made with
+        compile=True (static kinds) runs _static_step compiled: depth and cost are the static plan's, no final_h."""
+        if not cache.static:
+            return self.forward_chunk(cache, tok[:, None], pos[:, None], slot)
+        dev, B = tok.device, tok.shape[0]
+        logits = self.compiled_step(cache.k, cache.v, cache.key_valid, tok[:, None], pos[:, None],
+                                    torch.full((1,), slot, device=dev)).clone()
+        return Pass(logits, torch.full((B, 1), self.static_depth, device=dev),
+                    torch.full((B, 1), float(len(self.static_layers)), device=dev), None, 0, 0)
 
     def _static_step(self, k, v, key_valid, ids, pos, slot):
-        """One decode token per row through a static plan (none, fixed, drop, exit_head) with shapes that never
+        """One decode token per row through the static layers (none, fixed, drop, exit_head) with shapes that never
         change: what torch.compile captures whole (fullgraph; a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) the
-        cache slot of this token; k, v, key_valid the _Run's pooled cache. Attention reads the WHOLE cache under a
-        mask (key valid and slot <= this slot, as gpt-fast does) instead of slicing to the current length, and the
-        new K/V are written with index_copy_: no Python int changes from step to step. -> logits (B, V)."""
+        cache slot of this token; k, v, key_valid the AdapterCache's pooled buffers. Attention reads the WHOLE cache
+        under a mask (key valid and slot <= this slot, as gpt-fast does) instead of slicing to the current length,
+        and the new K/V are written with index_copy_: no Python int changes from step to step. -> logits (B, V)."""
         x = self.embed(ids[:, 0])                                             # (B, C)
         cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
         j = torch.arange(key_valid.shape[1], device=ids.device)
         seen, masks = key_valid & (j <= slot), {}                             # (B, S)
-        for l in self.plan:
+        for l in self.static_layers:
             layer, attn, w = self.layers[l], self.layers[l].self_attn, self.windows[l]
             if w not in masks:                                                # (B, 1, 1, S) bool
                 masks[w] = (seen if w is None else seen & (j > slot - w))[:, None, None]
@@ -794,24 +863,19 @@ class DepthAdapter:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._logits(x)
 
+
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
         if self.exit_head is None:
             return self.lm_head(self.norm(h))
-        return self._spread(self.exit_head(h, self.head_weight), self.exit_head.vocab)
-
-    def _spread(self, sub, vocab):
-        """A head's logits over its vocab (..., V') -> over the model's (..., V), -inf outside: never proposed."""
-        if self.head_weight is self.lm_head.weight:
-            return sub
-        logits = sub.new_full((*sub.shape[:-1], self.lm_head.weight.shape[0]), -math.inf)
-        logits[..., vocab] = sub
-        return logits
+        return spread(self.exit_head(h, self.head_weight), self.head_vocab, self.lm_head.weight.shape[0])
 
     # --- generation ------------------------------------------------------------------------------------------
-    def _start(self, input_ids, attention_mask, max_new_tokens, extra=0, static=False):
-        """Checks and the cache for one batch of sequences; `extra` slots past the end (speculative decoding: a row
-        that kept fewer drafts is realigned behind the longest and verifies past its end). -> (run, ids, pos, mask)."""
+    def new_cache(self, input_ids, attention_mask=None, max_new_tokens=0, extra=0, compile=False):
+        """Checks and the cache for one batch of sequences, input_ids (B, T0) left-padded where attention_mask has
+        zeros, with room for max_new_tokens; `extra` slots past the end (speculative decoding: a row that kept fewer
+        drafts is realigned behind the longest and verifies past its end). compile: static kinds decode with
+        _static_step under torch.compile. -> (cache, ids on the device, position ids (B, T0), mask (B, T0) bool)."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
@@ -823,12 +887,15 @@ class DepthAdapter:
         if ctx and T0 + max_new_tokens > ctx:
             raise ValueError(f"the prompt is {T0} tokens and {max_new_tokens} more are asked for, but the model's "
                              f"context is {ctx} positions: shorten the prompt or ask for fewer tokens.")
+        static = compile and self.static_layers is not None   # routed kinds decide from the data: they stay eager
+        if static and self.compiled_step is None:
+            mode = "reduce-overhead" if dev.type == "cuda" else None
+            self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
         key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
-        return _Run(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
-
-    def _summary(self, depth, cost, run):
+        return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
+    def _summary(self, depth, cost, kv_only, head_checks):
         """Depth histogram (router.py's depth_summary) of the tokens given, with the layer calls they really made
         (layer-equivalents: attention alone counts attn_share of a layer) and the K/V-only fill."""
         stats = depth_summary(depth, self.layers_per_depth)
@@ -836,8 +903,8 @@ class DepthAdapter:
         stats["layer_calls"] = float(cost.sum())
         stats["compute_saved_pct"] = 100.0 * (1 - stats["layer_calls"] / max(stats["tokens"] * L, 1))
         stats["layer_calls_full"] = stats["tokens"] * L
-        stats.update(kv_only_layer_calls=run.kv_only, kv_share=self.kv_share, attn_share=self.attn_share,
-                     head_checks=run.head_checks, head_share=self.head_share)
+        stats.update(kv_only_layer_calls=kv_only, kv_share=self.kv_share, attn_share=self.attn_share,
+                     head_checks=head_checks, head_share=self.head_share)
         return stats
 
     @torch.no_grad()
@@ -849,9 +916,9 @@ class DepthAdapter:
             raise ValueError(f"calibrate() sets keep_ratio's per-unit cutoffs (skip, ffn, expert_choice at "
                              f"keep_ratio < 1); router={self.router!r} at keep_ratio={self.keep_ratio} has none.")
         self.cutoffs = None
-        run, ids, pos, _ = self._start(windows, None, 0)
-        self._forward(run, ids, pos, 0)
-        self.cutoffs = run.cutoffs.cpu()
+        cache, ids, pos, _ = self.new_cache(windows)
+        self.forward_chunk(cache, ids, pos, 0)
+        self.cutoffs = cache.cutoffs.cpu()
         return self.cutoffs
 
     @torch.no_grad()
@@ -862,57 +929,43 @@ class DepthAdapter:
         if self.keep_ratio is not None and self.cutoffs is None and self.router in ROUTER_KINDS:
             raise ValueError("prefill_logits is teacher forcing and needs causal routing; keep_ratio < 1 without "
                              "calibrated cutoffs would take them from this very text. Call calibrate(windows) first.")
-        run, ids, pos, mask = self._start(input_ids, attention_mask, 0)
-        logits, depth, cost = self._forward(run, ids, pos, 0, all_logits=True)
-        return logits.float(), self._summary(depth[mask].cpu(), cost[mask].cpu(), run)
+        cache, ids, pos, mask = self.new_cache(input_ids, attention_mask)
+        out = self.forward_chunk(cache, ids, pos, 0, all_logits=True)
+        return out.logits.float(), self._summary(out.depth[mask].cpu(), out.cost[mask].cpu(), out.kv_only,
+                                                 out.head_checks)
+
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 eos_token_id=None, return_trace=False, return_logits=False, speculative=None, adapt_k=False,
-                 lookup=0, compile=False):
-        """Prefill + decode with our cache. input_ids (B, T0), left-padded when attention_mask has zeros.
-        speculative=K: this adapter drafts K tokens per cycle and the full model verifies them: the output is the
-        full model's own, at any router (speculative.speculate; lookup=n: prompt-lookup drafts). compile: static
-        routers (none, fixed, drop, exit_head) decode with _static_step under torch.compile (fullgraph; CUDA graphs on
-        a GPU), the same tokens as eager; routed kinds decide from the data, so their decode stays eager.
+                 eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
+                 adapt_k=None, lookup=None):
+        """Prefill + decode with our cache: new_cache, forward_chunk over the prompt, then decode_step per token.
+        input_ids (B, T0), left-padded when attention_mask has zeros. compile: static kinds (none, fixed, drop,
+        exit_head) decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as
+        eager; routed kinds decide from the data, so their decode stays eager. Speculative decoding (the full
+        model's output, drafted by this adapter) is speculative.generate(adapter, ids, K=4).
 
         Returns (output_ids (B, T0 + new), stats): _summary over the generated tokens that went through the decode
         loop (all but the last, which is never fed back), prompt_tokens / prompt_mean_depth, prefill_s, decode_s
         (from the first sample to the end), tokens_per_s = B * new / decode_s, ms_per_token, easy/medium/hard
         (confidence, entropy), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
         float32 with return_logits. Rows that emit eos_token_id continue with it; all done: generation stops."""
-        if lookup and speculative is None:
-            raise ValueError("lookup=n drafts for speculative decoding: pass speculative=K (tokens per cycle) too.")
-        if self.router == "drafter" and speculative is None:
-            raise ValueError("router='drafter' only drafts for speculative decoding: pass speculative=K (sample.py "
-                             "--speculative=4); its text is then the full model's. no_skip=True decodes without it.")
-        if speculative is not None:
-            if return_trace:
-                raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the "
-                                 "verify pass), so there is no per-token depth to trace; speculative decoding reports "
-                                 "the draft's acceptance instead.")
-            from speculative import speculate        # its own file, which builds on this one
-            return speculate(self, input_ids, attention_mask, max_new_tokens, speculative, adapt_k, temperature,
-                             top_k, eos_token_id, return_logits, lookup)
-        step = None
-        if compile and self.plan is not None:
-            if self.compiled_step is None:
-                mode = "reduce-overhead" if self.embed.weight.device.type == "cuda" else None
-                self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
-            step = self.compiled_step
-        run, ids, pos, mask = self._start(input_ids, attention_mask, max_new_tokens, static=step is not None)
+        if speculative is not None or adapt_k is not None or lookup is not None:
+            raise ValueError(SPECULATIVE_MOVED)
+        cache, ids, pos, mask = self.new_cache(input_ids, attention_mask, max_new_tokens, compile=compile)
         dev, (B, T0) = ids.device, ids.shape
         out = ids.new_empty(B, T0 + max_new_tokens)
         out[:, :T0] = ids
         t0 = now(dev)
-        logits, prompt_depth, _ = self._forward(run, ids, pos, 0)
+        step = prompt = self.forward_chunk(cache, ids, pos, 0)               # the prefill
         t1 = now(dev)
         next_pos, done = pos[:, -1] + 1, torch.zeros(B, dtype=torch.bool, device=dev)
         depths, costs, step_logits, n_new = [], [], [], 0
+        kv_only, head_checks = prompt.kv_only, prompt.head_checks
         for i in range(max_new_tokens):
             if return_logits:
-                step_logits.append(logits.float())
-            next_id = sample_next(logits, temperature, top_k)[:, 0]           # (B,)
+                step_logits.append(step.logits.float())
+            next_id = sample_next(step.logits, temperature, top_k)[:, 0]      # (B,)
             if eos_token_id is not None:
                 next_id = next_id.masked_fill(done, eos_token_id)
                 done |= next_id == eos_token_id
@@ -920,35 +973,42 @@ class DepthAdapter:
             n_new = i + 1
             if n_new == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            if step is not None:                      # static plan, compiled: depth and cost are the plan's
-                logits = step(run.k, run.v, run.key_valid, next_id[:, None], next_pos[:, None],
-                              torch.full((1,), T0 + i, device=dev)).clone()
-                depth = torch.full((B, 1), self.static_depth, device=dev)
-                cost = torch.full((B, 1), float(len(self.plan)), device=dev)
-            else:
-                logits, depth, cost = self._forward(run, next_id[:, None], next_pos[:, None], T0 + i)
-            depths.append(depth)
-            costs.append(cost)
-            next_pos = next_pos + 1
+            step = self.decode_step(cache, next_id, next_pos, T0 + i)         # one token per row, slot T0 + i
+            depths.append(step.depth)
+            costs.append(step.cost)
+            kv_only, head_checks, next_pos = kv_only + step.kv_only, head_checks + step.head_checks, next_pos + 1
         t2 = now(dev)
+        stats = self._decode_stats(prompt.depth, depths, costs, kv_only, head_checks, mask, n_new, (t0, t1, t2),
+                                   return_trace)
+        if return_logits:
+            stats["logits"] = torch.stack(step_logits, 1)
+        return out[:, :T0 + n_new], stats
+
+    def _decode_stats(self, prompt_depth, depths, costs, kv_only, head_checks, mask, n_new, times, return_trace):
+        """generate()'s stats: the generated tokens' depths and costs (lists of (B, 1)), the prompt's depths."""
+        (B, T0), (t0, t1, t2) = mask.shape, times
         gen = torch.cat(depths, 1).cpu() if depths else torch.zeros(B, 0, dtype=torch.long)   # (B, steps)
-        stats = self._summary(gen.flatten(), torch.cat(costs, 1).cpu() if costs else torch.zeros(0), run)
+        stats = self._summary(gen.flatten(), torch.cat(costs, 1).cpu() if costs else torch.zeros(0), kv_only,
+                              head_checks)
         prompt_depth = prompt_depth.cpu()[mask.cpu()]
-        stats.update(router=self.router, R=self.R, base_layers=self.base_layers, batch=B, new_tokens=n_new,
+        stats.update(router=self.router, R=self.n_units, base_layers=self.base_layers, batch=B, new_tokens=n_new,
                      prompt_tokens=prompt_depth.numel(), prompt_mean_depth=float(prompt_depth.float().mean()),
                      prefill_s=t1 - t0, decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
                      ms_per_token=1000 * (t2 - t1) / max(n_new, 1), random_routers=self.random_routers)
-        if self.router in DEFAULT_THRESHOLD:  # exit point in the first / middle / last third of the groups (or never)
-            frac = gen.float() / self.R
+        if self.threshold is not None:  # CALM: exit point in the first / middle / last third of the groups (or never)
+            frac = gen.float() / self.n_units
             stats.update(easy=int((frac < 1 / 3).sum()), medium=int(((frac >= 1 / 3) & (frac < 2 / 3)).sum()),
                          hard=int((frac >= 2 / 3).sum()))
         if return_trace:
             prompt = [(b, t) for b, t in mask.cpu().nonzero().tolist()]
             stats["trace"] = [(b, t, d) for (b, t), d in zip(prompt, prompt_depth.tolist())] + [
                 (b, T0 + i, int(gen[b, i])) for i in range(gen.shape[1]) for b in range(B)]
-        if return_logits:
-            stats["logits"] = torch.stack(step_logits, 1)
-        return out[:, :T0 + n_new], stats
+        return stats
+
+
+def n_weights(module):
+    return sum(p.numel() for p in module.parameters())
+
 
 def now(device):
     if device.type == "cuda":

@@ -18,9 +18,10 @@ from csv import writer as csv_writer
 import torch
 
 import data
+import hf_wrap
+import speculative as spec
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
                           write_prometheus, write_stats_csv)
-from hf_wrap import read_router_file
 
 def write_depth_csv(summary, path):
     """One row per depth: depth, tokens, fraction."""
@@ -49,26 +50,27 @@ csv = ""                        # write the depth histogram to this CSV (diffusi
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
 # the Hugging Face adapter (hf_wrap.py)
 router = "none"                 # none | fixed | confidence | entropy | drop (hf_wrap.ROUTERS), or the trained
-                                # kinds: skip | ffn | expert_choice | token_choice | exit_head | drafter (--routers
-                                # sets it; exit_head and drafter are speculative drafts)
+                                # kinds: skip | ffn | expert_choice | token_choice | exit_head (--routers sets it;
+                                # exit_head is a speculative draft; a drafter file is one too, for --speculative)
 R = 4                           # groups the routed layers are split into (fixed, confidence, entropy)
 base_layers = 2                 # layers every token runs before routing starts
 keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit, from the
                                 # file's calibrated cutoffs (0.1 .. 0.9); None: the threshold decides
 depth = None                    # fixed: groups every token runs (0..R)
-threshold = None                # confidence: top-1 prob; entropy: nats; trained routers: the logit bias (a gate
-                                # passes when its logit > bias; higher = fewer layers). None: default / the file's
+threshold = None                # CALM's exit test: confidence: a top-1 probability; entropy: nats. None: default
+bias = None                     # trained routers: the logit bias (a gate passes when its logit > bias; higher =
+                                # fewer layers). None: the file's
 routers = ""                    # a router file from tune.py (its kind and model are inside: --hf optional)
 random_routers = False          # run the trained kinds with untrained routers: speed measurements only
 exit_threshold = None           # trained exit gates: exit when the gate > this (None = the file's)
 no_exits = False                # ignore trained exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
-speculative = 0                 # K > 0: the router drafts K tokens, the full model verifies them all in one pass:
+speculative = 0                 # K > 0: the router (or a drafter file) drafts K tokens, the full model verifies them:
                                 # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
 lookup = 0                      # speculative: n > 0 drafts by prompt lookup (the tokens that followed the last n tokens
                                 # earlier in the text, no model call; README), else the router drafts
-adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection (measured
-                                # to pay on SmolLM2, README)
+adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection
+                                # (measured to pay on SmolLM2, README)
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
@@ -139,48 +141,64 @@ def save_depths(stats):
         plot_depth_hist(stats, plot)
 
 
-if routers and (not hf or router == "none") and not no_skip:
-    # ---- a router file says which router it is; a tuned one also which model it belongs to -----
-    import hf_wrap
+def read_routers():
+    """--routers: the file records its format (trained routers, an exit head, a drafter) and, once tuned, its
+    model. -> (router, hf, whether it is a drafter: a draft source of speculative decoding, not a router)."""
     try:
-        router_file = read_router_file(routers)
+        blob = hf_wrap.read_router_file(routers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    router = router_file["router"] if router == "none" else router
-    hf = hf or router_file.get("model", "")
-    if not hf:
+    is_drafter = blob["format"] == hf_wrap.DRAFTER_FILE_FORMAT
+    kind = "none" if is_drafter else blob["router"] if router == "none" else router
+    if not (hf or blob.get("model")):
         raise SystemExit(f"error: {routers} does not record its model: pass --hf <the model it was trained for>")
+    return kind, hf or blob.get("model"), is_drafter
 
-if hf:
-    # ---- a Hugging Face model through the depth-adaptive adapter --------------------
-    import hf_wrap
-    hf_dtype = {"auto": "bfloat16" if device_type == "cuda" else "float32"}.get(config["dtype"], config["dtype"])
-    model, tok = data.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
-    if tok is None:
-        raise SystemExit(f"error: {hf} has no tokenizer, so a text prompt cannot be encoded")
-    try:
-        adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else router, R=R, base_layers=base_layers,
-                                       keep_ratio=keep_ratio, depth=depth, threshold=threshold,
-                                       router_path=routers or None,
-                                       exit_threshold=exit_threshold, exits=not no_exits,
-                                       random_routers=random_routers)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+
+def hf_prompt(tok):
+    """The prompt in the model's tokens (its chat template when it has one), num_samples rows on the device."""
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
     if use_chat:
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    ctx_len = getattr(model.config, "max_position_embeddings", None)
-    if ctx_len and ids.shape[1] + max_new_tokens > ctx_len:
-        raise SystemExit(f"error: the prompt is {ids.shape[1]} tokens and max_new_tokens is {max_new_tokens}, "
-                         f"but {hf} has a context of {ctx_len}: shorten the prompt or ask for fewer tokens")
-    ids = ids.to(device).repeat(num_samples, 1)
+    return ids.to(device).repeat(num_samples, 1)          # too long for the context: new_cache says so
+
+
+def sample_hf(kind, is_drafter):
+    """A Hugging Face model through the depth-adaptive adapter (router `kind`), or, with --speculative, drafted by
+    it (or by a drafter file, or prompt lookup) and verified by the full model."""
+    global bias, threshold
+    if kind in hf_wrap.ROUTER_KINDS and threshold is not None:    # the old spelling, for one release
+        print(f"note: --threshold for trained routers is deprecated: it is their logit bias, --bias={threshold}")
+        bias, threshold = threshold, None
+    if lookup and not speculative:
+        raise SystemExit(f"error: --lookup={lookup} drafts for speculative decoding: pass --speculative=K (tokens per "
+                         "cycle) too, e.g. --speculative=4.")
+    if is_drafter and not speculative:
+        raise SystemExit(f"error: {routers} is a drafter: it only drafts for speculative decoding: pass "
+                         "--speculative=K (sample.py --speculative=4); its text is then the full model's. --no_skip "
+                         "decodes without it.")
+    hf_dtype = {"auto": "bfloat16" if device_type == "cuda" else "float32"}.get(config["dtype"], config["dtype"])
+    model, tok = data.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
+    if tok is None:
+        raise SystemExit(f"error: {hf} has no tokenizer, so a text prompt cannot be encoded")
     try:
-        out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
-                                      top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
-                                      speculative=speculative or None, adapt_k=adapt_k, lookup=lookup)
+        adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else kind, R=R, base_layers=base_layers,
+                                       keep_ratio=keep_ratio, depth=depth, threshold=threshold, bias=bias,
+                                       router_path=None if is_drafter else routers or None,
+                                       exit_threshold=exit_threshold, exits=not no_exits,
+                                       random_routers=random_routers)
+        drafter = spec.load_drafter(routers, model, hf_wrap.TUNE_COMMAND)[0] if is_drafter else None
+        ids = hf_prompt(tok)
+        if speculative:
+            out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
+                                       temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,
+                                       lookup=lookup, drafter=drafter, return_trace=return_depth_trace)
+        else:
+            out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
+                                          top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     for row in out:
@@ -193,19 +211,27 @@ if hf:
         print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
               + ("only; the full model verified every token, so the text is still its own" if speculative else
                  "only; the text and the depths mean nothing"))
-    if speculative:   # every kept token is the full model's: show what the draft bought
-        draft = f"{adapter.router} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
-            f", else {adapter.router})" if adapter.router != "none" else ")")
-        print(f"speculative decoding, {draft} ({stats['draft_layers']:.1f} layers per model draft), "
-              f"K={speculative}" + (f" adaptive: final {stats['k_final']}, mean {stats['k_mean']:.2f}" if adapt_k else "")
-              + f": {stats['acceptance_rate']:.1%} of {stats['drafted']} drafts accepted, {stats['tokens_per_cycle']:.2f} "
-              f"tokens per cycle over {stats['cycles']} cycles; draft {stats['draft_s']:.2f} s, verify "
-              f"{stats['verify_s']:.2f} s")
-        if csv:
-            write_stats_csv(stats, csv)
-        if prometheus:
-            write_prometheus(stats, prometheus)
-        raise SystemExit(0)
+    (print_speculative if speculative else print_routed)(adapter, stats, tok, out)
+
+
+def print_speculative(adapter, stats, tok, out):
+    """Every kept token is the full model's: show what the draft bought."""
+    source = stats["draft"]
+    draft = f"{source} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
+        f", else {source})" if source != "none" else ")")
+    print(f"speculative decoding, {draft} ({stats['draft_layers']:.1f} layers per model draft), "
+          f"K={speculative}" + (f" adaptive: final {stats['k_final']}, mean {stats['k_mean']:.2f}" if adapt_k else "")
+          + f": {stats['acceptance_rate']:.1%} of {stats['drafted']} drafts accepted, {stats['tokens_per_cycle']:.2f} "
+          f"tokens per cycle over {stats['cycles']} cycles; draft {stats['draft_s']:.2f} s, verify "
+          f"{stats['verify_s']:.2f} s")
+    if csv:
+        write_stats_csv(stats, csv)
+    if prometheus:
+        write_prometheus(stats, prometheus)
+
+
+def print_routed(adapter, stats, tok, out):
+    """The depths the adapter's tokens ran to, and what decided them."""
     trace = None
     if return_depth_trace:
         row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]
@@ -214,7 +240,7 @@ if hf:
     if "easy" in stats:
         print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
     if adapter.routers is not None:   # trained routers: what decided, and the K/V-only work they left
-        cut = f"keep_ratio {keep_ratio} (calibrated cutoffs)" if keep_ratio else f"bias {adapter.threshold:.4g}"
+        cut = f"keep_ratio {keep_ratio} (calibrated cutoffs)" if keep_ratio else f"bias {adapter.bias:.4g}"
         print(f"  {adapter.router} routers: {cut}; exit gates "
               + (f"at layers {adapter.routers.exit_layers}, exit_threshold {adapter.exit_threshold}"
                  if adapter.use_exits else "off")
@@ -222,8 +248,11 @@ if hf:
     save_depths(stats)
     if prometheus:
         write_prometheus(stats, prometheus)
-else:
-    # ---- our own checkpoint ------------------------------------------------------
+
+
+def sample_checkpoint():
+    """One of our own checkpoints: autoregressive sampling with its depths, or (a masked-diffusion checkpoint)
+    refinement; export_hf writes it out as a transformers folder instead."""
     from configurator import load_checkpoint
     from model import MoR, MoRConfig, export_hf as export
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
@@ -237,7 +266,7 @@ else:
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         print(f"wrote a transformers LlamaForCausalLM to {export_hf}: python sample.py --hf {export_hf}")
-        raise SystemExit(0)
+        return
     try:
         ids = tok.encode(prompt)
     except ValueError as e:
@@ -247,28 +276,7 @@ else:
                          f"{model.config.block_size} tokens (block_size): shorten it")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     if diffusion or model.config.mask_token >= 0:
-        # ---- a masked-diffusion checkpoint: a fully masked continuation, refined (diffusion.py) ----
-        from dataclasses import fields
-        import hf_wrap
-        from diffusion import AdaptiveRefiner, RefinementConfig, describe_stats
-        try:
-            settings = {f.name: config[f.name] for f in fields(RefinementConfig) if config[f.name] is not None}
-            refiner = AdaptiveRefiner(RefinementConfig.preset(preset, **{
-                **settings, "temperature": 0.8 if temperature is None else temperature}))
-            with ctx:
-                out = refiner.generate(model, x, max_new_tokens)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-        for row in out:
-            print(tok.decode(row.tolist()))
-            print("---------------")
-        stats = refiner.get_stats()
-        print(describe_stats(stats))
-        if csv:
-            write_stats_csv(stats, csv)
-        if prometheus:
-            write_prometheus(stats, prometheus, prefix="nanomor_diffusion")
-        raise SystemExit(0)
+        return sample_diffusion(model, tok, x)
     t0 = time.time()
     with ctx:
         out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
@@ -286,3 +294,43 @@ else:
         trace = ([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist())
     print_depths(stats, *(trace or ()))
     save_depths(stats)
+
+
+def sample_diffusion(model, tok, x):
+    """A masked-diffusion checkpoint: a fully masked continuation, refined (diffusion.py)."""
+    from dataclasses import fields
+    from diffusion import AdaptiveRefiner, RefinementConfig, describe_stats
+    try:
+        settings = {f.name: config[f.name] for f in fields(RefinementConfig) if config[f.name] is not None}
+        refiner = AdaptiveRefiner(RefinementConfig.preset(preset, **{
+            **settings, "temperature": 0.8 if temperature is None else temperature}))
+        with ctx:
+            out = refiner.generate(model, x, max_new_tokens)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    for row in out:
+        print(tok.decode(row.tolist()))
+        print("---------------")
+    stats = refiner.get_stats()
+    print(describe_stats(stats))
+    if csv:
+        write_stats_csv(stats, csv)
+    if prometheus:
+        write_prometheus(stats, prometheus, prefix="nanomor_diffusion")
+
+
+# -----------------------------------------------------------------------------
+# a router file says what it is (and which model it belongs to); --hf: the adapter; else our own checkpoint
+kind, is_drafter = router, False
+if router == "drafter":                                   # the old spelling, for one release
+    print("note: --router=drafter is deprecated: a drafter is a draft source of speculative decoding, not a router; "
+          "--routers=<its file> --speculative=K is enough (the file says it is a drafter)")
+    if not routers:
+        raise SystemExit("error: --router=drafter needs --routers=<a drafter file from tune.py --drafter=True>")
+    kind = router = "none"
+if routers and (not hf or router == "none") and not no_skip:
+    kind, hf, is_drafter = read_routers()
+if hf:
+    sample_hf(kind, is_drafter)
+else:
+    sample_checkpoint()

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import configurator
 import data
 import hf_wrap
+import speculative
 from data import corpus_ids, load_hf, text_windows, train_val_text
 from hf_wrap import DepthAdapter
 
@@ -90,7 +91,7 @@ target_tol = 0.005              # the search stops within this of the target lay
 # a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
 exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
-# or a drafter (hf_wrap.Drafter) on the full model's final state, trained by KL to its next distributions
+# or a drafter (speculative.Drafter) on the full model's final state, trained by KL to its next distributions
 drafter = False                 # True: tune a drafter
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
@@ -158,7 +159,7 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
             w, carry = routers.continue_weights(u, x, carry, hard)
             weights.append(w)
             w, x_unit = w.to(x.dtype), x
-        window = DepthAdapter._window(model.config, l)
+        window = hf_wrap.layer_window(model.config, l)
         if window not in masks:
             masks[window] = _causal_mask(T, window, x)
         x_in = x
@@ -456,11 +457,11 @@ def calibrate_cutoffs(decided, keep_ratios, calib):
 
 
 def search_bias(decided, calib, val, batch_size, target, tol, full_val):
-    """Bisection (search_cutoff) on the bias until decided(threshold=bias)'s layer-call ratio on calib is within
+    """Bisection (search_cutoff) on the bias until decided(bias=bias)'s layer-call ratio on calib is within
     tol of target. -> (bias, the search's numbers, held-out ones too)."""
-    measure = lambda v: eval_ppl(decided(threshold=v), calib, batch_size)
+    measure = lambda v: eval_ppl(decided(bias=v), calib, batch_size)
     bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
-    held, full_ppl = eval_ppl(decided(threshold=bias), val, batch_size), math.exp(full_val)
+    held, full_ppl = eval_ppl(decided(bias=bias), val, batch_size), math.exp(full_val)
     print(f"target layer-call ratio {target:.3f} (speedup {1 / target:.2f}x in layer calls): bias "
           f"{bias:.4g} gives {found['layer_ratio']:.3f} on calibration text"
           f"{'' if reached else ' (the closest reachable: not within target_tol)'}; held-out text: ratio "
@@ -519,7 +520,7 @@ def tune_routers(cfg):
                              cfg["router_mlp_hidden"])
     print_plan(cfg, model, routers, len(train_ids), len(val_ids))
     full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
-    decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, threshold=0.0, exits=False,
+    decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, bias=0.0, exits=False,
                                 exit_threshold=cfg["exit_threshold"])        # the adapter on these routers
 
     def save(**extra):
@@ -648,17 +649,16 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
 @torch.no_grad()
 def _final_states(model, windows, batch_size):
     """The full model's final states over windows (N, T), before the final norm: (N, T, C), through the adapter's
-    own full-depth loop (run.h), which is what a drafter reads when it drafts."""
+    own full-depth loop (Pass.final_h), which is what a drafter reads when it drafts."""
     full, out = DepthAdapter(model, no_skip=True), []
     for i in range(0, len(windows), batch_size):
-        run, ids, pos, _ = full._start(windows[i:i + batch_size], None, 0)
-        full._forward(run, ids, pos, 0)
-        out.append(run.h)
+        cache, ids, pos, _ = full.new_cache(windows[i:i + batch_size])
+        out.append(full.forward_chunk(cache, ids, pos, 0).final_h)
     return torch.cat(out)
 
 
 def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, extra_ids=None, **job):
-    """A draft for speculative decoding on the full model's final state, base frozen: hf_wrap.Drafter (MLP width
+    """A draft for speculative decoding on the full model's final state, base frozen: speculative.Drafter (MLP width
     `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the text's
     next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to
     the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full
@@ -669,7 +669,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
     block_size, batch_size = job["block_size"], job["batch_size"]
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, steps
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
-    drafter = hf_wrap.new_drafter(model, vocab, hidden)
+    drafter = speculative.new_drafter(model, vocab, hidden)
     W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
     Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
     wins, vwin = _draft_windows(train_ids, block_size, windows, dev), val[:, :-1].to(dev)
@@ -715,7 +715,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
         return result
 
     loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, wins, idx.to(dev))) / D
-    _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, hf_wrap.save_drafter, path, **job)
+    _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, speculative.save_drafter, path, **job)
 
 
 # -----------------------------------------------------------------------------

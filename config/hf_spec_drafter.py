@@ -2,7 +2,7 @@
 #   python tune.py config/hf_spec_drafter.py            # ~20 min on 2 CPU cores (8 of them: the answers)
 #   python sample.py --routers=out-spec-drafter-greedy/routers.pt --speculative=4 --lookup=3 \
 #       --prompt="Explain photosynthesis simply."
-# router.Drafter: from the full model's final state and the token it chose, a small MLP steps a state forward and the
+# speculative.Drafter: from the full model's final state and the token it chose, a small MLP steps a state forward and the
 # LM head's rows for the most frequent tokens of the tuning text give the next draft; trained by KL divergence to the
 # full model's own distributions, drafter_steps tokens in a row. No layer of the model runs to draft.
 # Measured on the 2-core AMD EPYC CPU: the answers took 8.2 min, the base states 1.6 min, the 400 steps ~11 min. On

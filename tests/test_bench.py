@@ -46,3 +46,11 @@ def test_gpu_script_runs_at_a_tiny_size_on_the_cpu(tmp_path):
     decode = [r for r in rows if r["table"] == "decode"]
     assert {r["model"] for r in decode} == {"vanilla", "MoR-3 expert-choice", "MoR-4 expert-choice"}
     assert all(float(r["spread %"]) >= 0 and float(r["ideal"]) >= 1 for r in decode)
+
+
+def test_speculative_mode_is_its_own():
+    """--mode=hf is the adapter at random shapes; with --hf (a real model's speculative decoding, the old form) it
+    is an error that names --mode=spec, before any model loads."""
+    p = subprocess.run([sys.executable, "bench.py", "--mode=hf", "--hf=smollm2-135m", "--routers=a.pt"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "--mode=spec --hf=smollm2-135m --routers=a.pt" in p.stderr

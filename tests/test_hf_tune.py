@@ -232,7 +232,7 @@ def test_straight_through_forward_is_inference(kind):
     with torch.no_grad():
         logits, w, _ = soft_forward(model, r, ids, hard=True)
     assert is_0_or_1(w)
-    ad = DepthAdapter(model, router=kind, routers=r, threshold=0.0)
+    ad = DepthAdapter(model, router=kind, routers=r, bias=0.0)
     routed, st = ad.prefill_logits(ids)
     torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
     assert 0 < st["compute_saved_pct"] < 100
@@ -252,16 +252,16 @@ def test_stand_ins_train_as_they_run(kind):
     cached decode, with each stand-in counted in the layer calls at its weights' share."""
     model = tiny("llama")
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    plain = DepthAdapter(model, router=kind, routers=spread_routers(kind), threshold=0.0).prefill_logits(ids)
+    plain = DepthAdapter(model, router=kind, routers=spread_routers(kind), bias=0.0).prefill_logits(ids)
     fresh = spread_routers(kind, stand_in_rank=8)
     for s in fresh.stand_ins:
         torch.nn.init.zeros_(s.up.weight)
-    torch.testing.assert_close(DepthAdapter(model, router=kind, routers=fresh, threshold=0.0).prefill_logits(ids)[0],
+    torch.testing.assert_close(DepthAdapter(model, router=kind, routers=fresh, bias=0.0).prefill_logits(ids)[0],
                                plain[0])
     r = spread_routers(kind, stand_in_rank=8)
     with torch.no_grad():
         logits, w, _ = soft_forward(model, r, ids, hard=True)
-    ad = DepthAdapter(model, router=kind, routers=r, threshold=0.0)
+    ad = DepthAdapter(model, router=kind, routers=r, bias=0.0)
     routed, st = ad.prefill_logits(ids)
     torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
     assert (routed - plain[0]).abs().max() > 1e-3                 # the stand-ins did something
@@ -340,7 +340,7 @@ def test_tuning_freezes_the_base_byte_for_byte(tmp_path, monkeypatch):
     assert -30 <= blob["bias"] <= 30
     # the file's bias (and exit gates) reproduce the search's measurement on its calibration windows
     ad = DepthAdapter(model, router="skip", router_path=path)
-    assert ad.threshold == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
+    assert ad.bias == blob["bias"] and ad.use_exits and ad.exit_threshold == cfg["exit_threshold"]
     train_ids, _ = data.corpus_ids(tok, cfg["dataset"])
     calib = data.text_windows(train_ids, cfg["block_size"], cfg["calib_windows"],
                               torch.Generator().manual_seed(cfg["seed"] + 2))
@@ -366,7 +366,7 @@ def test_tuning_each_kind_loads_and_generates(kind, tmp_path, monkeypatch):
     assert blob["bias"] == 0.0 and not blob["exits_trained"]                   # no target: bias 0
     assert ("cutoffs" in blob) == (kind != "token_choice")
     ad = DepthAdapter(model, router=kind, router_path=path)
-    assert not ad.random_routers and ad.routers.kind == kind and ad.units == units and ad.threshold == 0.0
+    assert not ad.random_routers and ad.routers.kind == kind and ad.units == units and ad.bias == 0.0
     ids = torch.tensor([tok(TEXT[:40])["input_ids"]])
     out, st = ad.generate(ids, max_new_tokens=12)
     assert out.shape == (1, ids.shape[1] + 12) and torch.equal(out[:, :ids.shape[1]], ids)
@@ -431,7 +431,7 @@ def test_teacher_forced_logits_equal_decode(arch):
     every decoded position: the routing is causal and the skip / exit K/V fills agree across chunks."""
     model = tiny(arch)
     r = spread_routers(exit_layers=(3, 4))
-    ad = DepthAdapter(model, router="skip", routers=r, threshold=0.0, exit_threshold=0.7)
+    ad = DepthAdapter(model, router="skip", routers=r, bias=0.0, exit_threshold=0.7)
     ids, mask = prompts(3)
     out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=40, return_logits=True)
     assert 0 < st["compute_saved_pct"] < 100 and st["kv_only_layer_calls"] > 0
@@ -458,10 +458,10 @@ def test_skip_extremes_are_exact():
     model = tiny("llama")
     r = spread_routers()
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
-    opened, st = DepthAdapter(model, router="skip", routers=r, threshold=-math.inf).prefill_logits(ids)
+    opened, st = DepthAdapter(model, router="skip", routers=r, bias=-math.inf).prefill_logits(ids)
     torch.testing.assert_close(opened, model(ids).logits, atol=1e-4, rtol=1e-4)
     assert st["compute_saved_pct"] == pytest.approx(0, abs=1e-6) and st["kv_only_layer_calls"] == 0
-    shut, st = DepthAdapter(model, router="skip", routers=r, threshold=math.inf).prefill_logits(ids)
+    shut, st = DepthAdapter(model, router="skip", routers=r, bias=math.inf).prefill_logits(ids)
     routed = [l for a, b in r.units for l in range(a, b)]
     dropped, st_drop = DepthAdapter(model, router="drop", drop_layers=routed).prefill_logits(ids)
     torch.testing.assert_close(shut, dropped, atol=1e-5, rtol=1e-5)
@@ -477,7 +477,7 @@ def test_every_gate_open_is_the_model(kind):
     model = tiny("llama")
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     bias = -1e9 if kind == "token_choice" else -math.inf
-    opened, st = DepthAdapter(model, router=kind, routers=spread_routers(kind), threshold=bias).prefill_logits(ids)
+    opened, st = DepthAdapter(model, router=kind, routers=spread_routers(kind), bias=bias).prefill_logits(ids)
     torch.testing.assert_close(opened, model(ids).logits, atol=1e-4, rtol=1e-4)
     assert st["compute_saved_pct"] == pytest.approx(0, abs=1e-6) and st["kv_only_layer_calls"] == 0
 
@@ -486,7 +486,7 @@ def test_token_choice_bias_minus_inf_is_full_depth():
     model = tiny("llama")
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
     _, st = DepthAdapter(model, router="token_choice", routers=spread_routers("token_choice"),
-                         threshold=-math.inf).prefill_logits(ids)
+                         bias=-math.inf).prefill_logits(ids)
     assert st["depth_hist"][-1] == st["tokens"]
 
 
@@ -498,7 +498,7 @@ def test_ffn_runs_attention_for_every_token():
     ids, mask = prompts(3)
     n = int(mask.sum())
     counter = RowCounter(model)
-    _, st = DepthAdapter(model, router="ffn", routers=r, threshold=0.0).prefill_logits(ids, attention_mask=mask)
+    _, st = DepthAdapter(model, router="ffn", routers=r, bias=0.0).prefill_logits(ids, attention_mask=mask)
     counter.remove()
     routed = {l for a, b in r.units for l in range(a, b)}
     for l in range(LAYERS):
@@ -511,7 +511,7 @@ def test_ffn_runs_attention_for_every_token():
     assert st["mean_depth"] * n == pytest.approx(mlp)
     # every gate shut: attention alone at the routed layers, and not the model any more
     counter = RowCounter(model)
-    _, st = DepthAdapter(model, router="ffn", routers=r, threshold=math.inf).prefill_logits(ids, attention_mask=mask)
+    _, st = DepthAdapter(model, router="ffn", routers=r, bias=math.inf).prefill_logits(ids, attention_mask=mask)
     counter.remove()
     assert all(counter.rows[l, "mlp.gate_proj"] == 0 and counter.rows[l, "self_attn.q_proj"] == n for l in routed)
     assert st["kv_only_layer_calls"] == 0
@@ -590,7 +590,7 @@ def test_target_search_converges():
     model = tiny("llama")
     r = spread_routers()
     windows = torch.randint(0, VOCAB, (8, 33), generator=torch.Generator().manual_seed(6))
-    make = lambda b: DepthAdapter(model, router="skip", routers=r, threshold=b)
+    make = lambda b: DepthAdapter(model, router="skip", routers=r, bias=b)
     measure = lambda b: tune.eval_ppl(make(b), windows)
     b, found, reached = tune.search_cutoff(measure, -30.0, 30.0, 0.6, tol=0.01)
     assert reached and abs(found["layer_ratio"] - 0.6) <= 0.01
@@ -640,9 +640,9 @@ def test_router_file_round_trip(kind, tmp_path):
     for (ka, a), (kb, b) in zip(r.state_dict().items(), loaded.state_dict().items()):
         assert ka == kb and torch.equal(a, b), ka
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
-    want, _ = DepthAdapter(model, router=kind, routers=r, threshold=0.25, exit_threshold=0.8).prefill_logits(ids)
+    want, _ = DepthAdapter(model, router=kind, routers=r, bias=0.25, exit_threshold=0.8).prefill_logits(ids)
     ad = DepthAdapter(model, router=kind, router_path=path)                  # the file's bias by default
-    assert ad.threshold == 0.25
+    assert ad.bias == 0.25
     torch.testing.assert_close(ad.prefill_logits(ids)[0], want)
 
 
@@ -656,7 +656,7 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
     for a, b in zip(r.parameters(), loaded.parameters()):
         assert torch.equal(a, b)
     ad = DepthAdapter(model, router="skip", router_path=path)                 # the file's bias and exits by default
-    assert ad.threshold == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
+    assert ad.bias == 0.4 and ad.exit_threshold == 0.8 and ad.use_exits
     ids = torch.tensor([tok("KING:")["input_ids"]])
     out, st = ad.generate(ids, max_new_tokens=12)
     want = tok.decode(out[0, ids.shape[1]:])

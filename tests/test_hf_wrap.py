@@ -301,11 +301,11 @@ def test_router_file_round_trip(tmp_path):
     a = DepthAdapter(model, router="expert_choice", R=3, random_routers=True)
     hf_wrap.save_routers(path, a.routers, model.config, model="tiny", bias=0.25)
     b = DepthAdapter(model, router="expert_choice", router_path=path)
-    assert not b.random_routers and b.units == a.units and b.threshold == 0.25
+    assert not b.random_routers and b.units == a.units and b.bias == 0.25
     for pa, pb in zip(a.routers.parameters(), b.routers.parameters()):
         assert torch.equal(pa, pb)
     ids, mask = prompts(3)
-    b.threshold = a.threshold = 0.0
+    b.bias = a.bias = 0.0
     out_a, st_a = a.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
     out_b, st_b = b.generate(ids, attention_mask=mask, max_new_tokens=12, return_trace=True)
     assert torch.equal(out_a, out_b) and st_a["trace"] == st_b["trace"]
@@ -334,6 +334,47 @@ def test_bad_arguments():
     ids, mask = prompts(3)
     with pytest.raises(ValueError, match="LEFT"):
         DepthAdapter(model).generate(ids, attention_mask=mask.flip(1))
+
+
+def test_renamed_arguments_name_the_new_ones():
+    """threshold is CALM's (a trained router's knob is bias, the old use maps for one release with a note),
+    exit_layer is the exit head's layer (depth is fixed's group count), a drafter is no router kind, and
+    speculative decoding has its own entry point: each error names the new spelling."""
+    model = tiny("llama")
+    with pytest.warns(FutureWarning, match="bias=0.5"):
+        assert DepthAdapter(model, router="skip", threshold=0.5, random_routers=True).bias == 0.5
+    for kwargs, match in [(dict(router="entropy", bias=0.5), "threshold="), (dict(router="drafter"), "load_drafter"),
+                          (dict(router="exit_head", depth=2, random_routers=True), "exit_layer=")]:
+        with pytest.raises(ValueError, match=match):
+            DepthAdapter(model, **kwargs)
+    assert DepthAdapter(model, router="exit_head", exit_layer=2, random_routers=True).static_layers == (0, 1)
+    for kwargs in (dict(speculative=4), dict(lookup=3), dict(adapt_k=True)):
+        with pytest.raises(ValueError, match=r"speculative\.generate\(adapter"):
+            DepthAdapter(model).generate(prompts(1)[0], max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("kw", [dict(router="none"), dict(router="fixed", R=3, depth=2),
+                                dict(router="confidence", threshold=0.2),
+                                dict(router="skip", random_routers=True)])
+def test_prefill_plus_decode_steps_equal_one_full_pass(kw):
+    """The public primitives compose: new_cache, forward_chunk over the prompt, then decode_step per token (what
+    generate() runs) give the logits, depths and costs of one forward_chunk over the whole sequence, at left padding."""
+    model = tiny("llama")
+    ad = DepthAdapter(model, **kw)
+    ids, mask = prompts(3)
+    out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=6, return_logits=True)
+    cache, x, pos, m = ad.new_cache(ids, mask, max_new_tokens=6)
+    first = ad.forward_chunk(cache, x, pos, 0)
+    steps = [ad.decode_step(cache, out[:, ids.shape[1] + i], pos[:, -1] + 1 + i, ids.shape[1] + i) for i in range(5)]
+    torch.testing.assert_close(torch.stack([first.logits] + [s.logits for s in steps], 1), st["logits"])
+    full_mask = torch.cat([mask, torch.ones_like(out[:, ids.shape[1]:])], 1)
+    cache, x, pos, _ = ad.new_cache(out[:, :-1], full_mask[:, :-1])
+    whole = ad.forward_chunk(cache, x, pos, 0, all_logits=True)
+    torch.testing.assert_close(whole.logits[:, ids.shape[1] - 1:], st["logits"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(whole.depth[:, ids.shape[1]:], torch.cat([s.depth for s in steps], 1))
+    torch.testing.assert_close(whole.cost[:, ids.shape[1]:], torch.cat([s.cost for s in steps], 1))
+    assert whole.final_h.shape == (*out[:, :-1].shape, model.config.hidden_size)
+    assert whole.kv_only == first.kv_only + sum(s.kv_only for s in steps)
 
 
 def test_load_hf_errors_and_local_dir(tmp_path, monkeypatch, capsys):
