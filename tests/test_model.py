@@ -116,14 +116,19 @@ def test_generate_past_the_context_and_errors():
 
 
 def test_the_docstring_loop_is_the_code():
-    """model.py's docstring shows MoR.forward's loop line for line, so the two cannot drift."""
+    """model.py's docstring and the README show MoR.forward's loop line for line, so they cannot drift."""
     import inspect
+    import os
     import textwrap
     import model
+    code = textwrap.dedent(inspect.getsource(MoR.forward))
     doc = model.__doc__
     at = doc.index("    h = self._run(h, everyone, plan.prelude")
     loop = textwrap.dedent(doc[at:doc.index("\n\n", at)])
-    assert loop.count("\n") >= 8 and textwrap.indent(loop, "    ") in textwrap.dedent(inspect.getsource(MoR.forward))
+    assert loop.count("\n") >= 8 and textwrap.indent(loop, "    ") in code
+    readme = open(os.path.join(os.path.dirname(model.__file__), "README.md")).read()
+    at = readme.index("```python\n") + len("```python\n")
+    assert textwrap.indent(readme[at:readme.index("```", at)], "    ") in code
 
 
 @pytest.mark.parametrize("sharing,R,L,expect", [
