@@ -34,23 +34,17 @@ The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
         depth[act.flat] += 1                                        # depth: the steps a token ran
     h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
-_route asks the router and packs the tokens it keeps into an ActiveSet; _run gathers
-them, x_in = h[act.flat] (N, d), runs the layers on them and scatters x_in + g * (x - x_in)
-back into h.
+_route packs the tokens the router keeps into an ActiveSet; _run gathers them from h,
+x_in = h[act.flat] (N, d), runs the layers on them and scatters the gated result back.
 
-The gate. A pre-norm block returns x = h + f(h), where f(h) is everything the step's
-layers add to the residual stream (attention and MLP outputs, summed over the block's
-layers). A routed token is updated h <- h + g * f(h), which the code computes as
-x_in + g * (x - x_in). g is the router's score for that token (router.py): for
-expert-choice g = alpha * sigmoid(logit), with alpha = 0.1 as in the paper, so a
-token moves at most a tenth of the way the block pushes it. A small alpha does not
-make the recursion weak: the block's output projections are trained under the gate
-and can grow to compensate. What the gate buys is a gradient for the router (top-k
-itself has none): a token with a higher score gets more of the block's update, so
-the LM loss tells the router which tokens gained from the step. With alpha small,
-the router's early random preferences barely change the residual stream, so the
-block can learn first. Token-choice gates only a token's last step, by the
-probability of the depth it chose.
+The gate. The layers return x = h + f(h), f(h) being all they add to the residual
+stream; a routed token gets h <- h + g * f(h), computed as x_in + g * (x - x_in). g is
+the router's score (router.py): for expert-choice g = alpha * sigmoid(logit), alpha = 0.1
+as in the paper. The gate gives the router a gradient (top-k has none): a token with a
+higher score takes more of the update, so the LM loss tells the router which tokens
+gained from the step. A small alpha keeps the router's early random preferences from
+disturbing the block while it learns; its output projections grow to compensate.
+Token-choice gates only a token's last step, by the probability of the depth it chose.
 """
 import math
 from dataclasses import dataclass
@@ -67,35 +61,32 @@ from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summ
 # -----------------------------------------------------------------------------
 # Depth-wise batching: the tokens that run one step, packed (ActiveSet), and where (Site)
 #
-# Linear layers and the MLP run on packed [N, d] rows with no padding at all.
-# Attention needs a rectangle: each batch row that has active tokens becomes one grid
-# row of width K = its largest active count. Expert-choice keeps the same count in
-# every row, so the grid is exactly full and packing is a free .view(). Token-choice
-# (and threshold routing at inference) keeps different counts per row: the gaps are
-# zero-padded. A row's real tokens fill its first grid slots and pads come after
-# them, so a causal mask over grid slots is already exact for the real tokens; the
-# pads' outputs are dropped. We pad only here, inside attention, because a varlen
-# kernel does not run on the CPU and flex_attention compiles per mask shape.
+# Linear layers and the MLP run on the packed [N, d] rows, unpadded. Attention needs a
+# rectangle: each batch row with active tokens becomes a grid row of width K = the
+# largest active count. Expert-choice keeps the same count in every row, so the grid is
+# full and packing is a free .view(). Token-choice (and threshold routing at inference)
+# keeps ragged counts: the gaps are zero-padded after each row's real tokens, so a causal
+# mask over grid slots is exact for the real tokens; the pads' outputs are dropped. We pad
+# only inside attention: a varlen kernel does not run on the CPU, and flex_attention
+# compiles per mask shape.
 
 @dataclass
 class ActiveSet:
-    """The tokens of one forward call ([B, T] tokens, flattened) that run a step.
-
-    Tokens are listed row by row, in position order, so causal order survives packing.
-    """
-    flat: torch.Tensor         # [N] index into the call's B*T tokens (the gather/scatter index)
-    row: torch.Tensor          # [N] batch row of each token (a cache row for continuous batching)
+    """The tokens of one forward call ([B, T], flattened) that run a step, listed row by
+    row in position order, so causal order survives packing."""
+    flat: torch.Tensor         # [N] index into the call's B*T tokens (gather/scatter)
+    row: torch.Tensor          # [N] batch row of each token
     rank: torch.Tensor         # [N] rank of the token among its row's active tokens
     pos: torch.Tensor          # [N] absolute position (rotary angle, causal masks)
-    rows: torch.Tensor         # [n_rows] batch rows with at least one active token
+    rows: torch.Tensor         # [n_rows] batch rows with an active token
     counts: torch.Tensor       # [n_rows] active tokens in each of those rows
-    qpos: torch.Tensor         # [n_rows, K] position at each grid slot (pads: later than everything)
-    grid_index: Optional[torch.Tensor]   # [N] flat grid slot of each token; None when the grid is full
+    qpos: torch.Tensor         # [n_rows, K] position at each grid slot (pads: after everything)
+    grid_index: Optional[torch.Tensor]   # [N] grid slot of each token; None: the grid is full
     B: int                     # rows of the call
-    T: int                     # tokens per row in the call
+    T: int                     # tokens per row
     K: int                     # grid width: the most active tokens in any row
     all_rows: bool             # rows == every batch row, in order
-    start: int                 # position of the call's first token (tokens already in the cache)
+    start: int                 # position of the call's first token (tokens already cached)
 
     @property
     def n(self):
@@ -107,12 +98,12 @@ class ActiveSet:
 
     @staticmethod
     def everyone(B, T, start, device):
-        """All B*T tokens: unshared layers, vanilla layers, and steps that keep everyone."""
+        """All B*T tokens (unshared layers, vanilla, steps that keep everyone)."""
         return ActiveSet._full(torch.arange(B * T, device=device), B, T, T, start)
 
     @staticmethod
     def _full(flat, B, T, K, start):
-        """Every row keeps K tokens, flat [B*K] row by row: a full grid, built with no host sync."""
+        """Every row keeps K tokens, flat [B*K]: a full grid, built with no host sync."""
         dev = flat.device
         pos = start + flat % T
         rows = torch.arange(B, device=dev)
@@ -121,12 +112,9 @@ class ActiveSet:
                          grid_index=None, B=B, T=T, K=K, all_rows=True, start=start)
 
     def subset(self, keep, per_row=None):
-        """The tokens of this set where keep [N] is True (hierarchical selection), and the
-        index of each kept token in this set [N'].
-
-        per_row: every row keeps exactly this many (expert-choice top-k on a full grid).
-        The result is then a full grid again, built without reading the mask on the host.
-        """
+        """The tokens where keep [N] is True (hierarchical selection), and their index in
+        this set [N']. per_row: every row keeps exactly this many (expert-choice top-k), so
+        the result is a full grid again, built without reading the mask on the host."""
         if per_row is not None:
             assert self.grid_index is None and self.all_rows, "per-row selection needs a full grid"
             # a stable descending sort puts each row's kept slots first, in position order
@@ -140,7 +128,7 @@ class ActiveSet:
 
     @staticmethod
     def _from_mask(mask, start):
-        """Any subset: mask [B, T] bool. Rows may keep different counts (ragged)."""
+        """Any subset, mask [B, T] bool; rows may be ragged."""
         B, T = mask.shape
         dev = mask.device
         per_row = mask.sum(1)                                    # [B]
@@ -161,9 +149,9 @@ class ActiveSet:
 
 
 class Site(NamedTuple):
-    """One layer application: Site('pre', None, i) and Site('post', None, i) for the unshared
-    first and last layers, Site('rec', r, j) for layer j of the shared block at step r (step
-    None in continuous batching, where each token's step is folded into its cache row)."""
+    """One layer application: Site('pre'|'post', None, i) for unshared layer i, Site('rec', r, j)
+    for layer j of the shared block at step r (None in continuous batching: the step is in
+    each token's cache row)."""
     part: str
     step: Optional[int]
     index: int
@@ -200,7 +188,7 @@ class Attention(nn.Module):
         cos, sin = rope
         q = apply_rope(self.q_proj(x).view(N, self.n_head, self.head_dim), cos, sin)   # (N, nh, hd)
         k = v = None
-        if kv.wants_kv(site):  # share-first: deeper steps reuse step 0's K/V, no projections
+        if kv.wants_kv(site):  # share-first deeper steps project no K/V
             k = apply_rope(self.k_proj(x).view(N, self.n_kv_head, self.head_dim), cos, sin)  # (N, nkv, hd)
             v = self.v_proj(x).view(N, self.n_kv_head, self.head_dim)
         return self.o_proj(kv.attend(site, q, k, v, act))
@@ -389,8 +377,8 @@ def gather(h, act):
 
 class MoR(nn.Module):
     def __init__(self, config, router=None):
-        """router: a router module to use instead of the one config.router names (bench.py
-        passes a forced-depth router this way). It must follow router.py's interface."""
+        """router: a module with router.py's interface, to use instead of the one
+        config.router names (bench.py's forced-depth router)."""
         super().__init__()
         self.config = cfg = config
         self.plan = layer_plan(cfg.n_layer, cfg.n_recursion, cfg.sharing)
@@ -441,13 +429,10 @@ class MoR(nn.Module):
     def forward(self, idx, targets=None, kv=None, rule=None, last_only=False, run_only=None):
         """idx [B, T] token ids -> (logits [B, T, V], loss or None).
 
-        kv:   a KVCache to continue from (generation), or None for a whole-sequence pass.
-        rule: how expert-choice picks tokens: 'topk' (training; sees the whole sequence)
-              or 'causal' (threshold / aux router; what generation uses). Default:
-              'topk' in train mode, 'causal' in eval mode. Token-choice is causal always.
-        run_only: [B, T] bool, the only tokens that run (None: all). kv serves the others'
-              K/V from an earlier call (diffusion.py's refinement passes); their logits are
-              meaningless.
+        kv:   a KVCache to continue from (generation); None: a whole-sequence pass.
+        rule: expert-choice's 'topk' or 'causal' (router.py); default 'topk' in train mode.
+        run_only: [B, T] bool, the only tokens that run (None: all); kv serves the others'
+              K/V from an earlier call (diffusion.py). Their logits are meaningless.
         """
         cfg, plan = self.config, self.plan
         B, T = idx.shape
@@ -460,7 +445,7 @@ class MoR(nn.Module):
         state = RouteState(B * T)
         h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
-        if run_only is not None:                                 # diffusion.py: the others' K/V are in kv
+        if run_only is not None:
             everyone = everyone.subset(run_only.view(-1))[0]
         h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
         act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
@@ -477,7 +462,7 @@ class MoR(nn.Module):
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        reached = getattr(kv, "reached", None)                  # a KVCache's FLOP counter (kv_cache.py)
+        reached = getattr(kv, "reached", None)                  # KVCache's FLOP counter
         self.last_forward = ForwardInfo(depth, state, start, reached, h.shape[1], run_only)
         if kv is not None:
             kv.advance(depth)
@@ -489,22 +474,21 @@ class MoR(nn.Module):
         return logits, loss
 
     def _route(self, r, h, act, state, rule):
-        """Ask step r's router (router.py) which of last step's tokens `act` run step r.
-        Returns them, packed (an ActiveSet), and their gates (None: ungated)."""
+        """Which of last step's tokens `act` run step r (router.py): them, packed, and their
+        gates (None: ungated)."""
         if self.router is None:
             return act, None                                      # every token runs every step
         route = self.router(r, gather(h, act), act, state, rule)
         gate = route.gate
-        if route.keep is not None:                                # hierarchical: a subset of last step's tokens
-            act, picked = act.subset(route.keep, route.per_row)   # picked: their index among last step's
+        if route.keep is not None:                                # hierarchical: a subset of act
+            act, picked = act.subset(route.keep, route.per_row)   # picked: their index in the old act
             gate = None if gate is None else gate[picked]
         state.log_step(r, act.n, state.n_tokens)
         return act, gate
 
     def _run(self, h, act, layer_ids, part, step, kv, gate=None):
-        """Depth-wise batching: gather the tokens `act` from h (B*T, d), run the layers on them
-        packed (attention among them only: kv_cache.py), apply the gate and scatter them back.
-        The other tokens keep their h and cost nothing. (ContinuousBatching runs it on Lanes.)"""
+        """Gather the tokens `act` from h (B*T, d), run the layers, gate, scatter back (the
+        module docstring). act is an ActiveSet, or Lanes in ContinuousBatching."""
         x_in = x = gather(h, act)                                 # (N, d)
         rope = self.rope(act.pos)
         for j, li in enumerate(layer_ids):
@@ -524,14 +508,11 @@ class MoR(nn.Module):
         return 2 * n * per_token
 
     def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call from what ran, as (linear, attention); the arguments are
-        ForwardInfo's fields. linear: 2 * rows * in * out over every Linear (projections,
-        MLPs, LM head). attention: 4 * d per (query, key) pair (QK^T and AV, all heads). A
-        causal query at step r sees: recursion-wise, the tokens of its row that ran step r
-        and came before it (cached ones and this call's); share-first deeper steps and
-        unshared layers, every token up to its position. A bidirectional query (masked
-        diffusion, no router) sees every token of its row.
-        """
+        """Forward FLOPs of one call, (linear, attention), from ForwardInfo's fields.
+        linear: 2 * rows * in * out over every Linear. attention: 4 * d per (query, key)
+        pair (QK^T and AV, all heads). A query at step r sees: recursion-wise, its row's
+        earlier tokens that ran step r (cached ones too); share-first deeper steps and
+        unshared layers, every earlier token; bidirectional (diffusion), its whole row."""
         cfg, plan = self.config, self.plan
         B, T = depth.shape
         pair = 4 * cfg.n_embd
@@ -600,14 +581,10 @@ class MoR(nn.Module):
     # -- generation -------------------------------------------------------------
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
-        """Sample max_new_tokens after idx [B, T0] with a KV cache. temperature 0 = greedy.
-
-        Routers decide causally (rule='causal'). When the context fills up, the cache is
-        rebuilt from the last half of the context (positions restart at 0, as in training).
-        Returns idx [B, T0 + new], plus depths [B, T0 + new] if return_depths (each
-        token's depth when it was read as input). ContinuousBatching (below) decodes the
-        same tokens with every block call a full batch.
-        """
+        """Sample max_new_tokens after idx [B, T0] with a KV cache, routing causally;
+        temperature 0 = greedy. A full context is re-prefilled from its last half (positions
+        restart at 0, as in training). Returns idx [B, T0 + new], and with return_depths
+        each token's depth when it was read as input, [B, T0 + new]."""
         B, T0 = idx.shape
         bs = self.config.block_size
         if T0 > bs:
@@ -660,42 +637,37 @@ def sample_next(logits, temperature=1.0, top_k=None):
 class ContinuousBatching:
     """Decode B sequences so that every call of the shared block is a full batch.
 
-    generate() runs step r on the rows whose token reached step r, so its calls shrink step
-    by step, and at decode a call costs about the same with 3 rows as with 32 (reading the
-    block's weights dominates). Here each sequence is a *lane* with one token in flight,
-    and one *tick* runs the shared block once on the tokens of all lanes, whatever step
-    each is at: the weights are the same at every step. Per tick, on all B lanes:
-      1. the shared block on every lane's token, each reading and writing the cache row
-         of its own step (KVCache.cache_row), and the gated update h <- h + g * f(h);
-      2. the router, step by step, says which tokens go on (router.py's one interface);
-      3. a token that stops runs the unshared last layer(s), the LM head and sampling;
+    In generate() step r runs only the rows whose token reached it, so calls shrink step by
+    step, yet at decode 3 rows cost about what 32 do (reading the weights dominates). Here
+    each sequence is a *lane* with one token in flight, and a *tick* runs the shared block
+    once on all lanes, whatever step each is at (the weights are the same). A tick:
+      1. the shared block on every lane, each at its own step's cache row (KVCache.cache_row);
+      2. the router, step by step, says which tokens go on;
+      3. a token that stops runs the last layer(s), the LM head and sampling;
       4. its sequence's next token enters: embedding, first layer(s), step-0 routing.
-    Each token sees exactly what it sees in generate(), so greedy outputs are the same.
+    Each token sees what it sees in generate(), so greedy outputs are the same.
 
-    What it saves: host syncs (none inside a tick) and shape changes (none), so
-    compile=True captures the tick whole (fullgraph; on a GPU, mode='reduce-overhead'
-    replays it as one CUDA graph), and every block call is a full batch. What it spends:
-    every lane runs every part of every tick: the shared block also on finished lanes, the
-    unshared layers, LM head and embedding also on lanes whose token neither exits nor
-    enters. run()'s stats count both: block_rows (what entered the block, B per tick) and
-    live_rows (rows of tokens in flight: the decoded tokens' depths, summed).
+    Saves: host syncs and shape changes (none in a tick), so compile=True captures the tick
+    whole (on a GPU, one CUDA graph: mode='reduce-overhead'). Spends: every lane runs every
+    part of every tick, also finished lanes and lanes that neither exit nor enter. run()'s
+    stats count both: block_rows (B per tick) and live_rows (the decoded tokens' depths).
 
-    Needs kv_mode='recursion', one block for every step (cycle or middle_cycle sharing)
-    and capacity 1 at step 0; R = 1 runs too. Sampling at temperature > 0 draws for every
-    lane, so its random stream differs from generate()'s.
+    Needs kv_mode='recursion', one block for every step (cycle or middle_cycle) and capacity
+    1 at step 0; R = 1 runs too. At temperature > 0 every lane draws, so the random stream
+    differs from generate()'s.
     """
 
     def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
         cfg, plan = model.config, model.plan
         if cfg.kv_mode != "recursion" or not (plan.n_recursion == 1 or cfg.sharing.endswith("cycle")):
-            raise ValueError("continuous depth-wise batching needs one block for every step (sharing cycle or "
-                             "middle_cycle) and kv_mode='recursion'")
+            raise ValueError("continuous batching needs sharing cycle or middle_cycle (one block for every "
+                             "step) and kv_mode='recursion'; use generate()")
         if cfg.router == "expert_choice" and cfg.capacity_schedule(plan.n_recursion)[0] < 1:
-            raise ValueError("continuous depth-wise batching needs capacity 1 at step 0")
+            raise ValueError("continuous batching needs capacity 1 at step 0; use generate()")
         B, T0 = idx.shape
         if T0 + max_new_tokens > cfg.block_size:
             raise ValueError(f"prompt ({T0}) + max_new_tokens ({max_new_tokens}) exceed block_size "
-                             f"{cfg.block_size}: continuous decoding does not re-prefill")
+                             f"{cfg.block_size}: continuous batching does not re-prefill; use generate()")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         self.model, self.idx, self.max_new = model, idx, max_new_tokens
@@ -704,7 +676,7 @@ class ContinuousBatching:
         dev = idx.device
         self.kv = KVCache(model, B)
         self.lane = torch.arange(B, device=dev)
-        # per-lane state, updated in place (so a captured graph always finds it at the same address)
+        # per-lane state, updated in place (a captured graph finds it at the same address)
         i64 = dict(dtype=torch.long, device=dev)
         self.out = torch.zeros(B, max_new_tokens, **i64)       # generated tokens
         self.n_out = torch.ones(B, **i64)                      # tokens generated per lane
@@ -714,7 +686,7 @@ class ContinuousBatching:
         self.step = torch.zeros(B, **i64)                      # the step it runs next
         self.gate = torch.ones(B, device=dev)                  # its gate at that step
         self.live_rows = torch.zeros((), **i64)                # block rows of live tokens, summed
-        self.state = RouteState(B)                             # token-choice: each lane's chosen depth
+        self.state = RouteState(B)                             # token-choice: each lane's depth
         self.state.depth = torch.zeros(B, **i64)
         self.state.prob = torch.ones(B, device=dev)
         self.tick = self._tick
@@ -726,9 +698,9 @@ class ContinuousBatching:
     def run(self):
         """Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
         m = self.model
-        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill, as in generate()
+        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill
         self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
-        if self.idx.device.type == "cuda":     # let a CUDA graph mutate the state and the cache in place
+        if self.idx.device.type == "cuda":     # a CUDA graph mutates the state and cache in place
             caches = [x for st in self.kv.stores.values() for x in (st.k, st.v, st.pos, st.length)]
             for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.live_rows,
                       self.state.depth, self.state.prob, *caches]:
@@ -766,7 +738,7 @@ class ContinuousBatching:
         """One call of the shared block on every lane, then exits and entries."""
         m, plan = self.model, self.model.plan
         live = self.n_out < self.max_new                                  # lanes with a token in flight
-        # 1. the shared block (the same at every step), each token at its own step's cache row
+        # 1. the shared block, each token at its own step's cache row
         lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
         gate = self.gate if self.gated else None
         self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, gate))
@@ -789,7 +761,7 @@ class ContinuousBatching:
         nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
         at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
         self.out[at] = torch.where(done, nxt, self.out[at])
-        read = (self.lane, self.n_out - 1)                               # the token that just finished its depth
+        read = (self.lane, self.n_out - 1)                               # the token that just finished
         self.depths[read] = torch.where(done, self.step, self.depths[read])
         self.n_out.add_(done.long())
         self.pos.add_(done.long())
@@ -804,9 +776,10 @@ class ContinuousBatching:
 def export_hf(model, out_dir, tokenizer=None):
     """Write a transformers LlamaForCausalLM directory (config, safetensors, tokenizer).
 
-    Only a vanilla model (sharing='none', no router) has a Llama equivalent. Our
-    module names are Llama's, so the state dict maps by adding the 'model.' prefix.
-    tokenizer: a data.Tokenizer (its to_hf() gives a transformers tokenizer), or None.
+    Only a vanilla model (sharing='none', no router) has a Llama equivalent; our module
+    names are Llama's, so the state dict maps by the 'model.' prefix. tokenizer: a
+    data.Tokenizer (to_hf() gives a transformers tokenizer), or None.
+
     """
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = model.config
