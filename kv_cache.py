@@ -34,11 +34,11 @@ import torch.nn.functional as F
 class Lanes(NamedTuple):
     """ContinuousBatching's lanes (model.py), all of them in every call: shapes never change,
     so a compiled call is captured once (a CUDA graph on a GPU)."""
-    flat: torch.Tensor        # [B] lane ids, index into per-lane state, like ActiveSet.flat
-    row: torch.Tensor         # [B] the sequence of each lane (= flat), like ActiveSet.row
-    pos: torch.Tensor         # [B] position of each lane's token
-    cache_row: torch.Tensor   # [B] the cache row each lane reads and writes at this layer
-    write: torch.Tensor       # [B] bool: lanes whose K/V are kept; the others leave nothing
+    flat: torch.Tensor       # [B] lane ids, index into per-lane state, like ActiveSet.flat
+    row: torch.Tensor        # [B] the sequence of each lane (= flat), like ActiveSet.row
+    pos: torch.Tensor        # [B] position of each lane's token
+    cache_row: torch.Tensor  # [B] the cache row each lane reads and writes at this layer
+    write: torch.Tensor      # [B] bool: lanes whose K/V are kept; the others leave nothing
 
     @property
     def n(self):
@@ -86,12 +86,12 @@ class SequenceKV:
 
     def attend(self, site, q, k, v, active):
         """q [N, H, hd]; k, v [N, Hkv, hd] or None (share-first deeper step). Returns [N, H*hd]."""
-        qg = to_grid(q, active).transpose(1, 2)                           # (rows, H, K, hd)
+        qg = to_grid(q, active).transpose(1, 2)  # (rows, H, K, hd)
         if shares_first(self.kv_mode, site):
-            kg, vg, key_pos = self.first[site.index]   # every token's: a query sees all positions <= its own
+            kg, vg, key_pos = self.first[site.index]  # every token's: a query sees all positions <= its own
             if not active.all_rows:
                 kg, vg = kg[active.rows], vg[active.rows]
-            mask = key_pos.view(1, 1, 1, -1) <= active.qpos[:, None, :, None]   # (rows, 1, K, T)
+            mask = key_pos.view(1, 1, 1, -1) <= active.qpos[:, None, :, None]  # (rows, 1, K, T)
             y = sdpa(qg, kg, vg, mask if self.causal else None, dropout_p=self.dropout_p)
         else:
             kg, vg = to_grid(k, active).transpose(1, 2), to_grid(v, active).transpose(1, 2)
@@ -117,7 +117,7 @@ class _Store:
         self.k = torch.zeros(rows, n_kv_head, max_len + 1, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(rows, max_len + 1, dtype=torch.long, device=device)  # position of each entry
-        self.length = torch.zeros(rows, dtype=torch.long, device=device)        # valid entries per row
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)  # valid entries per row
         self.bound = {}    # row offset -> host-side upper bound on length (read with no sync)
         self.uniform = {}  # row offset -> True while every row holds the same entries
 
@@ -137,8 +137,8 @@ class KVCache:
         self.max_len = cfg.block_size
         self.n_kv_head, self.head_dim = cfg.n_kv_head, cfg.n_embd // cfg.n_head
         self.R = model.plan.n_recursion
-        self.stores = {}   # (part, index) -> _Store, created on first write
-        self.seq_len = 0   # tokens fed so far: the next token's position
+        self.stores = {}  # (part, index) -> _Store, created on first write
+        self.seq_len = 0  # tokens fed so far: the next token's position
         # the FLOP counter model.py's count_flops reads: tokens of each row that ran step r, [B, R]
         self.reached = torch.zeros(batch_size, self.R, dtype=torch.long, device=model.rope_cos.device)
 
@@ -146,7 +146,7 @@ class KVCache:
         """Record a finished forward call: depth [B, T] of its tokens."""
         self.seq_len += depth.shape[1]
         steps = torch.arange(self.R, device=depth.device)
-        self.reached = self.reached + (depth[..., None] > steps).sum(1)   # new tensor: old counts stay valid
+        self.reached = self.reached + (depth[..., None] > steps).sum(1)  # new tensor: old counts stay valid
 
     def cache_row(self, step, lane):
         """The recursion-wise cache row of sequence `lane` at `step` (ContinuousBatching)."""
@@ -169,18 +169,18 @@ class KVCache:
         if k is not None:
             self._write(key, off, k, v, active)
         st = self.stores[key]
-        L = st.bound[off]                                                # upper bound on keys per row
-        rows = slice(off, off + self.B) if active.all_rows else active.rows + off   # a slice: a view, no copy
+        L = st.bound[off]  # upper bound on keys per row
+        rows = slice(off, off + self.B) if active.all_rows else active.rows + off  # a slice: a view, no copy
         kg, vg, lengths, key_pos = st.k[rows, :, :L], st.v[rows, :, :L], st.length[rows], st.pos[rows, :L]
-        qg = to_grid(q, active).transpose(1, 2)                          # (rows, H, K, hd)
+        qg = to_grid(q, active).transpose(1, 2)  # (rows, H, K, hd)
         is_causal, mask = False, None
         if active.grid_index is None and st.uniform[off] and L == active.K:
-            is_causal = True   # the rows hold exactly this call's tokens: plain causal attention
+            is_causal = True  # the rows hold exactly this call's tokens: plain causal attention
         elif not (active.T == 1 and st.uniform[off]):
             # a key is visible if it exists in its row and is not in the future (one new token
             # per row over equal-length rows is the latest, sees every entry: no mask)
-            valid = torch.arange(L, device=q.device) < lengths[:, None]                              # (rows, L)
-            mask = (valid[:, None, :] & (key_pos[:, None, :] <= active.qpos[:, :, None]))[:, None]   # (rows,1,K,L)
+            valid = torch.arange(L, device=q.device) < lengths[:, None]                             # (rows, L)
+            mask = (valid[:, None, :] & (key_pos[:, None, :] <= active.qpos[:, :, None]))[:, None]  # (rows,1,K,L)
         y = sdpa(qg, kg, vg, mask, is_causal=is_causal)
         return from_grid(y.transpose(1, 2), active).flatten(1)
 
@@ -193,7 +193,7 @@ class KVCache:
         if st.bound.get(off, 0) + active.K > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} tokens); generate() re-prefills before this")
         row = active.row + off
-        at = st.length[row] + active.rank                                # write index inside each row
+        at = st.length[row] + active.rank  # write index inside each row
         st.k[row, :, at] = k.to(st.k.dtype)
         st.v[row, :, at] = v.to(st.v.dtype)
         st.pos[row, at] = active.pos
@@ -205,17 +205,17 @@ class KVCache:
         """One query per lane against its own cache row, shapes fixed: new K/V go to the end of
         the row (lanes that keep nothing write the scratch slot), every row is read in full with
         its empty slots masked. No host sync, no Python state."""
-        st = self.stores[(site.part, site.index)]       # prefill created every store
+        st = self.stores[(site.part, site.index)]  # prefill created every store
         rows = lanes.cache_row
         if k is not None:
-            at = torch.where(lanes.write, st.length[rows], self.max_len)   # (B,) write slot
+            at = torch.where(lanes.write, st.length[rows], self.max_len)  # (B,) write slot
             st.k[rows, :, at] = k.to(st.k.dtype)
             st.v[rows, :, at] = v.to(st.v.dtype)
             st.pos[rows, at] = lanes.pos
             st.length[rows] = st.length[rows] + lanes.write.long()
         # every entry of a lane's row is this sequence, at this step, at or before this position
-        visible = torch.arange(self.max_len + 1, device=q.device) < st.length[rows][:, None]   # (B, L)
-        y = sdpa(q[:, :, None], st.k[rows], st.v[rows], visible[:, None, None, :])            # (B, H, 1, hd)
+        visible = torch.arange(self.max_len + 1, device=q.device) < st.length[rows][:, None]  # (B, L)
+        y = sdpa(q[:, :, None], st.k[rows], st.v[rows], visible[:, None, None, :])  # (B, H, 1, hd)
         return y.flatten(1)
 
     # -- memory accounting: bytes of K/V actually held ---------------------------

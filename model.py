@@ -74,19 +74,19 @@ from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summ
 class ActiveSet:
     """The tokens of one forward call ([B, T], flattened) that run a step, listed row by
     row in position order, so causal order survives packing."""
-    flat: torch.Tensor         # [N] index into the call's B*T tokens (gather/scatter)
-    row: torch.Tensor          # [N] batch row of each token
-    rank: torch.Tensor         # [N] rank of the token among its row's active tokens
-    pos: torch.Tensor          # [N] absolute position (rotary angle, causal masks)
-    rows: torch.Tensor         # [n_rows] batch rows with an active token
-    counts: torch.Tensor       # [n_rows] active tokens in each of those rows
-    qpos: torch.Tensor         # [n_rows, K] position at each grid slot (pads: after everything)
-    grid_index: Optional[torch.Tensor]   # [N] grid slot of each token; None: the grid is full
-    B: int                     # rows of the call
-    T: int                     # tokens per row
-    K: int                     # grid width: the most active tokens in any row
-    all_rows: bool             # rows == every batch row, in order
-    start: int                 # position of the call's first token (tokens already cached)
+    flat: torch.Tensor    # [N] index into the call's B*T tokens (gather/scatter)
+    row: torch.Tensor     # [N] batch row of each token
+    rank: torch.Tensor    # [N] rank of the token among its row's active tokens
+    pos: torch.Tensor     # [N] absolute position (rotary angle, causal masks)
+    rows: torch.Tensor    # [n_rows] batch rows with an active token
+    counts: torch.Tensor  # [n_rows] active tokens in each of those rows
+    qpos: torch.Tensor    # [n_rows, K] position at each grid slot (pads: after everything)
+    grid_index: Optional[torch.Tensor]  # [N] grid slot of each token; None: the grid is full
+    B: int                # rows of the call
+    T: int                # tokens per row
+    K: int                # grid width: the most active tokens in any row
+    all_rows: bool        # rows == every batch row, in order
+    start: int            # position of the call's first token (tokens already cached)
 
     @property
     def n(self):
@@ -131,13 +131,13 @@ class ActiveSet:
         """Any subset, mask [B, T] bool; rows may be ragged."""
         B, T = mask.shape
         dev = mask.device
-        per_row = mask.sum(1)                                    # [B]
-        rows = per_row.nonzero().squeeze(1)                      # rows with any active token
-        flat = mask.view(-1).nonzero().squeeze(1)                # row-major: causal order kept
+        per_row = mask.sum(1)                      # [B]
+        rows = per_row.nonzero().squeeze(1)        # rows with any active token
+        flat = mask.view(-1).nonzero().squeeze(1)  # row-major: causal order kept
         n_rows, N = rows.numel(), flat.numel()
         K = int(per_row.max()) if N else 0
         row, t = flat // T, flat % T
-        rank = torch.arange(N, device=dev) - (per_row.cumsum(0) - per_row)[row]   # rank inside the row
+        rank = torch.arange(N, device=dev) - (per_row.cumsum(0) - per_row)[row]  # rank inside the row
         grid_row = torch.zeros(B, dtype=torch.long, device=dev)
         grid_row[rows] = torch.arange(n_rows, device=dev)
         grid_index = grid_row[row] * K + rank
@@ -186,7 +186,7 @@ class Attention(nn.Module):
         """x [N, d] packed active tokens -> [N, d]. kv (kv_cache.py) decides which keys they see."""
         N = x.shape[0]
         cos, sin = rope
-        q = apply_rope(self.q_proj(x).view(N, self.n_head, self.head_dim), cos, sin)   # (N, nh, hd)
+        q = apply_rope(self.q_proj(x).view(N, self.n_head, self.head_dim), cos, sin)  # (N, nh, hd)
         k = v = None
         if kv.wants_kv(site):  # share-first deeper steps project no K/V
             k = apply_rope(self.k_proj(x).view(N, self.n_kv_head, self.head_dim), cos, sin)  # (N, nkv, hd)
@@ -231,8 +231,8 @@ class LayerPlan:
     n_shared: int
     n_post: int
     n_recursion: int
-    steps: list        # steps[r] = indices into the unique layers for recursion step r
-    n_dropped: int     # layers of the vanilla count that do not fit the sharing pattern
+    steps: list     # steps[r] = indices into the unique layers for recursion step r
+    n_dropped: int  # layers of the vanilla count that do not fit the sharing pattern
 
     @property
     def n_unique(self):
@@ -240,11 +240,11 @@ class LayerPlan:
 
     @property
     def prelude(self):
-        return list(range(self.n_pre))                        # unique-layer indices of the first layer(s)
+        return list(range(self.n_pre))  # unique-layer indices of the first layer(s)
 
     @property
     def coda(self):
-        return list(range(self.n_pre + self.n_shared, self.n_unique))   # ... and of the last layer(s)
+        return list(range(self.n_pre + self.n_shared, self.n_unique))  # ... and of the last layer(s)
 
     @property
     def full_depth_layers(self):
@@ -269,14 +269,14 @@ def layer_plan(n_layer, R, sharing):
         raise ValueError(f"sharing={sharing!r} with n_layer={n_layer} leaves {inner} layers for "
                          f"{R} recursions: need n_layer >= {R + 2 * edge}")
     if sharing.endswith("cycle"):
-        unrolled = [i for _ in range(R) for i in range(k)]     # 1..k, 1..k, ...
+        unrolled = [i for _ in range(R) for i in range(k)]  # 1..k, 1..k, ...
     else:
-        unrolled = [i for i in range(k) for _ in range(R)]     # 1,1,..,2,2,..
+        unrolled = [i for i in range(k) for _ in range(R)]  # 1,1,..,2,2,..
     steps = [[edge + i for i in unrolled[r * k:(r + 1) * k]] for r in range(R)]
     return LayerPlan(edge, k, edge, R, steps, inner - k * R)
 
 
-CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),   # MoRConfig's string keys
+CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),  # MoRConfig's string keys
            "router": ("none", "expert_choice", "token_choice"), "kv_mode": ("recursion", "share_first"),
            "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"),
            "router_aux": ("loss", "router")}
@@ -286,39 +286,39 @@ CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequ
 class MoRConfig:
     # shape (a Llama decoder)
     vocab_size: int = 65
-    block_size: int = 256           # context length
-    n_layer: int = 6                # layers of the equivalent vanilla model
+    block_size: int = 256        # context length
+    n_layer: int = 6             # layers of the equivalent vanilla model
     n_head: int = 6
-    n_kv_head: int = 0              # 0 = n_head (no grouping); fewer = grouped-query attention
+    n_kv_head: int = 0           # 0 = n_head (no grouping); fewer = grouped-query attention
     n_embd: int = 384
-    intermediate_size: int = 0      # 0 = 8/3 * n_embd rounded up to a multiple of 32 (Llama's ratio)
+    intermediate_size: int = 0   # 0 = 8/3 * n_embd rounded up to a multiple of 32 (Llama's ratio)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    tie_embeddings: bool = True     # lm_head shares the token embedding matrix
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     # recursion (section 1 of the paper)
-    n_recursion: int = 1            # R: how many times the shared block is applied
-    sharing: str = "none"           # none | cycle | sequence | middle_cycle | middle_sequence
+    n_recursion: int = 1         # R: how many times the shared block is applied
+    sharing: str = "none"        # none | cycle | sequence | middle_cycle | middle_sequence
     # routing (router.py) and caching (kv_cache.py)
-    router: str = "none"            # none (every token, every step) | expert_choice | token_choice
-    kv_mode: str = "recursion"      # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
-    capacity: tuple = ()            # expert-choice keep fraction per step; () = (R - r) / R
-    router_arch: str = "linear"     # linear | mlp
-    router_fn: str = "sigmoid"      # expert-choice gate: sigmoid | tanh
-    router_alpha: float = 0.1       # gate scale g = alpha * sigmoid(logit / temperature)
+    router: str = "none"         # none (every token, every step) | expert_choice | token_choice
+    kv_mode: str = "recursion"   # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
+    capacity: tuple = ()         # expert-choice keep fraction per step; () = (R - r) / R
+    router_arch: str = "linear"  # linear | mlp
+    router_fn: str = "sigmoid"   # expert-choice gate: sigmoid | tanh
+    router_alpha: float = 0.1    # gate scale g = alpha * sigmoid(logit / temperature)
     router_temperature: float = 1.0
-    router_aux: str = "loss"        # expert-choice inference rule: loss (BCE on the router) | router (aux router)
+    router_aux: str = "loss"     # expert-choice inference rule: loss (BCE on the router) | router (aux router)
     router_aux_weight: float = 0.001
     router_z_weight: float = 0.0
-    balancing: str = "loss"         # token-choice: loss | loss_free | none
+    balancing: str = "loss"      # token-choice: loss | loss_free | none
     router_balance_weight: float = 0.1
     balance_bias_rate: float = 1e-3  # loss-free bias step u
     router_entropy_weight: float = 0.0
-    target_depth: float = 0.0       # token-choice: pull the mean depth towards this (0 = off)
+    target_depth: float = 0.0    # token-choice: pull the mean depth towards this (0 = off)
     target_depth_weight: float = 0.0
     # masked diffusion (diffusion.py): train.py sets both for objective='diffusion'
-    bidirectional: bool = False     # every token attends to every token (no causal mask)
-    mask_token: int = -1            # id of [MASK] (train.py reserves the last vocab id); -1 = none
+    bidirectional: bool = False  # every token attends to every token (no causal mask)
+    mask_token: int = -1         # id of [MASK] (train.py reserves the last vocab id); -1 = none
 
     def __post_init__(self):
         self.n_kv_head = self.n_kv_head or self.n_head
@@ -343,7 +343,7 @@ class MoRConfig:
              "to recurse pick cycle, sequence, middle_cycle or middle_sequence")
         need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
         need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
-        layer_plan(self.n_layer, self.n_recursion, self.sharing)    # raises if the layers don't fit the sharing
+        layer_plan(self.n_layer, self.n_recursion, self.sharing)  # raises if the layers don't fit the sharing
         if self.router == "expert_choice":
             cap = self.capacity_schedule(self.n_recursion)
             need(len(cap) == self.n_recursion, f"capacity needs {self.n_recursion} entries, got {len(cap)}")
@@ -362,12 +362,12 @@ class MoRConfig:
 
 class ForwardInfo(NamedTuple):
     """What one forward call ran: the record behind MoR.last_depth, last_route, last_flops."""
-    depth: torch.Tensor               # [B, T] recursion steps each token ran
-    route: RouteState                 # the routers' losses and statistics
-    start: int                        # position of the call's first token
-    reached: Optional[torch.Tensor]   # [B, R] earlier (cached) tokens per row that ran step r; None: no cache
-    n_logits: int                     # positions per row sent to the LM head
-    ran: Optional[torch.Tensor]       # [B, T] bool: the tokens that ran at all (run_only); None: all
+    depth: torch.Tensor              # [B, T] recursion steps each token ran
+    route: RouteState                # the routers' losses and statistics
+    start: int                       # position of the call's first token
+    reached: Optional[torch.Tensor]  # [B, R] earlier (cached) tokens per row that ran step r; None: no cache
+    n_logits: int                    # positions per row sent to the LM head
+    ran: Optional[torch.Tensor]      # [B, T] bool: the tokens that ran at all (run_only); None: all
 
 
 def gather(h, act):
@@ -399,7 +399,7 @@ class MoR(nn.Module):
         hd = cfg.n_embd // cfg.n_head
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)                           # (block_size, hd)
+        angles = torch.cat((angles, angles), dim=-1)  # (block_size, hd)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         # init: N(0, 0.02); residual projections scaled by the number of layer applications
@@ -408,7 +408,7 @@ class MoR(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * depth))
-        self.last_forward = None   # ForwardInfo of the last forward call
+        self.last_forward = None  # ForwardInfo of the last forward call
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -436,14 +436,14 @@ class MoR(nn.Module):
         """
         cfg, plan = self.config, self.plan
         B, T = idx.shape
-        start = 0 if kv is None else kv.seq_len                          # tokens already in the cache
+        start = 0 if kv is None else kv.seq_len  # tokens already in the cache
         if start + T > cfg.block_size:
             raise ValueError(f"{start + T} tokens exceed the context of {cfg.block_size} (block_size)")
         rule = rule or ("topk" if self.training else "causal")
         attn = kv if kv is not None else SequenceKV(cfg.kv_mode, cfg.dropout if self.training else 0.0,
                                                     causal=not cfg.bidirectional)
         state = RouteState(B * T)
-        h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)   # packed tokens (B*T, d)
+        h = self.drop(self.embed_tokens(idx)).view(B * T, cfg.n_embd)  # packed tokens (B*T, d)
         everyone = ActiveSet.everyone(B, T, start, idx.device)
         if run_only is not None:
             everyone = everyone.subset(run_only.view(-1))[0]
@@ -462,7 +462,7 @@ class MoR(nn.Module):
             h = h[:, -1:]
         logits = self.lm_head(self.norm(h))
         depth = depth.view(B, T)
-        reached = getattr(kv, "reached", None)                  # KVCache's FLOP counter
+        reached = getattr(kv, "reached", None)  # KVCache's FLOP counter
         self.last_forward = ForwardInfo(depth, state, start, reached, h.shape[1], run_only)
         if kv is not None:
             kv.advance(depth)
@@ -477,11 +477,11 @@ class MoR(nn.Module):
         """Which of last step's tokens `act` run step r (router.py): them, packed, and their
         gates (None: ungated)."""
         if self.router is None:
-            return act, None                                      # every token runs every step
+            return act, None                                     # every token runs every step
         route = self.router(r, gather(h, act), act, state, rule)
         gate = route.gate
-        if route.keep is not None:                                # hierarchical: a subset of act
-            act, picked = act.subset(route.keep, route.per_row)   # picked: their index in the old act
+        if route.keep is not None:                               # hierarchical: a subset of act
+            act, picked = act.subset(route.keep, route.per_row)  # picked: their index in the old act
             gate = None if gate is None else gate[picked]
         state.log_step(r, act.n, state.n_tokens)
         return act, gate
@@ -489,22 +489,22 @@ class MoR(nn.Module):
     def _run(self, h, act, layer_ids, part, step, kv, gate=None):
         """Gather the tokens `act` from h (B*T, d), run the layers, gate, scatter back (the
         module docstring). act is an ActiveSet, or Lanes in ContinuousBatching."""
-        x_in = x = gather(h, act)                                 # (N, d)
+        x_in = x = gather(h, act)  # (N, d)
         rope = self.rope(act.pos)
         for j, li in enumerate(layer_ids):
             x = self.layers[li](x, rope, kv, Site(part, step, j), act)
-        if gate is not None:                                      # h <- h + g * f(h), f = what the step added
+        if gate is not None:  # h <- h + g * f(h), f = what the step added
             x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
-        return x if act.n == h.shape[0] else h.index_copy(0, act.flat, x)   # scatter back
+        return x if act.n == h.shape[0] else h.index_copy(0, act.flat, x)  # scatter back
 
     # -- FLOP accounting: from what ran, in one place ----------------------------
     def _layer_flops(self, n, with_kv):
         """Matmul FLOPs of one layer over n tokens (attention scores counted separately)."""
         cfg = self.config
         hd = cfg.n_embd // cfg.n_head
-        per_token = cfg.n_embd * cfg.n_head * hd * 2 + 3 * cfg.n_embd * cfg.intermediate_size   # q, o, MLP
+        per_token = cfg.n_embd * cfg.n_head * hd * 2 + 3 * cfg.n_embd * cfg.intermediate_size  # q, o, MLP
         if with_kv:
-            per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd                                  # k, v
+            per_token += 2 * cfg.n_embd * cfg.n_kv_head * hd  # k, v
         return 2 * n * per_token
 
     def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
@@ -518,14 +518,14 @@ class MoR(nn.Module):
         pair = 4 * cfg.n_embd
         pos = start + torch.arange(T, device=depth.device)
         ran = torch.ones_like(depth, dtype=torch.bool) if ran is None else ran
-        def pairs_all(queries):                                    # queries [B, T] bool: their keys, summed
+        def pairs_all(queries):  # queries [B, T] bool: their keys, summed
             return (queries.sum() * (start + T)) if cfg.bidirectional else ((pos + 1) * queries).sum()
         n_edge = plan.n_pre + plan.n_post
         linear = n_edge * self._layer_flops(1, True) * ran.sum()
         attention = n_edge * pair * pairs_all(ran)
         for r in range(plan.n_recursion):
-            at = depth > r                                         # [B, T]: the tokens that ran step r
-            n = at.sum(1)                                          # [B]
+            at = depth > r  # [B, T]: the tokens that ran step r
+            n = at.sum(1)   # [B]
             if cfg.bidirectional or (cfg.kv_mode == "share_first" and r > 0):
                 pairs = pairs_all(at)
             else:
@@ -595,11 +595,11 @@ class MoR(nn.Module):
         logits, _ = self(idx, kv=kv, rule="causal", last_only=True)
         depths = [self.last_depth]
         for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1], temperature, top_k)          # (B, 1)
+            nxt = sample_next(logits[:, -1], temperature, top_k)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
             if i == max_new_tokens - 1 and not return_depths:
-                break              # the last token's logits are not needed
-            if kv.seq_len >= bs:   # context full: keep the last half and re-prefill
+                break             # the last token's logits are not needed
+            if kv.seq_len >= bs:  # context full: keep the last half and re-prefill
                 kv = KVCache(self, B)
                 logits, _ = self(idx[:, -(bs // 2):], kv=kv, rule="causal", last_only=True)
                 depths.append(self.last_depth[:, -1:])
@@ -678,29 +678,29 @@ class ContinuousBatching:
         self.lane = torch.arange(B, device=dev)
         # per-lane state, updated in place (a captured graph finds it at the same address)
         i64 = dict(dtype=torch.long, device=dev)
-        self.out = torch.zeros(B, max_new_tokens, **i64)       # generated tokens
-        self.n_out = torch.ones(B, **i64)                      # tokens generated per lane
-        self.depths = torch.zeros(B, max_new_tokens, **i64)    # depth of each decoded token
-        self.pos = torch.full((B,), T0, **i64)                 # position of the lane's token
+        self.out = torch.zeros(B, max_new_tokens, **i64)     # generated tokens
+        self.n_out = torch.ones(B, **i64)                    # tokens generated per lane
+        self.depths = torch.zeros(B, max_new_tokens, **i64)  # depth of each decoded token
+        self.pos = torch.full((B,), T0, **i64)               # position of the lane's token
         self.h = torch.zeros(B, cfg.n_embd, device=dev, dtype=model.embed_tokens.weight.dtype)
-        self.step = torch.zeros(B, **i64)                      # the step it runs next
-        self.gate = torch.ones(B, device=dev)                  # its gate at that step
-        self.live_rows = torch.zeros((), **i64)                # block rows of live tokens, summed
-        self.state = RouteState(B)                             # token-choice: each lane's depth
+        self.step = torch.zeros(B, **i64)                    # the step it runs next
+        self.gate = torch.ones(B, device=dev)                # its gate at that step
+        self.live_rows = torch.zeros((), **i64)              # block rows of live tokens, summed
+        self.state = RouteState(B)                           # token-choice: each lane's depth
         self.state.depth = torch.zeros(B, **i64)
         self.state.prob = torch.ones(B, device=dev)
         self.tick = self._tick
         if compile:
-            mode = "reduce-overhead" if dev.type == "cuda" else None    # reduce-overhead = CUDA graphs
+            mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
             self.tick = torch.compile(self._tick, fullgraph=True, mode=mode)
 
     @torch.no_grad()
     def run(self):
         """Returns (idx [B, T0 + new], depths [B, new - 1] of the decoded tokens, stats)."""
         m = self.model
-        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)       # prefill
+        logits, _ = m(self.idx, kv=self.kv, rule="causal", last_only=True)  # prefill
         self.out[:, 0] = sample_next(logits[:, -1], self.temperature, self.top_k)[:, 0]
-        if self.idx.device.type == "cuda":     # a CUDA graph mutates the state and cache in place
+        if self.idx.device.type == "cuda":  # a CUDA graph mutates the state and cache in place
             caches = [x for st in self.kv.stores.values() for x in (st.k, st.v, st.pos, st.length)]
             for t in [self.out, self.n_out, self.depths, self.pos, self.h, self.step, self.gate, self.live_rows,
                       self.state.depth, self.state.prob, *caches]:
@@ -710,7 +710,7 @@ class ContinuousBatching:
         while True:
             self.tick()
             ticks += 1
-            if ticks % 4 == 0 and not bool((self.n_out < self.max_new).any()):   # one host sync per 4 ticks
+            if ticks % 4 == 0 and not bool((self.n_out < self.max_new).any()):  # one host sync per 4 ticks
                 break
         B, live = self.lane.numel(), int(self.live_rows)
         stats = {"ticks": ticks, "block_rows": B * ticks, "live_rows": live, "live_rows_per_tick": live / ticks}
@@ -737,7 +737,7 @@ class ContinuousBatching:
     def _tick(self):
         """One call of the shared block on every lane, then exits and entries."""
         m, plan = self.model, self.model.plan
-        live = self.n_out < self.max_new                                  # lanes with a token in flight
+        live = self.n_out < self.max_new  # lanes with a token in flight
         # 1. the shared block, each token at its own step's cache row
         lanes = self._lanes(self.kv.cache_row(self.step, self.lane), live)
         gate = self.gate if self.gated else None
@@ -756,12 +756,12 @@ class ContinuousBatching:
                     self.gate.copy_(torch.where(at, route.gate.float(), self.gate))
         # 3. exits: last layer(s), LM head, sampling
         done = live & ~go_on
-        x = m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)   # K/V kept: done
+        x = m._run(self.h, self._lanes(self.lane, done), plan.coda, "post", None, self.kv)  # K/V kept: done
         logits = m.lm_head(m.norm(x))
         nxt = sample_next(logits, self.temperature, self.top_k)[:, 0]
-        at = (self.lane, self.n_out.clamp(max=self.max_new - 1))          # where the sampled token goes
+        at = (self.lane, self.n_out.clamp(max=self.max_new - 1))  # where the sampled token goes
         self.out[at] = torch.where(done, nxt, self.out[at])
-        read = (self.lane, self.n_out - 1)                               # the token that just finished
+        read = (self.lane, self.n_out - 1)  # the token that just finished
         self.depths[read] = torch.where(done, self.step, self.depths[read])
         self.n_out.add_(done.long())
         self.pos.add_(done.long())

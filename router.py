@@ -115,11 +115,11 @@ class ExpertChoiceRouter(nn.Module):
 
     def forward(self, r, h, candidates, state, rule):
         cfg = self.cfg
-        logit = self.nets[r](h).squeeze(-1)                      # [N]
+        logit = self.nets[r](h).squeeze(-1)  # [N]
         gate = self.gate(logit)
-        if self.capacity[r] >= 1.0:                              # nothing to choose: everyone runs
+        if self.capacity[r] >= 1.0:          # nothing to choose: everyone runs
             return Route(None, gate)
-        if rule == "causal":   # continue when sigmoid(logit) > 0.5: the token alone decides
+        if rule == "causal":  # continue when sigmoid(logit) > 0.5: the token alone decides
             decide = self.aux_nets[str(r)](h).squeeze(-1) if self.aux_nets is not None else logit
             return Route(decide > 0, gate)
         # training: top-k per sequence; the candidates fill a full [B, Kc] grid (equal counts at r-1)
@@ -158,7 +158,7 @@ class DepthFirstRouter(nn.Module):
             if prob is not None:
                 state.prob[ids] = prob.float()
         depth = state.depth[ids]
-        keep = None if r == 0 else depth > r                     # every token runs step 0
+        keep = None if r == 0 else depth > r  # every token runs step 0
         if not self.gated:
             return Route(keep, None)
         # a token's last step is gated by the probability of its choice
@@ -178,16 +178,16 @@ class TokenChoiceRouter(DepthFirstRouter):
 
     def assign(self, h, candidates, state):
         cfg = self.cfg
-        logit = self.net(h).float() / cfg.router_temperature      # [N, R]
+        logit = self.net(h).float() / cfg.router_temperature  # [N, R]
         prob = logit.softmax(-1)
         score = prob + self.bias if cfg.balancing == "loss_free" else prob
-        choice = score.argmax(-1)                                  # depth - 1
-        load = torch.bincount(choice, minlength=self.R).float() / choice.numel()   # f_i
+        choice = score.argmax(-1)  # depth - 1
+        load = torch.bincount(choice, minlength=self.R).float() / choice.numel()  # f_i
         state.add_stat("load", load)
         if self.training:
             entropy = -(prob * prob.clamp_min(1e-9).log()).sum(-1).mean()
             state.add_stat("entropy", entropy)
-            if cfg.balancing == "loss":   # Switch-style: R * sum_i f_i * P_i
+            if cfg.balancing == "loss":  # Switch-style: R * sum_i f_i * P_i
                 state.add_loss("balance", cfg.router_balance_weight, self.R * (load * prob.mean(0)).sum())
             if cfg.router_z_weight > 0:
                 state.add_loss("z", cfg.router_z_weight, torch.logsumexp(logit, -1).pow(2).mean())
@@ -223,9 +223,9 @@ def depth_summary(depths, layers_per_depth):
     full = depths.numel() * int(cost[-1])
     return {
         "tokens": depths.numel(),
-        "depth_hist": hist,                       # hist[d] = tokens that ran d steps
+        "depth_hist": hist,        # hist[d] = tokens that ran d steps
         "mean_depth": float(depths.float().mean()) if depths.numel() else 0.0,
-        "layer_calls": calls,                     # layer applications actually executed
-        "layer_calls_full": full,                 # what full depth would have cost
+        "layer_calls": calls,      # layer applications actually executed
+        "layer_calls_full": full,  # what full depth would have cost
         "compute_saved_pct": 100.0 * (1 - calls / full) if full else 0.0,
     }
