@@ -20,8 +20,8 @@ Two classes give one interface, `wants_kv(site)` and `attend(site, q, k, v, acti
   SequenceKV  one forward pass over whole sequences (training, evaluation): the keys
               are the call's own active tokens; nothing outlives the call.
   KVCache     generation: per-layer buffers that grow token by token, so prefill then
-              decoding computes exactly what one causal pass does. It also serves Lanes
-              (ContinuousBatching): one token per sequence, each at its own step.
+              decoding computes exactly what one causal pass does; also ContinuousBatching's
+              Lanes, one token per sequence, each at its own step.
 A cache passed to MoR.forward as kv (KVCache, diffusion.py's RefinementKV) also has
 `seq_len`, the position of the call's first token, and `advance(depth)`, told what ran.
 """
@@ -32,8 +32,7 @@ import torch.nn.functional as F
 
 
 class Lanes(NamedTuple):
-    """ContinuousBatching's lanes (model.py), all of them in every call: shapes never change,
-    so a compiled call is captured once (a CUDA graph on a GPU)."""
+    """ContinuousBatching's lanes (model.py): every lane in every call, so shapes never change."""
     flat: torch.Tensor       # [B] lane ids, index into per-lane state, like ActiveSet.flat
     row: torch.Tensor        # [B] the sequence of each lane (= flat), like ActiveSet.row
     pos: torch.Tensor        # [B] position of each lane's token
@@ -78,7 +77,7 @@ class SequenceKV:
     def __init__(self, kv_mode="recursion", dropout_p=0.0, causal=True):
         self.kv_mode = kv_mode
         self.dropout_p = dropout_p
-        self.causal = causal  # False: bidirectional, every token sees every token (masked diffusion)
+        self.causal = causal  # False: bidirectional (masked diffusion)
         self.first = {}  # share-first: layer index -> (k, v, key positions) written at step 0
 
     def wants_kv(self, site):
@@ -88,7 +87,7 @@ class SequenceKV:
         """q [N, H, hd]; k, v [N, Hkv, hd] or None (share-first deeper step). Returns [N, H*hd]."""
         qg = to_grid(q, active).transpose(1, 2)  # (rows, H, K, hd)
         if shares_first(self.kv_mode, site):
-            kg, vg, key_pos = self.first[site.index]  # every token's: a query sees all positions <= its own
+            kg, vg, key_pos = self.first[site.index]  # every token's: a query sees positions <= its own
             if not active.all_rows:
                 kg, vg = kg[active.rows], vg[active.rows]
             mask = key_pos.view(1, 1, 1, -1) <= active.qpos[:, None, :, None]  # (rows, 1, K, T)
@@ -99,8 +98,8 @@ class SequenceKV:
                 assert active.grid_index is None and active.all_rows and active.K == active.T, \
                     "share-first needs every token at step 0"
                 self.first[site.index] = (kg, vg, active.qpos[0])
-            # recursion-wise: queries and keys are the same active tokens, so is_causal over the grid is
-            # exact (ActiveSet's comment) and keeps the fused kernels; bidirectional masks ragged rows' pads
+            # recursion-wise: queries and keys are the same active tokens, so is_causal over the grid
+            # is exact (ActiveSet's comment) and keeps fused kernels; bidirectional masks ragged pads
             pads = None if self.causal or active.grid_index is None else \
                 (torch.arange(active.K, device=q.device) < active.counts[:, None])[:, None, None, :]  # (rows,1,1,K)
             y = sdpa(qg, kg, vg, pads, is_causal=self.causal, dropout_p=self.dropout_p)
@@ -116,10 +115,16 @@ class _Store:
     def __init__(self, rows, n_kv_head, max_len, head_dim, dtype, device):
         self.k = torch.zeros(rows, n_kv_head, max_len + 1, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
-        self.pos = torch.zeros(rows, max_len + 1, dtype=torch.long, device=device)  # position of each entry
+        self.pos = torch.zeros(rows, max_len + 1, dtype=torch.long, device=device)  # entry positions
         self.length = torch.zeros(rows, dtype=torch.long, device=device)  # valid entries per row
         self.bound = {}    # row offset -> host-side upper bound on length (read with no sync)
         self.uniform = {}  # row offset -> True while every row holds the same entries
+
+    def put(self, row, at, k, v, pos):
+        """Write K/V [N, Hkv, hd] and positions [N] at slot at[i] of row[i]."""
+        self.k[row, :, at] = k.to(self.k.dtype)
+        self.v[row, :, at] = v.to(self.v.dtype)
+        self.pos[row, at] = pos
 
 
 class KVCache:
@@ -130,8 +135,8 @@ class KVCache:
     def __init__(self, model, batch_size):
         cfg = model.config
         if cfg.bidirectional:
-            raise ValueError("KVCache is for autoregressive generation, but this is a bidirectional "
-                             "(masked-diffusion) model: sample it with diffusion.py's AdaptiveRefiner, as sample.py does")
+            raise ValueError("KVCache is for autoregressive generation, not a bidirectional (masked-diffusion) "
+                             "model: sample it with diffusion.py's AdaptiveRefiner, as sample.py does")
         self.kv_mode = cfg.kv_mode
         self.B = batch_size
         self.max_len = cfg.block_size
@@ -146,7 +151,7 @@ class KVCache:
         """Record a finished forward call: depth [B, T] of its tokens."""
         self.seq_len += depth.shape[1]
         steps = torch.arange(self.R, device=depth.device)
-        self.reached = self.reached + (depth[..., None] > steps).sum(1)  # new tensor: old counts stay valid
+        self.reached = self.reached + (depth[..., None] > steps).sum(1)  # new tensor: old ones stay valid
 
     def cache_row(self, step, lane):
         """The recursion-wise cache row of sequence `lane` at `step` (ContinuousBatching)."""
@@ -170,7 +175,7 @@ class KVCache:
             self._write(key, off, k, v, active)
         st = self.stores[key]
         L = st.bound[off]  # upper bound on keys per row
-        rows = slice(off, off + self.B) if active.all_rows else active.rows + off  # a slice: a view, no copy
+        rows = slice(off, off + self.B) if active.all_rows else active.rows + off  # a slice: no copy
         kg, vg, lengths, key_pos = st.k[rows, :, :L], st.v[rows, :, :L], st.length[rows], st.pos[rows, :L]
         qg = to_grid(q, active).transpose(1, 2)  # (rows, H, K, hd)
         is_causal, mask = False, None
@@ -191,12 +196,9 @@ class KVCache:
             self.stores[key] = _Store(rows, self.n_kv_head, self.max_len, self.head_dim, k.dtype, k.device)
         st = self.stores[key]
         if st.bound.get(off, 0) + active.K > self.max_len:
-            raise RuntimeError(f"KV cache full ({self.max_len} tokens); generate() re-prefills before this")
+            raise RuntimeError(f"KV cache full ({self.max_len} tokens): re-prefill, as generate() does")
         row = active.row + off
-        at = st.length[row] + active.rank  # write index inside each row
-        st.k[row, :, at] = k.to(st.k.dtype)
-        st.v[row, :, at] = v.to(st.v.dtype)
-        st.pos[row, at] = active.pos
+        st.put(row, st.length[row] + active.rank, k, v, active.pos)  # after each row's entries
         st.length.index_add_(0, active.rows + off, active.counts)
         st.uniform[off] = st.uniform.get(off, True) and active.all_rows and active.grid_index is None
         st.bound[off] = st.bound.get(off, 0) + active.K
@@ -208,10 +210,7 @@ class KVCache:
         st = self.stores[(site.part, site.index)]  # prefill created every store
         rows = lanes.cache_row
         if k is not None:
-            at = torch.where(lanes.write, st.length[rows], self.max_len)  # (B,) write slot
-            st.k[rows, :, at] = k.to(st.k.dtype)
-            st.v[rows, :, at] = v.to(st.v.dtype)
-            st.pos[rows, at] = lanes.pos
+            st.put(rows, torch.where(lanes.write, st.length[rows], self.max_len), k, v, lanes.pos)
             st.length[rows] = st.length[rows] + lanes.write.long()
         # every entry of a lane's row is this sequence, at this step, at or before this position
         visible = torch.arange(self.max_len + 1, device=q.device) < st.length[rows][:, None]  # (B, L)

@@ -16,9 +16,10 @@ attention, SwiGLU MLP, no biases). What makes it MoR (Bae et al. 2025):
      take part; the others keep their hidden state. A token's *depth* is the
      number of steps it ran. Vanilla is sharing='none' with R=1; the recursive
      baseline shares weights but sends every token through all R steps.
-  3. Depth-wise batching. Each step gathers only its active tokens into a packed
-     [N, d] tensor, runs the block on that, and scatters the result back. A
-     token that exited costs nothing: no projection, no MLP, no attention.
+  3. Depth-wise batching. _route packs each step's active tokens into an ActiveSet;
+     _run gathers them, x_in = h[act.flat] (N, d), runs the layers on that and
+     scatters the result back. A token that exited costs nothing: no projection,
+     no MLP, no attention.
   4. KV caching (kv_cache.py): attention at step r among the tokens active at r
      (recursion-wise), or against the K/V that step 0 wrote (share-first).
 
@@ -27,24 +28,21 @@ The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
     h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
     act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
     for r in range(plan.n_recursion):                               # R steps of one shared block
-        act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
+        act, gate = self._route(r, h, act, state, rule)             # who of them runs step r
         if act.n == 0:
             break                                                   # every token has exited
         h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
         depth[act.flat] += 1                                        # depth: the steps a token ran
     h = self._run(h, everyone, plan.coda, "post", None, attn)       # unshared last layer(s)
 
-_route packs the tokens the router keeps into an ActiveSet; _run gathers them from h,
-x_in = h[act.flat] (N, d), runs the layers on them and scatters the gated result back.
-
 The gate. The layers return x = h + f(h), f(h) being all they add to the residual
 stream; a routed token gets h <- h + g * f(h), computed as x_in + g * (x - x_in). g is
 the router's score (router.py): for expert-choice g = alpha * sigmoid(logit), alpha = 0.1
-as in the paper. The gate gives the router a gradient (top-k has none): a token with a
-higher score takes more of the update, so the LM loss tells the router which tokens
-gained from the step. A small alpha keeps the router's early random preferences from
-disturbing the block while it learns; its output projections grow to compensate.
-Token-choice gates only a token's last step, by the probability of the depth it chose.
+as in the paper. The gate gives the router a gradient (top-k has none): a higher score
+takes more of the update, so the LM loss tells the router which tokens gained from the
+step. A small alpha lets the block learn before the router's early random choices
+matter (its output projections grow to compensate). Token-choice gates only a token's
+last step, by the probability of the depth it chose.
 """
 import math
 from dataclasses import dataclass
@@ -61,14 +59,12 @@ from router import ExpertChoiceRouter, RouteState, TokenChoiceRouter, depth_summ
 # -----------------------------------------------------------------------------
 # Depth-wise batching: the tokens that run one step, packed (ActiveSet), and where (Site)
 #
-# Linear layers and the MLP run on the packed [N, d] rows, unpadded. Attention needs a
-# rectangle: each batch row with active tokens becomes a grid row of width K = the
-# largest active count. Expert-choice keeps the same count in every row, so the grid is
-# full and packing is a free .view(). Token-choice (and threshold routing at inference)
-# keeps ragged counts: the gaps are zero-padded after each row's real tokens, so a causal
-# mask over grid slots is exact for the real tokens; the pads' outputs are dropped. We pad
-# only inside attention: a varlen kernel does not run on the CPU, and flex_attention
-# compiles per mask shape.
+# Attention, unlike the other layers, needs a rectangle: each batch row with active
+# tokens becomes a grid row of width K = its most active tokens. Expert-choice keeps
+# equal counts, so the grid is full and packing is a free .view(). Token-choice (and
+# threshold routing) is ragged: pads go after each row's tokens, so a causal mask over
+# grid slots is exact, and their outputs are dropped. We pad only in attention: varlen
+# kernels don't run on CPU, and flex_attention compiles per mask shape.
 
 @dataclass
 class ActiveSet:
@@ -244,7 +240,7 @@ class LayerPlan:
 
     @property
     def coda(self):
-        return list(range(self.n_pre + self.n_shared, self.n_unique))  # ... and of the last layer(s)
+        return list(range(self.n_pre + self.n_shared, self.n_unique))  # ... of the last layer(s)
 
     @property
     def full_depth_layers(self):
@@ -298,16 +294,16 @@ class MoRConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     # recursion (section 1 of the paper)
     n_recursion: int = 1         # R: how many times the shared block is applied
-    sharing: str = "none"        # none | cycle | sequence | middle_cycle | middle_sequence
+    sharing: str = "none"        # none | cycle | sequence | middle_cycle | middle_sequence (item 1)
     # routing (router.py) and caching (kv_cache.py)
     router: str = "none"         # none (every token, every step) | expert_choice | token_choice
-    kv_mode: str = "recursion"   # recursion (attend among active tokens) | share_first (reuse step 0 K/V)
+    kv_mode: str = "recursion"   # recursion | share_first (kv_cache.py)
     capacity: tuple = ()         # expert-choice keep fraction per step; () = (R - r) / R
     router_arch: str = "linear"  # linear | mlp
     router_fn: str = "sigmoid"   # expert-choice gate: sigmoid | tanh
     router_alpha: float = 0.1    # gate scale g = alpha * sigmoid(logit / temperature)
     router_temperature: float = 1.0
-    router_aux: str = "loss"     # expert-choice inference rule: loss (BCE on the router) | router (aux router)
+    router_aux: str = "loss"     # expert-choice's causal rule: loss (aux BCE) | router (aux router)
     router_aux_weight: float = 0.001
     router_z_weight: float = 0.0
     balancing: str = "loss"      # token-choice: loss | loss_free | none
@@ -331,7 +327,7 @@ class MoRConfig:
         for key, allowed in CHOICES.items():
             value = getattr(self, key)
             need(value in allowed, f"{key} must be one of {' | '.join(allowed)}, got {value!r}")
-        need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0, "head size must be even for rotary embeddings")
         need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head "
                                                  f"{self.n_kv_head}")
@@ -343,14 +339,14 @@ class MoRConfig:
              "to recurse pick cycle, sequence, middle_cycle or middle_sequence")
         need(self.router == "none" or self.n_recursion > 1, f"router={self.router!r} needs n_recursion > 1")
         need(self.kv_mode == "recursion" or self.n_recursion > 1, "kv_mode='share_first' needs n_recursion > 1")
-        layer_plan(self.n_layer, self.n_recursion, self.sharing)  # raises if the layers don't fit the sharing
+        layer_plan(self.n_layer, self.n_recursion, self.sharing)  # raises if the layers don't fit
         if self.router == "expert_choice":
             cap = self.capacity_schedule(self.n_recursion)
             need(len(cap) == self.n_recursion, f"capacity needs {self.n_recursion} entries, got {len(cap)}")
             need(all(0 < c <= 1 for c in cap), f"capacity fractions must lie in (0, 1], got {cap}")
             need(all(a >= b for a, b in zip(cap, cap[1:])), f"capacity must not increase step to step, got {cap}")
             need(self.kv_mode != "share_first" or cap[0] == 1,
-                 "kv_mode='share_first' needs every token at step 0 (capacity[0] = 1): step 0 writes the shared K/V")
+                 "kv_mode='share_first' needs capacity[0] = 1: step 0 writes every token's K/V")
 
     def capacity_schedule(self, R):
         """Expert-choice keep fraction per step: the configured list, or (R - r) / R."""
@@ -361,17 +357,17 @@ class MoRConfig:
 # The model
 
 class ForwardInfo(NamedTuple):
-    """What one forward call ran: the record behind MoR.last_depth, last_route, last_flops."""
+    """What one forward call ran: behind MoR.last_depth, last_route, last_flops."""
     depth: torch.Tensor              # [B, T] recursion steps each token ran
     route: RouteState                # the routers' losses and statistics
     start: int                       # position of the call's first token
-    reached: Optional[torch.Tensor]  # [B, R] earlier (cached) tokens per row that ran step r; None: no cache
+    reached: Optional[torch.Tensor]  # [B, R] cached tokens per row that ran step r; None: no cache
     n_logits: int                    # positions per row sent to the LM head
-    ran: Optional[torch.Tensor]      # [B, T] bool: the tokens that ran at all (run_only); None: all
+    ran: Optional[torch.Tensor]      # [B, T] bool: the tokens that ran (run_only); None: all
 
 
 def gather(h, act):
-    """The rows of h (B*T, d) that act lists, (N, d); h itself when act is every token."""
+    """The rows of h (B*T, d) that act lists, (N, d); h itself for every token."""
     return h if act.n == h.shape[0] else h[act.flat]
 
 
@@ -415,7 +411,7 @@ class MoR(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Unique parameters (shared layers count once). Tied embeddings counted once."""
+        """Unique parameters: shared layers and tied embeddings count once."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.embed_tokens.weight.numel()
@@ -450,7 +446,7 @@ class MoR(nn.Module):
         h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
         act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
         for r in range(plan.n_recursion):                               # R steps of one shared block
-            act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs step r
+            act, gate = self._route(r, h, act, state, rule)             # who of them runs step r
             if act.n == 0:
                 break                                                   # every token has exited
             h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
@@ -481,7 +477,7 @@ class MoR(nn.Module):
         route = self.router(r, gather(h, act), act, state, rule)
         gate = route.gate
         if route.keep is not None:                               # hierarchical: a subset of act
-            act, picked = act.subset(route.keep, route.per_row)  # picked: their index in the old act
+            act, picked = act.subset(route.keep, route.per_row)  # picked: index in the old act
             gate = None if gate is None else gate[picked]
         state.log_step(r, act.n, state.n_tokens)
         return act, gate
@@ -493,7 +489,7 @@ class MoR(nn.Module):
         rope = self.rope(act.pos)
         for j, li in enumerate(layer_ids):
             x = self.layers[li](x, rope, kv, Site(part, step, j), act)
-        if gate is not None:  # h <- h + g * f(h), f = what the step added
+        if gate is not None:  # h <- h + g * f(h) (the module docstring)
             x = x_in + gate[:, None].to(x.dtype) * (x - x_in)
         return x if act.n == h.shape[0] else h.index_copy(0, act.flat, x)  # scatter back
 
@@ -526,25 +522,26 @@ class MoR(nn.Module):
         for r in range(plan.n_recursion):
             at = depth > r  # [B, T]: the tokens that ran step r
             n = at.sum(1)   # [B]
-            if cfg.bidirectional or (cfg.kv_mode == "share_first" and r > 0):
+            shared = cfg.kv_mode == "share_first" and r > 0
+            if cfg.bidirectional or shared:
                 pairs = pairs_all(at)
             else:
                 before = 0 if reached is None else reached[:, r]
                 pairs = (before * n + n * (n + 1) // 2).sum()
-            with_kv = not (cfg.kv_mode == "share_first" and r > 0)
-            linear = linear + len(plan.steps[r]) * self._layer_flops(1, with_kv) * n.sum()
+            linear = linear + len(plan.steps[r]) * self._layer_flops(1, not shared) * n.sum()
+
             attention = attention + len(plan.steps[r]) * pair * pairs
         lm_head = 2 * B * (T if n_logits is None else n_logits) * cfg.n_embd * cfg.vocab_size
         return linear + lm_head, attention
 
     def count_flops(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call from what ran (flop_parts: linear + attention)."""
+        """flop_parts' linear + attention."""
         linear, attention = self.flop_parts(depth, start, reached, n_logits, ran)
         return linear + attention
 
     @property
     def last_flops(self):
-        """Forward FLOPs actually executed by the last forward call (a tensor; float() it)."""
+        """Forward FLOPs the last forward call ran (a tensor; float() it)."""
         f = self.last_forward
         return self.count_flops(f.depth, f.start, f.reached, f.n_logits, f.ran)
 
@@ -555,18 +552,18 @@ class MoR(nn.Module):
 
     @property
     def last_route(self):
-        """RouteState of the last forward: router losses and stats."""
+        """RouteState of the last forward."""
         return self.last_forward.route
 
     def dense_flops_per_token(self, T):
-        """Forward FLOPs per token if every token ran every step (vanilla of the same depth)."""
+        """Forward FLOPs per token if every token ran every step (vanilla)."""
         cfg, n = self.config, self.plan.full_depth_layers
         return (self._layer_flops(1, True) * n + 2 * cfg.n_embd * cfg.vocab_size
                 + 4 * cfg.n_embd * n * (T + 1) / 2)
 
     # -- training helpers -------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW; weight decay on matrices (linear weights, embeddings), not on norms."""
+        """AdamW; weight decay on matrices, not on norms."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -615,8 +612,7 @@ class MoR(nn.Module):
 # Sampling one token (generate() above, continuous batching below)
 
 def token_probs(logits, temperature=1.0, top_k=None):
-    """logits [..., V] -> the distribution sampling draws from (float32): softmax(logits /
-    temperature), over the top_k logits only when top_k is set."""
+    """logits [..., V] -> softmax(logits / temperature), float32; over the top_k logits if set."""
     logits = logits / temperature
     if top_k is not None:
         v = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
@@ -632,36 +628,34 @@ def sample_next(logits, temperature=1.0, top_k=None):
 
 
 # -----------------------------------------------------------------------------
-# Continuous depth-wise batching (the paper's section 2.3): lanes over the cache's step rows
+# Continuous depth-wise batching (the paper's section 2.3)
 
 class ContinuousBatching:
     """Decode B sequences so that every call of the shared block is a full batch.
 
-    In generate() step r runs only the rows whose token reached it, so calls shrink step by
-    step, yet at decode 3 rows cost about what 32 do (reading the weights dominates). Here
-    each sequence is a *lane* with one token in flight, and a *tick* runs the shared block
-    once on all lanes, whatever step each is at (the weights are the same). A tick:
-      1. the shared block on every lane, each at its own step's cache row (KVCache.cache_row);
+    generate()'s calls shrink step by step (step r runs the rows that reached it), yet at
+    decode 3 rows cost about what 32 do: reading the weights dominates. Here each sequence
+    is a *lane* with one token in flight, and a *tick* runs the shared block once on all
+    lanes, whatever step each is at. A tick:
+      1. the shared block on every lane, each at its step's cache row (KVCache.cache_row);
       2. the router, step by step, says which tokens go on;
       3. a token that stops runs the last layer(s), the LM head and sampling;
       4. its sequence's next token enters: embedding, first layer(s), step-0 routing.
-    Each token sees what it sees in generate(), so greedy outputs are the same.
+    Each token sees what it sees in generate(): greedy outputs are the same.
 
-    Saves: host syncs and shape changes (none in a tick), so compile=True captures the tick
-    whole (on a GPU, one CUDA graph: mode='reduce-overhead'). Spends: every lane runs every
-    part of every tick, also finished lanes and lanes that neither exit nor enter. run()'s
-    stats count both: block_rows (B per tick) and live_rows (the decoded tokens' depths).
+    Saves: host syncs and shape changes, so compile=True captures the tick whole (on a GPU
+    one CUDA graph). Spends: every lane runs every part of every tick, finished or idle.
+    run()'s stats count both: block_rows (B per tick), live_rows (decoded tokens' depths).
 
-    Needs kv_mode='recursion', one block for every step (cycle or middle_cycle) and capacity
-    1 at step 0; R = 1 runs too. At temperature > 0 every lane draws, so the random stream
-    differs from generate()'s.
+    Needs kv_mode='recursion', sharing cycle or middle_cycle, capacity 1 at step 0. At
+    temperature > 0 every lane draws, so the random stream differs from generate()'s.
     """
 
     def __init__(self, model, idx, max_new_tokens, temperature=1.0, top_k=None, compile=False):
         cfg, plan = model.config, model.plan
         if cfg.kv_mode != "recursion" or not (plan.n_recursion == 1 or cfg.sharing.endswith("cycle")):
-            raise ValueError("continuous batching needs sharing cycle or middle_cycle (one block for every "
-                             "step) and kv_mode='recursion'; use generate()")
+            raise ValueError("continuous batching needs sharing cycle or middle_cycle and kv_mode='recursion'; "
+                             "use generate()")
         if cfg.router == "expert_choice" and cfg.capacity_schedule(plan.n_recursion)[0] < 1:
             raise ValueError("continuous batching needs capacity 1 at step 0; use generate()")
         B, T0 = idx.shape
@@ -691,7 +685,7 @@ class ContinuousBatching:
         self.state.prob = torch.ones(B, device=dev)
         self.tick = self._tick
         if compile:
-            mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            mode = "reduce-overhead" if dev.type == "cuda" else None  # CUDA graphs
             self.tick = torch.compile(self._tick, fullgraph=True, mode=mode)
 
     @torch.no_grad()
@@ -720,7 +714,8 @@ class ContinuousBatching:
         return Lanes(flat=self.lane, row=self.lane, pos=self.pos, cache_row=cache_row, write=write)
 
     def _enter(self, entering):
-        """A new token for the lanes in `entering`: embedding, first layer(s), step-0 routing."""
+        """A new token for the lanes in `entering` (tick part 4)."""
+
         m = self.model
         x = m.embed_tokens(self.out[self.lane, (self.n_out - 1).clamp(max=self.max_new - 1)])
         x = m._run(x, self._lanes(self.lane, entering), m.plan.prelude, "pre", None, self.kv)
@@ -729,7 +724,7 @@ class ContinuousBatching:
             kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
             route = m.router(0, x, self._lanes(self.lane, entering), self.state, "causal")
             assert route.keep is None, "step 0 takes every token"
-            self.state.depth.copy_(torch.where(entering, self.state.depth, kept_depth))  # the others keep theirs
+            self.state.depth.copy_(torch.where(entering, self.state.depth, kept_depth))  # others keep theirs
             self.state.prob.copy_(torch.where(entering, self.state.prob, kept_prob))
             if self.gated:
                 self.gate.copy_(torch.where(entering, route.gate.float(), self.gate))
@@ -744,7 +739,7 @@ class ContinuousBatching:
         self.h.copy_(m._run(self.h, lanes, plan.steps[0], "rec", None, self.kv, gate))
         self.step.copy_(self.step + live.long())
         self.live_rows.add_(live.sum())
-        # 2. routing: which tokens go on to the step they are now at
+        # 2. routing: which tokens go on to their next step
         go_on = self.step < plan.n_recursion
         if m.router is not None:
             for r in range(1, plan.n_recursion):
@@ -766,7 +761,7 @@ class ContinuousBatching:
         self.n_out.add_(done.long())
         self.pos.add_(done.long())
         self.step.copy_(torch.where(done, 0, self.step))
-        # 4. entries: the sequences that go on feed the token they just sampled
+        # 4. entries: the sequences that go on feed their sampled token
         self._enter(done & (self.n_out < self.max_new))
 
 
@@ -774,18 +769,13 @@ class ContinuousBatching:
 # Export: a model without sharing is a LlamaForCausalLM, weight for weight
 
 def export_hf(model, out_dir, tokenizer=None):
-    """Write a transformers LlamaForCausalLM directory (config, safetensors, tokenizer).
-
-    Only a vanilla model (sharing='none', no router) has a Llama equivalent; our module
-    names are Llama's, so the state dict maps by the 'model.' prefix. tokenizer: a
-    data.Tokenizer (to_hf() gives a transformers tokenizer), or None.
-
-    """
+    """Write the model as a transformers LlamaForCausalLM directory. Our module names are
+    Llama's, so the state dict maps by the 'model.' prefix. tokenizer: a data.Tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = model.config
     if cfg.sharing != "none" or cfg.router != "none":
-        raise ValueError(f"only a model without sharing or routing exports to Llama "
-                         f"(this one has sharing={cfg.sharing!r}, router={cfg.router!r})")
+        raise ValueError(f"only a vanilla model (sharing='none', router='none') exports to Llama; "
+                         f"this one has sharing={cfg.sharing!r}, router={cfg.router!r}")
     hf_cfg = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head,

@@ -14,8 +14,7 @@ one call, the same in training, generation and continuous batching:
     route.gate      [N] the gate g of each candidate (None: ungated)
     route.per_row   expert-choice top-k only: every row keeps exactly this many
 
-A token that stops keeps its hidden state and never comes back. Two routers from the
-paper (section 2.2):
+A token that stops never comes back. Two routers from the paper (section 2.2):
 
 Expert-choice: each step is an "expert" that picks its tokens: the top-k of each
   sequence by a learned score, k = capacity_r * T, by default capacity_r = (R - r) / R
@@ -40,9 +39,9 @@ import torch.nn.functional as F
 
 class Route(NamedTuple):
     """A router's answer for one step (the module docstring)."""
-    keep: Optional[torch.Tensor]   # [N] bool; None: every candidate runs
-    gate: Optional[torch.Tensor]   # [N]; None: ungated (h <- block(h))
-    per_row: Optional[int] = None  # top-k: each row keeps this many (packed with no host sync)
+    keep: Optional[torch.Tensor]
+    gate: Optional[torch.Tensor]
+    per_row: Optional[int] = None  # lets model.py pack with no host sync
 
 
 class RouteState:
@@ -93,7 +92,7 @@ class RouterNet(nn.Module):
 # Expert-choice
 
 class ExpertChoiceRouter(nn.Module):
-    """One router per recursion step; step r keeps the top capacity_r * T tokens."""
+    """One router per recursion step: step r keeps its top capacity_r * T tokens."""
     gated = True
 
     def __init__(self, cfg, n_recursion):
@@ -122,7 +121,7 @@ class ExpertChoiceRouter(nn.Module):
         if rule == "causal":  # continue when sigmoid(logit) > 0.5: the token alone decides
             decide = self.aux_nets[str(r)](h).squeeze(-1) if self.aux_nets is not None else logit
             return Route(decide > 0, gate)
-        # training: top-k per sequence; the candidates fill a full [B, Kc] grid (equal counts at r-1)
+        # training: top-k per sequence; the candidates fill a full [B, Kc] grid
         B, Kc = candidates.B, candidates.K
         k = min(Kc, max(1, int(self.capacity[r] * candidates.T)))
         top = logit.view(B, Kc).topk(k, dim=1).indices
@@ -200,13 +199,14 @@ class TokenChoiceRouter(DepthFirstRouter):
 
     @torch.no_grad()
     def update_bias(self, load):
-        """Loss-free balancing, after each optimizer step: bias_i += u * sign(mean load - load_i)."""
+        """Loss-free balancing, after each optimizer step: bias_i += u * sign(mean(load) - load_i)."""
+
         self.bias += self.cfg.balance_bias_rate * torch.sign(load.mean() - load)
 
 
 # -----------------------------------------------------------------------------
-# Depth statistics: one summary shared by the native model (model.py) and the HF
-# adapter (hf_wrap.py), so sample.py prints and saves both the same way.
+# Depth statistics, shared by model.py and hf_wrap.py so that sample.py reports both alike
+
 
 def depth_summary(depths, layers_per_depth):
     """Summarize per-token depths (each in 0..D) as a plain dict (JSON/CSV friendly).
