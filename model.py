@@ -108,9 +108,9 @@ class ActiveSet:
                          grid_index=None, B=B, T=T, K=K, all_rows=True, start=start)
 
     def subset(self, keep, per_row=None):
-        """The tokens where keep [N] is True (hierarchical selection), and their index in
-        this set [N']. per_row: every row keeps exactly this many (expert-choice top-k), so
-        the result is a full grid again, built without reading the mask on the host."""
+        """The tokens where keep [N] is True, and their index in this set [N']. per_row:
+        every row keeps this many (expert-choice top-k), so the result is a full grid
+        again, built without reading the mask on the host."""
         if per_row is not None:
             assert self.grid_index is None and self.all_rows, "per-row selection needs a full grid"
             # a stable descending sort puts each row's kept slots first, in position order
@@ -146,8 +146,7 @@ class ActiveSet:
 
 class Site(NamedTuple):
     """One layer application: Site('pre'|'post', None, i) for unshared layer i, Site('rec', r, j)
-    for layer j of the shared block at step r (None in continuous batching: the step is in
-    each token's cache row)."""
+    for shared layer j at step r (None in continuous batching: it is in the cache row)."""
     part: str
     step: Optional[int]
     index: int
@@ -203,7 +202,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder layer. Norm weights belong to the layer, so they are shared with it."""
+    """Pre-norm decoder layer; its norm weights are shared with it."""
     def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -254,7 +253,8 @@ class LayerPlan:
 
 def layer_plan(n_layer, R, sharing):
     """Section 1 of the paper: L layers, R recursions. Layers that don't divide are dropped
-    (R=4 on a 32-layer model with middle_cycle: 1 + 4*7 + 1 = 30 layer applications)."""
+    (R=4, 32 layers, middle_cycle: 1 + 4*7 + 1 = 30 layer applications)."""
+
     if sharing == "none":
         return LayerPlan(0, n_layer, 0, 1, [list(range(n_layer))], 0)
     middle = sharing.startswith("middle_")
@@ -504,11 +504,11 @@ class MoR(nn.Module):
         return 2 * n * per_token
 
     def flop_parts(self, depth, start=0, reached=None, n_logits=None, ran=None):
-        """Forward FLOPs of one call, (linear, attention), from ForwardInfo's fields.
-        linear: 2 * rows * in * out over every Linear. attention: 4 * d per (query, key)
-        pair (QK^T and AV, all heads). A query at step r sees: recursion-wise, its row's
-        earlier tokens that ran step r (cached ones too); share-first deeper steps and
-        unshared layers, every earlier token; bidirectional (diffusion), its whole row."""
+        """Forward FLOPs of one call from ForwardInfo's fields: (linear, attention). linear:
+        2 * rows * in * out per Linear; attention: 4 * d per (query, key) pair. A query at
+        step r sees recursion-wise its row's earlier tokens that ran step r (cached too);
+        share-first deeper steps and unshared layers, every earlier token; bidirectional,
+        its whole row."""
         cfg, plan = self.config, self.plan
         B, T = depth.shape
         pair = 4 * cfg.n_embd
@@ -579,9 +579,9 @@ class MoR(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
         """Sample max_new_tokens after idx [B, T0] with a KV cache, routing causally;
-        temperature 0 = greedy. A full context is re-prefilled from its last half (positions
+        temperature 0 = greedy. A full context re-prefills from its last half (positions
         restart at 0, as in training). Returns idx [B, T0 + new], and with return_depths
-        each token's depth when it was read as input, [B, T0 + new]."""
+        each token's depth as input, [B, T0 + new]."""
         B, T0 = idx.shape
         bs = self.config.block_size
         if T0 > bs:
@@ -633,10 +633,9 @@ def sample_next(logits, temperature=1.0, top_k=None):
 class ContinuousBatching:
     """Decode B sequences so that every call of the shared block is a full batch.
 
-    generate()'s calls shrink step by step (step r runs the rows that reached it), yet at
-    decode 3 rows cost about what 32 do: reading the weights dominates. Here each sequence
-    is a *lane* with one token in flight, and a *tick* runs the shared block once on all
-    lanes, whatever step each is at. A tick:
+    generate()'s calls shrink step by step, yet at decode 3 rows cost about what 32 do:
+    reading the weights dominates. Here each sequence is a *lane* with one token in
+    flight, and a *tick* runs the shared block once on all lanes, whatever their step:
       1. the shared block on every lane, each at its step's cache row (KVCache.cache_row);
       2. the router, step by step, says which tokens go on;
       3. a token that stops runs the last layer(s), the LM head and sampling;
@@ -723,7 +722,6 @@ class ContinuousBatching:
         if m.router is not None:
             kept_depth, kept_prob = self.state.depth.clone(), self.state.prob.clone()
             route = m.router(0, x, self._lanes(self.lane, entering), self.state, "causal")
-            assert route.keep is None, "step 0 takes every token"
             self.state.depth.copy_(torch.where(entering, self.state.depth, kept_depth))  # others keep theirs
             self.state.prob.copy_(torch.where(entering, self.state.prob, kept_prob))
             if self.gated:

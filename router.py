@@ -18,13 +18,12 @@ A token that stops never comes back. Two routers from the paper (section 2.2):
 
 Expert-choice: each step is an "expert" that picks its tokens: the top-k of each
   sequence by a learned score, k = capacity_r * T, by default capacity_r = (R - r) / R
-  (1, 2/3, 1/3 for R = 3). Hierarchical: only step r-1's tokens are candidates at r.
-  Compute per step is fixed and known. Trouble: top-k over a sequence looks at future
-  tokens, which a decoder cannot do at inference. The fix (the paper's "auxiliary
-  loss"): BCE trains each router logit towards the 0/1 top-k decision, so at inference a
-  token continues when sigmoid(logit) > 0.5, which needs only the token itself. The
-  alternative ("auxiliary router") trains a separate small router on detached inputs
-  to predict the top-k choice, and lets it decide at inference.
+  (1, 2/3, 1/3 for R = 3). Compute per step is fixed and known. Trouble: top-k over a
+  sequence looks at future tokens, which a decoder cannot do at inference. The fix (the
+  paper's "auxiliary loss"): BCE trains each router logit towards the 0/1 top-k
+  decision, so at inference a token continues when sigmoid(logit) > 0.5, which needs
+  only the token itself. The alternative ("auxiliary router"): a separate small router,
+  trained on detached inputs, predicts the choice and decides at inference.
 
 Token-choice: each token picks its depth once, before the first step: the top-1 of a
   softmax over the R depths. Causal by construction, but nothing forces balance: a
@@ -46,12 +45,10 @@ class Route(NamedTuple):
 
 class RouteState:
     """What one forward pass (or continuous-batching run) remembers about routing.
-
     losses: name -> (weight, value), added to the LM loss in training.
     stats:  name -> detached tensor, for logs (fraction per step, agreement, load, entropy).
-    depth, prob: [n_tokens] each token's chosen depth and its probability (token-choice
-      decides at step 0), indexed by ActiveSet.flat.
-    """
+    depth, prob: [n_tokens] token-choice's depth per token and its probability."""
+
     def __init__(self, n_tokens=0):
         self.n_tokens = n_tokens
         self.losses = {}
