@@ -1,10 +1,9 @@
 """
 Routers for Mixture-of-Recursions: which tokens run which recursion step.
 
-model.py applies one shared block R times. Before step r it hands the router the
-*candidates* (the tokens that ran step r-1; everyone at r = 0) and asks one question:
-which of them run step r? Every router answers through one call, used the same way in
-training, in generation and in continuous depth-wise batching:
+Before step r, model.py hands the router the *candidates* (the tokens that ran step
+r-1; everyone at r = 0) and asks which of them run step r. Every router answers through
+one call, the same in training, generation and continuous batching:
 
     route = router(r, h, candidates, state, rule)
         h           [N, d]  the candidates' hidden states
@@ -15,25 +14,20 @@ training, in generation and in continuous depth-wise batching:
     route.gate      [N] the gate g of each candidate (None: ungated)
     route.per_row   expert-choice top-k only: every row keeps exactly this many
 
-A token that runs step r is updated h <- h + g * f(h) (model.py explains the gate). A
-token that does not keep its hidden state and never comes back: its *depth* is the
-number of steps it ran. Two routers from the paper (section 2.2):
+A token that stops never comes back. Two routers from the paper (section 2.2):
 
-Expert-choice: each step is an "expert" that chooses its tokens. Step r keeps the top-k
-  tokens of each sequence by a learned score, k = capacity_r * T, with the default
-  schedule capacity_r = (R - r) / R (1, 2/3, 1/3 for R = 3). Selection is hierarchical:
-  only tokens kept at step r-1 are candidates at step r. Compute per step is fixed and
-  known. Trouble: top-k over a sequence looks at future tokens, which a decoder cannot
-  do at inference. The fix (the paper's "auxiliary loss"): a BCE loss trains each
-  router logit towards the 0/1 top-k decision, so that at inference a token continues
-  when sigmoid(logit) > 0.5, a decision that needs only the token itself. The
-  alternative ("auxiliary router") trains a separate small router on detached inputs
-  to predict the top-k choice, and lets it decide at inference.
+Expert-choice: each step is an "expert" that picks its tokens: the top-k of each
+  sequence by a learned score, k = capacity_r * T, by default capacity_r = (R - r) / R
+  (1, 2/3, 1/3 for R = 3). Compute per step is fixed and known. Trouble: top-k over a
+  sequence looks at future tokens, which a decoder cannot do at inference. The fix (the
+  paper's "auxiliary loss"): BCE trains each router logit towards the 0/1 top-k
+  decision, so at inference a token continues when sigmoid(logit) > 0.5, which needs
+  only the token itself. The alternative ("auxiliary router"): a separate small router,
+  trained on detached inputs, predicts the choice and decides at inference.
 
-Token-choice: each token chooses its depth once, before the first step: a router gives
-  a softmax over the R depths and the token takes the top-1. Causal by construction,
-  but nothing forces balance: an auxiliary balancing loss (or a loss-free per-depth
-  bias) keeps all depths in use.
+Token-choice: each token picks its depth once, before the first step: the top-1 of a
+  softmax over the R depths. Causal by construction, but nothing forces balance: a
+  balancing loss (or a loss-free per-depth bias) keeps all depths in use.
 """
 from typing import NamedTuple, Optional
 
@@ -43,20 +37,18 @@ import torch.nn.functional as F
 
 
 class Route(NamedTuple):
-    """A router's answer for one step (see the module docstring)."""
-    keep: Optional[torch.Tensor]   # [N] bool over the candidates; None = every candidate runs
-    gate: Optional[torch.Tensor]   # [N] gate per candidate; None = ungated (h <- block(h))
-    per_row: Optional[int] = None  # top-k: each row keeps exactly this many (model.py packs with no host sync)
+    """A router's answer for one step (the module docstring)."""
+    keep: Optional[torch.Tensor]
+    gate: Optional[torch.Tensor]
+    per_row: Optional[int] = None  # lets model.py pack with no host sync
 
 
 class RouteState:
-    """What one forward pass (or one continuous-batching run) remembers about routing.
-
+    """What one forward pass (or continuous-batching run) remembers about routing.
     losses: name -> (weight, value), added to the LM loss in training.
     stats:  name -> detached tensor, for logs (fraction per step, agreement, load, entropy).
-    depth, prob: [n_tokens] the depth each token chose and its probability, for routers
-      that decide the whole depth at step 0 (token-choice). Indexed by model.ActiveSet.flat.
-    """
+    depth, prob: [n_tokens] token-choice's depth per token and its probability."""
+
     def __init__(self, n_tokens=0):
         self.n_tokens = n_tokens
         self.losses = {}
@@ -64,7 +56,7 @@ class RouteState:
         self.depth = self.prob = None
 
     def add_loss(self, name, weight, value):
-        w0, v0 = self.losses.get(name, (weight, 0.0))
+        _, v0 = self.losses.get(name, (weight, 0.0))
         self.losses[name] = (weight, v0 + value)
 
     def add_stat(self, name, value):
@@ -97,7 +89,7 @@ class RouterNet(nn.Module):
 # Expert-choice
 
 class ExpertChoiceRouter(nn.Module):
-    """One router per recursion step; step r keeps the top capacity_r * T tokens."""
+    """One router per recursion step: step r keeps its top capacity_r * T tokens."""
     gated = True
 
     def __init__(self, cfg, n_recursion):
@@ -105,38 +97,33 @@ class ExpertChoiceRouter(nn.Module):
         self.R = n_recursion
         self.capacity = cfg.capacity_schedule(n_recursion)
         self.nets = nn.ModuleList(RouterNet(cfg.n_embd, 1, cfg.router_arch) for _ in range(self.R))
-        # the auxiliary router: its own weights, trained on detached inputs, decides at inference.
-        # Steps with capacity 1 choose nothing, so they need none.
+        # the auxiliary router (its own weights, detached inputs) decides at inference;
+        # steps with capacity 1 choose nothing and need none
         self.aux_nets = (nn.ModuleDict({str(r): RouterNet(cfg.n_embd, 1, "mlp")
                                         for r in range(self.R) if self.capacity[r] < 1.0})
                          if cfg.router_aux == "router" else None)
         self.cfg = cfg
 
     def gate(self, logit):
-        """g = alpha * sigmoid(logit / temperature) in (0, alpha), the paper's choice, or alpha * tanh."""
+        """g = alpha * sigmoid(logit / temperature) (the paper's), or alpha * tanh."""
         z = logit / self.cfg.router_temperature
         return self.cfg.router_alpha * (torch.sigmoid(z) if self.cfg.router_fn == "sigmoid" else torch.tanh(z))
 
     def forward(self, r, h, candidates, state, rule):
         cfg = self.cfg
-        logit = self.nets[r](h).squeeze(-1)                      # [N]
+        logit = self.nets[r](h).squeeze(-1)  # [N]
         gate = self.gate(logit)
-        if self.capacity[r] >= 1.0:                              # nothing to choose: everyone runs
+        if self.capacity[r] >= 1.0:          # nothing to choose: everyone runs
             return Route(None, gate)
-        if rule == "causal":
-            # A token continues when sigmoid(logit) > 0.5, i.e. logit > 0 (or the aux router's
-            # logit): it reads only the token itself, so no future token can change it.
+        if rule == "causal":  # continue when sigmoid(logit) > 0.5: the token alone decides
             decide = self.aux_nets[str(r)](h).squeeze(-1) if self.aux_nets is not None else logit
             return Route(decide > 0, gate)
-
-        # Training: exactly k = capacity_r * T tokens per sequence. The candidates fill a
-        # full [B, Kc] grid, because every row kept the same count at step r-1.
+        # training: top-k per sequence; the candidates fill a full [B, Kc] grid
         B, Kc = candidates.B, candidates.K
         k = min(Kc, max(1, int(self.capacity[r] * candidates.T)))
         top = logit.view(B, Kc).topk(k, dim=1).indices
         keep = torch.zeros(B, Kc, dtype=torch.bool, device=h.device).scatter(1, top, True).view(-1)
-        # Auxiliary loss: train the deciding logit towards the top-k decision, so that
-        # sigmoid(logit) > 0.5 reproduces it causally at inference.
+        # auxiliary loss: the deciding logit learns the top-k decision, for the causal rule
         decide = self.aux_nets[str(r)](h.detach()).squeeze(-1) if self.aux_nets is not None else logit
         target = keep.to(logit.dtype)
         bce = F.binary_cross_entropy_with_logits(decide.float(), target.float())
@@ -152,8 +139,8 @@ class ExpertChoiceRouter(nn.Module):
 
 class DepthFirstRouter(nn.Module):
     """Routers that fix each token's depth before the first step. A subclass gives
-    assign(h, candidates, state) -> (depth [N] in 1..R, probability of that choice [N]
-    or None), and says whether the last step's output is gated by that probability."""
+    assign(h, candidates, state) -> (depth [N] in 1..R, its probability [N] or None) and
+    sets `gated`: whether the last step's output is gated by that probability."""
     gated = True
 
     def forward(self, r, h, candidates, state, rule):
@@ -167,10 +154,10 @@ class DepthFirstRouter(nn.Module):
             if prob is not None:
                 state.prob[ids] = prob.float()
         depth = state.depth[ids]
-        keep = None if r == 0 else depth > r                     # every token runs step 0
+        keep = None if r == 0 else depth > r  # every token runs step 0
         if not self.gated:
             return Route(keep, None)
-        # the output of a token's last step is gated by the probability of its choice
+        # a token's last step is gated by the probability of its choice
         return Route(keep, torch.where(depth == r + 1, state.prob[ids].to(h.dtype), 1.0))
 
 
@@ -187,16 +174,16 @@ class TokenChoiceRouter(DepthFirstRouter):
 
     def assign(self, h, candidates, state):
         cfg = self.cfg
-        logit = self.net(h).float() / cfg.router_temperature      # [N, R]
+        logit = self.net(h).float() / cfg.router_temperature  # [N, R]
         prob = logit.softmax(-1)
         score = prob + self.bias if cfg.balancing == "loss_free" else prob
-        choice = score.argmax(-1)                                  # depth - 1
-        load = torch.bincount(choice, minlength=self.R).float() / choice.numel()   # f_i
+        choice = score.argmax(-1)  # depth - 1
+        load = torch.bincount(choice, minlength=self.R).float() / choice.numel()  # f_i
         state.add_stat("load", load)
         if self.training:
             entropy = -(prob * prob.clamp_min(1e-9).log()).sum(-1).mean()
             state.add_stat("entropy", entropy)
-            if cfg.balancing == "loss":   # Switch-style: R * sum_i f_i * P_i
+            if cfg.balancing == "loss":  # Switch-style: R * sum_i f_i * P_i
                 state.add_loss("balance", cfg.router_balance_weight, self.R * (load * prob.mean(0)).sum())
             if cfg.router_z_weight > 0:
                 state.add_loss("z", cfg.router_z_weight, torch.logsumexp(logit, -1).pow(2).mean())
@@ -209,22 +196,20 @@ class TokenChoiceRouter(DepthFirstRouter):
 
     @torch.no_grad()
     def update_bias(self, load):
-        """Loss-free balancing, after each optimizer step: bias_i += u * sign(mean load - load_i)."""
+        """Loss-free balancing, after each optimizer step: bias_i += u * sign(mean(load) - load_i)."""
+
         self.bias += self.cfg.balance_bias_rate * torch.sign(load.mean() - load)
 
 
 # -----------------------------------------------------------------------------
-# Depth statistics: one summary shared by the native model (model.py) and the HF
-# adapter (hf_wrap.py), so sample.py prints and saves both the same way.
+# Depth statistics, shared by model.py and hf_wrap.py so that sample.py reports both alike
+
 
 def depth_summary(depths, layers_per_depth):
-    """Summarize per-token depths.
+    """Summarize per-token depths (each in 0..D) as a plain dict (JSON/CSV friendly).
+    layers_per_depth: D+1 ints, the layer calls a token of depth d costs (e.g. prelude +
+    d * block_size + coda); the last is full depth."""
 
-    depths: 1-D int tensor or list, each token's depth in 0..D.
-    layers_per_depth: list of D+1 ints, the layer calls a token of depth d costs
-        (e.g. prelude + d * block_size + coda). The last entry is full depth.
-    Returns a plain dict (JSON/CSV friendly).
-    """
     depths = torch.as_tensor(depths, dtype=torch.long).flatten().cpu()
     max_depth = len(layers_per_depth) - 1
     if depths.numel() and (depths.min() < 0 or depths.max() > max_depth):
@@ -235,9 +220,9 @@ def depth_summary(depths, layers_per_depth):
     full = depths.numel() * int(cost[-1])
     return {
         "tokens": depths.numel(),
-        "depth_hist": hist,                       # hist[d] = tokens that ran d steps
+        "depth_hist": hist,        # hist[d] = tokens that ran d steps
         "mean_depth": float(depths.float().mean()) if depths.numel() else 0.0,
-        "layer_calls": calls,                     # layer applications actually executed
-        "layer_calls_full": full,                 # what full depth would have cost
+        "layer_calls": calls,      # layer applications actually executed
+        "layer_calls_full": full,  # what full depth would have cost
         "compute_saved_pct": 100.0 * (1 - calls / full) if full else 0.0,
     }
