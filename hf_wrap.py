@@ -1,40 +1,35 @@
 """
 hf_wrap.py: depth-adaptive inference for pretrained Hugging Face causal LMs (Llama family), weights untouched.
 
-Every router comes down to two decisions per layer l, for each token:
-  1. does the token stop here?   A token that stops keeps its state; after the last layer that state goes
-                                 through the model's final norm and LM head (early exit).
-  2. does it run this layer?     A token that passes over a layer keeps its state and goes on to the next.
-One loop (DepthAdapter.forward_chunk) asks both questions at every layer, in prefill and in decode alike, and runs
-the layer's attention and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
+Every router comes down to two decisions per layer, for each token: does it stop here (its state then goes through
+the final norm and LM head: early exit), and does it run this layer (else it keeps its state)? One loop
+(DepthAdapter.forward_chunk) asks both at every layer, in prefill and decode alike, and runs the layer's attention
+and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
 
-The routers (their trainable parts are below; tune.py trains them with the base frozen):
+The routers (tune.py trains the trainable ones with the base frozen):
   none            every token runs every layer: the exact full-depth mode
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
-  confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
-                  is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
+  confidence, entropy   stop at a group start when the state so far, through the final norm and LM head, is
+                  sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
   token_choice    one trained router after base_layers picks each token's depth 0..R (MoR's token-choice)
   skip, ffn       a trained gate per unit: run it or pass over it (MindSkip), optional exit gates; ffn: the
                   MLPs only, attention always runs (FlexiDepth). Optional trained stand-ins for who passes over.
 
-K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there. A
-token that stopped (or passes over the layer) pays the K/V projections only: for SmolLM2-135M (q and o 576x576,
-k and v 576x192, MLP 3 x 576x1536) that is 6.3% of a layer's weights; for Llama-3-8B shapes, 3.8%. Later tokens
-then attend to every earlier token at every layer, as in the full model; only the state each K/V comes from is
-shallower. Layers nobody can reach (fixed depth, dropped layers, past an exit head) get no K/V at all.
+K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there, so later
+tokens attend to every earlier one at every layer, as in the full model. A token that stopped (or passes over the
+layer) pays the K/V projections only: for SmolLM2-135M (q, o 576x576; k, v 576x192; MLP 3 x 576x1536) 6.3% of a
+layer's weights, for Llama-3-8B shapes 3.8%. Layers nobody can reach (fixed depth, dropped layers, past an exit
+head) get no K/V at all.
 
 Exactness: router 'none' reproduces model.generate's tokens and logits (float32 and bfloat16, sliding windows
-included) on tiny random models of the four architectures and on the built-in real one. Lossless speed:
-speculative.generate(adapter, ids, K=4) drafts with any router and verifies with the full model: the output is the
-full model's. Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
+included) on tiny random models of SUPPORTED_MODEL_TYPES and on the built-in real one; speculative.generate drafts
+with any router and outputs the full model's text. Batches > 1 need LEFT padding. Models come from data.load_hf.
 
-Models come from data.load_hf (a hub name, a folder, a .gguf file, or the built-in "smollm2-135m", offline). The
-file reads top to bottom: the trainable decisions and their files, the decoding primitives (AdapterCache, Pass,
-DepthAdapter.new_cache / forward_chunk / decode_step: what generate() and speculative.py compose), the adapter
-(its three families of kinds, its one loop), generate().
+The file: the trainable decisions and their files, the decoding primitives (AdapterCache, Pass, and
+DepthAdapter.new_cache / forward_chunk / decode_step, which generate() and speculative.py compose), the adapter.
 """
 import math
 import os
@@ -59,24 +54,13 @@ DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability
 
 
 # -----------------------------------------------------------------------------
-# The adapter's trainable decisions (DepthAdapter below runs them, tune.py trains them)
+# The trainable decisions (DepthAdapter runs them, tune.py trains them)
 #
-# A pretrained Llama-family stack is not one shared block, but the same two questions
-# apply layer by layer: does a token stop here, and does it run this layer? The routed
-# layers are cut into *units* (runs of layers under one decision). Four kinds:
-#
-#   skip           a gate per unit: run the unit, or pass over it unchanged (MindSkip);
-#   ffn            a gate per unit over the MLPs only: attention always runs, so every
-#                  token's K/V stay exact (FlexiDepth-style capacity on the MLP);
-#   expert_choice  a gate per unit = a group: stay or exit for good (MoR's expert-choice,
-#                  hierarchical; its top-k is made causal by a calibrated cutoff);
-#   token_choice   one router before the first unit picks a depth 0..U (MoR's token-choice).
-#
-# Training blends instead of deciding (the base is frozen, only the gates learn): unit u's
-# update is scaled by a continue weight w_u in [0, 1], x <- x + w_u * (unit(x) - x) (ffn:
-# the MLP's update only). The kinds differ only in how w_u comes from the gate logits z:
+# The routed layers are cut into *units* (runs of layers under one decision). Training
+# blends instead of deciding: unit u's update is scaled by a continue weight w_u in [0, 1],
+# x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only), w_u from the gate logits z:
 #   skip, ffn:      w_u = sigmoid(z_u)                     independent per unit
-#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good
+#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good (hierarchical)
 #   token_choice:   w_u = P(depth > u) = 1 - cumsum(softmax(z))[u]
 # Inference makes the 0/1 decision those weights stand for, with one knob, `bias`: a gate
 # passes when z_u > bias, and token-choice takes argmax_d (z_d - bias * d). bias = 0 is the
@@ -88,10 +72,9 @@ EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until i
 
 
 class DecisionNet(nn.Module):
-    """One decision point: hidden state (..., C) -> logits (..., n_out), float32. The input is
-    RMS-normalized without weights (pretrained residual streams carry a few huge channels);
-    then a small MLP, or a linear map (mlp_hidden=0). bias_init: zero weights and this bias,
-    so every token starts at sigmoid(bias_init)."""
+    """One decision point: state (..., C) -> logits (..., n_out), float32. RMS-normalized without
+    weights (pretrained residual streams carry a few huge channels), then a small MLP (mlp_hidden=0:
+    a linear map). bias_init: zero weights and this bias, so every token starts at sigmoid(bias_init)."""
 
     def __init__(self, hidden_size, n_out=1, mlp_hidden=64, bias_init=None):
         super().__init__()
@@ -108,11 +91,9 @@ class DecisionNet(nn.Module):
 
 
 class StandIn(nn.Module):
-    """What a token that passes over a unit gets instead of it (FlexiDepth's adapter): a small
-    bottleneck MLP on the RMS-normalized state, added to the residual stream, x <- x + up(gelu(
-    down(norm(x)))). `up` starts at zero, so a new stand-in is the plain skip. For SmolLM2-135M at
-    rank 64 it holds 74k weights, 2% of a layer's 3.5M: the skip keeps its saving, and the token
-    no longer just misses the layer's update. (ffn units: it replaces the MLP alone.)"""
+    """What a token that passes over a unit gets instead (FlexiDepth's adapter; ffn: instead of the MLP):
+    x <- x + up(gelu(down(rms_norm(x)))), `up` zero at first (the plain skip). SmolLM2-135M at rank 64:
+    74k weights, 2% of a layer's 3.5M, so the skip keeps its saving."""
 
     def __init__(self, hidden_size, rank):
         super().__init__()
@@ -156,9 +137,8 @@ def group_layout(n_layers, R, base_layers):
 
 
 class FrozenRouters(nn.Module):
-    """The trainable part of depth routing on a frozen model: gates over `units`, and optional exit
-    gates at `exit_layers` (a token whose exit gate fires stops there: CALM's learned confidence).
-    Everything a router file holds; hf_wrap.DepthAdapter decides with it, tune.py trains it."""
+    """Everything a router file holds: gates over `units`, optional exit gates at `exit_layers` (a
+    token whose exit gate fires stops there: CALM's learned confidence), optional stand-ins (skip, ffn)."""
 
     def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
                  stand_in_rank=0):
@@ -171,14 +151,12 @@ class FrozenRouters(nn.Module):
             raise ValueError(f"exit_layers={list(exit_layers)}: an exit gate sits at the input of layer l, 1 <= l < "
                              f"{self.units[-1][1]} (a token must run layer 0).")
         n_gates, n_out = (1, len(self.units) + 1) if kind == "token_choice" else (len(self.units), 1)
-        # token-choice starts with every token at full depth: the last depth's logit gets the head start
         # init_logit: every token's first weight, sigmoid(init_logit) (tune.py starts the gates at the budget)
         self.gates = nn.ModuleList(DecisionNet(hidden_size, n_out, mlp_hidden, init_logit) for _ in range(n_gates))
         if kind == "token_choice":                    # every token starts at full depth: depth U leads by 3
             last = self.gates[0].net[-1] if mlp_hidden else self.gates[0].net
             last.bias.data.zero_()[-1] = GATE_INIT_LOGIT
         self.exits = nn.ModuleList(DecisionNet(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
-        # skip / ffn: stand_in_rank > 0 gives every unit a StandIn for the tokens that pass over it
         if stand_in_rank and kind not in ("skip", "ffn"):
             raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
                              "routers stop tokens instead.")
@@ -190,9 +168,8 @@ class FrozenRouters(nn.Module):
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
 
     def continue_weights(self, u, h, carry=None, hard=False):
-        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what
-        to carry to unit u + 1. hard: the 0/1 decision in the forward pass and the soft weight's
-        gradient in the backward (straight-through), so training ends on what inference does."""
+        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what to
+        carry to unit u + 1. hard: straight-through (the 0/1 decision forward, the soft gradient back)."""
         if self.kind == "token_choice":
             if u == 0:                                                        # one decision for all units
                 p = torch.softmax(self.gates[0](h), -1)                       # (B, T, U + 1) over depths
@@ -209,10 +186,14 @@ class FrozenRouters(nn.Module):
         return w, w
 
 
-# Router files: one format for every kind, loaded with weights_only=True.
+# Router files: a trained module's weights, its layout and the model's shape; loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
 EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
 DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (speculative.py)
+FILE_HOLDS = {ROUTER_FILE_FORMAT: "trained routers", EXIT_HEAD_FILE_FORMAT: "an exit head",
+              DRAFTER_FILE_FORMAT: "a drafter"}
+NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
+                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
 
 
 def model_shape(config):
@@ -229,7 +210,7 @@ def save_router_file(path, fmt, module, model_config, layout, **meta):
 
 
 def read_router_file(path, tune_command="python tune.py"):
-    """The dict in a router file. ValueError says what to do."""
+    """The dict in a router file of any format. ValueError says what to do."""
     if not os.path.isfile(path):
         raise ValueError(f"no router file at {path!r}: router tuning ({tune_command}) writes out_dir/routers.pt.")
     try:
@@ -237,17 +218,20 @@ def read_router_file(path, tune_command="python tune.py"):
     except Exception as e:
         raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
                          "truncated: tune the routers again.") from None
-    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT,
-                                                                        DRAFTER_FILE_FORMAT):
-        fmt = blob.get("format") if isinstance(blob, dict) else None
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    if fmt not in FILE_HOLDS:
         raise ValueError(f"{path} is not a router file of this version (format {fmt!r}): "
                          f"tune the routers again ({tune_command}).")
     return blob
 
 
-def load_router_file(path, model_config, make, tune_command="python tune.py"):
-    """-> (make(blob) with the file's weights, blob). ValueError when it was tuned for another model."""
+def load_router_file(path, model_config, fmt, make, tune_command="python tune.py"):
+    """A file of format `fmt` -> (make(blob) with the file's weights, blob). ValueError when it holds another
+    kind of module or was tuned for another model."""
     blob = read_router_file(path, tune_command)
+    if blob["format"] != fmt:
+        raise ValueError(f"{path} holds {FILE_HOLDS[blob['format']]}, not {FILE_HOLDS[fmt]}: " + (
+            NOT_A_ROUTER if blob["format"] == DRAFTER_FILE_FORMAT else f"use router={blob.get('router')!r} with it."))
     want = model_shape(model_config)
     bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
     if bad:
@@ -270,12 +254,9 @@ def save_routers(path, routers, model_config, **meta):
 def load_routers(path, model_config, tune_command="python tune.py"):
     """-> (FrozenRouters, the file's dict)."""
     def make(blob):
-        if blob["format"] != ROUTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a speculative draft: use it with router='exit_head'." if blob["format"]
-                             == EXIT_HEAD_FILE_FORMAT else f"{path} holds a drafter: {NOT_A_ROUTER}")
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
-    return load_router_file(path, model_config, make, tune_command)
+    return load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
@@ -324,12 +305,9 @@ def save_exit_head(path, head, hf_model, **meta):
 def load_exit_head(path, model, tune_command="python tune.py"):
     """-> (ExitHead, the file's dict)."""
     def make(blob):
-        if blob["format"] != EXIT_HEAD_FILE_FORMAT:
-            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not an exit head: use "
-                             f"router={blob.get('router')!r} with it.")
         return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
                         model.model.norm.variance_epsilon)
-    return load_router_file(path, model.config, make, tune_command)
+    return load_router_file(path, model.config, EXIT_HEAD_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
@@ -484,8 +462,6 @@ def spread(sub, vocab, V):
 # The adapter
 
 SPECULATIVE_MOVED = "speculative decoding moved: speculative.generate(adapter, ids, K=4, lookup=n, drafter=d)."
-NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
-                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
 
 
 class DepthAdapter:

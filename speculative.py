@@ -80,12 +80,9 @@ def save_drafter(path, drafter, hf_model, **meta):
 def load_drafter(path, model, tune_command="python tune.py"):
     """-> (Drafter, the file's dict)."""
     def make(blob):
-        if blob["format"] != DRAFTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not a drafter: use "
-                             f"router={blob.get('router')!r} with it.")
         return Drafter(model.config.hidden_size, torch.zeros(blob["head_vocab"]), blob["hidden"],
                        model.model.norm.variance_epsilon)
-    return load_router_file(path, model.config, make, tune_command)
+    return load_router_file(path, model.config, DRAFTER_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
