@@ -263,11 +263,10 @@ def load_routers(path, model_config, tune_command="python tune.py"):
 # A speculative draft head for a frozen model (tune.py --exit_head_layer trains it)
 
 class ExitHead(nn.Module):
-    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network; base
-    frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose `up` starts at zero ->
-    RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for `vocab`. vocab (V',)
-    holds the tokens it can propose (the tuning text's most frequent: SmolLM2's full head is ~20% of a CPU
-    decode step). Speculative decoding stays exact: a token outside vocab is never proposed (probability 0)."""
+    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network):
+    h -> h + up(silu(down(rms_norm(h)))) (`up` zero at first) -> RMSNorm (at first the final norm's copy) -> the
+    LM head's rows for vocab (V',), the tuning text's most frequent tokens (SmolLM2's full head is ~20% of a CPU
+    decode step). A token outside vocab is never proposed, so speculative decoding stays exact."""
 
     def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
         super().__init__()
@@ -311,14 +310,13 @@ def load_exit_head(path, model, tune_command="python tune.py"):
 
 
 # -----------------------------------------------------------------------------
-# The decoding primitives: a cache, one pass over a chunk of tokens, its result (generate() and speculative.py
-# compose them, as gpt-fast composes prefill and decode_one)
+# The decoding primitives: a cache, one pass over a chunk of tokens, its result (composed as gpt-fast composes
+# prefill and decode_one)
 
 class AdapterCache:
-    """What a batch of sequences carries from one chunk to the next. The KV cache, preallocated: per layer
-    (B, n_kv, max_len, hd); key_valid (B, max_len) is False at left padding; pos holds each slot's position id.
-    And the gate cutoffs this batch decides with (keep_ratio < 1: the calibrated ones; or, when the adapter has
-    none, calibrate_next: the next chunk, the prompt, sets them). static: decode_step runs the compiled step."""
+    """What a batch of sequences carries from one chunk to the next: the KV cache, per layer (B, n_kv, max_len,
+    hd); key_valid (B, max_len), False at left padding; pos, each slot's position id; the gate cutoffs it decides
+    with at keep_ratio < 1 (calibrate_next: the next chunk, the prompt, sets them). static: compiled decode."""
 
     def __init__(self, ad, B, max_len, key_valid, static=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
@@ -339,7 +337,6 @@ class AdapterCache:
         self.key_valid.copy_(key_valid)
         self.no_pad, self.static = bool(key_valid.all()), static
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)
-        # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrate_next) set by this batch's prefill
         self.cutoffs = None if ad.cutoffs is None else ad.cutoffs.clone().to(dev)
         self.calibrate_next = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in ROUTER_KINDS
         if self.calibrate_next:
@@ -347,9 +344,8 @@ class AdapterCache:
 
     def realign(self, end, kept):
         """Speculative decoding: after a verify pass over slots end.., row b keeps its first kept[b] of them.
-        -> the cache's new end. When rows keep different counts, each row's tokens shift so that every row ends at
-        the same slot (a shorter row gains left padding): the cache is then each row's text so far, left-padded,
-        as full-depth decoding of that text would hold it."""
+        -> the new end. Rows that keep different counts shift to end at the same slot (a shorter row gains left
+        padding): the cache is then what full-depth decoding of each row's text would hold."""
         if bool((kept == kept[0]).all()):
             return end + int(kept[0])
         count = self.key_valid[:, :end].sum(1) + kept                         # (B,) tokens each row now holds
@@ -367,16 +363,15 @@ class AdapterCache:
 
 
 # One pass over a chunk: logits, the last position's (B, V) or every position's (B, T, V); depth (B, T) in decision
-# units (layers_per_depth); cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h
-# (B, T, C) before the final norm (a drafter's input; None from the compiled step); kv_only: token-layers that
-# computed K/V alone; head_checks: CALM's LM-head calls.
+# units; cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h (B, T, C) before the
+# final norm (a drafter's input; None when compiled); kv_only: token-layers that computed K/V alone; head_checks:
+# CALM's LM-head calls.
 Pass = namedtuple("Pass", "logits depth cost final_h kv_only head_checks")
 
 
 class _Chunk:
     """One pass over cache slots start..end of every row. Tokens are the B*T rows of x (B*T, C), row-major; an
-    ActiveSet (kv_cache.py) lists the ones that run something, and its .pos are their cache slots. calibrating:
-    this pass sets the cache's cutoffs; head_checks counts CALM's LM-head calls in it."""
+    ActiveSet lists the ones that run something. calibrating: this pass sets the cache's cutoffs."""
 
     def __init__(self, cache, start, B, T, cos, sin):
         self.cache, self.start, self.end, self.B, self.T = cache, start, start + T, B, T
@@ -401,9 +396,9 @@ class _Chunk:
         return x
 
     def mask(self, s, lo, window):
-        """Which cache slots lo..end the queries of s may read, (rows, 1, K, end - lo) bool, or None for all:
-        valid (not padding), not after the query, and inside the sliding window (HF keeps key j for query q when
-        q - window < j). Grid pads and padded queries see at least one key (their output is dropped)."""
+        """Which cache slots lo..end the queries of s may read, (rows, 1, K, end - lo) bool, or None for all: not
+        padding, not after the query, inside the sliding window (key j for query q when q - window < j). Grid pads
+        and padded queries see at least one key (their output is dropped)."""
         key = (id(s), window)
         if key not in self.masks:
             if self.T == 1 and self.cache.no_pad:                               # decode, no padding: every key
@@ -429,8 +424,7 @@ class _Chunk:
 
 
 def layer_window(config, i):
-    """Layer i's sliding window, None = full attention. HF 5.x: config.layer_types per layer (Qwen2/Qwen3), else
-    Mistral's sliding_window."""
+    """Layer i's sliding window, None = full attention: config.layer_types (Qwen2/Qwen3), else sliding_window."""
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if types is None:
         return window
@@ -442,15 +436,15 @@ def layer_window(config, i):
 
 def head_rows(lm_head, vocab):
     """A draft head's rows of the LM head for its vocab (V', C), float32, and that vocab; (the LM head's own
-    weight, None) when vocab is every token in order: then there is nothing to gather, nor to spread."""
+    weight, None) when vocab is every token in order: nothing to gather, nor to spread."""
     if torch.equal(vocab.cpu(), torch.arange(lm_head.weight.shape[0])):
         return lm_head.weight, None
     return lm_head.weight[vocab].float(), vocab
 
 
 def spread(sub, vocab, V):
-    """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside: never
-    proposed. vocab None (head_rows: every token): sub already is."""
+    """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside (never
+    proposed). vocab None: sub already is."""
     if vocab is None:
         return sub
     logits = sub.new_full((*sub.shape[:-1], V), -math.inf)
@@ -465,17 +459,14 @@ SPECULATIVE_MOVED = "speculative decoding moved: speculative.generate(adapter, i
 
 
 class DepthAdapter:
-    """Route each token of a pretrained Llama-family model through fewer layers. See the module docstring.
+    """Route each token of a pretrained Llama-family model through fewer layers (the module docstring).
 
-    router: one of ROUTERS; each family has its own setup below (static: none, fixed, drop, exit_head; CALM:
-    confidence, entropy; trained: skip, ffn, expert_choice, token_choice). R, base_layers: the groups of the group
-    routers (and of new expert/token-choice routers). depth: fixed's groups. exit_layer: an untrained exit head's
-    layer. threshold (CALM): confidence's top-1 probability, entropy's nats. bias (trained routers): a gate passes
-    when its logit > bias; token-choice takes argmax_d(logit_d - bias * d); None: the bias the tuning file's
-    target search found, else 0. keep_ratio < 1 (skip, ffn, expert_choice): per-unit cutoffs at the
-    (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or calibrate(windows)).
-    routers / router_path: trained routers (a FrozenRouters or its file; an exit head file for exit_head, or
-    exit_head= the module). random_routers: untrained routers, for speed measurements only.
+    router: one of ROUTERS, each family with its own setup below. R, base_layers: the group routers' groups.
+    depth: fixed's groups. exit_layer: an untrained exit head's layer. threshold (CALM): a top-1 probability /
+    nats. bias (trained routers, the knob above): None is the tuning file's, else 0. keep_ratio < 1 (skip, ffn,
+    expert_choice): per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the
+    file's, or calibrate(windows)). routers / router_path: a FrozenRouters or its file (exit_head: exit_head= or
+    its file). random_routers: untrained routers, for speed measurements only.
     """
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=None, depth=None, threshold=None,
@@ -541,11 +532,10 @@ class DepthAdapter:
         """A learned router without trained weights is refused: random routing gives speed without quality."""
         self.random_routers = not given and not everyone
         if self.random_routers and not random_routers:
-            raise ValueError(f"router={self.router!r} needs trained routers, and none were given. Tune them for this "
-                             f"model with the base frozen: {TUNE_COMMAND.replace('<kind>', self.router)} (it writes "
-                             "<dir>/routers.pt; then router_path=that file, or sample.py --routers=that file; tune.py "
-                             "--exit_head_layer=l tunes an exit head). For speed measurements only, "
-                             "random_routers=True (sample.py --random_routers) runs untrained routers.")
+            raise ValueError(f"router={self.router!r} needs trained routers and none were given: tune them, "
+                             f"{TUNE_COMMAND.replace('<kind>', self.router)} (an exit head: --exit_head_layer=l), "
+                             "then pass router_path=<dir>/routers.pt (sample.py --routers). random_routers=True "
+                             "(--random_routers) runs untrained ones, for speed measurements only.")
 
     # --- the three families: each sets what its kinds decide with ----------------------------------------
     def _setup_static(self, R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
@@ -589,8 +579,7 @@ class DepthAdapter:
         return self.exit_head
 
     def _setup_calm(self, R, base_layers, threshold, bias):
-        """confidence, entropy (CALM, training-free): at each group start, a token stops when the state so far,
-        through the final norm and LM head, is sure enough (threshold: a top-1 probability / an entropy in nats)."""
+        """confidence, entropy (CALM): threshold is a top-1 probability / an entropy in nats."""
         if bias is not None:
             raise ValueError(f"bias={bias} is a trained router's logit bias; router={self.router!r} stops on "
                              "threshold= (a top-1 probability for confidence, an entropy in nats for entropy).")
@@ -604,9 +593,8 @@ class DepthAdapter:
 
     def _setup_trained(self, R, base_layers, threshold, bias, router_path, routers, exit_threshold, exits,
                        random_routers):
-        """skip, ffn, expert_choice, token_choice: trained gates (a FrozenRouters, or its file) decide, with one
-        knob, bias; keep_ratio < 1 puts a calibrated cutoff per unit in its place. skip / ffn can also carry
-        trained exit gates (exit_threshold) and stand-ins."""
+        """skip, ffn, expert_choice, token_choice: trained gates (a FrozenRouters, or its file) decide with bias,
+        or at keep_ratio < 1 with a calibrated cutoff per unit; skip / ffn may carry exit gates and stand-ins."""
         kind, L = self.router, len(self.layers)
         if threshold is not None:                                 # the old name, for one release
             warnings.warn(f"threshold={threshold} for router={kind!r} is its logit bias: pass bias={threshold} "
@@ -740,7 +728,7 @@ class DepthAdapter:
 
     def _passes(self, u, x, alive, c):
         """Gate u over the alive tokens -> (B*T,) bool: logit > the unit's cutoff (else bias). A calibrating pass
-        first sets the cutoff to the (1 - keep_ratio) quantile of the logits of the tokens that reach the unit."""
+        sets the cutoff first (calibrate)."""
         z, cutoffs = self._on(self.routers.gates[u], x, alive, -math.inf), c.cache.cutoffs
         if c.calibrating:
             cutoffs[u] = torch.quantile(z[alive], 1.0 - self.keep_ratio) if bool(alive.any()) else math.inf
@@ -816,11 +804,10 @@ class DepthAdapter:
                     torch.full((B, 1), float(len(self.static_layers)), device=dev), None, 0, 0)
 
     def _static_step(self, k, v, key_valid, ids, pos, slot):
-        """One decode token per row through the static layers (none, fixed, drop, exit_head) with shapes that never
-        change: what torch.compile captures whole (fullgraph; a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) the
-        cache slot of this token; k, v, key_valid the AdapterCache's pooled buffers. Attention reads the WHOLE cache
-        under a mask (key valid and slot <= this slot, as gpt-fast does) instead of slicing to the current length,
-        and the new K/V are written with index_copy_: no Python int changes from step to step. -> logits (B, V)."""
+        """A static kind's decode step with shapes that never change, what torch.compile captures whole (fullgraph;
+        a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) this token's cache slot; k, v, key_valid the cache's
+        pooled buffers. As in gpt-fast, attention reads the WHOLE cache under a mask (valid, slot <= this one) and
+        index_copy_ writes the new K/V: no Python int changes between steps. -> logits (B, V)."""
         x = self.embed(ids[:, 0])                                             # (B, C)
         cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
         j = torch.arange(key_valid.shape[1], device=ids.device)
@@ -839,7 +826,6 @@ class DepthAdapter:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._logits(x)
 
-
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
         if self.exit_head is None:
@@ -848,10 +834,9 @@ class DepthAdapter:
 
     # --- generation ------------------------------------------------------------------------------------------
     def new_cache(self, input_ids, attention_mask=None, max_new_tokens=0, extra=0, compile=False):
-        """Checks and the cache for one batch of sequences, input_ids (B, T0) left-padded where attention_mask has
-        zeros, with room for max_new_tokens; `extra` slots past the end (speculative decoding: a row that kept fewer
-        drafts is realigned behind the longest and verifies past its end). compile: static kinds decode with
-        _static_step under torch.compile. -> (cache, ids on the device, position ids (B, T0), mask (B, T0) bool)."""
+        """The checks and the cache for input_ids (B, T0), left-padded where attention_mask has zeros, with room for
+        max_new_tokens and `extra` slots (speculative decoding: a realigned row verifies past its end). compile:
+        static kinds decode with _static_step compiled. -> (cache, ids on the device, pos (B, T0), mask (B, T0))."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
@@ -871,6 +856,7 @@ class DepthAdapter:
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
         return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
+
     def _summary(self, depth, cost, kv_only, head_checks):
         """Depth histogram (router.py's depth_summary) of the tokens given, with the layer calls they really made
         (layer-equivalents: attention alone counts attn_share of a layer) and the K/V-only fill."""
@@ -899,9 +885,8 @@ class DepthAdapter:
 
     @torch.no_grad()
     def prefill_logits(self, input_ids, attention_mask=None):
-        """Teacher forcing through the prefill path: every position's logits (B, T, V) float32, and stats (over
-        the non-pad tokens). Prefill equals decode for every router here (causal decisions), so a perplexity
-        from here is what generation sees; expert_choice at keep_ratio < 1 needs calibrated cutoffs."""
+        """Teacher forcing: every position's logits (B, T, V) float32, and stats over the non-pad tokens. Prefill
+        equals decode for every router (causal decisions), so a perplexity from here is what generation sees."""
         if self.keep_ratio is not None and self.cutoffs is None and self.router in ROUTER_KINDS:
             raise ValueError("prefill_logits is teacher forcing and needs causal routing; keep_ratio < 1 without "
                              "calibrated cutoffs would take them from this very text. Call calibrate(windows) first.")
@@ -910,22 +895,18 @@ class DepthAdapter:
         return out.logits.float(), self._summary(out.depth[mask].cpu(), out.cost[mask].cpu(), out.kv_only,
                                                  out.head_checks)
 
-
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
                  adapt_k=None, lookup=None):
-        """Prefill + decode with our cache: new_cache, forward_chunk over the prompt, then decode_step per token.
-        input_ids (B, T0), left-padded when attention_mask has zeros. compile: static kinds (none, fixed, drop,
-        exit_head) decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as
-        eager; routed kinds decide from the data, so their decode stays eager. Speculative decoding (the full
-        model's output, drafted by this adapter) is speculative.generate(adapter, ids, K=4).
+        """new_cache, forward_chunk over the prompt, then decode_step per token. input_ids (B, T0), left-padded where
+        attention_mask has zeros. compile: static kinds decode compiled (the same tokens as eager); routed kinds
+        decide from the data and stay eager. Speculative decoding: speculative.generate(adapter, ids, K=4).
 
-        Returns (output_ids (B, T0 + new), stats): _summary over the generated tokens that went through the decode
-        loop (all but the last, which is never fed back), prompt_tokens / prompt_mean_depth, prefill_s, decode_s
-        (from the first sample to the end), tokens_per_s = B * new / decode_s, ms_per_token, easy/medium/hard
-        (confidence, entropy), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
-        float32 with return_logits. Rows that emit eos_token_id continue with it; all done: generation stops."""
+        -> (output_ids (B, T0 + new), stats): _summary over the decoded tokens (all but the last, never fed back),
+        prompt_tokens / prompt_mean_depth, prefill_s, decode_s (first sample to end), tokens_per_s, ms_per_token,
+        easy/medium/hard (CALM), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
+        float32 with return_logits. A row that emitted eos_token_id repeats it; when all have, generation stops."""
         if speculative is not None or adapt_k is not None or lookup is not None:
             raise ValueError(SPECULATIVE_MOVED)
         cache, ids, pos, mask = self.new_cache(input_ids, attention_mask, max_new_tokens, compile=compile)
