@@ -19,16 +19,6 @@ import speculative as spec
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
                           write_prometheus, write_stats_csv)
 
-def write_depth_csv(summary, path):
-    """One row per depth: depth, tokens, fraction."""
-    hist, n = summary["depth_hist"], max(1, summary["tokens"])
-    with open(path, "w", newline="") as f:
-        w = csv_writer(f)
-        w.writerow(["depth", "tokens", "fraction"])
-        for d, c in enumerate(hist):
-            w.writerow([d, c, f"{c / n:.6f}"])
-
-
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)
 hf = ""                         # a hub name, folder, .gguf file or smollm2-135m (built in): through hf_wrap.py
@@ -95,8 +85,8 @@ require(prompt, "the prompt is empty: give at least one character, e.g. --prompt
 require_at_least(config, num_samples=1, max_new_tokens=0)
 
 
-def print_depths(stats, trace_tokens=None, trace_depths=None):
-    """The depth histogram as bars, then optionally each token's text with its depth underneath."""
+def print_depths(stats, trace=None):
+    """The depth histogram as bars, then optionally trace: each token's (text, depth), the depth underneath."""
     n = max(1, stats["tokens"])
     print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
           f"layer calls {stats['layer_calls']:,.0f} of {stats['layer_calls_full']:,} "
@@ -105,12 +95,12 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
     for d, c in enumerate(stats["depth_hist"]):
         if c or len(stats["depth_hist"]) <= 12:            # per-layer routers (depth in layers): used depths only
             print(f"  depth {d:>{w}} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
-    if trace_tokens is not None:
+    if trace is not None:
         # one character per depth, so digits never run together: 0-9, a = 10, ..., z = 35, + beyond
         print("\ndepth trace (character under each token = its depth: recursion steps, groups or layers it ran"
               + ("; a = 10, b = 11, ...):" if len(stats["depth_hist"]) > 10 else "):"))
         width, top, bottom = 80, "", ""
-        for text, d in zip(trace_tokens, trace_depths):
+        for text, d in trace:
             text = text.replace("\n", "⏎").replace("\t", "→") or "∅"
             if len(top) + len(text) > width:
                 print(top + "\n" + bottom)
@@ -121,8 +111,13 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
 
 
 def save_depths(stats):
+    """--csv: one row per depth (depth, tokens, fraction); --plot: the histogram drawn."""
     if csv:
-        write_depth_csv(stats, csv)
+        n = max(1, stats["tokens"])
+        with open(csv, "w", newline="") as f:
+            w = csv_writer(f)
+            w.writerow(["depth", "tokens", "fraction"])
+            w.writerows([d, c, f"{c / n:.6f}"] for d, c in enumerate(stats["depth_hist"]))
         print(f"wrote the depth histogram to {csv}")
     if plot:
         plot_depth_hist(stats, plot)
@@ -209,11 +204,8 @@ def print_speculative(adapter, stats, tok, out):
 
 def print_routed(adapter, stats, tok, out):
     """The depths the adapter's tokens ran to, and what decided them."""
-    trace = None
-    if return_depth_trace:
-        row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]
-        trace = ([tok.decode([int(out[0, p])]) for p, _ in row0], [d for _, d in row0])
-    print_depths(stats, *(trace or ()))
+    trace = stats.get("trace")                                  # --return_depth_trace: (row, column, depth)
+    print_depths(stats, trace and [(tok.decode([int(out[0, p])]), d) for b, p, d in trace if b == 0])
     if "easy" in stats:
         print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
     if adapter.routers is not None:   # trained routers: what decided, and the K/V-only work they left
@@ -265,10 +257,8 @@ def sample_checkpoint():
     print(f"{n_new} new tokens in {dt:.2f} s: {n_new / dt:.1f} tok/s, {1000 * dt / max(1, max_new_tokens):.2f} ms/step"
           f" (batch {num_samples}, prefill included)")
     stats = model.depth_stats(depths)
-    trace = None
-    if return_depth_trace:
-        trace = ([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist())
-    print_depths(stats, *(trace or ()))
+    trace = zip([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist()) if return_depth_trace else None
+    print_depths(stats, trace)
     save_depths(stats)
 
 
