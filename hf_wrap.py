@@ -106,8 +106,8 @@ class StandIn(nn.Module):
 
 
 def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
-    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; the defaults keep
-    the first and the last layer always on) in runs of `group`; 'every_other' gates units 0, 2, ..."""
+    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; by default the first
+    and last layer always run) in runs of `group`; 'every_other' gates units 0, 2, ..."""
     stop_at = stop + n_layers if stop < 0 else stop
     if pattern not in ("every", "every_other"):
         raise ValueError(f"router_pattern={pattern!r}: use 'every' (a gate on every unit) or 'every_other'.")
@@ -115,19 +115,17 @@ def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
         raise ValueError(f"router_group={group!r}: the layers per routed unit must be an int >= 1.")
     if not 1 <= start < stop_at <= n_layers:
         raise ValueError(f"router_start={start}, router_stop={stop} leave no routed layers on this {n_layers}-layer "
-                         f"model: need 1 <= router_start < router_stop <= {n_layers} (router_stop < 0 counts from "
-                         "the end; layer 0 always runs).")
+                         f"model: need 1 <= router_start < router_stop <= {n_layers} (< 0 counts from the end).")
     units = [(a, min(a + group, stop_at)) for a in range(start, stop_at, group)]
     return units[::2] if pattern == "every_other" else units
 
 
 def group_layout(n_layers, R, base_layers):
-    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups
-    (sizes as even as possible, the first ones a layer longer). A token's depth d in 0..R is the
-    number of groups it ran."""
+    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups, as
+    even as possible (the first ones a layer longer). A token's depth 0..R: the groups it ran."""
     if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers:
-        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 is never skipped "
-                         "and at least one layer must be left to route).")
+        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 always runs, "
+                         "and one layer at least is left to route).")
     if not isinstance(R, int) or not 1 <= R <= n_layers - base_layers:
         raise ValueError(f"R={R}: this model has {n_layers} layers, {n_layers - base_layers} after base_layers="
                          f"{base_layers}; use 1 <= R <= {n_layers - base_layers} (or lower base_layers).")
@@ -507,12 +505,12 @@ class DepthAdapter:
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit must lie in "
-                             "(0, 1]; 1.0 runs every token at full depth (None: the threshold decides).")
+            raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit lies in "
+                             "(0, 1] (1.0: full depth; None: bias decides).")
 
     def _read_model(self, model):
-        """The HF modules the loop runs, and what a layer costs in layer-equivalents, from its weights: what a
-        token pays for attention alone, for K/V alone, for one LM-head call (CALM's exit test)."""
+        """The HF modules the loop runs, and from their weights the layer-equivalents a token pays for attention
+        alone, K/V alone, one LM-head call (CALM's exit test)."""
         cfg = model.config
         self.embed, self.layers = model.get_input_embeddings(), model.model.layers
         self.norm, self.lm_head, self.rotary = model.model.norm, model.get_output_embeddings(), model.model.rotary_emb
@@ -529,7 +527,7 @@ class DepthAdapter:
         self.units, self.layers_per_depth = units, [units[0][0]] + [b for _, b in units]
 
     def _refuse_untrained(self, given, everyone, random_routers):
-        """A learned router without trained weights is refused: random routing gives speed without quality."""
+        """Refuse a learned router without trained weights: random routing gives speed without quality."""
         self.random_routers = not given and not everyone
         if self.random_routers and not random_routers:
             raise ValueError(f"router={self.router!r} needs trained routers and none were given: tune them, "
@@ -540,15 +538,15 @@ class DepthAdapter:
     # --- the three families: each sets what its kinds decide with ----------------------------------------
     def _setup_static(self, R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
                       random_routers):
-        """none, fixed, drop, exit_head: every token runs the same layers, static_layers (no decisions, no host
-        syncs, no K/V fill past them); static_depth is the depth every token gets."""
+        """none, fixed, drop, exit_head: every token runs static_layers (no decisions, no host syncs, no K/V fill
+        past them) and gets static_depth."""
         L, kind = len(self.layers), self.router
         self.layers_per_depth = [0, L] if kind == "none" else list(range(L + 1))
         if kind == "fixed":
             self._group_units(group_layout(L, R, base_layers))
             if not isinstance(depth, int) or not 0 <= depth <= len(self.units):
-                raise ValueError(f"router='fixed' needs depth=d, an int in 0..R={len(self.units)} (groups every "
-                                 f"token runs); got depth={depth!r}.")
+                raise ValueError(f"router='fixed' needs depth=d, the groups every token runs, an int in "
+                                 f"0..R={len(self.units)}; got depth={depth!r}.")
             layers, self.static_depth = range(self.layers_per_depth[depth]), depth
         elif kind == "drop":
             drop = sorted(set(drop_layers or ()))
@@ -582,13 +580,13 @@ class DepthAdapter:
         """confidence, entropy (CALM): threshold is a top-1 probability / an entropy in nats."""
         if bias is not None:
             raise ValueError(f"bias={bias} is a trained router's logit bias; router={self.router!r} stops on "
-                             "threshold= (a top-1 probability for confidence, an entropy in nats for entropy).")
+                             "threshold= (confidence: a top-1 probability; entropy: nats).")
         self._group_units(group_layout(len(self.layers), R, base_layers))
         self.threshold = DEFAULT_THRESHOLD[self.router] if threshold is None else float(threshold)
         if (self.router == "confidence" and not 0 < self.threshold <= 1) or (
                 self.router == "entropy" and self.threshold < 0):
-            raise ValueError(f"threshold={self.threshold} for router={self.router!r}: use a top-1 probability in "
-                             "(0, 1] for confidence, an entropy >= 0 (nats) for entropy.")
+            raise ValueError(f"threshold={self.threshold} for router={self.router!r}: confidence takes a top-1 "
+                             "probability in (0, 1], entropy nats >= 0.")
         self._stops = self._stops_confidence if self.router == "confidence" else self._stops_entropy
 
     def _setup_trained(self, R, base_layers, threshold, bias, router_path, routers, exit_threshold, exits,
@@ -598,7 +596,7 @@ class DepthAdapter:
         kind, L = self.router, len(self.layers)
         if threshold is not None:                                 # the old name, for one release
             warnings.warn(f"threshold={threshold} for router={kind!r} is its logit bias: pass bias={threshold} "
-                          "(sample.py --bias); threshold is CALM's (confidence, entropy).", FutureWarning, 3)
+                          "(threshold is CALM's).", FutureWarning, 3)
             bias = threshold if bias is None else bias
         if router_path is not None:
             routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
@@ -625,8 +623,8 @@ class DepthAdapter:
         self._setup_cutoffs(everyone, router_path)
         et = float(self.file.get("exit_threshold", 0.9) if exit_threshold is None else exit_threshold)
         if not 0.0 < et <= 1.0:
-            raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability > "
-                             "exit_threshold, a probability in (0, 1] (1 = never).")
+            raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability is above it, "
+                             "so it lies in (0, 1] (1 = never).")
         self.exit_threshold, self.exit_cutoff = et, math.log(et / (1 - et)) if et < 1 else math.inf
         self.use_exits = bool(exits and self.routers.exit_layers and self.file.get("exits_trained", True))
         self.unit_of = routers.unit_of if kind in ("skip", "ffn") else {}     # per-unit gates: decision 2
@@ -640,7 +638,7 @@ class DepthAdapter:
         elif self.keep_ratio is not None:
             if self.router == "token_choice":
                 raise ValueError("keep_ratio is a per-unit capacity (skip, ffn, expert_choice); token-choice "
-                                 "picks a depth once: move its compute with bias (a depth bias) instead.")
+                                 "picks a depth once: move its compute with bias instead.")
             table = self.file.get("cutoffs", {})              # tune.py: keep_ratio -> per-unit cutoffs
             if f"{self.keep_ratio:.2f}" in table:
                 self.cutoffs = torch.tensor(table[f"{self.keep_ratio:.2f}"])
@@ -871,12 +869,12 @@ class DepthAdapter:
 
     @torch.no_grad()
     def calibrate(self, windows):
-        """skip / ffn / expert_choice at keep_ratio < 1: set each unit's cutoff on calibration text `windows`
-        (N, T) in one prefill, to the (1 - keep_ratio) quantile of its gate logits over the tokens that reach it.
-        Routing is then causal (prefill equals decode) and keeps about keep_ratio on text like this. -> cutoffs."""
+        """skip / ffn / expert_choice at keep_ratio < 1: in one prefill of calibration text `windows` (N, T), set
+        each unit's cutoff to the (1 - keep_ratio) quantile of its gate logits over the tokens that reach it.
+        Routing is then causal (prefill equals decode), keeping about keep_ratio on text like this. -> cutoffs."""
         if self.router not in ("skip", "ffn", "expert_choice") or self.keep_ratio in (None, 1.0):
-            raise ValueError(f"calibrate() sets keep_ratio's per-unit cutoffs (skip, ffn, expert_choice at "
-                             f"keep_ratio < 1); router={self.router!r} at keep_ratio={self.keep_ratio} has none.")
+            raise ValueError(f"calibrate() sets keep_ratio's cutoffs (skip, ffn, expert_choice at keep_ratio < 1); "
+                             f"router={self.router!r} at keep_ratio={self.keep_ratio} has none.")
         self.cutoffs = None
         cache, ids, pos, _ = self.new_cache(windows)
         self.forward_chunk(cache, ids, pos, 0)
@@ -888,8 +886,8 @@ class DepthAdapter:
         """Teacher forcing: every position's logits (B, T, V) float32, and stats over the non-pad tokens. Prefill
         equals decode for every router (causal decisions), so a perplexity from here is what generation sees."""
         if self.keep_ratio is not None and self.cutoffs is None and self.router in ROUTER_KINDS:
-            raise ValueError("prefill_logits is teacher forcing and needs causal routing; keep_ratio < 1 without "
-                             "calibrated cutoffs would take them from this very text. Call calibrate(windows) first.")
+            raise ValueError("prefill_logits needs causal routing, and keep_ratio < 1 without calibrated cutoffs "
+                             "would take them from this very text: call calibrate(windows) first.")
         cache, ids, pos, mask = self.new_cache(input_ids, attention_mask)
         out = self.forward_chunk(cache, ids, pos, 0, all_logits=True)
         return out.logits.float(), self._summary(out.depth[mask].cpu(), out.cost[mask].cpu(), out.kv_only,
@@ -904,9 +902,9 @@ class DepthAdapter:
         decide from the data and stay eager. Speculative decoding: speculative.generate(adapter, ids, K=4).
 
         -> (output_ids (B, T0 + new), stats): _summary over the decoded tokens (all but the last, never fed back),
-        prompt_tokens / prompt_mean_depth, prefill_s, decode_s (first sample to end), tokens_per_s, ms_per_token,
-        easy/medium/hard (CALM), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
-        float32 with return_logits. A row that emitted eos_token_id repeats it; when all have, generation stops."""
+        prompt_tokens / prompt_mean_depth, timing_stats, easy/medium/hard (CALM), trace = [(row, column in
+        output_ids, depth)] with return_trace, logits (B, new, V) float32 with return_logits. A row that emitted
+        eos_token_id repeats it; when all have, generation stops."""
         if speculative is not None or adapt_k is not None or lookup is not None:
             raise ValueError(SPECULATIVE_MOVED)
         cache, ids, pos, mask = self.new_cache(input_ids, attention_mask, max_new_tokens, compile=compile)
@@ -943,15 +941,14 @@ class DepthAdapter:
 
     def _decode_stats(self, prompt_depth, depths, costs, kv_only, head_checks, mask, n_new, times, return_trace):
         """generate()'s stats: the generated tokens' depths and costs (lists of (B, 1)), the prompt's depths."""
-        (B, T0), (t0, t1, t2) = mask.shape, times
+        B, T0 = mask.shape
         gen = torch.cat(depths, 1).cpu() if depths else torch.zeros(B, 0, dtype=torch.long)   # (B, steps)
         stats = self._summary(gen.flatten(), torch.cat(costs, 1).cpu() if costs else torch.zeros(0), kv_only,
                               head_checks)
         prompt_depth = prompt_depth.cpu()[mask.cpu()]
         stats.update(router=self.router, R=self.n_units, base_layers=self.base_layers, batch=B, new_tokens=n_new,
                      prompt_tokens=prompt_depth.numel(), prompt_mean_depth=float(prompt_depth.float().mean()),
-                     prefill_s=t1 - t0, decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
-                     ms_per_token=1000 * (t2 - t1) / max(n_new, 1), random_routers=self.random_routers)
+                     **timing_stats(B, n_new, times), random_routers=self.random_routers)
         if self.threshold is not None:  # CALM: exit point in the first / middle / last third of the groups (or never)
             frac = gen.float() / self.n_units
             stats.update(easy=int((frac < 1 / 3).sum()), medium=int(((frac >= 1 / 3) & (frac < 2 / 3)).sum()),
@@ -971,3 +968,10 @@ def now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def timing_stats(B, n_new, times):
+    """prefill_s, decode_s, tokens_per_s, ms_per_token from now()'s (start, prefill end, end)."""
+    t0, t1, t2 = times
+    return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
+                ms_per_token=1000 * (t2 - t1) / max(n_new, 1))

@@ -180,13 +180,15 @@ def sample_hf(kind, is_drafter):
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
           f"{1000 * stats['prefill_s']:.0f} ms)")
     if adapter.random_routers:
-        print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
-              + ("only; the full model verified every token, so the text is still its own" if speculative else
-                 "only; the text and the depths mean nothing"))
-    (print_speculative if speculative else print_routed)(adapter, stats, tok, out)
+        print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements only; "
+              + ("the full model verified every token" if speculative else "the text and the depths mean nothing"))
+    if speculative:
+        print_speculative(stats)
+    else:
+        print_routed(adapter, stats, tok, out)
 
 
-def print_speculative(adapter, stats, tok, out):
+def print_speculative(stats):
     """Every kept token is the full model's: show what the draft bought."""
     source = stats["draft"]
     draft = f"{source} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
@@ -220,8 +222,7 @@ def print_routed(adapter, stats, tok, out):
 
 
 def sample_checkpoint():
-    """One of our own checkpoints: autoregressive sampling with its depths, or (a masked-diffusion checkpoint)
-    refinement; export_hf writes it out as a transformers folder instead."""
+    """One of our own checkpoints: sampling with its depths, or refinement (masked diffusion), or --export_hf."""
     from configurator import load_checkpoint
     from model import MoR, MoRConfig, export_hf as export
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)

@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hf_wrap
-from hf_wrap import DRAFTER_FILE_FORMAT, DepthAdapter, head_rows, load_router_file, now, save_router_file, spread
+from hf_wrap import (DRAFTER_FILE_FORMAT, DepthAdapter, head_rows, load_router_file, now, save_router_file, spread,
+                     timing_stats)
 from model import token_probs
 
 
@@ -279,10 +280,9 @@ class _Rows:
         self.end = cache.realign(self.end, c)        # each row keeps [pending, d1..d_{c-1}]: c exact slots
 
     def result(self, adapter, drafter, tally, K, k, adapt_k, times):
-        (t0, t1, t2), B, n_new = times, self.out.shape[0], int(self.n.max())
+        B, n_new = self.out.shape[0], int(self.n.max())
         stats = dict(router=adapter.router, draft="drafter" if drafter is not None else adapter.router, batch=B,
-                     new_tokens=n_new, prompt_tokens=int(self.mask.sum()), prefill_s=t1 - t0, decode_s=t2 - t1,
-                     tokens_per_s=B * n_new / max(t2 - t1, 1e-9), ms_per_token=1000 * (t2 - t1) / max(n_new, 1),
+                     new_tokens=n_new, prompt_tokens=int(self.mask.sum()), **timing_stats(B, n_new, times),
                      speculative=K, adapt_k=adapt_k, k_final=k, **tally.stats(int(self.n.sum()) - B))
         if self.logits is not None:
             stats["logits"] = self.logits[:, :n_new]
