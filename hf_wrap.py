@@ -27,9 +27,6 @@ head) get no K/V at all.
 Exactness: router 'none' reproduces model.generate's tokens and logits (float32 and bfloat16, sliding windows
 included) on tiny random models of SUPPORTED_MODEL_TYPES and on the built-in real one; speculative.generate drafts
 with any router and outputs the full model's text. Batches > 1 need LEFT padding. Models come from data.load_hf.
-
-The file: the trainable decisions and their files, the decoding primitives (AdapterCache, Pass, and
-DepthAdapter.new_cache / forward_chunk / decode_step, which generate() and speculative.py compose), the adapter.
 """
 import math
 import os
@@ -92,8 +89,8 @@ class DecisionNet(nn.Module):
 
 class StandIn(nn.Module):
     """What a token that passes over a unit gets instead (FlexiDepth's adapter; ffn: instead of the MLP):
-    x <- x + up(gelu(down(rms_norm(x)))), `up` zero at first (the plain skip). SmolLM2-135M at rank 64:
-    74k weights, 2% of a layer's 3.5M, so the skip keeps its saving."""
+    x <- x + up(gelu(down(rms_norm(x)))), `up` zero at first (the plain skip). SmolLM2-135M, rank 64:
+    2% of a layer's weights."""
 
     def __init__(self, hidden_size, rank):
         super().__init__()
@@ -135,8 +132,8 @@ def group_layout(n_layers, R, base_layers):
 
 
 class FrozenRouters(nn.Module):
-    """Everything a router file holds: gates over `units`, optional exit gates at `exit_layers` (a
-    token whose exit gate fires stops there: CALM's learned confidence), optional stand-ins (skip, ffn)."""
+    """What a router file holds: gates over `units`, optional exit gates at `exit_layers` (CALM's
+    learned confidence), optional stand-ins (skip, ffn)."""
 
     def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
                  stand_in_rank=0):
@@ -157,11 +154,10 @@ class FrozenRouters(nn.Module):
         self.exits = nn.ModuleList(DecisionNet(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
         if stand_in_rank and kind not in ("skip", "ffn"):
             raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
-                             "routers stop tokens instead.")
+                             "stops tokens instead.")
         self.stand_in_rank = stand_in_rank
         self.stand_ins = (nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank
                           else None)
-        self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
         self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
 
@@ -319,8 +315,8 @@ class AdapterCache:
     def __init__(self, ad, B, max_len, key_valid, static=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
         shape = (B, ad.n_kv, max_len, ad.head_dim)
-        # static (compiled decode): the adapter keeps one set of buffers per shape and every call reuses them, so a
-        # captured graph always reads and writes the same memory (stale slots are masked: key slot <= query slot)
+        # static: one set of buffers per shape, reused by every call, so a captured graph always reads and writes
+        # the same memory (stale slots are masked: key slot <= query slot)
         pool = ad.static_cache.get((B, max_len)) if static else None
         if pool is None:
             pool = ([torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers],
@@ -420,7 +416,6 @@ class _Chunk:
         return from_grid(o.transpose(1, 2), s)
 
 
-
 def layer_window(config, i):
     """Layer i's sliding window, None = full attention: config.layer_types (Qwen2/Qwen3), else sliding_window."""
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
@@ -433,8 +428,8 @@ def layer_window(config, i):
 
 
 def head_rows(lm_head, vocab):
-    """A draft head's rows of the LM head for its vocab (V', C), float32, and that vocab; (the LM head's own
-    weight, None) when vocab is every token in order: nothing to gather, nor to spread."""
+    """A draft head's rows of the LM head (V', C) float32, and its vocab; (the LM head's weight, None) when vocab
+    is every token in order."""
     if torch.equal(vocab.cpu(), torch.arange(lm_head.weight.shape[0])):
         return lm_head.weight, None
     return lm_head.weight[vocab].float(), vocab
@@ -442,7 +437,7 @@ def head_rows(lm_head, vocab):
 
 def spread(sub, vocab, V):
     """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside (never
-    proposed). vocab None: sub already is."""
+    proposed)."""
     if vocab is None:
         return sub
     logits = sub.new_full((*sub.shape[:-1], V), -math.inf)
@@ -509,8 +504,8 @@ class DepthAdapter:
                              "(0, 1] (1.0: full depth; None: bias decides).")
 
     def _read_model(self, model):
-        """The HF modules the loop runs, and from their weights the layer-equivalents a token pays for attention
-        alone, K/V alone, one LM-head call (CALM's exit test)."""
+        """The HF modules the loop runs; from their weights, the layer-equivalents of attention alone, K/V alone
+        and one LM-head call."""
         cfg = model.config
         self.embed, self.layers = model.get_input_embeddings(), model.model.layers
         self.norm, self.lm_head, self.rotary = model.model.norm, model.get_output_embeddings(), model.model.rotary_emb
@@ -564,7 +559,7 @@ class DepthAdapter:
             self.static_depth = len(self.static_layers)
 
     def _setup_exit_head(self, depth, router_path, exit_head, exit_layer, random_routers):
-        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle layer)."""
+        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle)."""
         if depth is not None:
             raise ValueError(f"router='exit_head' takes exit_layer=l (the layer its head reads), not depth={depth} "
                              "(fixed's group count).")
@@ -600,10 +595,9 @@ class DepthAdapter:
             bias = threshold if bias is None else bias
         if router_path is not None:
             routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
-            if routers.kind != kind:
-                raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
         if routers is not None and routers.kind != kind:
-            raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
+            raise ValueError(f"{router_path or 'routers='} holds {routers.kind!r} routers: use router={routers.kind!r} "
+                             "with them.")
         everyone = self.keep_ratio == 1.0 and kind != "token_choice"        # capacity 1: nothing is routed
         self._refuse_untrained(routers is not None, everyone, random_routers)
         if kind in GROUP_ROUTERS:
@@ -632,7 +626,7 @@ class DepthAdapter:
             kind, self._stops_exit_gates)
 
     def _setup_cutoffs(self, everyone, router_path):
-        """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs for it (else calibrate())."""
+        """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs (else calibrate())."""
         if everyone:
             self.cutoffs = torch.full((len(self.units),), -math.inf)
         elif self.keep_ratio is not None:
@@ -657,7 +651,7 @@ class DepthAdapter:
 
     def _layer(self, c, l, x, attn_set, mlp_set):
         """Decoder layer l. x (B*T, C). Every token writes its K/V (the K/V rule); attn_set runs attention and
-        mlp_set the MLP (ActiveSets; None: nobody). Tokens outside them keep their state."""
+        mlp_set the MLP (ActiveSets; None: nobody)."""
         layer = self.layers[l]
         attn = layer.self_attn
         a = layer.input_layernorm(x)
@@ -696,7 +690,7 @@ class DepthAdapter:
         return self._calm(l, x, alive, c, lambda logp: -(logp.exp() * logp).sum(-1) <= self.threshold)
 
     def _calm(self, l, x, alive, c, sure):
-        """At a group start: the alive tokens' states through the final norm and LM head, tested by `sure`."""
+        """At a group start: the alive tokens' logits so far, tested by `sure`."""
         if l not in self.unit_at:
             return None
         c.head_checks += int(alive.sum())
@@ -735,7 +729,7 @@ class DepthAdapter:
     # --- the one loop ----------------------------------------------------------------------------------------
     def forward_chunk(self, cache, ids, pos, start, all_logits=False):
         """The prefill, a decode step or a verify pass: ids, pos (B, T) fill cache slots start..start+T, each token
-        through the layers its router gives it. -> Pass (every position's logits with all_logits)."""
+        through its router's layers. -> Pass."""
         B, T = ids.shape
         x = self.embed(ids)                                                   # (B, T, C)
         cos, sin = self.rotary(x, pos)                                        # (B, T, hd) each
@@ -755,8 +749,8 @@ class DepthAdapter:
                     c.head_checks)
 
     def _routed(self, c, x):
-        """The routed kinds' layer loop: at each layer, decision 1 (stop here?) then decision 2 (run this unit?),
-        then the layer on the tokens that run it, packed. -> (x, depth, cost, kv_only) per token."""
+        """The routed kinds' layer loop: decision 1, decision 2, then the layer on the tokens that run it, packed.
+        -> (x, depth, cost, kv_only) per token."""
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
         carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
         for l in range(len(self.layers)):
@@ -791,8 +785,8 @@ class DepthAdapter:
         return x, depth, cost, kv_only
 
     def decode_step(self, cache, tok, pos, slot):
-        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A cache made with
-        compile=True (static kinds) runs _static_step compiled: depth and cost are the static plan's, no final_h."""
+        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A compiled cache runs
+        _static_step: the static plan's depth and cost, no final_h."""
         if not cache.static:
             return self.forward_chunk(cache, tok[:, None], pos[:, None], slot)
         dev, B = tok.device, tok.shape[0]
@@ -856,8 +850,8 @@ class DepthAdapter:
         return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
 
     def _summary(self, depth, cost, kv_only, head_checks):
-        """Depth histogram (router.py's depth_summary) of the tokens given, with the layer calls they really made
-        (layer-equivalents: attention alone counts attn_share of a layer) and the K/V-only fill."""
+        """router.depth_summary of the tokens given, with the layer calls they made (layer-equivalents) and the
+        K/V-only fill."""
         stats = depth_summary(depth, self.layers_per_depth)
         L = len(self.layers)
         stats["layer_calls"] = float(cost.sum())

@@ -43,7 +43,7 @@ depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # CALM's exit test: confidence: a top-1 probability; entropy: nats. None: default
 bias = None                     # trained routers: a gate passes when its logit > bias (None: the file's)
 routers = ""                    # a file from tune.py: routers, an exit head or a drafter (it names its model)
-random_routers = False          # run the trained kinds with untrained routers: speed measurements only
+random_routers = False          # untrained routers for the trained kinds: speed measurements only
 exit_threshold = None           # trained exit gates: exit when the gate > this (None = the file's)
 no_exits = False                # ignore trained exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
@@ -85,8 +85,14 @@ require(prompt, "the prompt is empty: give at least one character, e.g. --prompt
 require_at_least(config, num_samples=1, max_new_tokens=0)
 
 
+def print_samples(texts):
+    for text in texts:
+        print(text)
+        print("---------------")
+
+
 def print_depths(stats, trace=None):
-    """The depth histogram as bars, then optionally trace: each token's (text, depth), the depth underneath."""
+    """The depth histogram as bars; trace: (text, depth) per token, printed with the depth underneath."""
     n = max(1, stats["tokens"])
     print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
           f"layer calls {stats['layer_calls']:,.0f} of {stats['layer_calls_full']:,} "
@@ -124,7 +130,7 @@ def save_depths(stats):
 
 
 def read_routers():
-    """--routers: the file names its format and model. -> (router, hf, whether it is a drafter)."""
+    """--routers names its format and model. -> (router, hf, whether it is a drafter)."""
     try:
         blob = hf_wrap.read_router_file(routers)
     except ValueError as e:
@@ -147,8 +153,7 @@ def hf_prompt(tok):
 
 
 def sample_hf(kind, is_drafter):
-    """A Hugging Face model through the adapter (router `kind`), or, with --speculative, drafted by it (or by a
-    drafter file, or prompt lookup) and verified by the full model."""
+    """A Hugging Face model through the adapter (router `kind`), or, with --speculative, verifying its drafts."""
     require(not lookup or speculative, f"--lookup={lookup} drafts for speculative decoding: pass --speculative=K "
                                        "(tokens per cycle) too, e.g. --speculative=4.")
     require(not is_drafter or speculative, f"{routers} is a drafter: it only drafts for speculative decoding: pass "
@@ -173,9 +178,7 @@ def sample_hf(kind, is_drafter):
                                           top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for row in out:
-        print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
-        print("---------------")
+    print_samples(tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out)
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
           f"{1000 * stats['prefill_s']:.0f} ms)")
@@ -189,7 +192,7 @@ def sample_hf(kind, is_drafter):
 
 
 def print_speculative(stats):
-    """Every kept token is the full model's: show what the draft bought."""
+    """What the draft bought."""
     source = stats["draft"]
     draft = f"{source} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
         f", else {source})" if source != "none" else ")")
@@ -251,9 +254,7 @@ def sample_checkpoint():
         out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
                                      top_k=top_k, return_depths=True)
     dt = time.time() - t0
-    for row in out:
-        print(tok.decode(row.tolist()))
-        print("---------------")
+    print_samples(tok.decode(row.tolist()) for row in out)
     n_new = num_samples * max_new_tokens
     print(f"{n_new} new tokens in {dt:.2f} s: {n_new / dt:.1f} tok/s, {1000 * dt / max(1, max_new_tokens):.2f} ms/step"
           f" (batch {num_samples}, prefill included)")
@@ -275,9 +276,7 @@ def sample_diffusion(model, tok, x):
             out = refiner.generate(model, x, max_new_tokens)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for row in out:
-        print(tok.decode(row.tolist()))
-        print("---------------")
+    print_samples(tok.decode(row.tolist()) for row in out)
     stats = refiner.get_stats()
     print(describe_stats(stats))
     if csv:

@@ -11,8 +11,8 @@ Three draft sources, one verification:
   a drafter               Drafter (below), a small MLP on the full model's final state and the token it chose
                           (`python tune.py config/hf_spec_drafter.py`): a draft runs no layer at all
   prompt lookup           lookup=n: the tokens that followed the text's last n tokens earlier in it, no model call
-Its own file because it is its own algorithm on the adapter's public primitives (new_cache, forward_chunk,
-AdapterCache.realign): draft, verify, accept, emit.
+Draft, verify, accept, emit: an algorithm of its own on the adapter's public primitives (new_cache, forward_chunk,
+AdapterCache.realign).
 """
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ class Drafter(nn.Module):
         s <- s + up(silu(down([rms_norm(s); rms_norm(embed(x))])))       one step: no layer of the model runs
         q  = softmax(head_rows(norm(s)))                                 the draft for token t + 2
     and again from (s, the drafted token) for t + 3, ... A draft costs one small MLP and the LM head's rows for
-    `vocab` (as ExitHead's): a few percent of a decode step, where a shallow exit pays for the layers below it."""
+    `vocab` (as ExitHead's): a few percent of a decode step."""
 
     def __init__(self, hidden_size, vocab, hidden=512, eps=1e-5):
         super().__init__()
@@ -86,8 +86,7 @@ def load_drafter(path, model, tune_command="python tune.py"):
 @torch.no_grad()
 def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
              top_k=None, eos_token_id=None, return_logits=False, lookup=0, drafter=None, return_trace=False):
-    """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` (any router) or `drafter`
-    drafts, the full model verifies.
+    """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` or `drafter` drafts.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) the draft proposes d1..dk one at a
     time; ONE full-depth pass over [pending, d1..dk] gives the full model's p after each of the k + 1 positions.
@@ -98,9 +97,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     reused, and rows that kept different numbers are re-aligned (AdapterCache.realign). A cycle costs k draft
     steps and one pass over k + 1 tokens (about one decode step at batch 1 on a GPU; about 1.2 on the CPU: README).
 
-    lookup=n (prompt lookup, Saxena 2023): a row whose last n tokens (or n - 1, ..., 2) occurred earlier in its
-    text drafts the up to K tokens that followed there (q: all its mass on them). A cycle where every live row
-    found one drafts that way; otherwise the drafter or a routed adapter drafts, and a full-depth one (router
+    lookup=n (prompt lookup, Saxena 2023; _lookup): a cycle where every live row found a match drafts from it (q:
+    all its mass on those tokens); otherwise the drafter or a routed adapter drafts, and a full-depth one (router
     'none', no drafter) drafts for the rows that found one only.
 
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
@@ -188,8 +186,7 @@ class _Source:
             self.head_weight, self.head_vocab = head_rows(adapter.lm_head, drafter.vocab)
 
     def draft(self, cache, rows, live, kd, tally):
-        """-> (drafts: a list of (B,) tokens, q: their (B, V) draft distributions, lens (B,) of a lookup draft
-        or None)."""
+        """-> (drafts, a list of (B,) tokens; q, their (B, V) distributions; a lookup draft's lens (B,) or None)."""
         if self.lookup:                                                       # the text's own continuations
             found = [_lookup(rows.text(r), self.lookup, kd) if live[r] else rows.out[r, :0]
                      for r in range(len(live))]
@@ -238,8 +235,8 @@ def _accept(rule, logits, d, q, lens):
 
 
 class _Rows:
-    """Step 6's state: what each row emitted so far (out, n, done), its pending token and the final state that
-    chose it (a drafter's start), and where the shared cache ends."""
+    """Step 6's state: each row's output so far (out, n, done), its pending token and the final state that chose
+    it, and where the shared cache ends."""
 
     def __init__(self, ids, mask, pos, max_new_tokens, eos, return_logits, rule, first):
         (B, T0), dev = ids.shape, ids.device
@@ -312,9 +309,8 @@ class _Tally:
 
 
 def _lookup(text, n, k):
-    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's last n tokens
-    (else its last n - 1, ..., 2; 1 only when n = 1), or none. text: one row's tokens (1-D). Not down to one
-    token for n >= 2: a single token recurs too often to predict what follows it."""
+    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's (1-D) last n
+    tokens, else its last n - 1, ..., 2 (1 only when n = 1: one token recurs too often to predict), or none."""
     for g in range(min(n, len(text) - 1), min(n, 2) - 1, -1):
         grams = text.unfold(0, g, 1)[:-1]                                 # every g-gram that has a follower
         hit = (grams == text[-g:]).all(1).nonzero()
