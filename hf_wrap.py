@@ -1,40 +1,32 @@
 """
 hf_wrap.py: depth-adaptive inference for pretrained Hugging Face causal LMs (Llama family), weights untouched.
 
-Every router comes down to two decisions per layer l, for each token:
-  1. does the token stop here?   A token that stops keeps its state; after the last layer that state goes
-                                 through the model's final norm and LM head (early exit).
-  2. does it run this layer?     A token that passes over a layer keeps its state and goes on to the next.
-One loop (DepthAdapter.forward_chunk) asks both questions at every layer, in prefill and in decode alike, and runs
-the layer's attention and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
+Every router comes down to two decisions per layer, for each token: does it stop here (its state then goes through
+the final norm and LM head: early exit), and does it run this layer (else it keeps its state)? One loop
+(DepthAdapter.forward_chunk) asks both at every layer, in prefill and decode alike, and runs the layer's attention
+and MLP on the tokens that run it, packed (model.ActiveSet, the native model's form).
 
-The routers (their trainable parts are below; tune.py trains them with the base frozen):
+The routers (tune.py trains the trainable ones with the base frozen):
   none            every token runs every layer: the exact full-depth mode
   fixed           every token stops after base_layers + `depth` of R groups
   drop            the same `drop_layers` are passed over by every token (ShortGPT's static baseline)
   exit_head       every token runs the layers before one layer, then a small trained head (a speculative draft)
-  confidence, entropy   stop at a group boundary when the state so far, through the final norm and LM head,
-                  is sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
+  confidence, entropy   stop at a group start when the state so far, through the final norm and LM head, is
+                  sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
   token_choice    one trained router after base_layers picks each token's depth 0..R (MoR's token-choice)
   skip, ffn       a trained gate per unit: run it or pass over it (MindSkip), optional exit gates; ffn: the
                   MLPs only, attention always runs (FlexiDepth). Optional trained stand-ins for who passes over.
 
-K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there. A
-token that stopped (or passes over the layer) pays the K/V projections only: for SmolLM2-135M (q and o 576x576,
-k and v 576x192, MLP 3 x 576x1536) that is 6.3% of a layer's weights; for Llama-3-8B shapes, 3.8%. Later tokens
-then attend to every earlier token at every layer, as in the full model; only the state each K/V comes from is
-shallower. Layers nobody can reach (fixed depth, dropped layers, past an exit head) get no K/V at all.
+K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there, so later
+tokens attend to every earlier one at every layer, as in the full model. A token that stopped (or passes over the
+layer) pays the K/V projections only: for SmolLM2-135M (q, o 576x576; k, v 576x192; MLP 3 x 576x1536) 6.3% of a
+layer's weights, for Llama-3-8B shapes 3.8%. Layers nobody can reach (fixed depth, dropped layers, past an exit
+head) get no K/V at all.
 
 Exactness: router 'none' reproduces model.generate's tokens and logits (float32 and bfloat16, sliding windows
-included) on tiny random models of the four architectures and on the built-in real one. Lossless speed:
-speculative.generate(adapter, ids, K=4) drafts with any router and verifies with the full model: the output is the
-full model's. Supported: model_type in SUPPORTED_MODEL_TYPES, batch > 1 with LEFT padding.
-
-Models come from data.load_hf (a hub name, a folder, a .gguf file, or the built-in "smollm2-135m", offline). The
-file reads top to bottom: the trainable decisions and their files, the decoding primitives (AdapterCache, Pass,
-DepthAdapter.new_cache / forward_chunk / decode_step: what generate() and speculative.py compose), the adapter
-(its three families of kinds, its one loop), generate().
+included) on tiny random models of SUPPORTED_MODEL_TYPES and on the built-in real one; speculative.generate drafts
+with any router and outputs the full model's text. Batches > 1 need LEFT padding. Models come from data.load_hf.
 """
 import math
 import os
@@ -59,24 +51,13 @@ DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability
 
 
 # -----------------------------------------------------------------------------
-# The adapter's trainable decisions (DepthAdapter below runs them, tune.py trains them)
+# The trainable decisions (DepthAdapter runs them, tune.py trains them)
 #
-# A pretrained Llama-family stack is not one shared block, but the same two questions
-# apply layer by layer: does a token stop here, and does it run this layer? The routed
-# layers are cut into *units* (runs of layers under one decision). Four kinds:
-#
-#   skip           a gate per unit: run the unit, or pass over it unchanged (MindSkip);
-#   ffn            a gate per unit over the MLPs only: attention always runs, so every
-#                  token's K/V stay exact (FlexiDepth-style capacity on the MLP);
-#   expert_choice  a gate per unit = a group: stay or exit for good (MoR's expert-choice,
-#                  hierarchical; its top-k is made causal by a calibrated cutoff);
-#   token_choice   one router before the first unit picks a depth 0..U (MoR's token-choice).
-#
-# Training blends instead of deciding (the base is frozen, only the gates learn): unit u's
-# update is scaled by a continue weight w_u in [0, 1], x <- x + w_u * (unit(x) - x) (ffn:
-# the MLP's update only). The kinds differ only in how w_u comes from the gate logits z:
+# The routed layers are cut into *units* (runs of layers under one decision). Training
+# blends instead of deciding: unit u's update is scaled by a continue weight w_u in [0, 1],
+# x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only), w_u from the gate logits z:
 #   skip, ffn:      w_u = sigmoid(z_u)                     independent per unit
-#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good
+#   expert_choice:  w_u = w_{u-1} * sigmoid(z_u)           once out, out for good (hierarchical)
 #   token_choice:   w_u = P(depth > u) = 1 - cumsum(softmax(z))[u]
 # Inference makes the 0/1 decision those weights stand for, with one knob, `bias`: a gate
 # passes when z_u > bias, and token-choice takes argmax_d (z_d - bias * d). bias = 0 is the
@@ -88,10 +69,9 @@ EXIT_INIT_LOGIT = -3.0    # a new exit gate starts at 0.05: nobody exits until i
 
 
 class DecisionNet(nn.Module):
-    """One decision point: hidden state (..., C) -> logits (..., n_out), float32. The input is
-    RMS-normalized without weights (pretrained residual streams carry a few huge channels);
-    then a small MLP, or a linear map (mlp_hidden=0). bias_init: zero weights and this bias,
-    so every token starts at sigmoid(bias_init)."""
+    """One decision point: state (..., C) -> logits (..., n_out), float32. RMS-normalized without
+    weights (pretrained residual streams carry a few huge channels), then a small MLP (mlp_hidden=0:
+    a linear map). bias_init: zero weights and this bias, so every token starts at sigmoid(bias_init)."""
 
     def __init__(self, hidden_size, n_out=1, mlp_hidden=64, bias_init=None):
         super().__init__()
@@ -108,11 +88,9 @@ class DecisionNet(nn.Module):
 
 
 class StandIn(nn.Module):
-    """What a token that passes over a unit gets instead of it (FlexiDepth's adapter): a small
-    bottleneck MLP on the RMS-normalized state, added to the residual stream, x <- x + up(gelu(
-    down(norm(x)))). `up` starts at zero, so a new stand-in is the plain skip. For SmolLM2-135M at
-    rank 64 it holds 74k weights, 2% of a layer's 3.5M: the skip keeps its saving, and the token
-    no longer just misses the layer's update. (ffn units: it replaces the MLP alone.)"""
+    """What a token that passes over a unit gets instead (FlexiDepth's adapter; ffn: instead of the MLP):
+    x <- x + up(gelu(down(rms_norm(x)))), `up` zero at first (the plain skip). SmolLM2-135M, rank 64:
+    2% of a layer's weights."""
 
     def __init__(self, hidden_size, rank):
         super().__init__()
@@ -125,8 +103,8 @@ class StandIn(nn.Module):
 
 
 def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
-    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; the defaults keep
-    the first and the last layer always on) in runs of `group`; 'every_other' gates units 0, 2, ..."""
+    """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; by default the first
+    and last layer always run) in runs of `group`; 'every_other' gates units 0, 2, ..."""
     stop_at = stop + n_layers if stop < 0 else stop
     if pattern not in ("every", "every_other"):
         raise ValueError(f"router_pattern={pattern!r}: use 'every' (a gate on every unit) or 'every_other'.")
@@ -134,19 +112,17 @@ def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
         raise ValueError(f"router_group={group!r}: the layers per routed unit must be an int >= 1.")
     if not 1 <= start < stop_at <= n_layers:
         raise ValueError(f"router_start={start}, router_stop={stop} leave no routed layers on this {n_layers}-layer "
-                         f"model: need 1 <= router_start < router_stop <= {n_layers} (router_stop < 0 counts from "
-                         "the end; layer 0 always runs).")
+                         f"model: need 1 <= router_start < router_stop <= {n_layers} (< 0 counts from the end).")
     units = [(a, min(a + group, stop_at)) for a in range(start, stop_at, group)]
     return units[::2] if pattern == "every_other" else units
 
 
 def group_layout(n_layers, R, base_layers):
-    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups
-    (sizes as even as possible, the first ones a layer longer). A token's depth d in 0..R is the
-    number of groups it ran."""
+    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups, as
+    even as possible (the first ones a layer longer). A token's depth 0..R: the groups it ran."""
     if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers:
-        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 is never skipped "
-                         "and at least one layer must be left to route).")
+        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 always runs, "
+                         "and one layer at least is left to route).")
     if not isinstance(R, int) or not 1 <= R <= n_layers - base_layers:
         raise ValueError(f"R={R}: this model has {n_layers} layers, {n_layers - base_layers} after base_layers="
                          f"{base_layers}; use 1 <= R <= {n_layers - base_layers} (or lower base_layers).")
@@ -156,9 +132,8 @@ def group_layout(n_layers, R, base_layers):
 
 
 class FrozenRouters(nn.Module):
-    """The trainable part of depth routing on a frozen model: gates over `units`, and optional exit
-    gates at `exit_layers` (a token whose exit gate fires stops there: CALM's learned confidence).
-    Everything a router file holds; hf_wrap.DepthAdapter decides with it, tune.py trains it."""
+    """What a router file holds: gates over `units`, optional exit gates at `exit_layers` (CALM's
+    learned confidence), optional stand-ins (skip, ffn)."""
 
     def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
                  stand_in_rank=0):
@@ -171,28 +146,24 @@ class FrozenRouters(nn.Module):
             raise ValueError(f"exit_layers={list(exit_layers)}: an exit gate sits at the input of layer l, 1 <= l < "
                              f"{self.units[-1][1]} (a token must run layer 0).")
         n_gates, n_out = (1, len(self.units) + 1) if kind == "token_choice" else (len(self.units), 1)
-        # token-choice starts with every token at full depth: the last depth's logit gets the head start
         # init_logit: every token's first weight, sigmoid(init_logit) (tune.py starts the gates at the budget)
         self.gates = nn.ModuleList(DecisionNet(hidden_size, n_out, mlp_hidden, init_logit) for _ in range(n_gates))
         if kind == "token_choice":                    # every token starts at full depth: depth U leads by 3
             last = self.gates[0].net[-1] if mlp_hidden else self.gates[0].net
             last.bias.data.zero_()[-1] = GATE_INIT_LOGIT
         self.exits = nn.ModuleList(DecisionNet(hidden_size, 1, mlp_hidden, EXIT_INIT_LOGIT) for _ in self.exit_layers)
-        # skip / ffn: stand_in_rank > 0 gives every unit a StandIn for the tokens that pass over it
         if stand_in_rank and kind not in ("skip", "ffn"):
             raise ValueError(f"stand_in_rank={stand_in_rank}: stand-ins replace a skipped unit (skip, ffn); {kind} "
-                             "routers stop tokens instead.")
+                             "stops tokens instead.")
         self.stand_in_rank = stand_in_rank
         self.stand_ins = (nn.ModuleList(StandIn(hidden_size, stand_in_rank) for _ in self.units) if stand_in_rank
                           else None)
-        self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
         self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
 
     def continue_weights(self, u, h, carry=None, hard=False):
-        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what
-        to carry to unit u + 1. hard: the 0/1 decision in the forward pass and the soft weight's
-        gradient in the backward (straight-through), so training ends on what inference does."""
+        """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what to
+        carry to unit u + 1. hard: straight-through (the 0/1 decision forward, the soft gradient back)."""
         if self.kind == "token_choice":
             if u == 0:                                                        # one decision for all units
                 p = torch.softmax(self.gates[0](h), -1)                       # (B, T, U + 1) over depths
@@ -209,10 +180,14 @@ class FrozenRouters(nn.Module):
         return w, w
 
 
-# Router files: one format for every kind, loaded with weights_only=True.
+# Router files: a trained module's weights, its layout and the model's shape; loaded with weights_only=True.
 ROUTER_FILE_FORMAT = "nanomor-hf-routers-v2"
 EXIT_HEAD_FILE_FORMAT = "nanomor-hf-exit-head-v1"     # a speculative draft head (ExitHead, below)
 DRAFTER_FILE_FORMAT = "nanomor-hf-drafter-v1"         # a speculative drafter on the final state (speculative.py)
+FILE_HOLDS = {ROUTER_FILE_FORMAT: "trained routers", EXIT_HEAD_FILE_FORMAT: "an exit head",
+              DRAFTER_FILE_FORMAT: "a drafter"}
+NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
+                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
 
 
 def model_shape(config):
@@ -229,7 +204,7 @@ def save_router_file(path, fmt, module, model_config, layout, **meta):
 
 
 def read_router_file(path, tune_command="python tune.py"):
-    """The dict in a router file. ValueError says what to do."""
+    """The dict in a router file of any format. ValueError says what to do."""
     if not os.path.isfile(path):
         raise ValueError(f"no router file at {path!r}: router tuning ({tune_command}) writes out_dir/routers.pt.")
     try:
@@ -237,17 +212,20 @@ def read_router_file(path, tune_command="python tune.py"):
     except Exception as e:
         raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
                          "truncated: tune the routers again.") from None
-    if not isinstance(blob, dict) or blob.get("format") not in (ROUTER_FILE_FORMAT, EXIT_HEAD_FILE_FORMAT,
-                                                                        DRAFTER_FILE_FORMAT):
-        fmt = blob.get("format") if isinstance(blob, dict) else None
+    fmt = blob.get("format") if isinstance(blob, dict) else None
+    if fmt not in FILE_HOLDS:
         raise ValueError(f"{path} is not a router file of this version (format {fmt!r}): "
                          f"tune the routers again ({tune_command}).")
     return blob
 
 
-def load_router_file(path, model_config, make, tune_command="python tune.py"):
-    """-> (make(blob) with the file's weights, blob). ValueError when it was tuned for another model."""
+def load_router_file(path, model_config, fmt, make, tune_command="python tune.py"):
+    """A file of format `fmt` -> (make(blob) with the file's weights, blob). ValueError when it holds another
+    kind of module or was tuned for another model."""
     blob = read_router_file(path, tune_command)
+    if blob["format"] != fmt:
+        raise ValueError(f"{path} holds {FILE_HOLDS[blob['format']]}, not {FILE_HOLDS[fmt]}: " + (
+            NOT_A_ROUTER if blob["format"] == DRAFTER_FILE_FORMAT else f"use router={blob.get('router')!r} with it."))
     want = model_shape(model_config)
     bad = {k: blob.get(k) for k in want if blob.get(k) != want[k]}
     if bad:
@@ -270,23 +248,19 @@ def save_routers(path, routers, model_config, **meta):
 def load_routers(path, model_config, tune_command="python tune.py"):
     """-> (FrozenRouters, the file's dict)."""
     def make(blob):
-        if blob["format"] != ROUTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a speculative draft: use it with router='exit_head'." if blob["format"]
-                             == EXIT_HEAD_FILE_FORMAT else f"{path} holds a drafter: {NOT_A_ROUTER}")
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
-    return load_router_file(path, model_config, make, tune_command)
+    return load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
 # A speculative draft head for a frozen model (tune.py --exit_head_layer trains it)
 
 class ExitHead(nn.Module):
-    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network; base
-    frozen): h -> h + up(silu(down(rms_norm(h)))), a low-rank residual adapter whose `up` starts at zero ->
-    RMSNorm (starts as a copy of the model's final norm) -> the model's own LM head rows for `vocab`. vocab (V',)
-    holds the tokens it can propose (the tuning text's most frequent: SmolLM2's full head is ~20% of a CPU
-    decode step). Speculative decoding stays exact: a token outside vocab is never proposed (probability 0)."""
+    """A trained draft head at the input of layer `layer` (Kangaroo's adapter on a shallow sub-network):
+    h -> h + up(silu(down(rms_norm(h)))) (`up` zero at first) -> RMSNorm (at first the final norm's copy) -> the
+    LM head's rows for vocab (V',), the tuning text's most frequent tokens (SmolLM2's full head is ~20% of a CPU
+    decode step). A token outside vocab is never proposed, so speculative decoding stays exact."""
 
     def __init__(self, hidden_size, layer, vocab, rank=128, eps=1e-5):
         super().__init__()
@@ -324,29 +298,25 @@ def save_exit_head(path, head, hf_model, **meta):
 def load_exit_head(path, model, tune_command="python tune.py"):
     """-> (ExitHead, the file's dict)."""
     def make(blob):
-        if blob["format"] != EXIT_HEAD_FILE_FORMAT:
-            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not an exit head: use "
-                             f"router={blob.get('router')!r} with it.")
         return ExitHead(model.config.hidden_size, blob["layer"], torch.zeros(blob["head_vocab"]), blob["rank"],
                         model.model.norm.variance_epsilon)
-    return load_router_file(path, model.config, make, tune_command)
+    return load_router_file(path, model.config, EXIT_HEAD_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
-# The decoding primitives: a cache, one pass over a chunk of tokens, its result (generate() and speculative.py
-# compose them, as gpt-fast composes prefill and decode_one)
+# The decoding primitives: a cache, one pass over a chunk of tokens, its result (composed as gpt-fast composes
+# prefill and decode_one)
 
 class AdapterCache:
-    """What a batch of sequences carries from one chunk to the next. The KV cache, preallocated: per layer
-    (B, n_kv, max_len, hd); key_valid (B, max_len) is False at left padding; pos holds each slot's position id.
-    And the gate cutoffs this batch decides with (keep_ratio < 1: the calibrated ones; or, when the adapter has
-    none, calibrate_next: the next chunk, the prompt, sets them). static: decode_step runs the compiled step."""
+    """What a batch of sequences carries from one chunk to the next: the KV cache, per layer (B, n_kv, max_len,
+    hd); key_valid (B, max_len), False at left padding; pos, each slot's position id; the gate cutoffs it decides
+    with at keep_ratio < 1 (calibrate_next: the next chunk, the prompt, sets them). static: compiled decode."""
 
     def __init__(self, ad, B, max_len, key_valid, static=False):
         dev, dt = key_valid.device, ad.embed.weight.dtype
         shape = (B, ad.n_kv, max_len, ad.head_dim)
-        # static (compiled decode): the adapter keeps one set of buffers per shape and every call reuses them, so a
-        # captured graph always reads and writes the same memory (stale slots are masked: key slot <= query slot)
+        # static: one set of buffers per shape, reused by every call, so a captured graph always reads and writes
+        # the same memory (stale slots are masked: key slot <= query slot)
         pool = ad.static_cache.get((B, max_len)) if static else None
         if pool is None:
             pool = ([torch.zeros(shape, device=dev, dtype=dt) for _ in ad.layers],
@@ -361,7 +331,6 @@ class AdapterCache:
         self.key_valid.copy_(key_valid)
         self.no_pad, self.static = bool(key_valid.all()), static
         self.pos = torch.zeros(B, max_len, dtype=torch.long, device=dev)
-        # keep_ratio < 1: per-unit gate cutoffs, calibrated ones, or (calibrate_next) set by this batch's prefill
         self.cutoffs = None if ad.cutoffs is None else ad.cutoffs.clone().to(dev)
         self.calibrate_next = ad.keep_ratio is not None and ad.cutoffs is None and ad.router in ROUTER_KINDS
         if self.calibrate_next:
@@ -369,9 +338,8 @@ class AdapterCache:
 
     def realign(self, end, kept):
         """Speculative decoding: after a verify pass over slots end.., row b keeps its first kept[b] of them.
-        -> the cache's new end. When rows keep different counts, each row's tokens shift so that every row ends at
-        the same slot (a shorter row gains left padding): the cache is then each row's text so far, left-padded,
-        as full-depth decoding of that text would hold it."""
+        -> the new end. Rows that keep different counts shift to end at the same slot (a shorter row gains left
+        padding): the cache is then what full-depth decoding of each row's text would hold."""
         if bool((kept == kept[0]).all()):
             return end + int(kept[0])
         count = self.key_valid[:, :end].sum(1) + kept                         # (B,) tokens each row now holds
@@ -389,16 +357,15 @@ class AdapterCache:
 
 
 # One pass over a chunk: logits, the last position's (B, V) or every position's (B, T, V); depth (B, T) in decision
-# units (layers_per_depth); cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h
-# (B, T, C) before the final norm (a drafter's input; None from the compiled step); kv_only: token-layers that
-# computed K/V alone; head_checks: CALM's LM-head calls.
+# units; cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h (B, T, C) before the
+# final norm (a drafter's input; None when compiled); kv_only: token-layers that computed K/V alone; head_checks:
+# CALM's LM-head calls.
 Pass = namedtuple("Pass", "logits depth cost final_h kv_only head_checks")
 
 
 class _Chunk:
     """One pass over cache slots start..end of every row. Tokens are the B*T rows of x (B*T, C), row-major; an
-    ActiveSet (kv_cache.py) lists the ones that run something, and its .pos are their cache slots. calibrating:
-    this pass sets the cache's cutoffs; head_checks counts CALM's LM-head calls in it."""
+    ActiveSet lists the ones that run something. calibrating: this pass sets the cache's cutoffs."""
 
     def __init__(self, cache, start, B, T, cos, sin):
         self.cache, self.start, self.end, self.B, self.T = cache, start, start + T, B, T
@@ -423,9 +390,9 @@ class _Chunk:
         return x
 
     def mask(self, s, lo, window):
-        """Which cache slots lo..end the queries of s may read, (rows, 1, K, end - lo) bool, or None for all:
-        valid (not padding), not after the query, and inside the sliding window (HF keeps key j for query q when
-        q - window < j). Grid pads and padded queries see at least one key (their output is dropped)."""
+        """Which cache slots lo..end the queries of s may read, (rows, 1, K, end - lo) bool, or None for all: not
+        padding, not after the query, inside the sliding window (key j for query q when q - window < j). Grid pads
+        and padded queries see at least one key (their output is dropped)."""
         key = (id(s), window)
         if key not in self.masks:
             if self.T == 1 and self.cache.no_pad:                               # decode, no padding: every key
@@ -449,10 +416,8 @@ class _Chunk:
         return from_grid(o.transpose(1, 2), s)
 
 
-
 def layer_window(config, i):
-    """Layer i's sliding window, None = full attention. HF 5.x: config.layer_types per layer (Qwen2/Qwen3), else
-    Mistral's sliding_window."""
+    """Layer i's sliding window, None = full attention: config.layer_types (Qwen2/Qwen3), else sliding_window."""
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if types is None:
         return window
@@ -463,16 +428,16 @@ def layer_window(config, i):
 
 
 def head_rows(lm_head, vocab):
-    """A draft head's rows of the LM head for its vocab (V', C), float32, and that vocab; (the LM head's own
-    weight, None) when vocab is every token in order: then there is nothing to gather, nor to spread."""
+    """A draft head's rows of the LM head (V', C) float32, and its vocab; (the LM head's weight, None) when vocab
+    is every token in order."""
     if torch.equal(vocab.cpu(), torch.arange(lm_head.weight.shape[0])):
         return lm_head.weight, None
     return lm_head.weight[vocab].float(), vocab
 
 
 def spread(sub, vocab, V):
-    """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside: never
-    proposed. vocab None (head_rows: every token): sub already is."""
+    """A draft head's logits over its vocab (..., V') -> over the model's V (..., V), -inf outside (never
+    proposed)."""
     if vocab is None:
         return sub
     logits = sub.new_full((*sub.shape[:-1], V), -math.inf)
@@ -484,22 +449,17 @@ def spread(sub, vocab, V):
 # The adapter
 
 SPECULATIVE_MOVED = "speculative decoding moved: speculative.generate(adapter, ids, K=4, lookup=n, drafter=d)."
-NOT_A_ROUTER = ("a drafter is no router kind: it drafts for speculative decoding. speculative.load_drafter(path, "
-                "model), then speculative.generate(DepthAdapter(model), ids, K=4, drafter=it).")
 
 
 class DepthAdapter:
-    """Route each token of a pretrained Llama-family model through fewer layers. See the module docstring.
+    """Route each token of a pretrained Llama-family model through fewer layers (the module docstring).
 
-    router: one of ROUTERS; each family has its own setup below (static: none, fixed, drop, exit_head; CALM:
-    confidence, entropy; trained: skip, ffn, expert_choice, token_choice). R, base_layers: the groups of the group
-    routers (and of new expert/token-choice routers). depth: fixed's groups. exit_layer: an untrained exit head's
-    layer. threshold (CALM): confidence's top-1 probability, entropy's nats. bias (trained routers): a gate passes
-    when its logit > bias; token-choice takes argmax_d(logit_d - bias * d); None: the bias the tuning file's
-    target search found, else 0. keep_ratio < 1 (skip, ffn, expert_choice): per-unit cutoffs at the
-    (1 - keep_ratio) quantile of the gate logits on calibration text (the file's, or calibrate(windows)).
-    routers / router_path: trained routers (a FrozenRouters or its file; an exit head file for exit_head, or
-    exit_head= the module). random_routers: untrained routers, for speed measurements only.
+    router: one of ROUTERS, each family with its own setup below. R, base_layers: the group routers' groups.
+    depth: fixed's groups. exit_layer: an untrained exit head's layer. threshold (CALM): a top-1 probability /
+    nats. bias (trained routers, the knob above): None is the tuning file's, else 0. keep_ratio < 1 (skip, ffn,
+    expert_choice): per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the
+    file's, or calibrate(windows)). routers / router_path: a FrozenRouters or its file (exit_head: exit_head= or
+    its file). random_routers: untrained routers, for speed measurements only.
     """
 
     def __init__(self, model, router="none", R=4, base_layers=2, keep_ratio=None, depth=None, threshold=None,
@@ -540,12 +500,12 @@ class DepthAdapter:
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit must lie in "
-                             "(0, 1]; 1.0 runs every token at full depth (None: the threshold decides).")
+            raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit lies in "
+                             "(0, 1] (1.0: full depth; None: bias decides).")
 
     def _read_model(self, model):
-        """The HF modules the loop runs, and what a layer costs in layer-equivalents, from its weights: what a
-        token pays for attention alone, for K/V alone, for one LM-head call (CALM's exit test)."""
+        """The HF modules the loop runs; from their weights, the layer-equivalents of attention alone, K/V alone
+        and one LM-head call."""
         cfg = model.config
         self.embed, self.layers = model.get_input_embeddings(), model.model.layers
         self.norm, self.lm_head, self.rotary = model.model.norm, model.get_output_embeddings(), model.model.rotary_emb
@@ -562,27 +522,26 @@ class DepthAdapter:
         self.units, self.layers_per_depth = units, [units[0][0]] + [b for _, b in units]
 
     def _refuse_untrained(self, given, everyone, random_routers):
-        """A learned router without trained weights is refused: random routing gives speed without quality."""
+        """Refuse a learned router without trained weights: random routing gives speed without quality."""
         self.random_routers = not given and not everyone
         if self.random_routers and not random_routers:
-            raise ValueError(f"router={self.router!r} needs trained routers, and none were given. Tune them for this "
-                             f"model with the base frozen: {TUNE_COMMAND.replace('<kind>', self.router)} (it writes "
-                             "<dir>/routers.pt; then router_path=that file, or sample.py --routers=that file; tune.py "
-                             "--exit_head_layer=l tunes an exit head). For speed measurements only, "
-                             "random_routers=True (sample.py --random_routers) runs untrained routers.")
+            raise ValueError(f"router={self.router!r} needs trained routers and none were given: tune them, "
+                             f"{TUNE_COMMAND.replace('<kind>', self.router)} (an exit head: --exit_head_layer=l), "
+                             "then pass router_path=<dir>/routers.pt (sample.py --routers). random_routers=True "
+                             "(--random_routers) runs untrained ones, for speed measurements only.")
 
     # --- the three families: each sets what its kinds decide with ----------------------------------------
     def _setup_static(self, R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
                       random_routers):
-        """none, fixed, drop, exit_head: every token runs the same layers, static_layers (no decisions, no host
-        syncs, no K/V fill past them); static_depth is the depth every token gets."""
+        """none, fixed, drop, exit_head: every token runs static_layers (no decisions, no host syncs, no K/V fill
+        past them) and gets static_depth."""
         L, kind = len(self.layers), self.router
         self.layers_per_depth = [0, L] if kind == "none" else list(range(L + 1))
         if kind == "fixed":
             self._group_units(group_layout(L, R, base_layers))
             if not isinstance(depth, int) or not 0 <= depth <= len(self.units):
-                raise ValueError(f"router='fixed' needs depth=d, an int in 0..R={len(self.units)} (groups every "
-                                 f"token runs); got depth={depth!r}.")
+                raise ValueError(f"router='fixed' needs depth=d, the groups every token runs, an int in "
+                                 f"0..R={len(self.units)}; got depth={depth!r}.")
             layers, self.static_depth = range(self.layers_per_depth[depth]), depth
         elif kind == "drop":
             drop = sorted(set(drop_layers or ()))
@@ -600,7 +559,7 @@ class DepthAdapter:
             self.static_depth = len(self.static_layers)
 
     def _setup_exit_head(self, depth, router_path, exit_head, exit_layer, random_routers):
-        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle layer)."""
+        """A trained draft head (or its file), or an untrained one at exit_layer (default: the middle)."""
         if depth is not None:
             raise ValueError(f"router='exit_head' takes exit_layer=l (the layer its head reads), not depth={depth} "
                              "(fixed's group count).")
@@ -613,35 +572,32 @@ class DepthAdapter:
         return self.exit_head
 
     def _setup_calm(self, R, base_layers, threshold, bias):
-        """confidence, entropy (CALM, training-free): at each group start, a token stops when the state so far,
-        through the final norm and LM head, is sure enough (threshold: a top-1 probability / an entropy in nats)."""
+        """confidence, entropy (CALM): threshold is a top-1 probability / an entropy in nats."""
         if bias is not None:
             raise ValueError(f"bias={bias} is a trained router's logit bias; router={self.router!r} stops on "
-                             "threshold= (a top-1 probability for confidence, an entropy in nats for entropy).")
+                             "threshold= (confidence: a top-1 probability; entropy: nats).")
         self._group_units(group_layout(len(self.layers), R, base_layers))
         self.threshold = DEFAULT_THRESHOLD[self.router] if threshold is None else float(threshold)
         if (self.router == "confidence" and not 0 < self.threshold <= 1) or (
                 self.router == "entropy" and self.threshold < 0):
-            raise ValueError(f"threshold={self.threshold} for router={self.router!r}: use a top-1 probability in "
-                             "(0, 1] for confidence, an entropy >= 0 (nats) for entropy.")
+            raise ValueError(f"threshold={self.threshold} for router={self.router!r}: confidence takes a top-1 "
+                             "probability in (0, 1], entropy nats >= 0.")
         self._stops = self._stops_confidence if self.router == "confidence" else self._stops_entropy
 
     def _setup_trained(self, R, base_layers, threshold, bias, router_path, routers, exit_threshold, exits,
                        random_routers):
-        """skip, ffn, expert_choice, token_choice: trained gates (a FrozenRouters, or its file) decide, with one
-        knob, bias; keep_ratio < 1 puts a calibrated cutoff per unit in its place. skip / ffn can also carry
-        trained exit gates (exit_threshold) and stand-ins."""
+        """skip, ffn, expert_choice, token_choice: trained gates (a FrozenRouters, or its file) decide with bias,
+        or at keep_ratio < 1 with a calibrated cutoff per unit; skip / ffn may carry exit gates and stand-ins."""
         kind, L = self.router, len(self.layers)
         if threshold is not None:                                 # the old name, for one release
             warnings.warn(f"threshold={threshold} for router={kind!r} is its logit bias: pass bias={threshold} "
-                          "(sample.py --bias); threshold is CALM's (confidence, entropy).", FutureWarning, 3)
+                          "(threshold is CALM's).", FutureWarning, 3)
             bias = threshold if bias is None else bias
         if router_path is not None:
             routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
-            if routers.kind != kind:
-                raise ValueError(f"{router_path} holds {routers.kind!r} routers: use router={routers.kind!r} with it.")
         if routers is not None and routers.kind != kind:
-            raise ValueError(f"these are {routers.kind!r} routers: use router={routers.kind!r} with them.")
+            raise ValueError(f"{router_path or 'routers='} holds {routers.kind!r} routers: use router={routers.kind!r} "
+                             "with them.")
         everyone = self.keep_ratio == 1.0 and kind != "token_choice"        # capacity 1: nothing is routed
         self._refuse_untrained(routers is not None, everyone, random_routers)
         if kind in GROUP_ROUTERS:
@@ -661,8 +617,8 @@ class DepthAdapter:
         self._setup_cutoffs(everyone, router_path)
         et = float(self.file.get("exit_threshold", 0.9) if exit_threshold is None else exit_threshold)
         if not 0.0 < et <= 1.0:
-            raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability > "
-                             "exit_threshold, a probability in (0, 1] (1 = never).")
+            raise ValueError(f"exit_threshold={et}: a token exits when its exit gate's probability is above it, "
+                             "so it lies in (0, 1] (1 = never).")
         self.exit_threshold, self.exit_cutoff = et, math.log(et / (1 - et)) if et < 1 else math.inf
         self.use_exits = bool(exits and self.routers.exit_layers and self.file.get("exits_trained", True))
         self.unit_of = routers.unit_of if kind in ("skip", "ffn") else {}     # per-unit gates: decision 2
@@ -670,13 +626,13 @@ class DepthAdapter:
             kind, self._stops_exit_gates)
 
     def _setup_cutoffs(self, everyone, router_path):
-        """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs for it (else calibrate())."""
+        """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs (else calibrate())."""
         if everyone:
             self.cutoffs = torch.full((len(self.units),), -math.inf)
         elif self.keep_ratio is not None:
             if self.router == "token_choice":
                 raise ValueError("keep_ratio is a per-unit capacity (skip, ffn, expert_choice); token-choice "
-                                 "picks a depth once: move its compute with bias (a depth bias) instead.")
+                                 "picks a depth once: move its compute with bias instead.")
             table = self.file.get("cutoffs", {})              # tune.py: keep_ratio -> per-unit cutoffs
             if f"{self.keep_ratio:.2f}" in table:
                 self.cutoffs = torch.tensor(table[f"{self.keep_ratio:.2f}"])
@@ -695,7 +651,7 @@ class DepthAdapter:
 
     def _layer(self, c, l, x, attn_set, mlp_set):
         """Decoder layer l. x (B*T, C). Every token writes its K/V (the K/V rule); attn_set runs attention and
-        mlp_set the MLP (ActiveSets; None: nobody). Tokens outside them keep their state."""
+        mlp_set the MLP (ActiveSets; None: nobody)."""
         layer = self.layers[l]
         attn = layer.self_attn
         a = layer.input_layernorm(x)
@@ -734,7 +690,7 @@ class DepthAdapter:
         return self._calm(l, x, alive, c, lambda logp: -(logp.exp() * logp).sum(-1) <= self.threshold)
 
     def _calm(self, l, x, alive, c, sure):
-        """At a group start: the alive tokens' states through the final norm and LM head, tested by `sure`."""
+        """At a group start: the alive tokens' logits so far, tested by `sure`."""
         if l not in self.unit_at:
             return None
         c.head_checks += int(alive.sum())
@@ -764,7 +720,7 @@ class DepthAdapter:
 
     def _passes(self, u, x, alive, c):
         """Gate u over the alive tokens -> (B*T,) bool: logit > the unit's cutoff (else bias). A calibrating pass
-        first sets the cutoff to the (1 - keep_ratio) quantile of the logits of the tokens that reach the unit."""
+        sets the cutoff first (calibrate)."""
         z, cutoffs = self._on(self.routers.gates[u], x, alive, -math.inf), c.cache.cutoffs
         if c.calibrating:
             cutoffs[u] = torch.quantile(z[alive], 1.0 - self.keep_ratio) if bool(alive.any()) else math.inf
@@ -773,7 +729,7 @@ class DepthAdapter:
     # --- the one loop ----------------------------------------------------------------------------------------
     def forward_chunk(self, cache, ids, pos, start, all_logits=False):
         """The prefill, a decode step or a verify pass: ids, pos (B, T) fill cache slots start..start+T, each token
-        through the layers its router gives it. -> Pass (every position's logits with all_logits)."""
+        through its router's layers. -> Pass."""
         B, T = ids.shape
         x = self.embed(ids)                                                   # (B, T, C)
         cos, sin = self.rotary(x, pos)                                        # (B, T, hd) each
@@ -793,8 +749,8 @@ class DepthAdapter:
                     c.head_checks)
 
     def _routed(self, c, x):
-        """The routed kinds' layer loop: at each layer, decision 1 (stop here?) then decision 2 (run this unit?),
-        then the layer on the tokens that run it, packed. -> (x, depth, cost, kv_only) per token."""
+        """The routed kinds' layer loop: decision 1, decision 2, then the layer on the tokens that run it, packed.
+        -> (x, depth, cost, kv_only) per token."""
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
         carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
         for l in range(len(self.layers)):
@@ -829,8 +785,8 @@ class DepthAdapter:
         return x, depth, cost, kv_only
 
     def decode_step(self, cache, tok, pos, slot):
-        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A cache made with
-        compile=True (static kinds) runs _static_step compiled: depth and cost are the static plan's, no final_h."""
+        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A compiled cache runs
+        _static_step: the static plan's depth and cost, no final_h."""
         if not cache.static:
             return self.forward_chunk(cache, tok[:, None], pos[:, None], slot)
         dev, B = tok.device, tok.shape[0]
@@ -840,11 +796,10 @@ class DepthAdapter:
                     torch.full((B, 1), float(len(self.static_layers)), device=dev), None, 0, 0)
 
     def _static_step(self, k, v, key_valid, ids, pos, slot):
-        """One decode token per row through the static layers (none, fixed, drop, exit_head) with shapes that never
-        change: what torch.compile captures whole (fullgraph; a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) the
-        cache slot of this token; k, v, key_valid the AdapterCache's pooled buffers. Attention reads the WHOLE cache
-        under a mask (key valid and slot <= this slot, as gpt-fast does) instead of slicing to the current length,
-        and the new K/V are written with index_copy_: no Python int changes from step to step. -> logits (B, V)."""
+        """A static kind's decode step with shapes that never change, what torch.compile captures whole (fullgraph;
+        a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) this token's cache slot; k, v, key_valid the cache's
+        pooled buffers. As in gpt-fast, attention reads the WHOLE cache under a mask (valid, slot <= this one) and
+        index_copy_ writes the new K/V: no Python int changes between steps. -> logits (B, V)."""
         x = self.embed(ids[:, 0])                                             # (B, C)
         cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
         j = torch.arange(key_valid.shape[1], device=ids.device)
@@ -863,7 +818,6 @@ class DepthAdapter:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self._logits(x)
 
-
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
         if self.exit_head is None:
@@ -872,10 +826,9 @@ class DepthAdapter:
 
     # --- generation ------------------------------------------------------------------------------------------
     def new_cache(self, input_ids, attention_mask=None, max_new_tokens=0, extra=0, compile=False):
-        """Checks and the cache for one batch of sequences, input_ids (B, T0) left-padded where attention_mask has
-        zeros, with room for max_new_tokens; `extra` slots past the end (speculative decoding: a row that kept fewer
-        drafts is realigned behind the longest and verifies past its end). compile: static kinds decode with
-        _static_step under torch.compile. -> (cache, ids on the device, position ids (B, T0), mask (B, T0) bool)."""
+        """The checks and the cache for input_ids (B, T0), left-padded where attention_mask has zeros, with room for
+        max_new_tokens and `extra` slots (speculative decoding: a realigned row verifies past its end). compile:
+        static kinds decode with _static_step compiled. -> (cache, ids on the device, pos (B, T0), mask (B, T0))."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
@@ -895,9 +848,10 @@ class DepthAdapter:
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
         return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
+
     def _summary(self, depth, cost, kv_only, head_checks):
-        """Depth histogram (router.py's depth_summary) of the tokens given, with the layer calls they really made
-        (layer-equivalents: attention alone counts attn_share of a layer) and the K/V-only fill."""
+        """router.depth_summary of the tokens given, with the layer calls they made (layer-equivalents) and the
+        K/V-only fill."""
         stats = depth_summary(depth, self.layers_per_depth)
         L = len(self.layers)
         stats["layer_calls"] = float(cost.sum())
@@ -909,12 +863,12 @@ class DepthAdapter:
 
     @torch.no_grad()
     def calibrate(self, windows):
-        """skip / ffn / expert_choice at keep_ratio < 1: set each unit's cutoff on calibration text `windows`
-        (N, T) in one prefill, to the (1 - keep_ratio) quantile of its gate logits over the tokens that reach it.
-        Routing is then causal (prefill equals decode) and keeps about keep_ratio on text like this. -> cutoffs."""
+        """skip / ffn / expert_choice at keep_ratio < 1: in one prefill of calibration text `windows` (N, T), set
+        each unit's cutoff to the (1 - keep_ratio) quantile of its gate logits over the tokens that reach it.
+        Routing is then causal (prefill equals decode), keeping about keep_ratio on text like this. -> cutoffs."""
         if self.router not in ("skip", "ffn", "expert_choice") or self.keep_ratio in (None, 1.0):
-            raise ValueError(f"calibrate() sets keep_ratio's per-unit cutoffs (skip, ffn, expert_choice at "
-                             f"keep_ratio < 1); router={self.router!r} at keep_ratio={self.keep_ratio} has none.")
+            raise ValueError(f"calibrate() sets keep_ratio's cutoffs (skip, ffn, expert_choice at keep_ratio < 1); "
+                             f"router={self.router!r} at keep_ratio={self.keep_ratio} has none.")
         self.cutoffs = None
         cache, ids, pos, _ = self.new_cache(windows)
         self.forward_chunk(cache, ids, pos, 0)
@@ -923,33 +877,28 @@ class DepthAdapter:
 
     @torch.no_grad()
     def prefill_logits(self, input_ids, attention_mask=None):
-        """Teacher forcing through the prefill path: every position's logits (B, T, V) float32, and stats (over
-        the non-pad tokens). Prefill equals decode for every router here (causal decisions), so a perplexity
-        from here is what generation sees; expert_choice at keep_ratio < 1 needs calibrated cutoffs."""
+        """Teacher forcing: every position's logits (B, T, V) float32, and stats over the non-pad tokens. Prefill
+        equals decode for every router (causal decisions), so a perplexity from here is what generation sees."""
         if self.keep_ratio is not None and self.cutoffs is None and self.router in ROUTER_KINDS:
-            raise ValueError("prefill_logits is teacher forcing and needs causal routing; keep_ratio < 1 without "
-                             "calibrated cutoffs would take them from this very text. Call calibrate(windows) first.")
+            raise ValueError("prefill_logits needs causal routing, and keep_ratio < 1 without calibrated cutoffs "
+                             "would take them from this very text: call calibrate(windows) first.")
         cache, ids, pos, mask = self.new_cache(input_ids, attention_mask)
         out = self.forward_chunk(cache, ids, pos, 0, all_logits=True)
         return out.logits.float(), self._summary(out.depth[mask].cpu(), out.cost[mask].cpu(), out.kv_only,
                                                  out.head_checks)
 
-
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
                  adapt_k=None, lookup=None):
-        """Prefill + decode with our cache: new_cache, forward_chunk over the prompt, then decode_step per token.
-        input_ids (B, T0), left-padded when attention_mask has zeros. compile: static kinds (none, fixed, drop,
-        exit_head) decode with _static_step under torch.compile (fullgraph; CUDA graphs on a GPU), the same tokens as
-        eager; routed kinds decide from the data, so their decode stays eager. Speculative decoding (the full
-        model's output, drafted by this adapter) is speculative.generate(adapter, ids, K=4).
+        """new_cache, forward_chunk over the prompt, then decode_step per token. input_ids (B, T0), left-padded where
+        attention_mask has zeros. compile: static kinds decode compiled (the same tokens as eager); routed kinds
+        decide from the data and stay eager. Speculative decoding: speculative.generate(adapter, ids, K=4).
 
-        Returns (output_ids (B, T0 + new), stats): _summary over the generated tokens that went through the decode
-        loop (all but the last, which is never fed back), prompt_tokens / prompt_mean_depth, prefill_s, decode_s
-        (from the first sample to the end), tokens_per_s = B * new / decode_s, ms_per_token, easy/medium/hard
-        (confidence, entropy), trace = [(row, column in output_ids, depth)] with return_trace, logits (B, new, V)
-        float32 with return_logits. Rows that emit eos_token_id continue with it; all done: generation stops."""
+        -> (output_ids (B, T0 + new), stats): _summary over the decoded tokens (all but the last, never fed back),
+        prompt_tokens / prompt_mean_depth, timing_stats, easy/medium/hard (CALM), trace = [(row, column in
+        output_ids, depth)] with return_trace, logits (B, new, V) float32 with return_logits. A row that emitted
+        eos_token_id repeats it; when all have, generation stops."""
         if speculative is not None or adapt_k is not None or lookup is not None:
             raise ValueError(SPECULATIVE_MOVED)
         cache, ids, pos, mask = self.new_cache(input_ids, attention_mask, max_new_tokens, compile=compile)
@@ -986,15 +935,14 @@ class DepthAdapter:
 
     def _decode_stats(self, prompt_depth, depths, costs, kv_only, head_checks, mask, n_new, times, return_trace):
         """generate()'s stats: the generated tokens' depths and costs (lists of (B, 1)), the prompt's depths."""
-        (B, T0), (t0, t1, t2) = mask.shape, times
+        B, T0 = mask.shape
         gen = torch.cat(depths, 1).cpu() if depths else torch.zeros(B, 0, dtype=torch.long)   # (B, steps)
         stats = self._summary(gen.flatten(), torch.cat(costs, 1).cpu() if costs else torch.zeros(0), kv_only,
                               head_checks)
         prompt_depth = prompt_depth.cpu()[mask.cpu()]
         stats.update(router=self.router, R=self.n_units, base_layers=self.base_layers, batch=B, new_tokens=n_new,
                      prompt_tokens=prompt_depth.numel(), prompt_mean_depth=float(prompt_depth.float().mean()),
-                     prefill_s=t1 - t0, decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
-                     ms_per_token=1000 * (t2 - t1) / max(n_new, 1), random_routers=self.random_routers)
+                     **timing_stats(B, n_new, times), random_routers=self.random_routers)
         if self.threshold is not None:  # CALM: exit point in the first / middle / last third of the groups (or never)
             frac = gen.float() / self.n_units
             stats.update(easy=int((frac < 1 / 3).sum()), medium=int(((frac >= 1 / 3) & (frac < 2 / 3)).sum()),
@@ -1014,3 +962,10 @@ def now(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def timing_stats(B, n_new, times):
+    """prefill_s, decode_s, tokens_per_s, ms_per_token from now()'s (start, prefill end, end)."""
+    t0, t1, t2 = times
+    return dict(prefill_s=t1 - t0, decode_s=t2 - t1, tokens_per_s=B * n_new / max(t2 - t1, 1e-9),
+                ms_per_token=1000 * (t2 - t1) / max(n_new, 1))

@@ -3,13 +3,9 @@ Sample from a trained nanoMoR checkpoint, or from a Hugging Face model through t
 depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
 
   python sample.py --out_dir=out-mor-tiny --return_depth_trace
-  python sample.py --hf meta-llama/Llama-3-8B-Instruct --router expert_choice --R 4 --keep_ratio 0.6 \\
-                   --max_new_tokens 64 --prompt "Explain mixture of recursions simply."
-  python sample.py --hf path/to/exported_dir --no_skip      # exactly the model's own greedy output
-  python sample.py --hf smollm2-135m --no_skip --prompt "The capital of France is"   # built in, offline
-  python sample.py --speculative=4 --routers=out-spec-drafter-greedy/routers.pt   # --no_skip's text, lossless
-  python sample.py --speculative=4 --lookup=3 --routers=out-spec-drafter-greedy/routers.pt   # the fastest here
-  python sample.py --hf smollm2-135m --no_skip --speculative=4 --lookup=3   # prompt lookup alone: no trained draft
+  python sample.py --hf smollm2-135m --no_skip --prompt "The capital of France is"   # the model's own greedy text
+  python sample.py --routers out-smollm2-ffn/routers.pt --keep_ratio 0.9     # the file names its kind and model
+  python sample.py --speculative=4 --lookup=3 --routers=out-spec-drafter-greedy/routers.pt   # --no_skip's text
 """
 import os
 import time
@@ -23,20 +19,9 @@ import speculative as spec
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
                           write_prometheus, write_stats_csv)
 
-def write_depth_csv(summary, path):
-    """One row per depth: depth, tokens, fraction."""
-    hist, n = summary["depth_hist"], max(1, summary["tokens"])
-    with open(path, "w", newline="") as f:
-        w = csv_writer(f)
-        w.writerow(["depth", "tokens", "fraction"])
-        for d, c in enumerate(hist):
-            w.writerow([d, c, f"{c / n:.6f}"])
-
-
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)
-hf = ""                         # a hub name, local folder, .gguf file or smollm2-135m (built in, offline):
-                                # sample through hf_wrap.py instead
+hf = ""                         # a hub name, folder, .gguf file or smollm2-135m (built in): through hf_wrap.py
 prompt = "\n"                   # the prompt text, or FILE:path/to/prompt.txt
 num_samples = 1
 max_new_tokens = 500
@@ -49,32 +34,27 @@ return_depth_trace = False      # print every token with the depth it ran to
 csv = ""                        # write the depth histogram to this CSV (diffusion: every statistic)
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
 # the Hugging Face adapter (hf_wrap.py)
-router = "none"                 # none | fixed | confidence | entropy | drop (hf_wrap.ROUTERS), or the trained
-                                # kinds: skip | ffn | expert_choice | token_choice | exit_head (--routers sets it;
-                                # exit_head is a speculative draft; a drafter file is one too, for --speculative)
+router = "none"                 # one of hf_wrap.ROUTERS (the trained kinds: --routers sets it)
 R = 4                           # groups the routed layers are split into (fixed, confidence, entropy)
 base_layers = 2                 # layers every token runs before routing starts
-keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit, from the
-                                # file's calibrated cutoffs (0.1 .. 0.9); None: the threshold decides
+keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit (the
+                                # file's calibrated cutoffs); None: bias decides
 depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # CALM's exit test: confidence: a top-1 probability; entropy: nats. None: default
-bias = None                     # trained routers: the logit bias (a gate passes when its logit > bias; higher =
-                                # fewer layers). None: the file's
-routers = ""                    # a router file from tune.py (its kind and model are inside: --hf optional)
-random_routers = False          # run the trained kinds with untrained routers: speed measurements only
+bias = None                     # trained routers: a gate passes when its logit > bias (None: the file's)
+routers = ""                    # a file from tune.py: routers, an exit head or a drafter (it names its model)
+random_routers = False          # untrained routers for the trained kinds: speed measurements only
 exit_threshold = None           # trained exit gates: exit when the gate > this (None = the file's)
 no_exits = False                # ignore trained exit gates
 no_skip = False                 # run every layer for every token: the exact full-depth mode
-speculative = 0                 # K > 0: the router (or a drafter file) drafts K tokens, the full model verifies them:
-                                # the output is exactly --no_skip's (self-speculative decoding; 0 = off)
-lookup = 0                      # speculative: n > 0 drafts by prompt lookup (the tokens that followed the last n tokens
-                                # earlier in the text, no model call; README), else the router drafts
+speculative = 0                 # K > 0: the router (or a drafter file) drafts K tokens, the full model verifies
+                                # them: exactly --no_skip's text (speculative.py; 0 = off)
+lookup = 0                      # speculative: n > 0 drafts by prompt lookup of n-grams (no model call)
 adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection
-                                # (measured to pay on SmolLM2, README)
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
 prometheus = ""                 # also write the statistics in Prometheus text format here
-export_hf = ""                  # instead of sampling: write out_dir's checkpoint as a transformers Llama folder here
+export_hf = ""                  # instead of sampling: write out_dir's checkpoint as a transformers folder here
 # masked-diffusion checkpoints (train.py objective='diffusion'): adaptive refinement (diffusion.py)
 diffusion = False               # refine a fully masked continuation (automatic for a diffusion checkpoint)
 preset = "balanced"             # balanced | max_speed | max_quality: the values of the keys below left at None
@@ -97,8 +77,7 @@ device_type = device.split(":")[0]
 ctx, dtype = autocast_context(device_type, dtype)
 if isinstance(prompt, str) and prompt.startswith("FILE:"):
     path = prompt[5:]
-    if not os.path.exists(path):
-        raise SystemExit(f"error: prompt file {path} not found")
+    require(os.path.exists(path), f"prompt file {path} not found")
     with open(path, encoding="utf-8") as f:
         prompt = f.read()
 require(prompt, "the prompt is empty: give at least one character, e.g. --prompt='ROMEO:' (the default is a newline) "
@@ -106,9 +85,14 @@ require(prompt, "the prompt is empty: give at least one character, e.g. --prompt
 require_at_least(config, num_samples=1, max_new_tokens=0)
 
 
-def print_depths(stats, trace_tokens=None, trace_depths=None):
-    """The depth histogram as bars, then an optional per-token trace: each token's text
-    with its depth printed underneath, wrapped to the terminal width."""
+def print_samples(texts):
+    for text in texts:
+        print(text)
+        print("---------------")
+
+
+def print_depths(stats, trace=None):
+    """The depth histogram as bars; trace: (text, depth) per token, printed with the depth underneath."""
     n = max(1, stats["tokens"])
     print(f"\ndepth over {stats['tokens']} tokens: mean {stats['mean_depth']:.2f}, "
           f"layer calls {stats['layer_calls']:,.0f} of {stats['layer_calls_full']:,} "
@@ -117,13 +101,12 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
     for d, c in enumerate(stats["depth_hist"]):
         if c or len(stats["depth_hist"]) <= 12:            # per-layer routers (depth in layers): used depths only
             print(f"  depth {d:>{w}} | {'#' * round(40 * c / n):<40} {c:6d} ({100 * c / n:5.1f}%)")
-    if trace_tokens is not None:
-        # one character per depth, so digits never run together: 0-9, then a = 10, b = 11, ..., z = 35, + beyond
-        # (skip routers count layers)
+    if trace is not None:
+        # one character per depth, so digits never run together: 0-9, a = 10, ..., z = 35, + beyond
         print("\ndepth trace (character under each token = its depth: recursion steps, groups or layers it ran"
               + ("; a = 10, b = 11, ...):" if len(stats["depth_hist"]) > 10 else "):"))
         width, top, bottom = 80, "", ""
-        for text, d in zip(trace_tokens, trace_depths):
+        for text, d in trace:
             text = text.replace("\n", "⏎").replace("\t", "→") or "∅"
             if len(top) + len(text) > width:
                 print(top + "\n" + bottom)
@@ -134,24 +117,27 @@ def print_depths(stats, trace_tokens=None, trace_depths=None):
 
 
 def save_depths(stats):
+    """--csv: one row per depth (depth, tokens, fraction); --plot: the histogram drawn."""
     if csv:
-        write_depth_csv(stats, csv)
+        n = max(1, stats["tokens"])
+        with open(csv, "w", newline="") as f:
+            w = csv_writer(f)
+            w.writerow(["depth", "tokens", "fraction"])
+            w.writerows([d, c, f"{c / n:.6f}"] for d, c in enumerate(stats["depth_hist"]))
         print(f"wrote the depth histogram to {csv}")
     if plot:
         plot_depth_hist(stats, plot)
 
 
 def read_routers():
-    """--routers: the file records its format (trained routers, an exit head, a drafter) and, once tuned, its
-    model. -> (router, hf, whether it is a drafter: a draft source of speculative decoding, not a router)."""
+    """--routers names its format and model. -> (router, hf, whether it is a drafter)."""
     try:
         blob = hf_wrap.read_router_file(routers)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     is_drafter = blob["format"] == hf_wrap.DRAFTER_FILE_FORMAT
     kind = "none" if is_drafter else blob["router"] if router == "none" else router
-    if not (hf or blob.get("model")):
-        raise SystemExit(f"error: {routers} does not record its model: pass --hf <the model it was trained for>")
+    require(hf or blob.get("model"), f"{routers} does not record its model: pass --hf <the model it was trained for>")
     return kind, hf or blob.get("model"), is_drafter
 
 
@@ -167,23 +153,14 @@ def hf_prompt(tok):
 
 
 def sample_hf(kind, is_drafter):
-    """A Hugging Face model through the depth-adaptive adapter (router `kind`), or, with --speculative, drafted by
-    it (or by a drafter file, or prompt lookup) and verified by the full model."""
-    global bias, threshold
-    if kind in hf_wrap.ROUTER_KINDS and threshold is not None:    # the old spelling, for one release
-        print(f"note: --threshold for trained routers is deprecated: it is their logit bias, --bias={threshold}")
-        bias, threshold = threshold, None
-    if lookup and not speculative:
-        raise SystemExit(f"error: --lookup={lookup} drafts for speculative decoding: pass --speculative=K (tokens per "
-                         "cycle) too, e.g. --speculative=4.")
-    if is_drafter and not speculative:
-        raise SystemExit(f"error: {routers} is a drafter: it only drafts for speculative decoding: pass "
-                         "--speculative=K (sample.py --speculative=4); its text is then the full model's. --no_skip "
-                         "decodes without it.")
+    """A Hugging Face model through the adapter (router `kind`), or, with --speculative, verifying its drafts."""
+    require(not lookup or speculative, f"--lookup={lookup} drafts for speculative decoding: pass --speculative=K "
+                                       "(tokens per cycle) too, e.g. --speculative=4.")
+    require(not is_drafter or speculative, f"{routers} is a drafter: it only drafts for speculative decoding: pass "
+                                           "--speculative=K (e.g. 4); --no_skip decodes without it.")
     hf_dtype = {"auto": "bfloat16" if device_type == "cuda" else "float32"}.get(config["dtype"], config["dtype"])
     model, tok = data.load_hf(hf, device=device, dtype=hf_dtype, trust_remote_code=trust_remote_code)
-    if tok is None:
-        raise SystemExit(f"error: {hf} has no tokenizer, so a text prompt cannot be encoded")
+    require(tok is not None, f"{hf} has no tokenizer, so a text prompt cannot be encoded")
     try:
         adapter = hf_wrap.DepthAdapter(model, router="none" if no_skip else kind, R=R, base_layers=base_layers,
                                        keep_ratio=keep_ratio, depth=depth, threshold=threshold, bias=bias,
@@ -201,21 +178,21 @@ def sample_hf(kind, is_drafter):
                                           top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for row in out:
-        print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
-        print("---------------")
+    print_samples(tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out)
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
           f"{1000 * stats['prefill_s']:.0f} ms)")
     if adapter.random_routers:
-        print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements "
-              + ("only; the full model verified every token, so the text is still its own" if speculative else
-                 "only; the text and the depths mean nothing"))
-    (print_speculative if speculative else print_routed)(adapter, stats, tok, out)
+        print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements only; "
+              + ("the full model verified every token" if speculative else "the text and the depths mean nothing"))
+    if speculative:
+        print_speculative(stats)
+    else:
+        print_routed(adapter, stats, tok, out)
 
 
-def print_speculative(adapter, stats, tok, out):
-    """Every kept token is the full model's: show what the draft bought."""
+def print_speculative(stats):
+    """What the draft bought."""
     source = stats["draft"]
     draft = f"{source} draft" if not lookup else f"prompt-lookup draft ({lookup}-gram" + (
         f", else {source})" if source != "none" else ")")
@@ -232,11 +209,8 @@ def print_speculative(adapter, stats, tok, out):
 
 def print_routed(adapter, stats, tok, out):
     """The depths the adapter's tokens ran to, and what decided them."""
-    trace = None
-    if return_depth_trace:
-        row0 = [(p, d) for b, p, d in stats["trace"] if b == 0]
-        trace = ([tok.decode([int(out[0, p])]) for p, _ in row0], [d for _, d in row0])
-    print_depths(stats, *(trace or ()))
+    trace = stats.get("trace")                                  # --return_depth_trace: (row, column, depth)
+    print_depths(stats, trace and [(tok.decode([int(out[0, p])]), d) for b, p, d in trace if b == 0])
     if "easy" in stats:
         print(f"  easy {stats['easy']}, medium {stats['medium']}, hard {stats['hard']} tokens")
     if adapter.routers is not None:   # trained routers: what decided, and the K/V-only work they left
@@ -251,8 +225,7 @@ def print_routed(adapter, stats, tok, out):
 
 
 def sample_checkpoint():
-    """One of our own checkpoints: autoregressive sampling with its depths, or (a masked-diffusion checkpoint)
-    refinement; export_hf writes it out as a transformers folder instead."""
+    """One of our own checkpoints: sampling with its depths, or refinement (masked diffusion), or --export_hf."""
     from configurator import load_checkpoint
     from model import MoR, MoRConfig, export_hf as export
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
@@ -271,9 +244,8 @@ def sample_checkpoint():
         ids = tok.encode(prompt)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if len(ids) > model.config.block_size:
-        raise SystemExit(f"error: the prompt is {len(ids)} tokens but this model's context is "
-                         f"{model.config.block_size} tokens (block_size): shorten it")
+    require(len(ids) <= model.config.block_size, f"the prompt is {len(ids)} tokens but this model's context is "
+                                                 f"{model.config.block_size} tokens (block_size): shorten it")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
     if diffusion or model.config.mask_token >= 0:
         return sample_diffusion(model, tok, x)
@@ -282,17 +254,13 @@ def sample_checkpoint():
         out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
                                      top_k=top_k, return_depths=True)
     dt = time.time() - t0
-    for row in out:
-        print(tok.decode(row.tolist()))
-        print("---------------")
+    print_samples(tok.decode(row.tolist()) for row in out)
     n_new = num_samples * max_new_tokens
     print(f"{n_new} new tokens in {dt:.2f} s: {n_new / dt:.1f} tok/s, {1000 * dt / max(1, max_new_tokens):.2f} ms/step"
           f" (batch {num_samples}, prefill included)")
     stats = model.depth_stats(depths)
-    trace = None
-    if return_depth_trace:
-        trace = ([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist())
-    print_depths(stats, *(trace or ()))
+    trace = zip([tok.decode([t]) for t in out[0].tolist()], depths[0].tolist()) if return_depth_trace else None
+    print_depths(stats, trace)
     save_depths(stats)
 
 
@@ -308,9 +276,7 @@ def sample_diffusion(model, tok, x):
             out = refiner.generate(model, x, max_new_tokens)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    for row in out:
-        print(tok.decode(row.tolist()))
-        print("---------------")
+    print_samples(tok.decode(row.tolist()) for row in out)
     stats = refiner.get_stats()
     print(describe_stats(stats))
     if csv:
@@ -322,14 +288,16 @@ def sample_diffusion(model, tok, x):
 # -----------------------------------------------------------------------------
 # a router file says what it is (and which model it belongs to); --hf: the adapter; else our own checkpoint
 kind, is_drafter = router, False
-if router == "drafter":                                   # the old spelling, for one release
-    print("note: --router=drafter is deprecated: a drafter is a draft source of speculative decoding, not a router; "
-          "--routers=<its file> --speculative=K is enough (the file says it is a drafter)")
-    if not routers:
-        raise SystemExit("error: --router=drafter needs --routers=<a drafter file from tune.py --drafter=True>")
+if router == "drafter":                                   # old spellings, for one release
+    print("note: --router=drafter is deprecated: a drafter is a draft source, not a router; --routers=<its file> "
+          "--speculative=K is enough")
+    require(routers, "--router=drafter needs --routers=<a drafter file from tune.py --drafter=True>")
     kind = router = "none"
 if routers and (not hf or router == "none") and not no_skip:
     kind, hf, is_drafter = read_routers()
+if hf and kind in hf_wrap.ROUTER_KINDS and threshold is not None:
+    print(f"note: --threshold for trained routers is deprecated: it is their logit bias, --bias={threshold}")
+    bias, threshold = threshold, None
 if hf:
     sample_hf(kind, is_drafter)
 else:

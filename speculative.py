@@ -6,24 +6,21 @@ and the output is exactly the full model's. Read hf_wrap.py first. The one entry
     python sample.py --hf smollm2-135m --routers=out-spec-draft/routers.pt --speculative=4   # --no_skip's text
 
 Three draft sources, one verification:
-  the adapter's routing   any router drafts (a trained skip / ffn / expert / token-choice file, fixed depth, dropped
-                          layers, CALM exits, a trained exit head: `python tune.py config/hf_spec_draft.py`)
-  a drafter               drafter=Drafter (below): a small MLP on the full model's final state and the token it chose
+  the adapter's routing   any router (a trained router file, fixed depth, dropped layers, CALM exits, a trained exit
+                          head: `python tune.py config/hf_spec_draft.py`)
+  a drafter               Drafter (below), a small MLP on the full model's final state and the token it chose
                           (`python tune.py config/hf_spec_drafter.py`): a draft runs no layer at all
   prompt lookup           lookup=n: the tokens that followed the text's last n tokens earlier in it, no model call
-The draft and the verify share one cache: the verify pass rewrites every layer's K/V at the drafted slots, so
-whatever the draft computed there is replaced by the full model's. What it pays: k drafts and one pass over
-k + 1 tokens per cycle, for 1 to k + 1 tokens (bench.py --mode=spec measures the split between them).
-
-A file of its own because it is its own algorithm on top of the adapter's public primitives (new_cache,
-forward_chunk, AdapterCache.realign): draft, verify, accept, emit.
+Draft, verify, accept, emit: an algorithm of its own on the adapter's public primitives (new_cache, forward_chunk,
+AdapterCache.realign).
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import hf_wrap
-from hf_wrap import DRAFTER_FILE_FORMAT, DepthAdapter, head_rows, load_router_file, now, save_router_file, spread
+from hf_wrap import (DRAFTER_FILE_FORMAT, DepthAdapter, head_rows, load_router_file, now, save_router_file, spread,
+                     timing_stats)
 from model import token_probs
 
 
@@ -32,14 +29,12 @@ from model import token_probs
 
 class Drafter(nn.Module):
     """A recurrent drafter (ReDrafter, Cheng et al. 2024; the idea of Medusa, Hydra and EAGLE: draft from the
-    full model's last state, which a verify pass computes anyway), base frozen. After the full model ran at
-    position t, s = its final state there (before the final norm) and x = the token it chose for t + 1. Then
+    full model's last state, which a verify pass computes anyway). After the full model ran at position t,
+    s = its final state there (before the final norm) and x = the token it chose for t + 1. Then
         s <- s + up(silu(down([rms_norm(s); rms_norm(embed(x))])))       one step: no layer of the model runs
         q  = softmax(head_rows(norm(s)))                                 the draft for token t + 2
-    and again from (s, the drafted token) for t + 3, t + 4, ... A draft costs one small MLP and the LM head's
-    rows for `vocab` (the tuning text's most frequent tokens, as ExitHead): a few percent of a decode step, where
-    a shallow exit pays for the layers below it. What it cannot know is everything the full model would still
-    compute from x: it learns that from the tuning text."""
+    and again from (s, the drafted token) for t + 3, ... A draft costs one small MLP and the LM head's rows for
+    `vocab` (as ExitHead's): a few percent of a decode step."""
 
     def __init__(self, hidden_size, vocab, hidden=512, eps=1e-5):
         super().__init__()
@@ -80,12 +75,9 @@ def save_drafter(path, drafter, hf_model, **meta):
 def load_drafter(path, model, tune_command="python tune.py"):
     """-> (Drafter, the file's dict)."""
     def make(blob):
-        if blob["format"] != DRAFTER_FILE_FORMAT:
-            raise ValueError(f"{path} holds a {blob.get('router')!r} file, not a drafter: use "
-                             f"router={blob.get('router')!r} with it.")
         return Drafter(model.config.hidden_size, torch.zeros(blob["head_vocab"]), blob["hidden"],
                        model.model.norm.variance_epsilon)
-    return load_router_file(path, model.config, make, tune_command)
+    return load_router_file(path, model.config, DRAFTER_FILE_FORMAT, make, tune_command)
 
 
 # -----------------------------------------------------------------------------
@@ -94,31 +86,25 @@ def load_drafter(path, model, tune_command="python tune.py"):
 @torch.no_grad()
 def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
              top_k=None, eos_token_id=None, return_logits=False, lookup=0, drafter=None, return_trace=False):
-    """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` (an hf_wrap.DepthAdapter, any
-    router) or `drafter` drafts, the full model verifies, and the output is the full model's own.
+    """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` or `drafter` drafts.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) the draft proposes d1..dk one at a
-    time (a drafter: from the final state that chose the pending token, no layer run); ONE full-depth pass over
-    [pending, d1..dk] gives the full model's distribution p after each of the k + 1 positions. Speculative
-    sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with probability
-    min(1, p(d_j) / q(d_j)); at the first rejection the token comes from norm(max(0, p - q)), after k kept drafts
-    from p: every token is distributed as p. Greedy is the same rule with p and q all on their argmax: the drafts
-    are kept up to the first that is not p's argmax, then p's argmax follows (1 to k + 1 tokens, each the full
-    model's choice). The cache stays exact: the verify pass overwrites every layer's K/V at the drafted slots,
-    rejected slots are reused, and rows that kept different numbers are re-aligned (AdapterCache.realign). A cycle
-    costs k draft steps and one pass over k + 1 tokens (about one decode step at batch 1 on a GPU, where reading
-    the weights is the cost; about 1.2 on this project's CPU: README).
+    time; ONE full-depth pass over [pending, d1..dk] gives the full model's p after each of the k + 1 positions.
+    Speculative sampling (Leviathan et al.; Chen et al. 2023): d_j (drawn from the draft's q) is kept with
+    probability min(1, p(d_j) / q(d_j)); the token after the kept ones comes from norm(max(0, p - q)) (after k
+    kept: from p), so every token is distributed as p. Greedy is the same rule with p and q on their argmax. The
+    cache stays exact: the verify pass overwrites every layer's K/V at the drafted slots, rejected slots are
+    reused, and rows that kept different numbers are re-aligned (AdapterCache.realign). A cycle costs k draft
+    steps and one pass over k + 1 tokens (about one decode step at batch 1 on a GPU; about 1.2 on the CPU: README).
 
-    lookup=n (prompt lookup, Saxena 2023): a row whose last n tokens (or n - 1, ..., 2) occurred earlier in its
-    own text drafts the up to K tokens that followed there, with no model call (q: all its mass on that token).
-    A cycle where every live row found one drafts that way; otherwise the drafter or a routed adapter drafts as
-    above, and a full-depth one (router 'none', no drafter) drafts for the rows that found one only.
+    lookup=n (prompt lookup, Saxena 2023; _lookup): a cycle where every live row found a match drafts from it (q:
+    all its mass on those tokens); otherwise the drafter or a routed adapter drafts, and a full-depth one (router
+    'none', no drafter) drafts for the rows that found one only.
 
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
-    half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and the full model's logits),
-    draft (its source), speculative (K), k_final, k_mean, cycles, drafted, accepted (drafts kept),
-    acceptance_rate, mean_accepted (per row and cycle), tokens_per_cycle, draft_s, verify_s, draft_layers
-    (layers run per drafted token).
+    half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and logits), draft (its source),
+    speculative (K), k_final, k_mean, cycles, drafted, accepted, acceptance_rate, mean_accepted (per row and
+    cycle), tokens_per_cycle, draft_s, verify_s, draft_layers (layers run per drafted token).
     """
     _check(adapter, K, max_new_tokens, lookup, drafter, return_trace)
     full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
@@ -156,12 +142,10 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
 def _check(adapter, K, max_new_tokens, lookup, drafter, return_trace):
     if return_trace:
         raise ValueError("return_trace with speculative decoding: every kept token ran at full depth (the verify "
-                         "pass), so there is no per-token depth to trace; speculative decoding reports the draft's "
-                         "acceptance instead.")
+                         "pass), so there is no depth to trace; the stats report the draft's acceptance instead.")
     if isinstance(K, bool) or not isinstance(K, int) or K < 1 or max_new_tokens < 1:
-        raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: the tokens drafted per cycle "
-                         "must be an int >= 1 (4 is a good start; adapt_k=True then moves it), and at least one "
-                         "new token must be asked for.")
+        raise ValueError(f"speculative K={K!r} with max_new_tokens={max_new_tokens}: both must be an int >= 1 "
+                         "(K, the tokens drafted per cycle: 4 is a good start).")
     if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
         raise ValueError(f"lookup={lookup!r}: the n-gram length that prompt-lookup drafting matches, an int >= 0 "
                          "(3 is a good start; 0 = off: the adapter's router drafts).")
@@ -174,8 +158,8 @@ def _check(adapter, K, max_new_tokens, lookup, drafter, return_trace):
 
 
 class _Rule:
-    """The one sampling rule: probs(logits), the distribution a token is drawn from; draw(p). Greedy puts all the
-    mass on the argmax and accepts at u = 1/2: a draft is kept iff it is p's argmax, and no random number is used."""
+    """The one sampling rule: probs(logits), draw(p). Greedy puts all the mass on the argmax and accepts at
+    u = 1/2: a draft is kept iff it is p's argmax, and no random number is used."""
 
     def __init__(self, temperature, top_k, V):
         self.greedy, self.temperature, self.top_k, self.V = temperature == 0, temperature, top_k, V
@@ -202,8 +186,7 @@ class _Source:
             self.head_weight, self.head_vocab = head_rows(adapter.lm_head, drafter.vocab)
 
     def draft(self, cache, rows, live, kd, tally):
-        """-> (drafts: a list of (B,) tokens, q: their (B, V) draft distributions, lens (B,) of a lookup draft
-        or None)."""
+        """-> (drafts, a list of (B,) tokens; q, their (B, V) distributions; a lookup draft's lens (B,) or None)."""
         if self.lookup:                                                       # the text's own continuations
             found = [_lookup(rows.text(r), self.lookup, kd) if live[r] else rows.out[r, :0]
                      for r in range(len(live))]
@@ -237,9 +220,7 @@ class _Source:
 
 def _accept(rule, logits, d, q, lens):
     """Step 5. logits (B, kd + 1, V) the verify pass's, after [pending, d1..dk]; d (B, kd) the drafts and q their
-    draft distributions (kd of (B, V); a lookup row's are 0 past its lens). d_j is kept while u * q(d_j) < p(d_j)
-    (probability min(1, p / q)); the token after the m kept ones is drawn from norm(max(0, p - q)) at m (q = 0
-    after kd: p itself). -> (m (B,), that token (B,))."""
+    draft distributions (kd of (B, V); a lookup row's are 0 past its lens). -> (m (B,) kept, the token after)."""
     B, kd = d.shape
     p = rule.probs(logits)                                                    # (B, kd + 1, V)
     qd = torch.stack(q, 1) if kd else p[:, :0]                                # (B, kd, V)
@@ -254,8 +235,8 @@ def _accept(rule, logits, d, q, lens):
 
 
 class _Rows:
-    """Step 6's state: what each row emitted so far (out, n, done), its pending token and the final state that
-    chose it (a drafter's start), and where the shared cache ends."""
+    """Step 6's state: each row's output so far (out, n, done), its pending token and the final state that chose
+    it, and where the shared cache ends."""
 
     def __init__(self, ids, mask, pos, max_new_tokens, eos, return_logits, rule, first):
         (B, T0), dev = ids.shape, ids.device
@@ -296,10 +277,9 @@ class _Rows:
         self.end = cache.realign(self.end, c)        # each row keeps [pending, d1..d_{c-1}]: c exact slots
 
     def result(self, adapter, drafter, tally, K, k, adapt_k, times):
-        (t0, t1, t2), B, n_new = times, self.out.shape[0], int(self.n.max())
+        B, n_new = self.out.shape[0], int(self.n.max())
         stats = dict(router=adapter.router, draft="drafter" if drafter is not None else adapter.router, batch=B,
-                     new_tokens=n_new, prompt_tokens=int(self.mask.sum()), prefill_s=t1 - t0, decode_s=t2 - t1,
-                     tokens_per_s=B * n_new / max(t2 - t1, 1e-9), ms_per_token=1000 * (t2 - t1) / max(n_new, 1),
+                     new_tokens=n_new, prompt_tokens=int(self.mask.sum()), **timing_stats(B, n_new, times),
                      speculative=K, adapt_k=adapt_k, k_final=k, **tally.stats(int(self.n.sum()) - B))
         if self.logits is not None:
             stats["logits"] = self.logits[:, :n_new]
@@ -329,10 +309,8 @@ class _Tally:
 
 
 def _lookup(text, n, k):
-    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's last n tokens
-    (else its last n - 1, ..., 2; 1 only when n = 1), or none. text: one row's tokens so far (1-D). Not down
-    to one token for n >= 2: a single token recurs too often to predict what follows it, and a wrong draft
-    widens the verify pass for nothing."""
+    """Prompt lookup: the up to k tokens that followed the latest earlier occurrence of text's (1-D) last n
+    tokens, else its last n - 1, ..., 2 (1 only when n = 1: one token recurs too often to predict), or none."""
     for g in range(min(n, len(text) - 1), min(n, 2) - 1, -1):
         grams = text.unfold(0, g, 1)[:-1]                                 # every g-gram that has a follower
         hit = (grams == text[-g:]).all(1).nonzero()
