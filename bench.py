@@ -13,8 +13,8 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
 Models are built with random weights: speed does not depend on what the weights say, except through routing.
 Untrained routers route arbitrarily, so decode forces depths 1..R equally likely by default (depth_dist='forced',
 the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
---mode=ppl is about quality: a real model's held-out perplexity at matched layer calls (quality_table).
 """
+import contextlib
 import csv
 import math
 import os
@@ -25,7 +25,7 @@ import torch
 import data
 import hf_wrap
 import speculative as spec
-from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
+from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint, pyplot
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
@@ -39,7 +39,7 @@ vocab_size = 0                  # 0 = default (gpt2: 50304, tiny: 256)
 block_size = 0                  # 0 = default (gpt2: 1024, tiny: 128)
 batch_size = 0                  # training micro-batch; 0 = default (gpt2: 12, tiny: 8)
 sharing = "cycle"               # cycle keeps every variant at exactly n_layer layer applications
-train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all): "vanilla;MoR-3 expert-choice, rec"
+train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all), e.g. "vanilla;MoR-3 token"
 train_iters = 20                # timed training steps per variant (after warmup_iters)
 warmup_iters = 5
 decode_batches = ()             # batch sizes to decode at; () = 1, 2, 4, ... up to the largest that fits
@@ -55,8 +55,8 @@ report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
 repeats = 3                     # every timing is the median of this many runs, the models interleaved
-graphs = "auto"                 # decode: also run the continuous engine compiled whole (CUDA graphs): auto (GPU) | on | off
-hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
+graphs = "auto"                 # also decode compiled whole (CUDA graphs): auto (on a GPU) | on | off
+hf_shapes = ()                  # --mode=hf: HF_SHAPES names (() = the two big ones on a GPU, tiny elsewhere)
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
@@ -83,7 +83,7 @@ gen_tokens = 48                 # new tokens per generation (prompt + new <= bot
 gen_block = 16                  # generations are refined in blocks of this many positions, left to right
 gen_temperature = 0.8           # generations sample at this temperature (infilling commits the most likely token)
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":     # importing bench.py (tests do, for ForcedDepthRouter) reads no command line, runs no benchmark
+if __name__ == "__main__":     # an import (tests) reads no command line and runs nothing
     config = configure(globals())
     torch.manual_seed(seed)
 device = autodetect_device(device)
@@ -101,15 +101,15 @@ for k, v in SIZES[size].items():
     if not globals()[k]:
         globals()[k] = v
 use_compile = compile and device_type == "cuda"
+use_graphs = graphs == "on" or (graphs == "auto" and device_type == "cuda")
 if not cudnn_sdpa:
     torch.backends.cuda.enable_cudnn_sdp(False)   # flash / memory-efficient / math attention only
 rows = []   # every result row, for --report_csv
 
 
 class ForcedDepthRouter(DepthFirstRouter):
-    """Each token's depth is a fixed hash of (row, position), drawn from `probs`
-    (probabilities of depths 1..R): throughput at a chosen depth distribution, whatever
-    (untrained) router weights would say. No gates. Passed to MoR(cfg, router=...)."""
+    """Each token's depth is a fixed hash of (row, position), drawn from `probs` (of depths 1..R): throughput at
+    a chosen depth distribution. No gates. Passed to MoR(cfg, router=...)."""
     gated = False
 
     def __init__(self, probs):
@@ -159,6 +159,18 @@ def emit(table, row):
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+def report(name, title, table, cols):
+    """print_table, then every row to emit under table `name`."""
+    print_table(title, table, cols)
+    for r in table:
+        emit(name, r)
+
+
+def speed(B, n, med, lo, hi):
+    """tokens/s of B rows of n new tokens in med seconds, and the spread of the timings."""
+    return {"tokens/s": B * n / med, "spread %": 100 * (hi - lo) / med}
 
 
 def print_table(title, table, cols):
@@ -216,17 +228,9 @@ def bench_train():
         sync()
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        prof = None
+        with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+            dt = timed(lambda: [step() for _ in range(train_iters)])[1] / train_iters
         if profile:
-            prof = torch.profiler.profile(record_shapes=False, with_stack=False)
-            prof.__enter__()
-        t0 = time.perf_counter()
-        for _ in range(train_iters):
-            step()
-        sync()
-        dt = (time.perf_counter() - t0) / train_iters
-        if prof is not None:
-            prof.__exit__(None, None, None)
             path = f"bench_trace_{name.split(',')[0].replace(' ', '_').replace('=', '')}.json"
             prof.export_chrome_trace(path)
             print(f"wrote {path}")
@@ -243,12 +247,10 @@ def bench_train():
     for r in table:
         r["time vs vanilla"] = r["ms/iter"] / base["ms/iter"]
         r["FLOPs vs vanilla"] = r["GFLOPs/token"] / base["GFLOPs/token"]
-    print_table(f"training: {n_layer} layers, d={n_embd}, batch {batch_size} x {block_size} tokens, {dtype}, "
-                f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
-                ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
-                 "mean depth", "peak MiB", "unique params (M)"])
-    for r in table:
-        emit("train", r)
+    report("train", f"training: {n_layer} layers, d={n_embd}, batch {batch_size} x {block_size} tokens, {dtype}, "
+           f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
+           ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
+            "mean depth", "peak MiB", "unique params (M)"])
 
 
 # -----------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def decode_models(Rs=(2, 3, 4), token_choice=True):
         out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice", forced=forced), R))
     if token_choice:
         out.append(("MoR-3 token-choice", build(R=3, router="token_choice", forced=forced), 3))
-    for name, m, R in out:
+    for _, m, _ in out:
         m.eval()
     return out
 
@@ -276,9 +278,8 @@ def timed(fn):
 
 
 def interleaved(runs):
-    """Time every fn of `runs` (a list of (key, fn)) `repeats` times, round-robin, so that drift
-    on a shared machine hits all of them alike. A first call of each (not timed) warms up
-    allocators, kernels and compilation. Returns {key: (last result, median s, min s, max s)}."""
+    """Time every fn of `runs` [(key, fn)] `repeats` times, round-robin, so that drift on a shared machine hits
+    all alike, after an untimed warm-up call of each. -> {key: (last result, median s, min s, max s)}."""
     out = {}
     for key, fn in runs:
         with ctx:
@@ -302,20 +303,17 @@ DECODE_COLS = ["model", "decode", "routing", "batch", "tokens/s", "spread %", "m
 
 
 def bench_decode(batches=None, models=None):
-    """Per-step decoding (generate), continuous depth-wise batching (eager), and, with graphs on,
-    the same continuous engine compiled whole (CUDA graphs on a GPU). Vanilla runs in the
-    continuous engine too (R = 1: every token exits after one tick), so 'graphed' compares
-    like with like. 'ideal' is the ratio to vanilla that layer applications allow at the
-    measured depths (time proportional to the layers a token runs: weights, K/V, FLOPs)."""
+    """Per-step decoding (generate), continuous depth-wise batching (eager) and, with graphs, the continuous
+    engine compiled whole; vanilla runs graphed in the engine too (R = 1), like with like. 'ideal' is the ratio
+    to vanilla that the layer applications at the measured depths allow."""
     models = models or decode_models()
-    graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
     batches = batches or list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
     table = []
     for B in batches:
         prompt = torch.randint(0, vocab_size, (B, prompt_len), device=device)
         runs, meta = [], {}
         for name, m, R in models:
-            kinds = ["per-step"] + (["continuous"] if R else []) + (["graphed"] if graphed else [])
+            kinds = ["per-step"] + (["continuous"] if R else []) + (["graphed"] if use_graphs else [])
             for how in kinds:
                 if how == "per-step":
                     fn = (lambda m=m: m.generate(prompt, new_tokens, temperature=0, return_depths=True))
@@ -335,10 +333,9 @@ def bench_decode(batches=None, models=None):
             d = depths[:, prompt_len:-1] if how == "per-step" else depths   # the same decoded tokens
             lpd = m.plan.layers_per_depth()
             layers = float(torch.tensor(lpd, dtype=torch.float)[d.flatten().cpu()].mean()) if R else lpd[-1]
-            tps = B * new_tokens / med
             base = timings[("vanilla", "graphed" if how == "graphed" else "per-step")][1]
             row = {"model": name, "decode": how, "batch": B, "routing": "-" if not R else depth_dist,
-                   "tokens/s": tps, "spread %": 100 * (hi - lo) / med, "ms/step": 1000 * med / new_tokens,
+                   **speed(B, new_tokens, med, lo, hi), "ms/step": 1000 * med / new_tokens,
                    "mean depth": float(d.float().mean()) if R else 1.0,
                    "rows/block call": extra[0]["live_rows_per_tick"] if extra else None,
                    "vs vanilla": base / med, "ideal": lpd[-1] / layers}
@@ -346,7 +343,7 @@ def bench_decode(batches=None, models=None):
             new_rows.append(row)
             emit("decode", row)
         table += new_rows
-        # each batch size's rows as soon as they exist: a run cut short by a time limit still reports them
+        # each batch size's rows as soon as they exist: a run cut short still reports them
         print_table(f"decode, batch {B} (median of {repeats}, interleaved):", new_rows, DECODE_COLS)
     print_table(f"decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()}; "
                 f"median of {repeats} interleaved runs; routing '{depth_dist}'"
@@ -383,12 +380,9 @@ def draw(table):
 # One GPU script: every speed measurement that needs the accelerator, in one short run
 
 def bench_gpu():
-    """Decode (vanilla, MoR-3 and MoR-4: per-step, continuous, and graphed on a GPU) at batch 1
-    and a large batch; compiled training of vanilla and MoR-3 (expert- and token-choice); the HF
-    adapter against plain generate and the static-cache compiled generate, TinyLlama shape.
-    Each row prints and goes to --report_csv as it finishes, so a run cut short keeps what it
-    measured. About 8 minutes on an H100. At the tiny size on a CPU it is a smoke test
-    (graphs follow --graphs, off on a CPU unless asked: compiling there takes minutes)."""
+    """Decode (vanilla, MoR-3, MoR-4) at batch 1 and a large batch; compiled training of vanilla and MoR-3
+    (expert- and token-choice); the HF adapter at the TinyLlama shape. About 8 minutes on an H100; on a CPU at
+    the tiny size, a smoke test (graphs off unless asked: compiling there takes minutes)."""
     global train_variants, hf_shapes
     big = 256 if device_type == "cuda" else 4
     bench_decode(batches=list(decode_batches) or [1, big], models=decode_models(Rs=(3, 4), token_choice=False))
@@ -430,12 +424,11 @@ def bench_hf():
         L = cfg.num_hidden_layers
         half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
         full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
-        if graphs == "on" or (graphs == "auto" and device_type == "cuda"):
+        if use_graphs:
             with torch.device(device):
                 compiled = LlamaForCausalLM(cfg).to(torch_dtype).eval()
             compiled.load_state_dict(model.state_dict())
             compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
-        graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
         for B in (1, 8):
             ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
             plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -444,7 +437,7 @@ def bench_hf():
                     ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
                     (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens),
                      L // 2)]
-            if graphed:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
+            if use_graphs:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
                 static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                                    do_sample=False, pad_token_id=0, cache_implementation="static")
                 runs.insert(1, ("generate, static cache + compile", static, L))
@@ -458,15 +451,13 @@ def bench_hf():
             for name, fn, layers in runs:
                 _, med, lo, hi = timings[name]
                 table.append({"shape": shape, "batch": B, "decoder": name, "layers/token": layers,
-                              "tokens/s": B * new_tokens / med, "spread %": 100 * (hi - lo) / med,
-                              "ms/token": 1000 * med / new_tokens, "vs generate": base / med})
+                              **speed(B, new_tokens, med, lo, hi), "ms/token": 1000 * med / new_tokens,
+                              "vs generate": base / med})
         bench_verify(model, (1, 8), prompt_len, f"at the {shape} shape, {dtype}", shape=shape)
         del model
-    print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on "
-                f"{device_name()} (prefill included; median of {repeats}, interleaved)", table,
-                ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
-    for r in table:
-        emit("hf", r)
+    report("hf", f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on "
+           f"{device_name()} (prefill included; median of {repeats}, interleaved)", table,
+           ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
 
 
 # -----------------------------------------------------------------------------
@@ -474,19 +465,16 @@ def bench_hf():
 
 def bench_verify(lm, batches, prompt, where, **tag):
     """What speculative decoding rests on (verify_cost): a verify pass over w tokens, in decode steps."""
-    costs = [r for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
-    print_table(f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after {prompt}",
-                costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
-    for r in costs:
-        emit("verify", dict(**tag, **r))
+    costs = [dict(**tag, **r) for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
+    report("verify", f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after "
+           f"{prompt}", costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
 
 
 @torch.no_grad()
 def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved):
     """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
-    pass of w - 1 drafts) against one decode step (w = 1), batch B after a prompt of prompt_len random tokens, on
-    the model's own device and kernels. interleaved: the timer (median of its repeats, round-robin); each timed
-    call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
+    pass of w - 1 drafts) against one decode step (w = 1), batch B after prompt_len random tokens. interleaved:
+    the timer; each timed call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
     full, dev = hf_wrap.DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
     cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths))
@@ -536,11 +524,10 @@ def spec_drafts(model, router_paths, bias):
 
 
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
-    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU also
-    on torch's default MKL linears instead of load_hf's oneDNN); at batch 1 its early-exit assistant at layer
-    exit_layer and its prompt lookup; the adapter at full depth; for each draft the router alone (routed decode:
-    speed, and the share of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed
-    and adaptive; lookup=n > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
+    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU
+    also on torch's default MKL linears); at batch 1 its early-exit assistant and prompt lookup; the adapter at
+    full depth; for each draft the router alone (routed decode) and speculative decoding with K drafts per cycle,
+    fixed and adaptive; lookup > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
@@ -576,8 +563,7 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
 def spec_row(B, name, timing, ids, ref, base):
     """One decoder's row: speed against generate, whether its tokens are generate's, and a draft's acceptance."""
     (out, st), med, lo, hi = timing
-    row = {"batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
-           "spread %": 100 * (hi - lo) / med,
+    row = {"batch": B, "decoder": name, **speed(B, out.shape[1] - ids.shape[1], med, lo, hi),
            "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
            "same as generate": "yes" if torch.equal(out, ref) else "NO"}
     if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
@@ -594,9 +580,8 @@ def spec_row(B, name, timing, ids, ref, base):
 
 
 def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lambda row: None, lookup=3):
-    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs in one interleaved
-    run per batch size. Every speculative row must give generate's tokens ("same as generate"); they add the
-    acceptance, tokens per cycle and the draft / verify time split. -> rows (each also passed to emit)."""
+    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs interleaved, per
+    batch size. -> rows (each also passed to emit)."""
     dev, table = model.get_input_embeddings().weight.device, []
     drafts, exit_layer = spec_drafts(model, router_paths, bias)
     for B in batches:
@@ -613,6 +598,11 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
     return table
 
 
+def load_real():
+    """--hf's model and tokenizer on the bench's device (bf16 on CUDA)."""
+    return data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+
+
 def bench_speculative():
     """--mode=spec --hf=<model>: the verify pass's cost, then self-speculative decoding against transformers
     (compare) with each --routers file and the untrained exit as drafts; every row must give generate's tokens."""
@@ -623,19 +613,20 @@ def bench_speculative():
     if threshold is not None:                     # the old name, for one release
         print(f"note: --threshold is deprecated here: it is the trained routers' logit bias, --bias={threshold}")
         bias = threshold if bias is None else bias
-    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
-    bench_verify(model, list(decode_batches) or [1], 64, f"on {hf}", model=hf)
-    table = compare(model, tok, [p for p in routers.split(",") if p], bias, list(decode_batches) or [1],
+    model, tok = load_real()
+    batches = list(decode_batches) or [1]
+    bench_verify(model, batches, 64, f"on {hf}", model=hf)
+    table = compare(model, tok, [p for p in routers.split(",") if p], bias, batches,
                     new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on "
-                f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
+                f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
+                "tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
                  "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------
-# Quality at matched compute: does adaptive depth beat static layer dropping? ShortGPT's static drop, CALM's
-# training-free exits (measured once on the full model: a cheap threshold search) and the trained routers, through
+# Quality at matched compute (--mode=ppl): does adaptive depth beat ShortGPT's static layer dropping? Through
 # tune.py's eval_ppl, block_influence and search_cutoff
 
 def static_drop_layers(influence, n):
@@ -646,8 +637,8 @@ def static_drop_layers(influence, n):
 
 @torch.no_grad()
 def exit_statistics(model, windows, batch_size=8):
-    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
-    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
+    """For CALM's training-free exits, once on the full model: every token's top-1 probability and entropy
+    (nats) through the final norm and LM head of its state entering each layer 1..L-1. -> {"confidence":
     (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
     head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
     for i in range(0, len(windows), batch_size):
@@ -663,8 +654,8 @@ def exit_statistics(model, windows, batch_size=8):
 
 
 def exit_ratio(stats, kind, threshold):
-    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
-    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    """The layer-call ratio of exit `kind` at `threshold`, each token exiting at the first layer that passes
+    (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
     s = stats[kind]                                                           # (N, L - 1)
     ok = s >= threshold if kind == "confidence" else s <= threshold
     L = s.shape[1] + 1
@@ -674,12 +665,11 @@ def exit_ratio(stats, kind, threshold):
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
                   emit=lambda row: None):
-    """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
-    statically (the n lowest block influences, never layer 0) and match every adaptive method to that same
-    layer-call ratio (L - n) / L, each by a bisection on its own threshold over calibration text (the train split
-    of names[0]): CALM's confidence and entropy exits, and each trained router of `trained` ([(FrozenRouters,
-    file dict)]). Then perplexity, greedy agreement with full depth and the work actually done on the held-out
-    split of every dataset in names. Progress lines as it goes; emit(row) as each row exists. -> (rows, calib)."""
+    """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers statically
+    (static_drop_layers) and match every adaptive method to that layer-call ratio (L - n) / L by a bisection on
+    its own threshold over calibration text (names[0]'s train split): CALM's confidence and entropy exits, and
+    each trained router of `trained` ([(FrozenRouters, file dict)]). Then perplexity, greedy agreement with full
+    depth and the work done on every dataset's held-out split. emit(row) as each row exists. -> (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -700,9 +690,8 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
              for d in names]
     for r in table:
         emit(r)
-    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
-    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
-    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
+    # CALM's exits, searched cheaply on exit_statistics: a threshold's layer-call ratio is a lookup. (Exited
+    # tokens change later tokens' states only through their K/V, so the real ratio, measured below, lands close.)
     stats = exit_statistics(model, calib, bs)
     progress("exit statistics at every layer on calibration text")
 
@@ -736,11 +725,10 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
 def bench_ppl():
     """quality_table on --hf with the --routers files, printed, and whether adaptive beats static at each depth."""
-    import hf_wrap
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
-    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    model, tok = load_real()
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
     L = model.config.num_hidden_layers
@@ -754,8 +742,8 @@ def bench_ppl():
                                  seed, target_tol, lambda r: emit("ppl", r))
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %"]
-    print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} tokens "
-                f"per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
+    print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} "
+                f"tokens per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
                 f"{device_name()}; "
                 "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
                 "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
@@ -775,7 +763,6 @@ def bench_ppl():
 
 def load_trained(out_dir):
     """One of our checkpoints as an eval-mode model on the bench's device, with the checkpoint dict."""
-    from configurator import load_checkpoint
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
@@ -783,9 +770,9 @@ def load_trained(out_dir):
 
 
 def bench_diffusion():
-    """Infilling (mask_rates of validation passages: accuracy, and the NLL of the truth under the distribution
-    each token was committed from) and generation (perplexity under the autoregressive judge), for every
-    decoder, with the token-layer operations and wall time each actually ran. Timings interleave the decoders."""
+    """Infilling (accuracy, and the NLL of the truth under the distribution each token was committed from) and
+    generation (perplexity under the autoregressive judge) for every decoder, with the work and wall time each
+    ran."""
     import numpy as np
     from diffusion import AdaptiveRefiner, corrupt, diffusion_loss
     model, ckpt = load_trained(diffusion_dir)
@@ -811,15 +798,13 @@ def bench_diffusion():
                     for x_t, hidden, t in (corrupt(passages, mask, gen) for _ in range(8))) / 8
 
     table, tasks = compare_decoders(model, judge, passages, prompts, gen)
-    for r in table:
-        emit("diffusion", r)
-    print_table(f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
-                f"{infill_windows} validation passages of {T} tokens per infilling rate (most likely token), "
-                f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
-                f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
-                f"wall = median of {repeats}, on {device_name()}", table,
-                ["task", "decoder", "accuracy %", "nll", "gen ppl", "easy/medium/hard %", "passes", "mean recursions",
-                 "token-layer ops", "compute saved %", "wall ms", "time saved %"])
+    report("diffusion", f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
+           f"{infill_windows} validation passages of {T} tokens per infilling rate (most likely token), "
+           f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
+           f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
+           f"wall = median of {repeats}, on {device_name()}", table,
+           ["task", "decoder", "accuracy %", "nll", "gen ppl", "easy/medium/hard %", "passes", "mean recursions",
+            "token-layer ops", "compute saved %", "wall ms", "time saved %"])
     for task, rate in tasks:   # the claim: confidence as accurate as fixed 4, for less compute and time
         if rate is None:
             continue
@@ -855,8 +840,8 @@ def judge_nll(judge, x):
 
 
 def compare_decoders(model, judge, passages, prompts, generator):
-    """bench_diffusion's rows: every decoder of diffusion_decoders() on each task, the same hidden positions (drawn
-    by generator) and, seed reseeding each generation, the same draws for all. -> (rows, [(task, rate)])."""
+    """bench_diffusion's rows: every decoder of diffusion_decoders() on each task, with the same hidden positions
+    and (seed reseeds each run) the same draws for all. -> (rows, [(task, rate)])."""
     from dataclasses import replace
     from diffusion import AdaptiveRefiner
     mask, (n, T) = model.config.mask_token, passages.shape
@@ -900,26 +885,19 @@ def compare_decoders(model, judge, passages, prompts, generator):
 
 
 def device_name():
-    return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{device_type} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
-    if mode not in ("all", "train", "decode", "hf", "spec", "ppl", "gpu", "diffusion"):
-        raise SystemExit(f"error: mode must be all, train, decode, hf, spec, ppl, gpu or diffusion, got {mode!r}")
+    MODES = {"all": (bench_train, bench_decode, bench_hf), "train": (bench_train,), "decode": (bench_decode,),
+             "hf": (bench_hf,), "spec": (bench_speculative,), "ppl": (bench_ppl,), "gpu": (bench_gpu,),
+             "diffusion": (bench_diffusion,)}
+    if mode not in MODES:
+        raise SystemExit(f"error: mode must be one of {', '.join(MODES)}, got {mode!r}")
     print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
-    if mode in ("all", "train"):
-        bench_train()
-    if mode in ("all", "decode"):
-        bench_decode()
-    if mode in ("all", "hf"):
-        bench_hf()
-    if mode == "spec":
-        bench_speculative()
-    if mode == "ppl":
-        bench_ppl()
-    if mode == "gpu":
-        bench_gpu()
-    if mode == "diffusion":
-        bench_diffusion()
+    for run in MODES[mode]:
+        run()
     if report_csv:
         print(f"appended {len(rows)} rows to {report_csv}")

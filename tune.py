@@ -7,18 +7,15 @@ training (an exit head or a drafter, which speculative.py decodes with).
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
 
-What trains: the gates of hf_wrap.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
-hf_wrap.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
-weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; stand_in_rank > 0 adds (1 - w_u) *
-stand_in_u(x), hf_wrap.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
-the LM loss) plus a compute penalty toward target_active_ratio; the last part of the run is 0/1 forward
-(straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
-learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
-really skips the work. All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers).
-exit_head_layer=l or drafter=True trains a speculative draft instead; self_distill=N tunes on the model's own
-answers to N prompts (self_distill_ids): a draft learns best on the text it will draft. Every job runs through
-one AdamW loop, fit(). The quality table at matched compute is bench.py --mode=ppl's (it uses eval_ppl here).
-A file of its own (README): it trains ~100k router parameters on someone else's frozen model, its own loop.
+What trains: the gates of hf_wrap.FrozenRouters, one kind per run (hf_wrap.py explains each). The tuning forward
+blends instead of deciding: unit u's update is scaled by its continue weight w_u, x <- x + w_u * (unit(x) - x)
+(ffn: the MLP's update only). The loss: KL to the full model's next-token distribution (or the LM loss) plus a
+compute penalty toward target_active_ratio; the last part of the run is 0/1 forward (straight-through), so
+training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence, learned), each
+keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
+All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers). Every job, the speculative
+drafts' included, runs through one AdamW loop, fit(). A file of its own (README): it trains ~100k router
+parameters on someone else's frozen model.
 """
 import functools
 import math
@@ -64,9 +61,9 @@ router_group = 1                # layers per routed unit (one gate skips them to
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
 stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (hf_wrap.StandIn, FlexiDepth's
                                 # adapter) of this rank, for the tokens that pass over it (0 = they just skip)
-# the loss: KL (or LM) + penalty_weight * max(mean weight - target_active_ratio, 0) + entropy
+# the loss: KL (or LM) + lambda * max(mean weight - target_active_ratio, 0) + gate_entropy_weight * entropy
 target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
-penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
+penalty_weight = 1.0            # lambda
 penalty_warmup_iters = 50       # lambda = 0 before this iteration
 gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
 hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
@@ -99,9 +96,9 @@ drafter_text = ""               # a dataset whose plain text also trains it: pyd
 # either draft
 draft_vocab = 8192              # tokens a draft can propose: the tuning text's most frequent (0 = all)
 draft_windows = 256             # train-split windows whose frozen-base states are computed once, then reused
-exit_head_vocab = -1            # renamed draft_vocab (-1: unset; the old name goes in the next release)
-exit_head_windows = -1          # renamed draft_windows (likewise)
-# the text: the dataset's, or the model's own answers (self-distillation)
+exit_head_vocab = -1            # old name of draft_vocab (RENAMED below; -1: unset)
+exit_head_windows = -1          # old name of draft_windows
+# the text: the dataset's, or the model's own answers (self-distillation: a draft learns best on what it drafts)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts made of the dataset's words
 self_distill_tokens = 128       # new tokens per answer
 self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
@@ -137,14 +134,11 @@ def _causal_mask(T, window, like):
 
 
 def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward: teacher forcing on whole sequences with continue weights instead of decisions. Unit u
-    of `routers` (hf_wrap.FrozenRouters) gets w_u (B, T, 1) from the state entering it; its update is scaled by w_u
-    (ffn: each MLP's update). HF's own decoder layers run it with explicit causal / sliding masks (ffn: their
-    attention and MLP separately). routers=None: the model itself.
-
-    ids (B, T) -> logits (B, T, V), the weights (B, T, U) float32 (None without routers), {exit layer: the state
-    entering it (B, T, C)}. influence: a list to append, per layer, sum over tokens of 1 - cos(x_in, x_out).
-    hard: 0/1 weights forward, the soft ones' gradient backward (straight-through)."""
+    """The tuning forward (module docstring), teacher-forced on whole sequences through HF's own decoder layers
+    with explicit causal / sliding masks; unit u's w_u (B, T, 1) is read from the state entering it.
+    routers=None: the model itself. ids (B, T) -> logits (B, T, V), the weights (B, T, U) float32 (None without
+    routers), {exit layer: the state entering it (B, T, C)}. influence: a list to append, per layer, sum over
+    tokens of 1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
@@ -182,11 +176,9 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
 
 
 def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
-    """KL(full || routed) on the next-token distributions (loss='kl', full_logits given) or the LM loss on Y,
-    + lambda * max(mean weight - target_active_ratio, 0) (lambda = 0 during warm-up) + the weights' entropy.
-    The mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
-    units to skip for which tokens; only the average is held to the budget. The entropy term pushes weights toward
-    0 or 1, narrowing the gap to the 0/1 decisions of inference. -> (loss, {name: float})."""
+    """The loss above the settings: KL(full || routed) when full_logits are given, else the LM loss on Y. The
+    mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
+    units to skip for which tokens; only the average is held to the budget. -> (loss, {name: float})."""
     if full_logits is not None:
         logp_full = F.log_softmax(full_logits.float(), -1)
         fit = (logp_full.exp() * (logp_full - F.log_softmax(logits.float(), -1))).sum(-1).mean()
@@ -208,10 +200,10 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
         log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
-    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates loss / accum for each of `accum`
-    (loss, log) = loss_of(it) (gradient accumulation), clips to grad_clip (0 = off), steps. evaluate(it) before
-    step 0, every eval_interval (0 = never) and after the last; every log_interval steps (log_last: and the
-    last) prints "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
+    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates (loss, log) = loss_of(it) `accum`
+    times (loss / accum), clips to grad_clip (0 = off), steps. evaluate(it) before step 0, every eval_interval
+    (0 = never) and after the last; every log_interval steps (log_last: and the last) prints
+    "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     evals, t0 = [], time.time()
@@ -236,7 +228,7 @@ def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, b
 
 
 def optimizer_settings(cfg):
-    """fit's optimizer keywords, from the settings above."""
+    """fit's optimizer keywords, from cfg."""
     return {k: cfg[k] for k in ("learning_rate", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay",
                                 "grad_clip", "log_interval")}
 
@@ -248,7 +240,7 @@ RENAMED = {"exit_head_vocab": "draft_vocab", "exit_head_windows": "draft_windows
 
 
 def check_config(cfg):
-    """cfg with renamed keys under their new names (and a note), if every setting can run; else SystemExit."""
+    """cfg with RENAMED keys under their new names (with a note), if every setting can run; else SystemExit."""
     cfg = dict(cfg)
     for old, new in RENAMED.items():
         value = cfg.pop(old, -1)
@@ -256,11 +248,11 @@ def check_config(cfg):
             print(f"note: {old} is renamed {new} (the old name goes in the next release): {new}={value!r}")
             cfg[new] = value
     if int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit("error: router tuning runs in one process (the base is frozen and the routers are tiny): "
-                         "run python tune.py ..., not torchrun.")
+        raise SystemExit("error: router tuning runs in one process (the routers are tiny): run python tune.py "
+                         "..., not torchrun.")
     if not cfg["hf"]:
-        raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), --hf=path/to/dir "
-                         "(save_pretrained or sample.py --export_hf output), a .gguf file or a hub name.")
+        raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), a folder (save_pretrained or "
+                         "sample.py --export_hf output), a .gguf file or a hub name.")
     for key, ok, what in [("target_active_ratio", 0 < cfg["target_active_ratio"] <= 1, "a fraction in (0, 1]"),
                           ("penalty_weight", cfg["penalty_weight"] >= 0, ">= 0"),
                           ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
@@ -271,17 +263,16 @@ def check_config(cfg):
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
                           ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
                            cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
-                           "(skip / ffn gates start at the static drop; not with init_from)"),
+                           "(skip / ffn only; not with init_from)"),
                           ("stand_in_rank", isinstance(cfg["stand_in_rank"], int) and cfg["stand_in_rank"] >= 0
                            and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                and cfg["router_group"] == 1)),
-                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1 (one stand-in per "
-                           "one-layer unit)"),
+                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1"),
                           ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
-                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1 (3: trained to draft 3 ahead)"),
+                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1"),
                           ("draft_windows", cfg["draft_windows"] >= 1, "an int >= 1"),
                           ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
-                           "(each tunes a speculative draft: pick one)"),
+                           "(pick one draft)"),
                           ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
@@ -307,9 +298,8 @@ def load_base(cfg):
 
 
 def make_routers(cfg, mc):
-    """hf_wrap.FrozenRouters of cfg's kind, the gates at the budget: every weight = target_active_ratio (expert-
-    choice: its product over the units averages about that; token-choice starts at full depth), so the penalty
-    has nothing to undo; or init_from's trained gates (new exit gates stay fresh)."""
+    """hf_wrap.FrozenRouters of cfg's kind, every weight at target_active_ratio (expert-choice: its product over
+    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates."""
     kind, L = cfg["router"], mc.num_hidden_layers
     try:
         if kind in ("expert_choice", "token_choice"):
@@ -356,8 +346,8 @@ def tuning_text(cfg, model, tok):
 
 
 def start_at_static_drop(routers, influence, target_active_ratio, mlp_hidden):
-    """init_gates='influence': start at ShortGPT's static drop: the units of lowest block influence off for every
-    token, the rest on, at the budget; training then lets each token choose. Only the gates' biases move."""
+    """init_gates='influence' (ShortGPT's static drop as the start; training then lets each token choose): only
+    the gates' biases move."""
     units = routers.units
     unit_bi = [sum(influence[a:b]) / (b - a) for a, b in units]
     off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:round((1 - target_active_ratio) * len(units))])
@@ -391,8 +381,7 @@ def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
 
 
 def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
-    """Phase 1: the gates (and stand-ins) through soft_forward and _tuning_loss, soft, then for the last
-    hard_gate_frac 0/1 forward (straight-through). -> each unit's mean continue weight on calib."""
+    """Phase 1: the gates (and stand-ins). -> each unit's mean continue weight on calib."""
     dev = model.get_input_embeddings().weight.device
     sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
     B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
@@ -424,8 +413,8 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
 
 
 def train_exits(model, routers, cfg, train_ids, gen):
-    """Phase 2, routers frozen: each exit gate learns by BCE whether the state at its layer, through the final
-    norm and LM head, already gives the routed model's final argmax (CALM's consistency target, learned)."""
+    """Phase 2, routers frozen: each exit gate learns by BCE whether its layer's state, through the final norm
+    and LM head, already gives the routed model's argmax (CALM's consistency target)."""
     dev, head, norm = model.get_input_embeddings().weight.device, model.get_output_embeddings(), model.model.norm
     exit_layers = routers.exit_layers
 
@@ -457,8 +446,7 @@ def calibrate_cutoffs(decided, keep_ratios, calib):
 
 
 def search_bias(decided, calib, val, batch_size, target, tol, full_val):
-    """Bisection (search_cutoff) on the bias until decided(bias=bias)'s layer-call ratio on calib is within
-    tol of target. -> (bias, the search's numbers, held-out ones too)."""
+    """search_cutoff on the bias of decided(bias=...) over calib. -> (bias, the search's numbers and held-out's)."""
     measure = lambda v: eval_ppl(decided(bias=v), calib, batch_size)
     bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
     held, full_ppl = eval_ppl(decided(bias=bias), val, batch_size), math.exp(full_val)
@@ -485,7 +473,7 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
-    """exit_head_layer > 0 or drafter=True: a speculative draft (below) instead of gates."""
+    """A speculative draft (below) instead of gates."""
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
                   meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
@@ -498,11 +486,8 @@ def tune_draft(cfg, model, tok, train_ids, val, path):
 
 
 def tune_routers(cfg):
-    """Router tuning for a pretrained model, every base weight frozen (cfg: default_config(...) or the script's),
-    phase by phase: the gates (train_gates), then with exit_layers and exit_iters > 0 the exit gates (train_exits),
-    each keep_ratio's per-unit cutoffs (calibrate_cutoffs) and, with target_speedup or target_mean_layers, the
-    bias that reaches it (search_bias). Or a speculative draft instead (tune_draft). Everything lands in
-    out_dir/routers.pt (atomic), saved at every evaluation and at the end."""
+    """The whole run (cfg: default_config(...) or the script's), phase by phase; out_dir/routers.pt is saved
+    at every evaluation and at the end."""
     cfg = check_config(cfg)
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights draw here
     model, tok, device = load_base(cfg)
@@ -552,13 +537,14 @@ def tune_routers(cfg):
 
 
 # -----------------------------------------------------------------------------
-# A speculative draft (speculative.py decodes with it): an exit head or a drafter, trained by KL divergence to the
-# full model's distribution on frozen-base states computed once
+# A speculative draft (speculative.py decodes with it): an exit head or a drafter, trained by KL to the full
+# model's distribution renormalized over the draft's vocab (it cannot propose what it lacks), on frozen-base
+# states computed once over draft_windows windows; its steps then never run the base
 
 @torch.no_grad()
 def _states(model, layer, windows, batch_size):
     """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
-    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
+    (N * T, C)."""
     h, final = [], []
     for i in range(0, len(windows), batch_size):
         out = model.model(windows[i:i + batch_size], output_hidden_states=True)
@@ -568,8 +554,7 @@ def _states(model, layer, windows, batch_size):
 
 
 def _head_vocab(train_ids, V, size):
-    """The tokens a draft can propose: the `size` most frequent of the tuning text (size 0: all, None).
-    -> (vocab or None, the text's token counts (V,))."""
+    """-> (the `size` most frequent tokens of the tuning text, or None for size 0: all; its token counts (V,))."""
     counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
     if not size:
         return None, counts
@@ -577,13 +562,13 @@ def _head_vocab(train_ids, V, size):
 
 
 def _draft_windows(ids, block_size, windows, dev):
-    """Up to `windows` windows of block_size tokens of ids, back to back: (n, block_size) inputs on dev."""
+    """Up to `windows` windows of ids, back to back: (n, block_size) inputs on dev."""
     return text_windows(ids, block_size, min(windows, len(ids) // (block_size + 1)))[:, :-1].to(dev)
 
 
 def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, batch_size, seed, meta, **schedule):
-    """fit on a draft: each step, loss_of(idx) over batch_size * block_size indices drawn at random from range(n);
-    then frozen, saved (save: hf_wrap.save_exit_head or save_drafter) with its first and last evaluations."""
+    """fit on a draft: each step, loss_of(idx) of batch_size * block_size random indices into range(n); then
+    frozen, saved (hf_wrap.save_exit_head or speculative.save_drafter) with its first and last evaluations."""
     gen = torch.Generator().manual_seed(seed)
 
     def step(it):
@@ -603,12 +588,8 @@ def _kl(logits_p, logits_q):
 
 
 def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
-    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at `layer` (adapter rank `rank`), trained to
-    match the final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's
-    vocab, with p renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its
-    vocab is the one that speculative sampling accepts most). The base runs once over `windows` windows; the
-    steps then train on those states. Reports, on held-out text, how often the head's argmax is the full model's
-    (greedy acceptance) and sum(min(p, q)) (acceptance when sampling at temperature 1). job: _fit_draft's."""
+    """hf_wrap.ExitHead at `layer` (adapter rank `rank`). Reports, on held-out text, how often its argmax is the
+    full model's (greedy acceptance) and sum(min(p, q)) (acceptance sampling at temperature 1). job: _fit_draft's."""
     dev = model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
@@ -648,8 +629,8 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
 
 @torch.no_grad()
 def _final_states(model, windows, batch_size):
-    """The full model's final states over windows (N, T), before the final norm: (N, T, C), through the adapter's
-    own full-depth loop (Pass.final_h), which is what a drafter reads when it drafts."""
+    """The full model's final states before the final norm (N, T, C), through the adapter's full-depth loop
+    (Pass.final_h): what a drafter reads when it drafts."""
     full, out = DepthAdapter(model, no_skip=True), []
     for i in range(0, len(windows), batch_size):
         cache, ids, pos, _ = full.new_cache(windows[i:i + batch_size])
@@ -658,14 +639,11 @@ def _final_states(model, windows, batch_size):
 
 
 def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, extra_ids=None, **job):
-    """A draft for speculative decoding on the full model's final state, base frozen: speculative.Drafter (MLP width
-    `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the text's
-    next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to
-    the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full
-    model runs once over `windows` windows. Reports, on held-out text, how often the first 1, 2, ... drafts in a
-    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts, given that the full
-    model's tokens came before). extra_ids: more text, up to `windows` more windows (held-out text stays the
-    tuning text's). job: _fit_draft's."""
+    """speculative.Drafter (MLP width `hidden`) on the full model's final state, trained to draft `steps` tokens
+    in a row: from h_t and the text's x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) matches
+    the full model's distribution at t + j. Reports, on held-out text, how often the first 1, 2, ... drafts in a
+    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts). extra_ids: more text,
+    up to `windows` more windows (held-out text stays the tuning text's). job: _fit_draft's."""
     block_size, batch_size = job["block_size"], job["batch_size"]
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, steps
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
@@ -687,7 +665,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
           f"{vh.shape[0] * T:,} held-out start positions, base states in {time.time() - t0:.0f} s")
 
     def chain(hs, ids, idx):
-        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, target)."""
+        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, fs)."""
         b, t, out = idx // T, idx % T, []
         s = hs[b, t]
         for j in range(1, D + 1):
@@ -724,10 +702,9 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
 @torch.no_grad()
 def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
     """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits (what generation computes),
-    and the work it took, each over tokens * L: layer_ratio (layer calls; attention alone counts its share),
-    kv_ratio (K/V-only work, in layers), head_ratio (the LM-head calls of confidence / entropy exits, in layers).
-    keep_argmax: also return each batch's greedy tokens; reference (such a list, from full depth): agree = the
-    fraction of positions whose greedy token is the reference's."""
+    and the work it took over tokens * L: layer_ratio (layer calls; attention alone counts its share), kv_ratio
+    (K/V-only work), head_ratio (the exits' LM-head calls). keep_argmax: also return each batch's greedy tokens;
+    reference (such a list, from full depth): agree = the fraction of greedy tokens that are the reference's."""
     dev = adapter.embed.weight.device
     nll = calls = kv = head = n = same = 0
     argmax = []
@@ -750,8 +727,8 @@ def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
 
 @torch.no_grad()
 def block_influence(model, windows, batch_size=8):
-    """ShortGPT's block influence per layer, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the
-    full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
+    """ShortGPT's block influence, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the full
+    model. Low BI: the layer barely turns the residual stream. -> list of L floats."""
     dev = model.get_input_embeddings().weight.device
     total, n = None, 0
     for X, _ in _batches(windows, batch_size, dev):
@@ -763,10 +740,9 @@ def block_influence(model, windows, batch_size=8):
 
 
 def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
-    """Bisection on a router's threshold until measure(v)['layer_ratio'] is within tol of `target`. The ratio
-    must be monotone in v (either direction). -> (v, measure(v), reached). A target out of reach gives the closer
-    end and reached=False; a ratio that jumps over the target (few tokens, or a discrete router) gives the closest
-    value seen. measure: e.g. lambda v: eval_ppl(make(v), calib) (a DepthAdapter per v), or exit_ratio."""
+    """Bisection on a threshold v until measure(v)['layer_ratio'] (monotone in v, either way) is within tol of
+    `target`. -> (v, measure(v), reached): out of reach, the closer end and reached=False; a ratio that jumps
+    over the target, the closest value seen. measure: e.g. lambda v: eval_ppl(make(v), calib), or exit_ratio."""
     r_lo, r_hi = measure(lo), measure(hi)
     best = min(((abs(r["layer_ratio"] - target), v, r) for v, r in ((lo, r_lo), (hi, r_hi))), key=lambda t: t[0])
     if (r_lo["layer_ratio"] - target) * (r_hi["layer_ratio"] - target) > 0:
@@ -793,11 +769,9 @@ SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What
 
 
 def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size, temperature=0.7):
-    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
-    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
-    text; answers sampled at `temperature` (top-k 50; 0: greedy, the text greedy decoding will ask a draft
-    for) through DepthAdapter at full depth. -> (train ids, val ids) as
-    corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
+    """n chat prompts (a SELF_PROMPTS template around a word of the dataset's training text), answered at
+    full depth at `temperature` (top-k 50; 0: greedy) -> (train ids, val ids) as corpus_ids gives: prompt,
+    answer, eos, back to back; the first tenth of the answers held out."""
     words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
     g = torch.Generator().manual_seed(seed)
     pick = lambda k: int(torch.randint(k, (1,), generator=g))
