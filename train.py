@@ -8,7 +8,6 @@ Train a Mixture-of-Recursions model (or its vanilla / recursive baselines).
 
 The data (built-in Shakespeare, or dataset='path/to/file.txt') is prepared on first use.
 """
-import csv
 import os
 import random
 import time
@@ -20,8 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import (autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint, lr_at,
-                          plot_depth_history, require, require_at_least, save_checkpoint)
+from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
+                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint)
 from diffusion import masked_diffusion_loss
 from model import MoR, MoRConfig
 
@@ -253,15 +252,6 @@ def all_gen_states():
     states = [None] * world
     dist.all_gather_object(states, state)
     return states
-
-
-def append_csv(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 def log_depths(it, kind, summary):
