@@ -15,7 +15,6 @@ Untrained routers route arbitrarily, so decode forces depths 1..R equally likely
 the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
 """
 import contextlib
-import csv
 import math
 import os
 import time
@@ -25,26 +24,28 @@ import torch
 import data
 import hf_wrap
 import speculative as spec
-from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint, pyplot
+from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
+                          pyplot, save_figure)
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
 mode = "all"                    # all | train | decode | hf | spec, ppl, diffusion (not in all: trained models) | gpu
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
-n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
-n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
-n_head = 0                      # 0 = default (gpt2: 12, tiny: 4)
-vocab_size = 0                  # 0 = default (gpt2: 50304, tiny: 256)
-block_size = 0                  # 0 = default (gpt2: 1024, tiny: 128)
-batch_size = 0                  # training micro-batch; 0 = default (gpt2: 12, tiny: 8)
+# the shape, batch and lengths: 0 = the size's default (SIZES below; n_layer 12 divides by R = 2, 3 and 4)
+n_layer = 0
+n_embd = 0
+n_head = 0
+vocab_size = 0
+block_size = 0
+batch_size = 0                  # training micro-batch
 sharing = "cycle"               # cycle keeps every variant at exactly n_layer layer applications
 train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all), e.g. "vanilla;MoR-3 token"
 train_iters = 20                # timed training steps per variant (after warmup_iters)
 warmup_iters = 5
 decode_batches = ()             # batch sizes to decode at; () = 1, 2, 4, ... up to the largest that fits
-prompt_len = 0                  # 0 = default (gpt2: 128, tiny: 16)
-new_tokens = 0                  # tokens generated per sequence; 0 = default (gpt2: 128, tiny: 32)
+prompt_len = 0
+new_tokens = 0                  # tokens generated per sequence
 depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
 device = "auto"
 dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
@@ -59,19 +60,18 @@ graphs = "auto"                 # also decode compiled whole (CUDA graphs): auto
 hf_shapes = ()                  # --mode=hf: HF_SHAPES names (() = the two big ones on a GPU, tiny elsewhere)
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
-routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
-                                # (--mode=spec: the speculative drafts, any router or drafter files)
+routers = ""                    # router or drafter files (tune.py's routers.pt), comma-separated: a row each
 speculative = 4                 # --mode=spec: drafts per cycle of the speculative rows, fixed and adaptive
 lookup = 3                      # ... and the n-gram of their prompt-lookup rows (0 = none)
 bias = None                     # --mode=spec: the trained --routers files' logit bias (None: each file's own)
 threshold = None                # deprecated: the old name of --bias
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
-                                # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
+                                # every one's held-out split (data.py)
 ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of the layers
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
-# --mode=diffusion: adaptive refinement of a masked-diffusion model against fixed passes (diffusion.py)
+# --mode=diffusion: adaptive refinement against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
 judge_dir = "out-vanilla-tiny"  # the autoregressive judge of generations (python train.py config/vanilla_tiny.py)
 mask_rates = (0.15, 0.3, 0.5)   # infilling: the fraction of each validation passage masked
@@ -153,12 +153,7 @@ def emit(table, row):
     row = {"table": table, **row}
     rows.append(row)
     if report_csv:
-        new = not os.path.exists(report_csv) or os.path.getsize(report_csv) == 0
-        with open(report_csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_csv(report_csv, row, CSV_COLS)
 
 
 def report(name, title, table, cols):
@@ -371,9 +366,7 @@ def draw(table):
     ax.set_ylabel("tokens/s")
     ax.set_title(f"decode throughput on {device_name()}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plot, dpi=120)
-    print(f"wrote {plot}")
+    save_figure(fig, plot)
 
 
 # -----------------------------------------------------------------------------
@@ -431,21 +424,17 @@ def bench_hf():
             compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
         for B in (1, 8):
             ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-            plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           do_sample=False, pad_token_id=0)
-            runs = [("transformers generate", plain, L),
-                    ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
-                    (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens),
-                     L // 2)]
+            plain = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            runs = [("transformers generate", lambda: model.generate(ids, **plain), L)]
             if use_graphs:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
-                static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                   do_sample=False, pad_token_id=0, cache_implementation="static")
-                runs.insert(1, ("generate, static cache + compile", static, L))
-                # ours, graphed: the static plan's decode step compiled whole (DepthAdapter._static_step)
-                runs.append(("adapter --no_skip, graphed", lambda: full.generate(ids, max_new_tokens=new_tokens,
-                                                                                  compile=True), L))
-                runs.append((f"adapter fixed {L // 2}/{L} layers, graphed",
-                             lambda: half.generate(ids, max_new_tokens=new_tokens, compile=True), L // 2))
+                runs.append(("generate, static cache + compile",
+                             lambda: compiled.generate(ids, cache_implementation="static", **plain), L))
+            for c in (False, True) if use_graphs else (False,):   # graphed: DepthAdapter._static_step compiled
+                how = ", graphed" if c else ""
+                runs += [(f"adapter --no_skip{how}", lambda c=c: full.generate(ids, max_new_tokens=new_tokens,
+                                                                               compile=c), L),
+                         (f"adapter fixed {L // 2}/{L} layers{how}",
+                          lambda c=c: half.generate(ids, max_new_tokens=new_tokens, compile=c), L // 2)]
             timings = interleaved([(name, fn) for name, fn, _ in runs])
             base = timings["transformers generate"][1]
             for name, fn, layers in runs:
