@@ -252,7 +252,7 @@ def bench_train():
 # Decode throughput: batched greedy decoding with the KV cache
 
 def decode_models(Rs=(2, 3, 4), token_choice=True):
-    """vanilla, MoR-R expert-choice (recursion-wise) for R in Rs, and MoR-3 token-choice."""
+    """vanilla, MoR-R expert-choice for R in Rs, and MoR-3 token-choice, eval mode."""
     forced = depth_dist == "forced"
     out = [("vanilla", build(), None)]
     for R in Rs:
@@ -373,9 +373,8 @@ def draw(table):
 # One GPU script: every speed measurement that needs the accelerator, in one short run
 
 def bench_gpu():
-    """Decode (vanilla, MoR-3, MoR-4) at batch 1 and a large batch; compiled training of vanilla and MoR-3
-    (expert- and token-choice); the HF adapter at the TinyLlama shape. About 8 minutes on an H100; on a CPU at
-    the tiny size, a smoke test (graphs off unless asked: compiling there takes minutes)."""
+    """Decode at batch 1 and a large one, compiled training, the HF adapter at the TinyLlama shape: about 8
+    minutes on an H100; on a CPU at the tiny size, a smoke test."""
     global train_variants, hf_shapes
     big = 256 if device_type == "cuda" else 4
     bench_decode(batches=list(decode_batches) or [1, big], models=decode_models(Rs=(3, 4), token_choice=False))
@@ -388,7 +387,7 @@ def bench_gpu():
 # -----------------------------------------------------------------------------
 # The HF adapter: plain transformers generate vs the adapter at full and ~50% depth
 
-HF_SHAPES = {   # random weights from configs: speed does not depend on the weights with the fixed router
+HF_SHAPES = {   # random weights: with the fixed router, speed does not depend on them
     "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
     "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -461,9 +460,8 @@ def bench_verify(lm, batches, prompt, where, **tag):
 
 @torch.no_grad()
 def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved):
-    """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
-    pass of w - 1 drafts) against one decode step (w = 1), batch B after prompt_len random tokens. interleaved:
-    the timer; each timed call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
+    """Speculative decoding's premise, measured: a full-depth pass over w new tokens per row (verifying w - 1
+    drafts) against one decode step (w = 1), batch B after prompt_len tokens; each timed call runs n passes."""
     full, dev = hf_wrap.DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
     cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths))
@@ -494,9 +492,8 @@ SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story ab
 
 
 def spec_drafts(model, router_paths, bias):
-    """(name, adapter, drafter) for each router file (trained routers at `bias`, an exit head, a drafter on the
-    full-depth adapter), then the untrained exit at layer l (the model's own head there: the first exit head's
-    layer, else 2L/3). -> (drafts, l)."""
+    """(name, adapter, drafter) for each router file (trained routers at `bias`, an exit head, a drafter), then
+    the untrained exit at layer l (the model's own head at the first exit head's layer, else 2L/3). -> (drafts, l)."""
     L, drafts = model.config.num_hidden_layers, []
     for path in router_paths:
         blob = hf_wrap.read_router_file(path)
@@ -513,18 +510,17 @@ def spec_drafts(model, router_paths, bias):
 
 
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
-    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU
-    also on torch's default MKL linears); at batch 1 its early-exit assistant and prompt lookup; the adapter at
-    full depth; for each draft the router alone (routed decode) and speculative decoding with K drafts per cycle,
-    fixed and adaptive; lookup > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
+    """compare()'s decoders at one batch, [(name, fn -> (ids, stats or None))]: transformers' (generate, its
+    early-exit assistant and prompt lookup), the adapter at full depth, each draft's routed decode and
+    speculative decoding (fixed and adaptive K), and our prompt lookup."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
                                              K=K, **kw)
     runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
-    if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears; what they gain:
+    if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears: what they gain
         runs.append(("transformers generate, MKL linears", lambda: _on_mkl(model, lambda: (
-            model.generate(ids, **gen), None))))      # the same call on torch's default kernels
+            model.generate(ids, **gen), None))))
     if B == 1:
         runs.append((f"transformers assistant_early_exit={exit_layer}",
                      lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
@@ -654,11 +650,10 @@ def exit_ratio(stats, kind, threshold):
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
                   emit=lambda row: None):
-    """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers statically
-    (static_drop_layers) and match every adaptive method to that layer-call ratio (L - n) / L by a bisection on
-    its own threshold over calibration text (names[0]'s train split): CALM's confidence and entropy exits, and
-    each trained router of `trained` ([(FrozenRouters, file dict)]). Then perplexity, greedy agreement with full
-    depth and the work done on every dataset's held-out split. emit(row) as each row exists. -> (rows, calib)."""
+    """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers (static_drop_layers), and
+    match CALM's exits and each trained router of `trained` ([(FrozenRouters, file dict)]) to that layer-call
+    ratio by search_cutoff on names[0]'s train split; then perplexity, agreement with full depth and work on
+    every dataset's held-out split. emit(row) as each row exists. -> (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -679,8 +674,8 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
              for d in names]
     for r in table:
         emit(r)
-    # CALM's exits, searched cheaply on exit_statistics: a threshold's layer-call ratio is a lookup. (Exited
-    # tokens change later tokens' states only through their K/V, so the real ratio, measured below, lands close.)
+    # CALM's exits: on exit_statistics a threshold's layer-call ratio is a lookup (exited tokens change later
+    # ones only through their K/V, so the real ratio, measured below, lands close)
     stats = exit_statistics(model, calib, bs)
     progress("exit statistics at every layer on calibration text")
 
@@ -759,11 +754,10 @@ def load_trained(out_dir):
 
 
 def bench_diffusion():
-    """Infilling (accuracy, and the NLL of the truth under the distribution each token was committed from) and
-    generation (perplexity under the autoregressive judge) for every decoder, with the work and wall time each
-    ran."""
+    """Infilling (accuracy, and the truth's NLL under the distribution each token was committed from) and
+    generation (perplexity under the judge) for every decoder, with the work and wall time each ran."""
     import numpy as np
-    from diffusion import AdaptiveRefiner, corrupt, diffusion_loss
+    from diffusion import AdaptiveRefiner, masked_diffusion_loss
     model, ckpt = load_trained(diffusion_dir)
     judge, judge_ckpt = load_trained(judge_dir)
     try:
@@ -783,8 +777,7 @@ def bench_diffusion():
     passages, prompts = windows[:infill_windows], windows[infill_windows:, :gen_prompt + gen_tokens]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        bound = sum(float(diffusion_loss(model(x_t)[0], passages, hidden, t))
-                    for x_t, hidden, t in (corrupt(passages, mask, gen) for _ in range(8))) / 8
+        bound = sum(float(masked_diffusion_loss(model, passages, mask, gen)) for _ in range(8)) / 8
 
     table, tasks = compare_decoders(model, judge, passages, prompts, gen)
     report("diffusion", f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
@@ -807,7 +800,7 @@ def bench_diffusion():
 
 
 def diffusion_decoders():
-    """(name, RefinementConfig) of every row: fixed_passes passes, and each adaptive strategy (cached by default)."""
+    """(name, RefinementConfig) of every row: fixed_passes passes, and each adaptive strategy."""
     from diffusion import RefinementConfig as Config
     return [(f"fixed {n}", Config(strategy="fixed", max_recursions=n, cache_committed=False)) for n in fixed_passes] + [
         ("fixed 4, cached", Config(strategy="fixed", cache_committed=True)),
@@ -822,7 +815,7 @@ def diffusion_decoders():
 
 
 def judge_nll(judge, x):
-    """Mean NLL (nats) of x's tokens after gen_prompt under the autoregressive judge, each given everything before."""
+    """Mean NLL (nats) of x's tokens after gen_prompt under the autoregressive judge."""
     with torch.no_grad():
         logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
     return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())

@@ -32,11 +32,11 @@ BOOLS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0':
 
 
 def _fail(msg):
-    raise SystemExit(f"error: {msg}")  # argparse-style: one clean line on stderr, exit code 1
+    raise SystemExit(f"error: {msg}")  # one clean line on stderr, exit code 1
 
 
 def _expects(default):
-    # words for error messages; bool is checked before int because True is an int in Python
+    # words for error messages; bool before int, as True is an int
     for kind, words in ((bool, 'a bool (on the command line: true/false/yes/no/1/0)'), (int, 'an int'),
                         (float, 'a float'), (str, 'a string'), (list, 'a list like 1,2,3 or [1,2,3]'),
                         (tuple, 'a tuple like 1,2,3')):
@@ -127,7 +127,7 @@ def _apply_file(path, g, keys):
         found = sorted(f'config/{f}' for f in os.listdir(config_dir) if f.endswith('.py')) \
             if os.path.isdir(config_dir) else []
         _fail(f"config file '{path}' not found." + (f" Available: {', '.join(found)}" if found else ''))
-    namespace = {}  # a fresh dict (nanoGPT exec'd into globals()): a file cannot clobber the script
+    namespace = {}  # not globals() (nanoGPT's): a file cannot clobber the script
     with open(path) as f:
         exec(compile(f.read(), path, 'exec'), namespace)
     applied = []
@@ -203,7 +203,7 @@ def require_at_least(config, **lowest):
 # Runtime setup shared by every script
 
 def autodetect_device(device='auto'):
-    """'auto' -> cuda if available, else mps, else cpu. Otherwise check the device asked for exists."""
+    """'auto' -> cuda, else mps, else cpu; any other device is checked to exist."""
     has_mps = hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'mps' if has_mps else 'cpu'
@@ -387,7 +387,7 @@ GPU_PEAK_FLOPS = [
 
 
 def gpu_peak_flops(device):
-    """Peak bf16 FLOP/s of the GPU actually present, or None (CPU, MPS, or a GPU not in the table)."""
+    """Peak bf16 FLOP/s of the GPU present, or None (CPU, MPS, or a GPU not in the table)."""
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(torch.device(device))

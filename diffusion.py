@@ -109,17 +109,15 @@ class RefinementConfig:
             if not ok:
                 raise ValueError(msg)
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        need(self.min_recursions >= 1, f"min_recursions must be >= 1 (every token needs the pass that predicts "
-                                       f"it), got {self.min_recursions}")
+        need(self.min_recursions >= 1, f"min_recursions must be >= 1 (the pass that predicts a token), got "
+                                       f"{self.min_recursions}")
         need(self.min_recursions <= self.max_recursions,
-             f"min_recursions ({self.min_recursions}) is more than max_recursions ({self.max_recursions}): "
-             f"lower min_recursions or raise max_recursions")
+             f"min_recursions ({self.min_recursions}) is more than max_recursions ({self.max_recursions})")
         for name in ("confidence_high", "confidence_low", "skip_threshold"):
             value = getattr(self, name)
-            need(0.0 <= value <= 1.0, f"{name} must lie in [0, 1] (it is a probability-like score), got {value}")
+            need(0.0 <= value <= 1.0, f"{name} must lie in [0, 1] (a probability-like score), got {value}")
         need(self.confidence_low < self.confidence_high,
-             f"confidence_low ({self.confidence_low}) must be below confidence_high ({self.confidence_high}): "
-             f"tokens between them get interpolated depths")
+             f"confidence_low ({self.confidence_low}) must be below confidence_high ({self.confidence_high})")
         need(self.block_length >= 0, f"block_length must be >= 0 (0 = one block), got {self.block_length}")
         need(self.temperature >= 0, f"temperature must be >= 0 (0 = most likely token), got {self.temperature}")
 
@@ -229,13 +227,12 @@ class AdaptiveRefiner:
         self.depth_counts = torch.zeros(0, dtype=torch.long)   # [d] = tokens computed in d passes
 
     def get_stats(self):
-        """A plain dict (JSON, CSV and Prometheus friendly; configurator.write_stats_csv / write_prometheus).
-        total_steps: forward calls; tokens_processed: positions filled; tokens_skipped: committed by the
-        skip rule; easy/medium/hard: score at the first pass >= confidence_high / between / <= confidence_low;
-        total_recursions: passes that computed a filled token, summed (its K/V refresh included);
-        token_layer_ops: rows fed to the layers (every token of every call, context included) times the
-        layer applications per token; token_layer_ops_full: the same for max_recursions full passes per
-        block (fixed, uncached); compute_saved_pct: 1 - their ratio; depth_hist[d]: tokens computed in d passes."""
+        """A plain dict (configurator.write_stats_csv / write_prometheus). total_steps: forward calls;
+        tokens_processed: positions filled; tokens_skipped: committed by the skip rule; easy/medium/hard: the
+        first pass's score >= confidence_high / between / <= confidence_low; total_recursions: passes that
+        computed a filled token, summed (K/V refresh included); token_layer_ops: rows fed to the layers (context
+        included) times layer applications per token; token_layer_ops_full: the same for max_recursions full
+        passes per block; compute_saved_pct: 1 - their ratio; depth_hist[d]: tokens computed in d passes."""
         s = dict(self.stats)
         n = max(1, s["tokens_processed"])
         s["mean_recursions_per_token"] = s["total_recursions"] / n
@@ -249,9 +246,9 @@ class AdaptiveRefiner:
         """ValueError for a model this decoder cannot refine."""
         cfg = model.config
         if not cfg.bidirectional or cfg.mask_token < 0:
-            raise ValueError("this is an autoregressive checkpoint (causal attention, no [MASK] token): adaptive "
-                             "refinement needs a masked-diffusion model. Train one with python train.py "
-                             "config/diffusion_tiny.py (objective='diffusion'), or sample this one without --diffusion")
+            raise ValueError("this is an autoregressive checkpoint (no [MASK] token): adaptive refinement needs a "
+                             "masked-diffusion model (python train.py config/diffusion_tiny.py), or sample this "
+                             "one without --diffusion")
         if cfg.mask_token != cfg.vocab_size - 1:
             raise ValueError(f"[MASK] must be the last id ({cfg.vocab_size - 1}, as train.py makes it), got "
                              f"{cfg.mask_token}")

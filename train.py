@@ -99,8 +99,8 @@ require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps
                  log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
 require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 require(objective in ("ar", "diffusion"), f"objective must be 'ar' or 'diffusion', got {objective!r}")
-require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none': its adaptivity is "
-                                               "in the number of refinement passes per token (diffusion.py)")
+require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none' (its adaptivity is "
+                                               "in the refinement passes per token, diffusion.py)")
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
@@ -207,9 +207,8 @@ if ddp:
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss on fixed batches of each split. The headline val loss uses the causal
-    routing rule (what generation does). Expert-choice also reports the top-k loss it
-    trains with, and how often the causal rule agrees with top-k at each step."""
+    """Mean loss on fixed batches of each split, by the causal routing rule (what generation does); expert-choice
+    also reports its training rule's (top-k) val loss and how often the two agree at each step."""
     out = {}
     model.eval()
     for split in ("train", "val"):
@@ -230,7 +229,7 @@ def evaluate():
             key = split if rule == "causal" else f"{split}_topk"
             out[key] = sum(losses) / len(losses)
             out[key + "_depth"] = raw_model.depth_stats(torch.cat(depths))
-            out.update({f"{k}": sum(v) / len(v) for k, v in agree.items()})
+            out.update({k: sum(v) / len(v) for k, v in agree.items()})
     model.train()
     return out
 

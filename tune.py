@@ -59,8 +59,8 @@ router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
 router_group = 1                # layers per routed unit (one gate skips them together)
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
-stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (hf_wrap.StandIn, FlexiDepth's
-                                # adapter) of this rank, for the tokens that pass over it (0 = they just skip)
+stand_in_rank = 0               # skip / ffn: > 0: a trained stand-in of this rank for the tokens that skip a unit,
+                                # x + (1 - w_u) * stand_in_u(x) (hf_wrap.StandIn, FlexiDepth's adapter)
 # the loss: KL (or LM) + lambda * max(mean weight - target_active_ratio, 0) + gate_entropy_weight * entropy
 target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
 penalty_weight = 1.0            # lambda
@@ -85,10 +85,10 @@ keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn
 target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
-# a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
-exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
+# a speculative draft instead of gates: an exit head (hf_wrap.ExitHead)
+exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
-# or a drafter (speculative.Drafter) on the full model's final state, trained by KL to its next distributions
+# or a drafter (speculative.Drafter) on the full model's final state
 drafter = False                 # True: tune a drafter
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
@@ -102,8 +102,8 @@ exit_head_windows = -1          # old name of draft_windows
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts made of the dataset's words
 self_distill_tokens = 128       # new tokens per answer
 self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
-init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
-                                # drop (the units of lowest block influence off, the rest on, for every token)
+init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): ShortGPT's
+                                # static drop (the units of lowest block influence off, the rest on)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
                                 # exit_layers: add exit gates to trained routers without retraining them)
 # system
@@ -134,11 +134,10 @@ def _causal_mask(T, window, like):
 
 
 def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward (module docstring), teacher-forced on whole sequences through HF's own decoder layers
-    with explicit causal / sliding masks; unit u's w_u (B, T, 1) is read from the state entering it.
-    routers=None: the model itself. ids (B, T) -> logits (B, T, V), the weights (B, T, U) float32 (None without
-    routers), {exit layer: the state entering it (B, T, C)}. influence: a list to append, per layer, sum over
-    tokens of 1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
+    """The tuning forward (module docstring) through HF's own layers; w_u (B, T, 1) is read from the state
+    entering unit u. routers=None: the model itself. ids (B, T) -> logits (B, T, V), weights (B, T, U) float32
+    (or None), {exit layer: its input state (B, T, C)}. influence: a list to append, per layer, sum over tokens
+    of 1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
@@ -175,13 +174,18 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
     return logits, (torch.cat(weights, -1).float() if weights else None), states
 
 
+def _kl(logits_p, logits_q):
+    """KL(p || q) per row, and log q: p and q from logits over the same vocabulary."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1), logq
+
+
 def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
     """The loss above the settings: KL(full || routed) when full_logits are given, else the LM loss on Y. The
     mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
     units to skip for which tokens; only the average is held to the budget. -> (loss, {name: float})."""
     if full_logits is not None:
-        logp_full = F.log_softmax(full_logits.float(), -1)
-        fit = (logp_full.exp() * (logp_full - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+        fit = _kl(full_logits, logits)[0].mean()
     else:
         fit = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten())
     sizes = torch.ones(weights.shape[-1], device=weights.device) if sizes is None else sizes
@@ -196,7 +200,7 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 
 
 # -----------------------------------------------------------------------------
-# One optimizer loop for every tuning job: the gates, the exit gates, the exit head and the drafter
+# One optimizer loop for every tuning job
 
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
         log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
@@ -286,10 +290,10 @@ def load_base(cfg):
     model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
     mc = model.config
     if mc.model_type not in hf_wrap.SUPPORTED_MODEL_TYPES:
-        raise SystemExit(f"error: {name} is a {mc.model_type!r} model; router tuning and DepthAdapter support "
-                         f"Llama-family decoders: {', '.join(hf_wrap.SUPPORTED_MODEL_TYPES)}.")
+        raise SystemExit(f"error: {name} is a {mc.model_type!r} model; DepthAdapter supports Llama-family "
+                         f"decoders: {', '.join(hf_wrap.SUPPORTED_MODEL_TYPES)}.")
     if tok is None:
-        raise SystemExit(f"error: {name} has no tokenizer: router tuning encodes its text with the model's own.")
+        raise SystemExit(f"error: {name} has no tokenizer: tuning encodes its text with the model's own.")
     max_pos = getattr(mc, "max_position_embeddings", None)
     if max_pos and cfg["block_size"] > max_pos:
         raise SystemExit(f"error: block_size={cfg['block_size']} exceeds {name}'s context ({max_pos}): lower "
@@ -339,7 +343,7 @@ def tuning_text(cfg, model, tok):
     if max(int(train_ids.max()), int(val_ids.max())) >= model.config.vocab_size:
         raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={model.config.vocab_size}.")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
+    if cfg["self_distill"]:                     # the answers as text, for another run's --dataset
         with open(os.path.join(cfg["out_dir"], "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
     return train_ids, val_ids
@@ -366,7 +370,7 @@ def _batches(windows, size, device):
 
 @torch.no_grad()
 def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
-    """Phase 1's evaluation: val loss with soft weights, and decided()'s (the adapter at bias 0) perplexity."""
+    """Phase 1's evaluation: val loss with soft weights, and the adapter's (decided(), bias 0) perplexity."""
     routers.eval()
     dev = model.get_input_embeddings().weight.device
     soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
@@ -506,7 +510,7 @@ def tune_routers(cfg):
     print_plan(cfg, model, routers, len(train_ids), len(val_ids))
     full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
     decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, bias=0.0, exits=False,
-                                exit_threshold=cfg["exit_threshold"])        # the adapter on these routers
+                                exit_threshold=cfg["exit_threshold"])
 
     def save(**extra):
         meta = {"model": cfg["hf"], "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
@@ -579,12 +583,6 @@ def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, b
     module.eval().requires_grad_(False)
     save(path, module, model, **meta, untrained=evals[0], last_eval=evals[-1])
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
-
-
-def _kl(logits_p, logits_q):
-    """KL(p || q) per row, and log q: p and q from logits over the same (head) vocabulary."""
-    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1), logq
 
 
 def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
@@ -697,14 +695,13 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
 
 
 # -----------------------------------------------------------------------------
-# Measured through the adapter: perplexity, block influence, threshold search (bench.py --mode=ppl uses them too)
+# Measured through the adapter (bench.py --mode=ppl uses these too)
 
 @torch.no_grad()
 def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
-    """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits (what generation computes),
-    and the work it took over tokens * L: layer_ratio (layer calls; attention alone counts its share), kv_ratio
-    (K/V-only work), head_ratio (the exits' LM-head calls). keep_argmax: also return each batch's greedy tokens;
-    reference (such a list, from full depth): agree = the fraction of greedy tokens that are the reference's."""
+    """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits, and the work over
+    tokens * L: layer_ratio (layer calls), kv_ratio (K/V-only work), head_ratio (the exits' LM-head calls).
+    keep_argmax: also each batch's greedy tokens; reference (such a list): agree = the share that match it."""
     dev = adapter.embed.weight.device
     nll = calls = kv = head = n = same = 0
     argmax = []
@@ -762,7 +759,7 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
 
 
 # -----------------------------------------------------------------------------
-# The model's own answers as tuning text (self-distillation: tune.py --self_distill=N)
+# The model's own answers as tuning text (--self_distill)
 
 SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
                 "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
