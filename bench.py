@@ -136,7 +136,7 @@ def build(R=1, router="none", kv_mode="recursion", forced=False, **kw):
     return MoR(cfg, router=ForcedDepthRouter([1.0 / R] * R) if forced else None).to(device)
 
 
-# every column of every table, for the CSV (a new table adds its columns here)
+# every column of every table, for the CSV (a new table adds its own)
 CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing", "batch", "ms/iter", "tokens/s",
             "spread %", "ms/step", "ms/token", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
             "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
@@ -157,14 +157,14 @@ def emit(table, row):
 
 
 def report(name, title, table, cols):
-    """print_table, then every row to emit under table `name`."""
+    """print_table, then emit every row under table `name`."""
     print_table(title, table, cols)
     for r in table:
         emit(name, r)
 
 
 def speed(B, n, med, lo, hi):
-    """tokens/s of B rows of n new tokens in med seconds, and the spread of the timings."""
+    """tokens/s of B rows of n new tokens in med seconds, and the timings' spread."""
     return {"tokens/s": B * n / med, "spread %": 100 * (hi - lo) / med}
 
 
@@ -412,7 +412,7 @@ def bench_hf():
         cfg = LlamaConfig(**HF_SHAPES[shape], max_position_embeddings=4096)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
-        data.cpu_linears(model)                                # load_hf's CPU kernels, for both sides
+        data.cpu_linears(model)                                # load_hf's CPU kernels
         L = cfg.num_hidden_layers
         half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
         full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
@@ -469,7 +469,7 @@ def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=i
     new = torch.randint(0, model.config.vocab_size, (B, max(widths)), device=dev)
     steps = pos[:, -1:] + 1 + torch.arange(max(widths), device=dev)
 
-    def passes(w):                      # the same cache slots each time: the cost, not the text, is measured
+    def passes(w):                      # the same cache slots each time: the cost is measured, not the text
         for _ in range(n):
             full.forward_chunk(cache, new[:, :w], steps[:, :w], prompt_len, all_logits=True)
         hf_wrap.now(dev)
@@ -530,7 +530,7 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
     runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                            eos_token_id=eos)))
     for name, ad, dr in drafts:
-        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
+        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, unverified
             runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
                                                                             max_new_tokens=n)))   # all n tokens
         for adapt in (False, True):
@@ -546,7 +546,7 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
 
 
 def spec_row(B, name, timing, ids, ref, base):
-    """One decoder's row: speed against generate, whether its tokens are generate's, and a draft's acceptance."""
+    """One decoder's row: speed and tokens against generate's, and a draft's acceptance."""
     (out, st), med, lo, hi = timing
     row = {"batch": B, "decoder": name, **speed(B, out.shape[1] - ids.shape[1], med, lo, hi),
            "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
@@ -595,7 +595,7 @@ def bench_speculative():
     if not hf:
         raise SystemExit("error: --mode=spec needs --hf=<model> (smollm2-135m is built in), and --routers=<draft "
                          "files> for trained drafts")
-    if threshold is not None:                     # the old name, for one release
+    if threshold is not None:                     # the old name (one release)
         print(f"note: --threshold is deprecated here: it is the trained routers' logit bias, --bias={threshold}")
         bias = threshold if bias is None else bias
     model, tok = load_real()
@@ -623,8 +623,8 @@ def static_drop_layers(influence, n):
 @torch.no_grad()
 def exit_statistics(model, windows, batch_size=8):
     """For CALM's training-free exits, once on the full model: every token's top-1 probability and entropy
-    (nats) through the final norm and LM head of its state entering each layer 1..L-1. -> {"confidence":
-    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    (nats) through the final norm and LM head, at each layer 1..L-1. -> {"confidence": (N, L - 1), "entropy":
+    (N, L - 1)}; column l - 1: the state entering layer l."""
     head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
     for i in range(0, len(windows), batch_size):
         hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
@@ -708,7 +708,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
 
 def bench_ppl():
-    """quality_table on --hf with the --routers files, printed, and whether adaptive beats static at each depth."""
+    """quality_table on --hf with the --routers files, and whether adaptive beats static at each depth."""
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
@@ -733,7 +733,7 @@ def bench_ppl():
                 "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
                 table, cols)
     for d in names:
-        for depth in ppl_depths:                       # the question the table answers
+        for depth in ppl_depths:
             at = [r for r in table if r["text"] == d and r["target depth"] == f"{100 * depth:.0f}%"]
             static = next(r for r in at if r["method"].startswith("static"))
             best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
@@ -746,7 +746,7 @@ def bench_ppl():
 # Masked diffusion: adaptive refinement against fixed passes, quality and compute in one table
 
 def load_trained(out_dir):
-    """One of our checkpoints as an eval-mode model on the bench's device, with the checkpoint dict."""
+    """One of our checkpoints, in eval mode on the bench's device, and its dict."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
@@ -858,7 +858,7 @@ def compare_decoders(model, judge, passages, prompts, generator):
                 row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
                 row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
             table.append(row)
-    for r in table:   # savings against the fixed baseline at the default pass count, task by task
+    for r in table:   # savings against fixed 4, task by task
         base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
         if base and "wall ms" in r:
             r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])

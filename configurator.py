@@ -105,9 +105,9 @@ def _print_help(g, keys):
             if tok.type == tokenize.COMMENT:
                 comments[tok.start[0]] = tok.string.lstrip('#').strip()
     except (tokenize.TokenError, SyntaxError):
-        pass  # unparseable source: help still lists keys, without comments
+        pass  # unparseable source: help lists the keys without comments
     for n, line in enumerate(source.splitlines(), 1):
-        if '=' in line and not line[:1].isspace():  # top-level assignments only
+        if '=' in line and not line[:1].isspace():  # top level only
             first_line.setdefault(line.split('=')[0].strip(), n)
     if g.get('__doc__'):
         print(g['__doc__'].strip() + '\n')
@@ -194,7 +194,7 @@ def require(ok, msg):
 
 
 def require_at_least(config, **lowest):
-    """require() for counts: require_at_least(config, batch_size=1, max_iters=0)."""
+    """require() for counts, e.g. require_at_least(config, batch_size=1, max_iters=0)."""
     for key, low in lowest.items():
         require(config[key] >= low, f"{key} must be >= {low}, got {config[key]!r}: set --{key} to {low} or more")
 
@@ -309,7 +309,7 @@ def append_csv(path, row, fieldnames=None):
 
 
 def write_stats_csv(stats, path):
-    """Two columns, metric,value; lists become metric_0, metric_1, ...; trace and logits are left out."""
+    """Columns metric,value; lists become metric_0, metric_1, ...; no trace or logits."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["metric", "value"])
@@ -330,7 +330,7 @@ def write_prometheus(stats, path, prefix="nanomor"):
             lines += [f'{prefix}_depth_tokens{{depth="{d}"}} {c}' for d, c in enumerate(val)]
         elif isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
             lines += [f"# TYPE {prefix}_{key} gauge", f"{prefix}_{key} {val}"]
-    with open(path + ".tmp", "w") as f:                                       # atomic: collectors may read any time
+    with open(path + ".tmp", "w") as f:                                       # atomic: collectors read any time
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
 
@@ -377,8 +377,8 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine",
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. Matched against torch.cuda.get_device_name().
-# Order matters: more specific names first.
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched against torch.cuda.get_device_name(): the more
+# specific names first.
 GPU_PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),

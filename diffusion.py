@@ -56,9 +56,8 @@ T_MIN = 1e-3    # the smallest masking rate: the loss divides by t (LLaDA's eps)
 
 
 def corrupt(x, mask_token, generator=None):
-    """Mask clean tokens x [B, T] at a random rate t per sequence. The B rates are one uniform draw shifted by
-    0, 1/B, 2/B, ... (mod 1): each is U(0, 1), together they cover [0, 1) evenly (MDLM's low-discrepancy
-    sampler: a steadier loss). -> (x_t [B, T] with [MASK] where masked, masked [B, T] bool, t [B])."""
+    """Mask clean tokens x [B, T] at a rate t per sequence: one uniform draw shifted by 0, 1/B, 2/B, ... (mod 1),
+    MDLM's low-discrepancy sampler (a steadier loss). -> (x_t [B, T], masked [B, T] bool, t [B])."""
     B, T = x.shape
     t = (torch.rand(1, generator=generator) + torch.arange(B) / B) % 1.0
     t = T_MIN + (1 - T_MIN) * t                                        # in [T_MIN, 1)
@@ -143,9 +142,8 @@ PRESETS = {
 # Attention across refinement passes: every position's K/V, kept between calls
 
 class RefinementKV:
-    """K/V of every position of a [B, T] window, per layer application, kept between forward calls (the
-    interface of kv_cache.py's caches): the first call runs whole rows; a later one runs any subset (forward's
-    `run_only`) and overwrites those positions; every query attends to all T positions of its row (no mask)."""
+    """K/V of every position of a [B, T] window, per layer application, kept between forward calls (kv_cache.py's
+    interface): the first call runs whole rows, a later one any subset (`run_only`); queries see all T (no mask)."""
     seq_len = 0        # the window starts at position 0
 
     def __init__(self, kv_mode="recursion"):
@@ -308,13 +306,13 @@ class AdaptiveRefiner:
     def _refine(self, model, x, fill, logprobs=None):
         """Fill the positions fill [B, T] of x (all [MASK]) in place: one block, pass by pass."""
         c, st = self.config, self.stats
-        if not c.batch_by_difficulty and x.shape[0] > 1:        # one call per row: same tokens, more calls
+        if not c.batch_by_difficulty and x.shape[0] > 1:        # one call per row
             for b in range(x.shape[0]):
                 self._refine(model, x[b:b + 1], fill[b:b + 1], None if logprobs is None else logprobs[b:b + 1])
             return
         B, T = x.shape
         dev = x.device
-        n_layers = model.plan.full_depth_layers                 # layer applications per token (router none)
+        n_layers = model.plan.full_depth_layers                 # layer applications per token
         todo = fill.clone()                                     # still [MASK]
         write = torch.zeros_like(fill)                          # committed last pass, K/V still from [MASK]
         computed = torch.zeros(B, T, dtype=torch.long, device=dev)   # passes that computed each position

@@ -244,7 +244,7 @@ def save(gen_states):
 
 
 def all_gen_states():
-    """Every rank's batch-sampler state, so each rank resumes its own stream."""
+    """Every rank's batch-sampler state: each rank resumes its own stream."""
     state = train_gen.get_state()
     if not ddp:
         return [state]
@@ -254,7 +254,7 @@ def all_gen_states():
 
 
 def log_depths(it, kind, summary):
-    """Depth histogram rows: iteration, which tokens (train batch / val causal), depth, count."""
+    """Depth histogram rows: iteration, which tokens (train / val_causal), depth, count."""
     if master and log_depth_hist_every:
         for d, c in enumerate(summary["depth_hist"]):
             append_csv(os.path.join(out_dir, depth_hist_path),

@@ -14,8 +14,7 @@ compute penalty toward target_active_ratio; the last part of the run is 0/1 forw
 training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence, learned), each
 keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
 All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers). Every job, the speculative
-drafts' included, runs through one AdamW loop, fit(). A file of its own (README): it trains ~100k router
-parameters on someone else's frozen model.
+drafts' included, runs through one AdamW loop, fit().
 """
 import functools
 import math
@@ -39,16 +38,16 @@ hf = "smollm2-135m"             # the frozen base: built-in name, local folder, 
 out_dir = "out-hf-router-tune"  # routers.pt lands here
 dataset = "shakespeare"         # encoded with the model's own tokenizer; or a path to a UTF-8 .txt file
 seed = 1337
-# the loop: 16 windows * 128 tokens = 2,048 tokens per step. The frozen base runs forward and backward (for the
-# gates' gradients) but computes no weight gradients: a step costs ~2/3 of a training step of the base
+# the loop: 16 windows * 128 tokens = 2,048 tokens per step; the frozen base runs forward and backward but
+# computes no weight gradients: a step costs ~2/3 of a training step of the base
 batch_size = 16
 block_size = 128
 gradient_accumulation_steps = 1
 max_iters = 300
 eval_interval = 100
-eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split, never tuned on)
+eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split)
 log_interval = 25
-calib_windows = 32              # train-split windows: keep_ratio cutoffs and the target search are measured here
+calib_windows = 32              # train-split windows for the keep_ratio cutoffs and the target search
 router = "skip"                 # skip | ffn (MLP only, attention always runs) | expert_choice | token_choice
 loss = "kl"                     # kl: match the full model's next-token distribution | lm: the text's next token
 # where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
@@ -105,7 +104,7 @@ self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = gre
 init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): ShortGPT's
                                 # static drop (the units of lowest block influence off, the rest on)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
-                                # exit_layers: add exit gates to trained routers without retraining them)
+                                # exit_layers: add exit gates to trained routers)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -287,7 +286,7 @@ def load_base(cfg):
     """The frozen base (a Llama-family decoder, bf16 on CUDA, else float32) -> (model, tokenizer, device)."""
     name, device = cfg["hf"], configurator.autodetect_device(cfg["device"])
     _, dtype = configurator.autocast_context(device.split(":")[0], cfg["dtype"])
-    model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
+    model, tok = load_hf(name, device=device, dtype=dtype)
     mc = model.config
     if mc.model_type not in hf_wrap.SUPPORTED_MODEL_TYPES:
         raise SystemExit(f"error: {name} is a {mc.model_type!r} model; DepthAdapter supports Llama-family "
@@ -298,7 +297,7 @@ def load_base(cfg):
     if max_pos and cfg["block_size"] > max_pos:
         raise SystemExit(f"error: block_size={cfg['block_size']} exceeds {name}'s context ({max_pos}): lower "
                          "block_size.")
-    return model.requires_grad_(False), tok, device                          # frozen: only routers get gradients
+    return model.requires_grad_(False), tok, device
 
 
 def make_routers(cfg, mc):
@@ -450,7 +449,7 @@ def calibrate_cutoffs(decided, keep_ratios, calib):
 
 
 def search_bias(decided, calib, val, batch_size, target, tol, full_val):
-    """search_cutoff on the bias of decided(bias=...) over calib. -> (bias, the search's numbers and held-out's)."""
+    """search_cutoff on decided(bias=...) over calib. -> (bias, the search's numbers and held-out's)."""
     measure = lambda v: eval_ppl(decided(bias=v), calib, batch_size)
     bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
     held, full_ppl = eval_ppl(decided(bias=bias), val, batch_size), math.exp(full_val)
@@ -493,14 +492,14 @@ def tune_routers(cfg):
     """The whole run (cfg: default_config(...) or the script's), phase by phase; out_dir/routers.pt is saved
     at every evaluation and at the end."""
     cfg = check_config(cfg)
-    torch.manual_seed(cfg["seed"])                                            # the gates' first weights draw here
+    torch.manual_seed(cfg["seed"])                                            # the gates' first weights
     model, tok, device = load_base(cfg)
     routers = make_routers(cfg, model.config).to(device)
     train_ids, val_ids = tuning_text(cfg, model, tok)
     B, block, L = cfg["batch_size"], cfg["block_size"], model.config.num_hidden_layers
     gen = torch.Generator().manual_seed(cfg["seed"])                          # the training batches, both phases
     calib = text_windows(train_ids, block, cfg["calib_windows"], torch.Generator().manual_seed(cfg["seed"] + 2))
-    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
+    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: never tuned on
     path = os.path.join(cfg["out_dir"], "routers.pt")
     if cfg["exit_head_layer"] or cfg["drafter"]:
         return tune_draft(cfg, model, tok, train_ids, val, path)
@@ -558,7 +557,7 @@ def _states(model, layer, windows, batch_size):
 
 
 def _head_vocab(train_ids, V, size):
-    """-> (the `size` most frequent tokens of the tuning text, or None for size 0: all; its token counts (V,))."""
+    """-> (the `size` most frequent tokens of the tuning text, or None for 0: all; its token counts (V,))."""
     counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
     if not size:
         return None, counts
@@ -649,7 +648,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
     W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
     Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
     wins, vwin = _draft_windows(train_ids, block_size, windows, dev), val[:, :-1].to(dev)
-    if extra_ids is not None:                 # the vocab stays the tuning text's: the drafts it will be asked for
+    if extra_ids is not None:                 # the vocab stays the tuning text's
         wins = torch.cat([wins, _draft_windows(extra_ids, block_size, windows, dev)])
     T = wins.shape[1] - D                                                     # start positions per window
     if T < 1:
@@ -667,7 +666,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
         b, t, out = idx // T, idx % T, []
         s = hs[b, t]
         for j in range(1, D + 1):
-            s = drafter.step(s, E[ids[b, t + j]])             # the text's token, as the verified one will be
+            s = drafter.step(s, E[ids[b, t + j]])             # the text's token (the verified one, decoding)
             fs = norm(hs[b, t + j])
             k, logq = _kl(F.linear(fs.to(Wv.dtype), Wv), drafter(s, Wv))
             out.append((k, logq, fs))
