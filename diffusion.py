@@ -21,26 +21,24 @@ the next pass sees them as context. The strategy decides which are committed:
                committing an equal share of the masked tokens, the most confident first.
                Every pass is a full forward over every token.
   confidence,  MoR across passes. Each masked token gets a number of passes, its *recursion
-  entropy,     depth*, from how hard it is (compute_recursion_depths): a score at or above
+  entropy,     depth*, from how hard it is: a score s = 1 - difficulty at or above
   gradient     confidence_high needs min_recursions, at or below confidence_low
                max_recursions, linear in between. With parallel_acceptance every token whose
                pass count reached its depth is committed in that pass, however many
                (Fast-dLLM's parallel decoding). Difficulty is read again every pass, so a token
                that became easy once its neighbours were committed goes at once. A floor keeps
                each block moving: every pass from min_recursions on also commits the fixed
-               schedule's share of what remains, the most confident first, so no block needs
-               more than max_recursions passes. Without the floor, a block in which every token
-               is hard would repeat its first pass unchanged and then commit everything at once.
+               schedule's share of what remains, so no block needs more than max_recursions
+               passes (without it, an all-hard block would repeat its first pass unchanged).
 
 Compute saved is real (cache_committed=True, the default). A committed token runs no more
-layers. Its keys and values stay in RefinementKV (below), from the last pass that computed
-it, and later passes run only the tokens that still need it (model.py's `active`). That
-is the approximation Fast-dLLM makes (Wu et al. 2025): a token's K/V do not see what was
-committed after it was last computed. bench.py --mode=diffusion measures what it costs
-against exact full passes (cache_committed=False). A token committed in pass p runs once
-more, in pass p + 1, with its new id as input, so that its K/V say what it now is, and
-then never again. With skip_confident_tokens, a token whose score reached skip_threshold
-skips even that pass: the K/V of the pass that predicted it stand in.
+layers: its K/V stay in RefinementKV from the last pass that computed it, and later passes
+run only the tokens that still need it (model.py's `active`). That is Fast-dLLM's
+approximation (Wu et al. 2025): a token's K/V do not see what was committed after it was
+last computed (bench.py --mode=diffusion measures the cost against cache_committed=False).
+A token committed in pass p runs once more, in pass p + 1, so that its K/V say what it now
+is. With skip_confident_tokens, a token whose score reached skip_threshold skips even that
+pass: the K/V of the pass that predicted it stand in.
 """
 import math
 import time
@@ -58,12 +56,8 @@ T_MIN = 1e-3    # the smallest masking rate: the loss divides by t (LLaDA's eps)
 
 
 def corrupt(x, mask_token, generator=None):
-    """Mask clean tokens x [B, T] at a random rate t per sequence.
-
-    The B rates are one uniform draw shifted by 0, 1/B, 2/B, ... (mod 1): each is U(0, 1),
-    and together they cover [0, 1) evenly (MDLM's low-discrepancy sampler: a steadier loss).
-    Returns (x_t [B, T] with [MASK] where masked, masked [B, T] bool, t [B]).
-    """
+    """Mask clean tokens x [B, T] at a rate t per sequence: one uniform draw shifted by 0, 1/B, 2/B, ... (mod 1),
+    MDLM's low-discrepancy sampler (a steadier loss). -> (x_t [B, T], masked [B, T] bool, t [B])."""
     B, T = x.shape
     t = (torch.rand(1, generator=generator) + torch.arange(B) / B) % 1.0
     t = T_MIN + (1 - T_MIN) * t                                        # in [T_MIN, 1)
@@ -72,16 +66,14 @@ def corrupt(x, mask_token, generator=None):
 
 
 def diffusion_loss(logits, x, masked, t):
-    """Cross-entropy on the masked tokens only, each weighted by 1/t, summed and divided by
-    B*T: the NLL bound per token. logits [B, T, V], x [B, T] clean, masked [B, T], t [B]."""
+    """The module docstring's L: logits [B, T, V], x [B, T] clean, masked [B, T], t [B]."""
     ce = F.cross_entropy(logits[masked].float(), x[masked], reduction="none")   # (n_masked,)
     weight = (1.0 / t)[:, None].expand_as(masked)[masked]
     return (ce * weight).sum() / masked.numel()
 
 
 def masked_diffusion_loss(model, x, mask_token, generator=None):
-    """The training (and validation) loss of a batch of clean tokens x [B, T]. model may be
-    wrapped (DDP, torch.compile), so the mask id comes separately."""
+    """The loss of a batch of clean tokens x [B, T]; the mask id comes separately (model may be wrapped)."""
     x_t, masked, t = corrupt(x, mask_token, generator)
     logits, _ = model(x_t)
     return diffusion_loss(logits, x, masked, t)
@@ -116,17 +108,15 @@ class RefinementConfig:
             if not ok:
                 raise ValueError(msg)
         need(self.strategy in STRATEGIES, f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        need(self.min_recursions >= 1, f"min_recursions must be >= 1 (every token needs the pass that predicts "
-                                       f"it), got {self.min_recursions}")
+        need(self.min_recursions >= 1, f"min_recursions must be >= 1 (the pass that predicts a token), got "
+                                       f"{self.min_recursions}")
         need(self.min_recursions <= self.max_recursions,
-             f"min_recursions ({self.min_recursions}) is more than max_recursions ({self.max_recursions}): "
-             f"lower min_recursions or raise max_recursions")
+             f"min_recursions ({self.min_recursions}) is more than max_recursions ({self.max_recursions})")
         for name in ("confidence_high", "confidence_low", "skip_threshold"):
             value = getattr(self, name)
-            need(0.0 <= value <= 1.0, f"{name} must lie in [0, 1] (it is a probability-like score), got {value}")
+            need(0.0 <= value <= 1.0, f"{name} must lie in [0, 1] (a probability-like score), got {value}")
         need(self.confidence_low < self.confidence_high,
-             f"confidence_low ({self.confidence_low}) must be below confidence_high ({self.confidence_high}): "
-             f"tokens between them get interpolated depths")
+             f"confidence_low ({self.confidence_low}) must be below confidence_high ({self.confidence_high})")
         need(self.block_length >= 0, f"block_length must be >= 0 (0 = one block), got {self.block_length}")
         need(self.temperature >= 0, f"temperature must be >= 0 (0 = most likely token), got {self.temperature}")
 
@@ -152,12 +142,8 @@ PRESETS = {
 # Attention across refinement passes: every position's K/V, kept between calls
 
 class RefinementKV:
-    """Keys and values of every position of a [B, T] window, per layer application, kept
-    from one forward call to the next. The interface model.py's forward uses (kv_cache.py
-    has the other two): the first call runs whole rows and fills them; a later call runs
-    any subset (forward's `run_only`), overwrites those positions' K/V, and every query
-    attends to all T positions of its row (bidirectional, so no mask). The other positions
-    serve the K/V of the last call that computed them."""
+    """K/V of every position of a [B, T] window, per layer application, kept between forward calls (kv_cache.py's
+    interface): the first call runs whole rows, a later one any subset (`run_only`); queries see all T (no mask)."""
     seq_len = 0        # the window starts at position 0
 
     def __init__(self, kv_mode="recursion"):
@@ -205,8 +191,8 @@ DIFFICULTY = {
 # The decoder
 
 class AdaptiveRefiner:
-    """Fills [MASK] positions by refinement passes with a per-token number of passes (the
-    module docstring). Statistics accumulate over calls until reset_stats()."""
+    """Fills [MASK] positions by refinement passes (the module docstring). Statistics accumulate over calls
+    until reset_stats()."""
 
     def __init__(self, config=None):
         self.config = config or RefinementConfig()
@@ -219,14 +205,12 @@ class AdaptiveRefiner:
         return logits.float().softmax(-1).amax(-1)
 
     def compute_difficulty(self, logits):
-        """logits [..., V] -> difficulty in [0, 1] (0 = certain), by the strategy's signal (DIFFICULTY).
-        The depth mapping reads 1 - difficulty against the confidence thresholds."""
+        """logits [..., V] -> difficulty in [0, 1] (0 = certain), by the strategy's signal (DIFFICULTY)."""
         return self.difficulty_of(logits.float().softmax(-1))
 
     def compute_recursion_depths(self, difficulty):
-        """difficulty [...] -> passes each token needs [...] (long). Score s = 1 - difficulty:
-        s >= confidence_high -> min_recursions, s <= confidence_low -> max_recursions, linear in
-        between, rounded to the nearest pass (halves up). fixed: max_recursions for every token."""
+        """difficulty [...] -> passes each token needs [...] (long): the module docstring's linear map of
+        s = 1 - difficulty, halves rounded up. fixed: max_recursions for every token."""
         c = self.config
         if c.strategy == "fixed":
             return torch.full_like(difficulty, c.max_recursions, dtype=torch.long)
@@ -241,13 +225,12 @@ class AdaptiveRefiner:
         self.depth_counts = torch.zeros(0, dtype=torch.long)   # [d] = tokens computed in d passes
 
     def get_stats(self):
-        """A plain dict (JSON, CSV and Prometheus friendly; configurator.write_stats_csv / write_prometheus).
-        total_steps: forward calls; tokens_processed: positions filled; tokens_skipped: committed by the
-        skip rule; easy/medium/hard: score at the first pass >= confidence_high / between / <= confidence_low;
-        total_recursions: passes that computed a filled token, summed (its K/V refresh included);
-        token_layer_ops: rows fed to the layers (every token of every call, context included) times the
-        layer applications per token; token_layer_ops_full: the same for max_recursions full passes per
-        block (fixed, uncached); compute_saved_pct: 1 - their ratio; depth_hist[d]: tokens computed in d passes."""
+        """A plain dict (configurator.write_stats_csv / write_prometheus). total_steps: forward calls;
+        tokens_processed: positions filled; tokens_skipped: committed by the skip rule; easy/medium/hard: the
+        first pass's score >= confidence_high / between / <= confidence_low; total_recursions: passes that
+        computed a filled token, summed (K/V refresh included); token_layer_ops: rows fed to the layers (context
+        included) times layer applications per token; token_layer_ops_full: the same for max_recursions full
+        passes per block; compute_saved_pct: 1 - their ratio; depth_hist[d]: tokens computed in d passes."""
         s = dict(self.stats)
         n = max(1, s["tokens_processed"])
         s["mean_recursions_per_token"] = s["total_recursions"] / n
@@ -258,12 +241,12 @@ class AdaptiveRefiner:
 
     # -- refinement ---------------------------------------------------------------
     def check(self, model):
-        """A clear error for a model this decoder cannot refine."""
+        """ValueError for a model this decoder cannot refine."""
         cfg = model.config
         if not cfg.bidirectional or cfg.mask_token < 0:
-            raise ValueError("this is an autoregressive checkpoint (causal attention, no [MASK] token): adaptive "
-                             "refinement needs a masked-diffusion model. Train one with python train.py "
-                             "config/diffusion_tiny.py (objective='diffusion'), or sample this one without --diffusion")
+            raise ValueError("this is an autoregressive checkpoint (no [MASK] token): adaptive refinement needs a "
+                             "masked-diffusion model (python train.py config/diffusion_tiny.py), or sample this "
+                             "one without --diffusion")
         if cfg.mask_token != cfg.vocab_size - 1:
             raise ValueError(f"[MASK] must be the last id ({cfg.vocab_size - 1}, as train.py makes it), got "
                              f"{cfg.mask_token}")
@@ -273,9 +256,9 @@ class AdaptiveRefiner:
 
     @torch.no_grad()
     def apply_adaptive_refinement(self, model, x, return_logprobs=False):
-        """Fill every [MASK] of x [B, T] (T <= block_size) in place, in blocks of block_length
-        positions from the first masked one. Returns x, and with return_logprobs the log-softmax
-        [B, T, V-1] each filled token was committed from (zeros elsewhere)."""
+        """Fill every [MASK] of x [B, T] (T <= block_size) in place, in blocks of block_length positions from the
+        first masked one. -> x, and with return_logprobs the log-softmax [B, T, V-1] each filled token was
+        committed from (zeros elsewhere)."""
         self.check(model)
         t0 = time.perf_counter()
         mask = model.config.mask_token
@@ -296,9 +279,9 @@ class AdaptiveRefiner:
 
     @torch.no_grad()
     def generate(self, model, prompt, max_new_tokens):
-        """prompt [B, P] -> [B, P + max_new_tokens]: a fully masked continuation, refined block by
-        block. While everything fits in block_size, each block is refined in the whole sequence
-        (later blocks present as [MASK]); past that, in the block_size positions ending at the block."""
+        """prompt [B, P] -> [B, P + max_new_tokens]: a masked continuation refined block by block, in the whole
+        sequence while it fits in block_size (later blocks as [MASK]), then in the block_size positions ending
+        at the block."""
         self.check(model)
         t0 = time.perf_counter()
         bs, mask = model.config.block_size, model.config.mask_token
@@ -321,16 +304,15 @@ class AdaptiveRefiner:
         return x
 
     def _refine(self, model, x, fill, logprobs=None):
-        """Fill the positions fill [B, T] of x (all [MASK]) in place: one block. Each pass runs the tokens that
-        need it, reads every masked token's difficulty, picks the ones due and commits them."""
+        """Fill the positions fill [B, T] of x (all [MASK]) in place: one block, pass by pass."""
         c, st = self.config, self.stats
-        if not c.batch_by_difficulty and x.shape[0] > 1:        # one call per row: same tokens, more calls
+        if not c.batch_by_difficulty and x.shape[0] > 1:        # one call per row
             for b in range(x.shape[0]):
                 self._refine(model, x[b:b + 1], fill[b:b + 1], None if logprobs is None else logprobs[b:b + 1])
             return
         B, T = x.shape
         dev = x.device
-        n_layers = model.plan.full_depth_layers                 # layer applications per token (router none)
+        n_layers = model.plan.full_depth_layers                 # layer applications per token
         todo = fill.clone()                                     # still [MASK]
         write = torch.zeros_like(fill)                          # committed last pass, K/V still from [MASK]
         computed = torch.zeros(B, T, dtype=torch.long, device=dev)   # passes that computed each position
@@ -342,8 +324,8 @@ class AdaptiveRefiner:
         first = True
         while todo.any():
             rows = todo.any(1)
-            # who runs: every token of the rows still working (exact passes, and the first pass with
-            # the cache), or only the tokens still masked and those whose K/V need their new id
+            # who runs: whole rows still working (exact passes, the cache's first), else the tokens still
+            # masked and those whose K/V need their new id
             runs = rows[:, None].expand(B, T) if kv is None or first else (todo | write) & rows[:, None]
             if kv is None:
                 logits = model(x[rows])[0][todo[rows]]                          # (M, V)
@@ -383,10 +365,9 @@ class AdaptiveRefiner:
         st["medium_tokens"] += int((todo & ~easy & ~hard).sum())
 
     def _due(self, todo, passes, difficulty, confidence):
-        """Who is committed in this pass -> (due, skip) [B, T]. The schedule: enough of what remains, the most
-        confident first, to finish by max_recursions (for fixed, LLaDA's equal shares; adaptive strategies start
-        it at min_recursions). Adaptive strategies add the skipped tokens (confident enough: at once) and, with
-        parallel_acceptance, every token whose passes reached its depth."""
+        """Who is committed in this pass -> (due, skip) [B, T]: the schedule's share of what remains, the most
+        confident first (adaptive strategies: from min_recursions on), and for adaptive strategies the skipped
+        tokens and, with parallel_acceptance, every token whose passes reached its depth."""
         c = self.config
         left = c.max_recursions - passes + 1                              # passes left, this one included
         share = (todo.sum(1) + left - 1) // left
@@ -424,6 +405,7 @@ class AdaptiveRefiner:
         self.stats["total_recursions"] += int(done.sum())
         counts = torch.bincount(done, minlength=len(self.depth_counts))
         self.depth_counts = F.pad(self.depth_counts, (0, len(counts) - len(self.depth_counts))) + counts
+
 
 def describe_stats(s):
     """get_stats() as a few lines for a terminal (sample.py, bench.py)."""

@@ -8,7 +8,6 @@ Train a Mixture-of-Recursions model (or its vanilla / recursive baselines).
 
 The data (built-in Shakespeare, or dataset='path/to/file.txt') is prepared on first use.
 """
-import csv
 import os
 import random
 import time
@@ -20,8 +19,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from configurator import (autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint, lr_at,
-                          plot_depth_history, require, require_at_least, save_checkpoint)
+from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
+                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint)
 from diffusion import masked_diffusion_loss
 from model import MoR, MoRConfig
 
@@ -100,8 +99,8 @@ require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps
                  log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
 require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 require(objective in ("ar", "diffusion"), f"objective must be 'ar' or 'diffusion', got {objective!r}")
-require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none': its adaptivity is "
-                                               "in the number of refinement passes per token (diffusion.py)")
+require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none' (its adaptivity is "
+                                               "in the refinement passes per token, diffusion.py)")
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
@@ -208,9 +207,8 @@ if ddp:
 
 @torch.no_grad()
 def evaluate():
-    """Mean loss on fixed batches of each split. The headline val loss uses the causal
-    routing rule (what generation does). Expert-choice also reports the top-k loss it
-    trains with, and how often the causal rule agrees with top-k at each step."""
+    """Mean loss on fixed batches of each split, by the causal routing rule (what generation does); expert-choice
+    also reports its training rule's (top-k) val loss and how often the two agree at each step."""
     out = {}
     model.eval()
     for split in ("train", "val"):
@@ -231,7 +229,7 @@ def evaluate():
             key = split if rule == "causal" else f"{split}_topk"
             out[key] = sum(losses) / len(losses)
             out[key + "_depth"] = raw_model.depth_stats(torch.cat(depths))
-            out.update({f"{k}": sum(v) / len(v) for k, v in agree.items()})
+            out.update({k: sum(v) / len(v) for k, v in agree.items()})
     model.train()
     return out
 
@@ -246,7 +244,7 @@ def save(gen_states):
 
 
 def all_gen_states():
-    """Every rank's batch-sampler state, so each rank resumes its own stream."""
+    """Every rank's batch-sampler state: each rank resumes its own stream."""
     state = train_gen.get_state()
     if not ddp:
         return [state]
@@ -255,17 +253,8 @@ def all_gen_states():
     return states
 
 
-def append_csv(path, row):
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 def log_depths(it, kind, summary):
-    """Depth histogram rows: iteration, which tokens (train batch / val causal), depth, count."""
+    """Depth histogram rows: iteration, which tokens (train / val_causal), depth, count."""
     if master and log_depth_hist_every:
         for d, c in enumerate(summary["depth_hist"]):
             append_csv(os.path.join(out_dir, depth_hist_path),

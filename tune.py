@@ -7,18 +7,14 @@ training (an exit head or a drafter, which speculative.py decodes with).
   python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
   python tune.py --help                            # every key, its default, what it does
 
-What trains: the gates of hf_wrap.FrozenRouters, one kind per run (skip | ffn | expert_choice | token_choice;
-hf_wrap.py explains each). The tuning forward blends instead of deciding: unit u's update is scaled by its continue
-weight w_u, x <- x + w_u * (unit(x) - x) (ffn: the MLP's update only; stand_in_rank > 0 adds (1 - w_u) *
-stand_in_u(x), hf_wrap.StandIn, trained alongside). The loss: KL to the full model's next-token distribution (or
-the LM loss) plus a compute penalty toward target_active_ratio; the last part of the run is 0/1 forward
-(straight-through), so training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence,
-learned); each keep_ratio's calibrated cutoffs; the bias that gives target_speedup. hf_wrap.DepthAdapter then
-really skips the work. All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers).
-exit_head_layer=l or drafter=True trains a speculative draft instead; self_distill=N tunes on the model's own
-answers to N prompts (self_distill_ids): a draft learns best on the text it will draft. Every job runs through
-one AdamW loop, fit(). The quality table at matched compute is bench.py --mode=ppl's (it uses eval_ppl here).
-A file of its own (README): it trains ~100k router parameters on someone else's frozen model, its own loop.
+What trains: the gates of hf_wrap.FrozenRouters, one kind per run (hf_wrap.py explains each). The tuning forward
+blends instead of deciding: unit u's update is scaled by its continue weight w_u, x <- x + w_u * (unit(x) - x)
+(ffn: the MLP's update only). The loss: KL to the full model's next-token distribution (or the LM loss) plus a
+compute penalty toward target_active_ratio; the last part of the run is 0/1 forward (straight-through), so
+training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence, learned), each
+keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
+All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers). Every job, the speculative
+drafts' included, runs through one AdamW loop, fit().
 """
 import functools
 import math
@@ -42,16 +38,16 @@ hf = "smollm2-135m"             # the frozen base: built-in name, local folder, 
 out_dir = "out-hf-router-tune"  # routers.pt lands here
 dataset = "shakespeare"         # encoded with the model's own tokenizer; or a path to a UTF-8 .txt file
 seed = 1337
-# the loop: 16 windows * 128 tokens = 2,048 tokens per step. The frozen base runs forward and backward (for the
-# gates' gradients) but computes no weight gradients: a step costs ~2/3 of a training step of the base
+# the loop: 16 windows * 128 tokens = 2,048 tokens per step; the frozen base runs forward and backward but
+# computes no weight gradients: a step costs ~2/3 of a training step of the base
 batch_size = 16
 block_size = 128
 gradient_accumulation_steps = 1
 max_iters = 300
 eval_interval = 100
-eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split, never tuned on)
+eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split)
 log_interval = 25
-calib_windows = 32              # train-split windows: keep_ratio cutoffs and the target search are measured here
+calib_windows = 32              # train-split windows for the keep_ratio cutoffs and the target search
 router = "skip"                 # skip | ffn (MLP only, attention always runs) | expert_choice | token_choice
 loss = "kl"                     # kl: match the full model's next-token distribution | lm: the text's next token
 # where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
@@ -62,11 +58,11 @@ router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
 router_group = 1                # layers per routed unit (one gate skips them together)
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
-stand_in_rank = 0               # skip / ffn: > 0 gives each unit a trained stand-in (hf_wrap.StandIn, FlexiDepth's
-                                # adapter) of this rank, for the tokens that pass over it (0 = they just skip)
-# the loss: KL (or LM) + penalty_weight * max(mean weight - target_active_ratio, 0) + entropy
+stand_in_rank = 0               # skip / ffn: > 0: a trained stand-in of this rank for the tokens that skip a unit,
+                                # x + (1 - w_u) * stand_in_u(x) (hf_wrap.StandIn, FlexiDepth's adapter)
+# the loss: KL (or LM) + lambda * max(mean weight - target_active_ratio, 0) + gate_entropy_weight * entropy
 target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
-penalty_weight = 1.0            # lambda in LM loss + lambda * max(mean_gate - target_active_ratio, 0)
+penalty_weight = 1.0            # lambda
 penalty_warmup_iters = 50       # lambda = 0 before this iteration
 gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
 hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
@@ -88,10 +84,10 @@ keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn
 target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
-# a speculative draft instead of skip gates: an exit head (hf_wrap.ExitHead) trained by KL to the final layer
-exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = skip gates)
+# a speculative draft instead of gates: an exit head (hf_wrap.ExitHead)
+exit_head_layer = 0             # > 0: tune an exit head that reads the state entering this layer (0 = gates)
 exit_head_rank = 128            # its low-rank residual adapter's width
-# or a drafter (speculative.Drafter) on the full model's final state, trained by KL to its next distributions
+# or a drafter (speculative.Drafter) on the full model's final state
 drafter = False                 # True: tune a drafter
 drafter_hidden = 512            # its MLP's width
 drafter_steps = 3               # tokens ahead it is trained to draft in a row (each from its own previous state)
@@ -99,16 +95,16 @@ drafter_text = ""               # a dataset whose plain text also trains it: pyd
 # either draft
 draft_vocab = 8192              # tokens a draft can propose: the tuning text's most frequent (0 = all)
 draft_windows = 256             # train-split windows whose frozen-base states are computed once, then reused
-exit_head_vocab = -1            # renamed draft_vocab (-1: unset; the old name goes in the next release)
-exit_head_windows = -1          # renamed draft_windows (likewise)
-# the text: the dataset's, or the model's own answers (self-distillation)
+exit_head_vocab = -1            # old name of draft_vocab (RENAMED below; -1: unset)
+exit_head_windows = -1          # old name of draft_windows
+# the text: the dataset's, or the model's own answers (self-distillation: a draft learns best on what it drafts)
 self_distill = 0                # > 0: tune on the model's answers to this many chat prompts made of the dataset's words
 self_distill_tokens = 128       # new tokens per answer
 self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
-init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): at the static
-                                # drop (the units of lowest block influence off, the rest on, for every token)
+init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): ShortGPT's
+                                # static drop (the units of lowest block influence off, the rest on)
 init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
-                                # exit_layers: add exit gates to trained routers without retraining them)
+                                # exit_layers: add exit gates to trained routers)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -137,14 +133,10 @@ def _causal_mask(T, window, like):
 
 
 def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward: teacher forcing on whole sequences with continue weights instead of decisions. Unit u
-    of `routers` (hf_wrap.FrozenRouters) gets w_u (B, T, 1) from the state entering it; its update is scaled by w_u
-    (ffn: each MLP's update). HF's own decoder layers run it with explicit causal / sliding masks (ffn: their
-    attention and MLP separately). routers=None: the model itself.
-
-    ids (B, T) -> logits (B, T, V), the weights (B, T, U) float32 (None without routers), {exit layer: the state
-    entering it (B, T, C)}. influence: a list to append, per layer, sum over tokens of 1 - cos(x_in, x_out).
-    hard: 0/1 weights forward, the soft ones' gradient backward (straight-through)."""
+    """The tuning forward (module docstring) through HF's own layers; w_u (B, T, 1) is read from the state
+    entering unit u. routers=None: the model itself. ids (B, T) -> logits (B, T, V), weights (B, T, U) float32
+    (or None), {exit layer: its input state (B, T, C)}. influence: a list to append, per layer, sum over tokens
+    of 1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
@@ -181,15 +173,18 @@ def soft_forward(model, routers, ids, influence=None, hard=False):
     return logits, (torch.cat(weights, -1).float() if weights else None), states
 
 
+def _kl(logits_p, logits_q):
+    """KL(p || q) per row, and log q: p and q from logits over the same vocabulary."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1), logq
+
+
 def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
-    """KL(full || routed) on the next-token distributions (loss='kl', full_logits given) or the LM loss on Y,
-    + lambda * max(mean weight - target_active_ratio, 0) (lambda = 0 during warm-up) + the weights' entropy.
-    The mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
-    units to skip for which tokens; only the average is held to the budget. The entropy term pushes weights toward
-    0 or 1, narrowing the gap to the 0/1 decisions of inference. -> (loss, {name: float})."""
+    """The loss above the settings: KL(full || routed) when full_logits are given, else the LM loss on Y. The
+    mean weight pools every unit and token, each unit counted by its layers (sizes): the routers choose WHICH
+    units to skip for which tokens; only the average is held to the budget. -> (loss, {name: float})."""
     if full_logits is not None:
-        logp_full = F.log_softmax(full_logits.float(), -1)
-        fit = (logp_full.exp() * (logp_full - F.log_softmax(logits.float(), -1))).sum(-1).mean()
+        fit = _kl(full_logits, logits)[0].mean()
     else:
         fit = F.cross_entropy(logits.flatten(0, 1).float(), Y.flatten())
     sizes = torch.ones(weights.shape[-1], device=weights.device) if sizes is None else sizes
@@ -204,14 +199,14 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 
 
 # -----------------------------------------------------------------------------
-# One optimizer loop for every tuning job: the gates, the exit gates, the exit head and the drafter
+# One optimizer loop for every tuning job
 
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
         log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
-    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates loss / accum for each of `accum`
-    (loss, log) = loss_of(it) (gradient accumulation), clips to grad_clip (0 = off), steps. evaluate(it) before
-    step 0, every eval_interval (0 = never) and after the last; every log_interval steps (log_last: and the
-    last) prints "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
+    """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates (loss, log) = loss_of(it) `accum`
+    times (loss / accum), clips to grad_clip (0 = off), steps. evaluate(it) before step 0, every eval_interval
+    (0 = never) and after the last; every log_interval steps (log_last: and the last) prints
+    "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
     evals, t0 = [], time.time()
@@ -236,7 +231,7 @@ def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, b
 
 
 def optimizer_settings(cfg):
-    """fit's optimizer keywords, from the settings above."""
+    """fit's optimizer keywords, from cfg."""
     return {k: cfg[k] for k in ("learning_rate", "min_lr", "warmup_iters", "beta1", "beta2", "weight_decay",
                                 "grad_clip", "log_interval")}
 
@@ -248,7 +243,7 @@ RENAMED = {"exit_head_vocab": "draft_vocab", "exit_head_windows": "draft_windows
 
 
 def check_config(cfg):
-    """cfg with renamed keys under their new names (and a note), if every setting can run; else SystemExit."""
+    """cfg with RENAMED keys under their new names (with a note), if every setting can run; else SystemExit."""
     cfg = dict(cfg)
     for old, new in RENAMED.items():
         value = cfg.pop(old, -1)
@@ -256,11 +251,11 @@ def check_config(cfg):
             print(f"note: {old} is renamed {new} (the old name goes in the next release): {new}={value!r}")
             cfg[new] = value
     if int(os.environ.get("RANK", -1)) != -1:
-        raise SystemExit("error: router tuning runs in one process (the base is frozen and the routers are tiny): "
-                         "run python tune.py ..., not torchrun.")
+        raise SystemExit("error: router tuning runs in one process (the routers are tiny): run python tune.py "
+                         "..., not torchrun.")
     if not cfg["hf"]:
-        raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), --hf=path/to/dir "
-                         "(save_pretrained or sample.py --export_hf output), a .gguf file or a hub name.")
+        raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), a folder (save_pretrained or "
+                         "sample.py --export_hf output), a .gguf file or a hub name.")
     for key, ok, what in [("target_active_ratio", 0 < cfg["target_active_ratio"] <= 1, "a fraction in (0, 1]"),
                           ("penalty_weight", cfg["penalty_weight"] >= 0, ">= 0"),
                           ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
@@ -271,17 +266,16 @@ def check_config(cfg):
                           ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
                           ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
                            cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
-                           "(skip / ffn gates start at the static drop; not with init_from)"),
+                           "(skip / ffn only; not with init_from)"),
                           ("stand_in_rank", isinstance(cfg["stand_in_rank"], int) and cfg["stand_in_rank"] >= 0
                            and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                and cfg["router_group"] == 1)),
-                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1 (one stand-in per "
-                           "one-layer unit)"),
+                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1"),
                           ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
-                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1 (3: trained to draft 3 ahead)"),
+                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1"),
                           ("draft_windows", cfg["draft_windows"] >= 1, "an int >= 1"),
                           ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
-                           "(each tunes a speculative draft: pick one)"),
+                           "(pick one draft)"),
                           ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
@@ -292,24 +286,23 @@ def load_base(cfg):
     """The frozen base (a Llama-family decoder, bf16 on CUDA, else float32) -> (model, tokenizer, device)."""
     name, device = cfg["hf"], configurator.autodetect_device(cfg["device"])
     _, dtype = configurator.autocast_context(device.split(":")[0], cfg["dtype"])
-    model, tok = load_hf(name, device=device, dtype=dtype)                    # the frozen base holds this dtype
+    model, tok = load_hf(name, device=device, dtype=dtype)
     mc = model.config
     if mc.model_type not in hf_wrap.SUPPORTED_MODEL_TYPES:
-        raise SystemExit(f"error: {name} is a {mc.model_type!r} model; router tuning and DepthAdapter support "
-                         f"Llama-family decoders: {', '.join(hf_wrap.SUPPORTED_MODEL_TYPES)}.")
+        raise SystemExit(f"error: {name} is a {mc.model_type!r} model; DepthAdapter supports Llama-family "
+                         f"decoders: {', '.join(hf_wrap.SUPPORTED_MODEL_TYPES)}.")
     if tok is None:
-        raise SystemExit(f"error: {name} has no tokenizer: router tuning encodes its text with the model's own.")
+        raise SystemExit(f"error: {name} has no tokenizer: tuning encodes its text with the model's own.")
     max_pos = getattr(mc, "max_position_embeddings", None)
     if max_pos and cfg["block_size"] > max_pos:
         raise SystemExit(f"error: block_size={cfg['block_size']} exceeds {name}'s context ({max_pos}): lower "
                          "block_size.")
-    return model.requires_grad_(False), tok, device                          # frozen: only routers get gradients
+    return model.requires_grad_(False), tok, device
 
 
 def make_routers(cfg, mc):
-    """hf_wrap.FrozenRouters of cfg's kind, the gates at the budget: every weight = target_active_ratio (expert-
-    choice: its product over the units averages about that; token-choice starts at full depth), so the penalty
-    has nothing to undo; or init_from's trained gates (new exit gates stay fresh)."""
+    """hf_wrap.FrozenRouters of cfg's kind, every weight at target_active_ratio (expert-choice: its product over
+    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates."""
     kind, L = cfg["router"], mc.num_hidden_layers
     try:
         if kind in ("expert_choice", "token_choice"):
@@ -349,15 +342,15 @@ def tuning_text(cfg, model, tok):
     if max(int(train_ids.max()), int(val_ids.max())) >= model.config.vocab_size:
         raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={model.config.vocab_size}.")
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    if cfg["self_distill"]:                     # the answers as text, for another tuning run: --dataset=this file
+    if cfg["self_distill"]:                     # the answers as text, for another run's --dataset
         with open(os.path.join(cfg["out_dir"], "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
     return train_ids, val_ids
 
 
 def start_at_static_drop(routers, influence, target_active_ratio, mlp_hidden):
-    """init_gates='influence': start at ShortGPT's static drop: the units of lowest block influence off for every
-    token, the rest on, at the budget; training then lets each token choose. Only the gates' biases move."""
+    """init_gates='influence' (ShortGPT's static drop as the start; training then lets each token choose): only
+    the gates' biases move."""
     units = routers.units
     unit_bi = [sum(influence[a:b]) / (b - a) for a, b in units]
     off = set(sorted(range(len(units)), key=lambda u: unit_bi[u])[:round((1 - target_active_ratio) * len(units))])
@@ -376,7 +369,7 @@ def _batches(windows, size, device):
 
 @torch.no_grad()
 def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
-    """Phase 1's evaluation: val loss with soft weights, and decided()'s (the adapter at bias 0) perplexity."""
+    """Phase 1's evaluation: val loss with soft weights, and the adapter's (decided(), bias 0) perplexity."""
     routers.eval()
     dev = model.get_input_embeddings().weight.device
     soft = [F.cross_entropy(soft_forward(model, routers, X)[0].flatten(0, 1).float(), Y.flatten(),
@@ -391,8 +384,7 @@ def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
 
 
 def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
-    """Phase 1: the gates (and stand-ins) through soft_forward and _tuning_loss, soft, then for the last
-    hard_gate_frac 0/1 forward (straight-through). -> each unit's mean continue weight on calib."""
+    """Phase 1: the gates (and stand-ins). -> each unit's mean continue weight on calib."""
     dev = model.get_input_embeddings().weight.device
     sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
     B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
@@ -424,8 +416,8 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
 
 
 def train_exits(model, routers, cfg, train_ids, gen):
-    """Phase 2, routers frozen: each exit gate learns by BCE whether the state at its layer, through the final
-    norm and LM head, already gives the routed model's final argmax (CALM's consistency target, learned)."""
+    """Phase 2, routers frozen: each exit gate learns by BCE whether its layer's state, through the final norm
+    and LM head, already gives the routed model's argmax (CALM's consistency target)."""
     dev, head, norm = model.get_input_embeddings().weight.device, model.get_output_embeddings(), model.model.norm
     exit_layers = routers.exit_layers
 
@@ -457,8 +449,7 @@ def calibrate_cutoffs(decided, keep_ratios, calib):
 
 
 def search_bias(decided, calib, val, batch_size, target, tol, full_val):
-    """Bisection (search_cutoff) on the bias until decided(bias=bias)'s layer-call ratio on calib is within
-    tol of target. -> (bias, the search's numbers, held-out ones too)."""
+    """search_cutoff on decided(bias=...) over calib. -> (bias, the search's numbers and held-out's)."""
     measure = lambda v: eval_ppl(decided(bias=v), calib, batch_size)
     bias, found, reached = search_cutoff(measure, -30.0, 30.0, target, tol)
     held, full_ppl = eval_ppl(decided(bias=bias), val, batch_size), math.exp(full_val)
@@ -485,7 +476,7 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
-    """exit_head_layer > 0 or drafter=True: a speculative draft (below) instead of gates."""
+    """A speculative draft (below) instead of gates."""
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
                   meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
@@ -498,20 +489,17 @@ def tune_draft(cfg, model, tok, train_ids, val, path):
 
 
 def tune_routers(cfg):
-    """Router tuning for a pretrained model, every base weight frozen (cfg: default_config(...) or the script's),
-    phase by phase: the gates (train_gates), then with exit_layers and exit_iters > 0 the exit gates (train_exits),
-    each keep_ratio's per-unit cutoffs (calibrate_cutoffs) and, with target_speedup or target_mean_layers, the
-    bias that reaches it (search_bias). Or a speculative draft instead (tune_draft). Everything lands in
-    out_dir/routers.pt (atomic), saved at every evaluation and at the end."""
+    """The whole run (cfg: default_config(...) or the script's), phase by phase; out_dir/routers.pt is saved
+    at every evaluation and at the end."""
     cfg = check_config(cfg)
-    torch.manual_seed(cfg["seed"])                                            # the gates' first weights draw here
+    torch.manual_seed(cfg["seed"])                                            # the gates' first weights
     model, tok, device = load_base(cfg)
     routers = make_routers(cfg, model.config).to(device)
     train_ids, val_ids = tuning_text(cfg, model, tok)
     B, block, L = cfg["batch_size"], cfg["block_size"], model.config.num_hidden_layers
     gen = torch.Generator().manual_seed(cfg["seed"])                          # the training batches, both phases
     calib = text_windows(train_ids, block, cfg["calib_windows"], torch.Generator().manual_seed(cfg["seed"] + 2))
-    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: reported, never tuned on
+    val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: never tuned on
     path = os.path.join(cfg["out_dir"], "routers.pt")
     if cfg["exit_head_layer"] or cfg["drafter"]:
         return tune_draft(cfg, model, tok, train_ids, val, path)
@@ -521,7 +509,7 @@ def tune_routers(cfg):
     print_plan(cfg, model, routers, len(train_ids), len(val_ids))
     full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
     decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, bias=0.0, exits=False,
-                                exit_threshold=cfg["exit_threshold"])        # the adapter on these routers
+                                exit_threshold=cfg["exit_threshold"])
 
     def save(**extra):
         meta = {"model": cfg["hf"], "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
@@ -552,13 +540,14 @@ def tune_routers(cfg):
 
 
 # -----------------------------------------------------------------------------
-# A speculative draft (speculative.py decodes with it): an exit head or a drafter, trained by KL divergence to the
-# full model's distribution on frozen-base states computed once
+# A speculative draft (speculative.py decodes with it): an exit head or a drafter, trained by KL to the full
+# model's distribution renormalized over the draft's vocab (it cannot propose what it lacks), on frozen-base
+# states computed once over draft_windows windows; its steps then never run the base
 
 @torch.no_grad()
 def _states(model, layer, windows, batch_size):
     """The frozen base over windows (N, T): (the states entering `layer`, the final normed states), each
-    (N * T, C). The head trains on these, computed once: its steps then never run the base."""
+    (N * T, C)."""
     h, final = [], []
     for i in range(0, len(windows), batch_size):
         out = model.model(windows[i:i + batch_size], output_hidden_states=True)
@@ -568,8 +557,7 @@ def _states(model, layer, windows, batch_size):
 
 
 def _head_vocab(train_ids, V, size):
-    """The tokens a draft can propose: the `size` most frequent of the tuning text (size 0: all, None).
-    -> (vocab or None, the text's token counts (V,))."""
+    """-> (the `size` most frequent tokens of the tuning text, or None for 0: all; its token counts (V,))."""
     counts = torch.bincount(torch.from_numpy(train_ids.astype("int64")), minlength=V)
     if not size:
         return None, counts
@@ -577,13 +565,13 @@ def _head_vocab(train_ids, V, size):
 
 
 def _draft_windows(ids, block_size, windows, dev):
-    """Up to `windows` windows of block_size tokens of ids, back to back: (n, block_size) inputs on dev."""
+    """Up to `windows` windows of ids, back to back: (n, block_size) inputs on dev."""
     return text_windows(ids, block_size, min(windows, len(ids) // (block_size + 1)))[:, :-1].to(dev)
 
 
 def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, batch_size, seed, meta, **schedule):
-    """fit on a draft: each step, loss_of(idx) over batch_size * block_size indices drawn at random from range(n);
-    then frozen, saved (save: hf_wrap.save_exit_head or save_drafter) with its first and last evaluations."""
+    """fit on a draft: each step, loss_of(idx) of batch_size * block_size random indices into range(n); then
+    frozen, saved (hf_wrap.save_exit_head or speculative.save_drafter) with its first and last evaluations."""
     gen = torch.Generator().manual_seed(seed)
 
     def step(it):
@@ -596,19 +584,9 @@ def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, b
     print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
 
 
-def _kl(logits_p, logits_q):
-    """KL(p || q) per row, and log q: p and q from logits over the same (head) vocabulary."""
-    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
-    return (logp.exp() * (logp - logq)).sum(-1), logq
-
-
 def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
-    """A draft for speculative decoding, base frozen: hf_wrap.ExitHead at `layer` (adapter rank `rank`), trained to
-    match the final layer's next-token distribution on the tuning text (KL(p_full || q_head) over the head's
-    vocab, with p renormalized there: the head cannot propose what it lacks, and a draft covering p's mass on its
-    vocab is the one that speculative sampling accepts most). The base runs once over `windows` windows; the
-    steps then train on those states. Reports, on held-out text, how often the head's argmax is the full model's
-    (greedy acceptance) and sum(min(p, q)) (acceptance when sampling at temperature 1). job: _fit_draft's."""
+    """hf_wrap.ExitHead at `layer` (adapter rank `rank`). Reports, on held-out text, how often its argmax is the
+    full model's (greedy acceptance) and sum(min(p, q)) (acceptance sampling at temperature 1). job: _fit_draft's."""
     dev = model.get_input_embeddings().weight.device
     L, V = model.config.num_hidden_layers, model.config.vocab_size
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
@@ -648,8 +626,8 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
 
 @torch.no_grad()
 def _final_states(model, windows, batch_size):
-    """The full model's final states over windows (N, T), before the final norm: (N, T, C), through the adapter's
-    own full-depth loop (Pass.final_h), which is what a drafter reads when it drafts."""
+    """The full model's final states before the final norm (N, T, C), through the adapter's full-depth loop
+    (Pass.final_h): what a drafter reads when it drafts."""
     full, out = DepthAdapter(model, no_skip=True), []
     for i in range(0, len(windows), batch_size):
         cache, ids, pos, _ = full.new_cache(windows[i:i + batch_size])
@@ -658,14 +636,11 @@ def _final_states(model, windows, batch_size):
 
 
 def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, windows, extra_ids=None, **job):
-    """A draft for speculative decoding on the full model's final state, base frozen: speculative.Drafter (MLP width
-    `hidden`), trained on the tuning text to draft `steps` tokens in a row. From the final state h_t and the text's
-    next token x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) is trained by KL divergence to
-    the full model's distribution at t + j, renormalized over the drafter's vocab (as the exit head). The full
-    model runs once over `windows` windows. Reports, on held-out text, how often the first 1, 2, ... drafts in a
-    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts, given that the full
-    model's tokens came before). extra_ids: more text, up to `windows` more windows (held-out text stays the
-    tuning text's). job: _fit_draft's."""
+    """speculative.Drafter (MLP width `hidden`) on the full model's final state, trained to draft `steps` tokens
+    in a row: from h_t and the text's x_{t+1}, its step j (from its own state of step j - 1 and x_{t+j}) matches
+    the full model's distribution at t + j. Reports, on held-out text, how often the first 1, 2, ... drafts in a
+    row are all the full model's argmax (greedy acceptance of a cycle's leading drafts). extra_ids: more text,
+    up to `windows` more windows (held-out text stays the tuning text's). job: _fit_draft's."""
     block_size, batch_size = job["block_size"], job["batch_size"]
     dev, V, D = model.get_input_embeddings().weight.device, model.config.vocab_size, steps
     vocab, counts = _head_vocab(train_ids, V, vocab_size)
@@ -673,7 +648,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
     W, E, norm = model.get_output_embeddings().weight, model.get_input_embeddings().weight, model.model.norm
     Wv = W if vocab is None else W[drafter.vocab].float()                   # (V', C) its LM-head rows, frozen
     wins, vwin = _draft_windows(train_ids, block_size, windows, dev), val[:, :-1].to(dev)
-    if extra_ids is not None:                 # the vocab stays the tuning text's: the drafts it will be asked for
+    if extra_ids is not None:                 # the vocab stays the tuning text's
         wins = torch.cat([wins, _draft_windows(extra_ids, block_size, windows, dev)])
     T = wins.shape[1] - D                                                     # start positions per window
     if T < 1:
@@ -687,11 +662,11 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
           f"{vh.shape[0] * T:,} held-out start positions, base states in {time.time() - t0:.0f} s")
 
     def chain(hs, ids, idx):
-        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, target)."""
+        """Drafts 1..D from the start positions idx (flat over (window, t)) -> per step (KL (N,), logq, fs)."""
         b, t, out = idx // T, idx % T, []
         s = hs[b, t]
         for j in range(1, D + 1):
-            s = drafter.step(s, E[ids[b, t + j]])             # the text's token, as the verified one will be
+            s = drafter.step(s, E[ids[b, t + j]])             # the text's token (the verified one, decoding)
             fs = norm(hs[b, t + j])
             k, logq = _kl(F.linear(fs.to(Wv.dtype), Wv), drafter(s, Wv))
             out.append((k, logq, fs))
@@ -719,15 +694,13 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
 
 
 # -----------------------------------------------------------------------------
-# Measured through the adapter: perplexity, block influence, threshold search (bench.py --mode=ppl uses them too)
+# Measured through the adapter (bench.py --mode=ppl uses these too)
 
 @torch.no_grad()
 def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
-    """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits (what generation computes),
-    and the work it took, each over tokens * L: layer_ratio (layer calls; attention alone counts its share),
-    kv_ratio (K/V-only work, in layers), head_ratio (the LM-head calls of confidence / entropy exits, in layers).
-    keep_argmax: also return each batch's greedy tokens; reference (such a list, from full depth): agree = the
-    fraction of positions whose greedy token is the reference's."""
+    """Teacher-forced perplexity of `windows` (N, T + 1) through adapter.prefill_logits, and the work over
+    tokens * L: layer_ratio (layer calls), kv_ratio (K/V-only work), head_ratio (the exits' LM-head calls).
+    keep_argmax: also each batch's greedy tokens; reference (such a list): agree = the share that match it."""
     dev = adapter.embed.weight.device
     nll = calls = kv = head = n = same = 0
     argmax = []
@@ -750,8 +723,8 @@ def eval_ppl(adapter, windows, batch_size=8, keep_argmax=False, reference=None):
 
 @torch.no_grad()
 def block_influence(model, windows, batch_size=8):
-    """ShortGPT's block influence per layer, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the
-    full model over calibration windows. Low BI: the layer barely turns the residual stream. -> list of L floats."""
+    """ShortGPT's block influence, BI_l = 1 - mean over tokens of cos(layer input, layer output), on the full
+    model. Low BI: the layer barely turns the residual stream. -> list of L floats."""
     dev = model.get_input_embeddings().weight.device
     total, n = None, 0
     for X, _ in _batches(windows, batch_size, dev):
@@ -763,10 +736,9 @@ def block_influence(model, windows, batch_size=8):
 
 
 def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
-    """Bisection on a router's threshold until measure(v)['layer_ratio'] is within tol of `target`. The ratio
-    must be monotone in v (either direction). -> (v, measure(v), reached). A target out of reach gives the closer
-    end and reached=False; a ratio that jumps over the target (few tokens, or a discrete router) gives the closest
-    value seen. measure: e.g. lambda v: eval_ppl(make(v), calib) (a DepthAdapter per v), or exit_ratio."""
+    """Bisection on a threshold v until measure(v)['layer_ratio'] (monotone in v, either way) is within tol of
+    `target`. -> (v, measure(v), reached): out of reach, the closer end and reached=False; a ratio that jumps
+    over the target, the closest value seen. measure: e.g. lambda v: eval_ppl(make(v), calib), or exit_ratio."""
     r_lo, r_hi = measure(lo), measure(hi)
     best = min(((abs(r["layer_ratio"] - target), v, r) for v, r in ((lo, r_lo), (hi, r_hi))), key=lambda t: t[0])
     if (r_lo["layer_ratio"] - target) * (r_hi["layer_ratio"] - target) > 0:
@@ -786,18 +758,16 @@ def search_cutoff(measure, lo, hi, target, tol=0.005, iters=40):
 
 
 # -----------------------------------------------------------------------------
-# The model's own answers as tuning text (self-distillation: tune.py --self_distill=N)
+# The model's own answers as tuning text (--self_distill)
 
 SELF_PROMPTS = ("Explain {} simply.", "Write a short paragraph about {}.", "What do you know about {}?",
                 "Give three facts about {}.", "Tell me a short story about {}.", "Why does {} matter?")
 
 
 def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size, temperature=0.7):
-    """The model's own answers as tuning text (self-distillation: a draft learns the text it will be asked to
-    draft). n chat prompts, each a template of SELF_PROMPTS around a word drawn from the dataset's training
-    text; answers sampled at `temperature` (top-k 50; 0: greedy, the text greedy decoding will ask a draft
-    for) through DepthAdapter at full depth. -> (train ids, val ids) as
-    corpus_ids gives: prompt, answer, eos, back to back; the last tenth of the answers held out."""
+    """n chat prompts (a SELF_PROMPTS template around a word of the dataset's training text), answered at
+    full depth at `temperature` (top-k 50; 0: greedy) -> (train ids, val ids) as corpus_ids gives: prompt,
+    answer, eos, back to back; the first tenth of the answers held out."""
     words = sorted(set(re.findall(r"[a-z]{5,}", train_val_text(dataset)[0].lower())))
     g = torch.Generator().manual_seed(seed)
     pick = lambda k: int(torch.randint(k, (1,), generator=g))
