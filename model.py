@@ -28,7 +28,7 @@ The whole method is the loop in MoR.forward, over the packed tokens h (B*T, d):
     h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
     act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
     for r in range(plan.n_recursion):                               # R steps of one shared block
-        act, gate = self._route(r, h, act, state, rule)             # who of them runs step r
+        act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs r
         if act.n == 0:
             break                                                   # every token has exited
         h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
@@ -446,7 +446,7 @@ class MoR(nn.Module):
         h = self._run(h, everyone, plan.prelude, "pre", None, attn)     # unshared first layer(s)
         act, depth = everyone, torch.zeros(B * T, dtype=torch.long, device=idx.device)
         for r in range(plan.n_recursion):                               # R steps of one shared block
-            act, gate = self._route(r, h, act, state, rule)             # who of them runs step r
+            act, gate = self._route(r, h, act, state, rule)             # who of last step's tokens runs r
             if act.n == 0:
                 break                                                   # every token has exited
             h = self._run(h, act, plan.steps[r], "rec", r, attn, gate)  # gather, block, gate, scatter back
