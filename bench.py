@@ -145,7 +145,7 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
             "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle", "text",
             "head checks %", "agree %", "same tokens %", "layer calls %", "tokens per row", "ms per pass",
-            "vs one step"]
+            "vs one step", "gap closed"]
 
 
 def emit(table, row):
@@ -648,12 +648,77 @@ def exit_ratio(stats, kind, threshold):
     return {"layer_ratio": float(layers.float().mean()) / L}
 
 
+class OracleSkip:
+    """What pure skipping could reach with a perfect signal, the line each router is measured against. It runs
+    every layer, so it sees each token's true update f(h) = layer(h) - h, and keeps it only where the relative
+    update ||f(h)|| / ||h|| >= threshold, one threshold over all layers; any other token keeps h, and wrote its K/V
+    from h (the adapter's rule: the hooked layer computed every token's K/V from its input). mlp_only: attention
+    always runs, and the rule keeps or drops the MLP's update (h is then the state entering the MLP).
+
+    It is optimistic: no router sees f(h) before it runs the layer. It is not optimal: the largest relative update
+    is not always the one the prediction needs, and a stand-in or another correction can do better than keeping h.
+
+    HF's own forward, each layer's (or MLP's) output edited by a forward hook. prefill_logits is DepthAdapter's,
+    for tune.eval_ppl, and counts the work with the adapter's weight shares."""
+
+    def __init__(self, model, threshold, mlp_only=False):
+        full = hf_wrap.DepthAdapter(model)            # its modules, and the weight shares it counts work by
+        self.model, self.threshold, self.mlp_only = model, threshold, mlp_only
+        self.embed, self.layers = full.embed, full.layers
+        self.attn_share, self.kv_share = full.attn_share, full.kv_share
+
+    def _keep(self, h, f, kept):
+        """(B, T) bool: whose update f to the state h is large enough; appended to kept."""
+        kept.append(f.float().norm(dim=-1) >= self.threshold * h.float().norm(dim=-1))
+        return kept[-1][..., None]
+
+    def _hooks(self, kept):
+        if not self.mlp_only:                           # the layer's output y: y where kept, else its input h
+            def edit(layer, args, kwargs, y):
+                h = args[0] if args else kwargs["hidden_states"]
+                return torch.where(self._keep(h, y - h, kept), y, h)
+            return [layer.register_forward_hook(edit, with_kwargs=True) for layer in self.layers]
+        state = {}                                      # the MLP's update m: kept, or 0 (the layer adds it to h)
+        hooks = [layer.post_attention_layernorm.register_forward_pre_hook(lambda norm, args: state.update(h=args[0]))
+                 for layer in self.layers]
+        edit = lambda mlp, args, m: torch.where(self._keep(state["h"], m, kept), m, torch.zeros_like(m))
+        return hooks + [layer.mlp.register_forward_hook(edit) for layer in self.layers]
+
+    @torch.no_grad()
+    def prefill_logits(self, input_ids):
+        """input_ids (B, T) unpadded -> (logits (B, T, V) float32, stats as DepthAdapter.prefill_logits's)."""
+        kept, L = [], len(self.layers)
+        hooks = self._hooks(kept)
+        try:
+            logits = self.model(input_ids.to(self.embed.weight.device), use_cache=False).logits.float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n, ran = input_ids.numel(), float(torch.stack(kept).sum())        # token-layers whose update was kept
+        calls = self.attn_share * n * L + (1 - self.attn_share) * ran if self.mlp_only else ran
+        return logits, {"layer_calls": calls, "tokens": n, "kv_only_layer_calls": 0 if self.mlp_only else n * L - ran,
+                        "kv_share": self.kv_share, "head_checks": 0, "head_share": 0.0}
+
+
+STATIC_ROW, ORACLE_ROW = "static drop (ShortGPT)", "oracle skip (sees f(h))"
+
+
+def gap_closed(table, r):
+    """How far row r goes from the static drop toward the oracle at its text and target depth: (static - ppl) /
+    (static - oracle), perplexities of the rows STATIC_ROW and ORACLE_ROW in `table` (None until both exist).
+    0 is static's, 1 the oracle's; above 1 beats the oracle (a stand-in can)."""
+    at = {x["method"]: x["ppl"] for x in table if (x["text"], x["target depth"]) == (r["text"], r["target depth"])}
+    static, oracle = at.get(STATIC_ROW), at.get(ORACLE_ROW)
+    return None if static is None or oracle is None or static == oracle else (static - r["ppl"]) / (static - oracle)
+
+
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
                   emit=lambda row: None):
     """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers (static_drop_layers), and
-    match CALM's exits and each trained router of `trained` ([(FrozenRouters, file dict)]) to that layer-call
-    ratio by search_cutoff on names[0]'s train split; then perplexity, agreement with full depth and work on
-    every dataset's held-out split. emit(row) as each row exists. -> (rows, calib)."""
+    match the oracles (OracleSkip, whole layers and MLPs only), CALM's exits and each trained router of `trained`
+    ([(FrozenRouters, file dict)]) to that layer-call ratio by search_cutoff on names[0]'s train split; then
+    perplexity, agreement with full depth, work and gap_closed on every dataset's held-out split. emit(row) as each
+    row exists. -> (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -681,11 +746,12 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
     def row(depth, method, setting, ad):
         for d in names:
-            r = eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
-            table.append({"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
-                          "ratio": r["layer_ratio"], "kv-only %": 100 * r["kv_ratio"],
-                          "head checks %": 100 * r["head_ratio"], "ppl": r["ppl"],
-                          "vs full %": 100 * (r["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * r["agree"]})
+            got = eval_ppl(ad, held[d], bs, reference=full[d]["argmax"])
+            r = {"text": d, "target depth": f"{100 * depth:.0f}%", "method": method, "setting": setting,
+                 "ratio": got["layer_ratio"], "kv-only %": 100 * got["kv_ratio"],
+                 "head checks %": 100 * got["head_ratio"], "ppl": got["ppl"],
+                 "vs full %": 100 * (got["ppl"] / full[d]["ppl"] - 1), "agree %": 100 * got["agree"]}
+            table.append(dict(r, **{"gap closed": gap_closed(table, r)}))
             emit(table[-1])
         progress(f"{100 * depth:.0f}%: {method} ({setting}): ppl " + ", ".join(
             f"{r['text']} {r['ppl']:.2f} at ratio {r['ratio']:.3f}" for r in table[-len(names):]))
@@ -694,7 +760,12 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
         n_drop = min(L - 1, max(1, round((1 - depth) * L)))
         target = (L - n_drop) / L                      # the static row's exact ratio: everyone matches it
         drop = static_drop_layers(influence, n_drop)
-        row(depth, "static drop (ShortGPT)", f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
+        row(depth, STATIC_ROW, f"layers {drop}", DepthAdapter(model, router="drop", drop_layers=drop))
+        # the line a router is measured against: pure skipping with a perfect signal (OracleSkip: optimistic)
+        for method, mlp_only in ((ORACLE_ROW, False), ("oracle skip, MLPs only", True)):
+            make = lambda v: OracleSkip(model, v, mlp_only)
+            v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), 0.0, 4.0, target, target_tol)
+            row(depth, method, f"||f(h)|| / ||h|| >= {v:.4g}" + ("" if ok else " (target missed)"), make(v))
         for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
             v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
@@ -725,21 +796,26 @@ def bench_ppl():
     table, calib = quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows, ppl_windows,
                                  seed, target_tol, lambda r: emit("ppl", r))
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
-            "agree %"]
+            "agree %", "gap closed"]
     print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} "
                 f"tokens per text, thresholds matched on {len(calib)} windows of {names[0]}'s train split, on "
                 f"{device_name()}; "
                 "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
-                "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L)",
+                "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L); "
+                "the oracles see each layer's true update (optimistic, not optimal: OracleSkip); gap closed = "
+                "(static - ppl) / (static - oracle skip), above 1 beats the oracle",
                 table, cols)
     for d in names:
         for depth in ppl_depths:
             at = [r for r in table if r["text"] == d and r["target depth"] == f"{100 * depth:.0f}%"]
-            static = next(r for r in at if r["method"].startswith("static"))
-            best = min((r for r in at if r is not static), key=lambda r: r["ppl"])
+            static = next(r for r in at if r["method"] == STATIC_ROW)
+            oracle = next(r for r in at if r["method"] == ORACLE_ROW)
+            best = min((r for r in at if r is not static and not r["method"].startswith("oracle")),
+                       key=lambda r: r["ppl"])
             print(f"{d}, {100 * depth:.0f}% of layer calls: best adaptive is {best['method']} (ppl {best['ppl']:.3f}, "
                   f"{best['vs full %']:+.1f}% vs full) vs static drop {static['ppl']:.3f}: adaptive "
-                  f"{'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static")
+                  f"{'BEATS' if best['ppl'] < static['ppl'] else 'does NOT beat'} static; gap closed "
+                  f"{fmt(best['gap closed'])} toward the oracle's {oracle['ppl']:.3f} ({oracle['vs full %']:+.1f}%)")
 
 
 # -----------------------------------------------------------------------------
