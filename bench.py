@@ -668,8 +668,11 @@ class OracleSkip:
         self.attn_share, self.kv_share = full.attn_share, full.kv_share
 
     def _keep(self, h, f, kept):
-        """(B, T) bool: whose update f to the state h is large enough; appended to kept."""
-        kept.append(f.float().norm(dim=-1) >= self.threshold * h.float().norm(dim=-1))
+        """(B, T) bool: whose update f to the state h is large enough; appended to kept. The first token always
+        runs: it is every later token's attention sink (its state carries the massive activations), and a router
+        knows its position without seeing f(h)."""
+        keep = f.float().norm(dim=-1) >= self.threshold * h.float().norm(dim=-1)
+        kept.append(keep.index_fill(1, torch.zeros(1, dtype=torch.long, device=keep.device), True))
         return kept[-1][..., None]
 
     def _hooks(self, kept):
