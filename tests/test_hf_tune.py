@@ -10,7 +10,7 @@ hierarchical, P(depth > u)); the straight-through tuning forward makes inference
 prefill (what perplexity is measured on) equals the decode path; the extremes are exact (every gate open = the
 model, every gate shut = those layers dropped); ffn routing never skips attention; keep_ratio's cutoffs keep
 that fraction; static dropping removes the lowest-influence layers and never layer 0; the bias search lands on
-its target.
+its target; the oracle (bench.OracleSkip) is exact at share 1 and its perplexity monotone in the share.
 """
 import math
 import os
