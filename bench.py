@@ -583,6 +583,23 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
     return table
 
 
+def router_files():
+    """--routers' files; without it, tune.py's default file of every trained kind for --hf (data.default_routers)
+    that is ready to route with (hf_wrap.unready), each named."""
+    if routers:
+        return [p for p in routers.split(",") if p]
+    found = []
+    for path in filter(os.path.isfile, (data.default_routers(hf, kind) for kind in hf_wrap.ROUTER_KINDS)):
+        try:
+            problem = hf_wrap.unready(hf_wrap.read_router_file(path), path)
+        except ValueError as e:
+            problem = str(e)
+        print(f"note: skipping {problem}" if problem else f"routers: {path} (tune.py's for {hf}; --routers=<files>"
+              " picks others)")
+        found += [] if problem else [path]
+    return found
+
+
 def load_real():
     """--hf's model and tokenizer on the bench's device (bf16 on CUDA)."""
     return data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
@@ -601,7 +618,7 @@ def bench_speculative():
     model, tok = load_real()
     batches = list(decode_batches) or [1]
     bench_verify(model, batches, 64, f"on {hf}", model=hf)
-    table = compare(model, tok, [p for p in routers.split(",") if p], bias, batches,
+    table = compare(model, tok, router_files(), bias, batches,
                     new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on "
                 f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
@@ -792,7 +809,7 @@ def bench_ppl():
     L = model.config.num_hidden_layers
     T = min(block_size, getattr(model.config, "max_position_embeddings", None) or block_size)
     try:
-        trained = [hf_wrap.load_routers(p, model.config) for p in routers.split(",") if p]
+        trained = [hf_wrap.load_routers(p, model.config) for p in router_files()]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]

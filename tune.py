@@ -2,10 +2,12 @@
 Router tuning for a pretrained Hugging Face model, every base weight frozen; and the speculative drafts'
 training (an exit head or a drafter, which speculative.py decodes with).
 
-  python tune.py config/hf_smollm2.py --router=ffn # the built-in SmolLM2-135M on its own answers (see that file)
-  python tune.py config/hf_router_tune.py          # a tiny dense model trained and exported here (see that file)
-  python tune.py --hf=path/to/dir --dataset=my.txt --target_speedup=1.4
-  python tune.py --help                            # every key, its default, what it does
+  python tune.py --hf smollm2-135m --router expert_choice   # the built-in model on its own answers (~N min, CPU)
+  python tune.py config/hf_smollm2.py --router=ffn           # the longer recipe the README's tables come from
+  python tune.py config/hf_router_tune.py                    # a tiny dense model trained and exported here
+  python tune.py --hf=path/to/dir --self_distill=0 --dataset=my.txt --target_speedup=1.4
+  python tune.py --init_from=<a routers file>                # finish a killed run, from its last save
+  python tune.py --help                                      # every key, its default, what it does
 
 What trains: the gates of hf_wrap.FrozenRouters, one kind per run (hf_wrap.py explains each). The tuning forward
 blends instead of deciding: unit u's update is scaled by its continue weight w_u, x <- x + w_u * (unit(x) - x)
@@ -13,8 +15,11 @@ blends instead of deciding: unit u's update is scaled by its continue weight w_u
 compute penalty toward target_active_ratio; the last part of the run is 0/1 forward (straight-through), so
 training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence, learned), each
 keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
-All of it lands in out_dir/routers.pt (sample.py --routers, bench.py --routers). Every job, the speculative
-drafts' included, runs through one AdamW loop, fit().
+The text is the model's own chat answers (self-distillation), made once and kept next to the routers. All of it
+lands in one file: routers-<router>.pt in the model's cache folder (data.default_routers, where sample.py and
+bench.py look), or out_dir/routers.pt. It is saved at every evaluation too, marked unfinished until the end (a
+killed run resumes from it with --init_from). Every job, the speculative drafts' included, runs through one AdamW
+loop, fit().
 """
 import functools
 import math
@@ -35,23 +40,25 @@ from hf_wrap import DepthAdapter
 
 # -----------------------------------------------------------------------------
 hf = "smollm2-135m"             # the frozen base: built-in name, local folder, .gguf file or hub name
-out_dir = "out-hf-router-tune"  # routers.pt lands here
-dataset = "shakespeare"         # encoded with the model's own tokenizer; or a path to a UTF-8 .txt file
+out_dir = ""                    # "": routers-<router>.pt in the model's cache folder ($NANOMOR_CACHE or
+                                # ~/.cache/nanomor, where sample.py finds it); else out_dir/routers.pt
+dataset = "shakespeare"         # self_distill > 0: the words its chat prompts are made of; 0: the text tuned on,
+                                # in the model's own tokens. A built-in name or a UTF-8 .txt file
 seed = 1337
-# the loop: 16 windows * 128 tokens = 2,048 tokens per step; the frozen base runs forward and backward but
-# computes no weight gradients: a step costs ~2/3 of a training step of the base
-batch_size = 16
-block_size = 128
+# the loop: 4 windows * 256 tokens = 1,024 tokens per step; the frozen base runs forward twice (the full model for
+# the KL target, the routed one with gradients for the gates; no weight gradients): ~11 s per step on 2 CPU cores
+batch_size = 4
+block_size = 256
 gradient_accumulation_steps = 1
-max_iters = 300
-eval_interval = 100
+max_iters = 80
+eval_interval = 40              # and a save, marked unfinished (init_from resumes it)
 eval_iters = 4                  # held-out windows = eval_iters * batch_size (the val split)
-log_interval = 25
-calib_windows = 32              # train-split windows for the keep_ratio cutoffs and the target search
+log_interval = 10
+calib_windows = 16              # train-split windows for the keep_ratio cutoffs and the target search
 router = "skip"                 # skip | ffn (MLP only, attention always runs) | expert_choice | token_choice
 loss = "kl"                     # kl: match the full model's next-token distribution | lm: the text's next token
 # where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
-R = 4                           # expert_choice / token_choice: groups after base_layers
+R = 7                           # expert_choice / token_choice: groups after base_layers (30 layers: 7 groups of 4)
 base_layers = 2                 # expert_choice / token_choice: layers every token runs
 router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
 router_start = 1                # first routed layer (>= 1: layer 0 always runs)
@@ -61,16 +68,16 @@ router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
 stand_in_rank = 0               # skip / ffn: > 0: a trained stand-in of this rank for the tokens that skip a unit,
                                 # x + (1 - w_u) * stand_in_u(x) (hf_wrap.StandIn, FlexiDepth's adapter)
 # the loss: KL (or LM) + lambda * max(mean weight - target_active_ratio, 0) + gate_entropy_weight * entropy
-target_active_ratio = 0.6       # compute budget: the mean continue weight over routed layers and tokens
-penalty_weight = 1.0            # lambda
-penalty_warmup_iters = 50       # lambda = 0 before this iteration
+target_active_ratio = 0.7       # compute budget: the mean continue weight over routed layers and tokens
+penalty_weight = 2.0            # lambda
+penalty_warmup_iters = 10       # lambda = 0 before this iteration
 gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
 hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
                                 # without it soft gates learn "run every layer at partial strength" (README table)
 # AdamW on the router parameters only, warmup then cosine (configurator.lr_at)
-learning_rate = 2e-3            # only ~100k router parameters: a high rate is fine
-min_lr = 2e-4
-warmup_iters = 20
+learning_rate = 5e-3            # only ~100k router parameters: a high rate is fine
+min_lr = 5e-4
+warmup_iters = 10
 weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
@@ -80,7 +87,7 @@ exit_layers = ()                # exit gates at these layers' inputs, e.g. (4, 6
 exit_iters = 0                  # exit-gate training steps (0 = no exits)
 exit_threshold = 0.9            # a token exits when its exit gate's probability is above this
 # last: keep_ratio cutoffs, and the bias that gives a compute target, by bisection on calibration text
-keep_ratios = (0.1, 0.2, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9)   # skip / ffn / expert_choice: calibrated
+keep_ratios = (0.5, 0.6, 0.7, 0.8, 0.9)   # skip / ffn / expert_choice: calibrated (init_from: the file's too)
 target_speedup = 0.0            # > 0: search the bias for 1/target_speedup of the layer calls (0 = off)
 target_mean_layers = 0.0        # or a target mean of layers per token (0 = off)
 target_tol = 0.005              # the search stops within this of the target layer-call ratio
@@ -97,14 +104,17 @@ draft_vocab = 8192              # tokens a draft can propose: the tuning text's 
 draft_windows = 256             # train-split windows whose frozen-base states are computed once, then reused
 exit_head_vocab = -1            # old name of draft_vocab (RENAMED below; -1: unset)
 exit_head_windows = -1          # old name of draft_windows
-# the text: the dataset's, or the model's own answers (self-distillation: a draft learns best on what it drafts)
-self_distill = 0                # > 0: tune on the model's answers to this many chat prompts made of the dataset's words
+# the text: the model's own answers (self-distillation: routers keep what the full model does on what it says), made
+# once and kept next to the routers (self_distill-<settings>.npz), or the dataset's text (self_distill=0)
+self_distill = 128              # > 0: the model's answers to this many chat prompts made of the dataset's words
 self_distill_tokens = 128       # new tokens per answer
 self_distill_temperature = 0.7  # their sampling temperature (top-k 50); 0 = greedy
+self_distill_batch = 16         # answers generated at once
 init_gates = "budget"           # budget: every gate at target_active_ratio | influence (skip / ffn): ShortGPT's
                                 # static drop (the units of lowest block influence off, the rest on)
-init_from = ""                  # a routers.pt of the same kind and units: start from its gates (max_iters=0 with
-                                # exit_layers: add exit gates to trained routers)
+init_from = ""                  # a routers file: its settings and gates, with this run's changes to tune.py's
+                                # defaults on top. Unfinished (killed): resumes it, with its own settings.
+                                # --max_iters=0 --keep_ratios=...: add cutoffs; with exit_layers: add exit gates
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
@@ -202,16 +212,18 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 # One optimizer loop for every tuning job
 
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
-        log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter"):
+        log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter", start=0, opt=None):
     """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates (loss, log) = loss_of(it) `accum`
     times (loss / accum), clips to grad_clip (0 = off), steps. evaluate(it) before step 0, every eval_interval
     (0 = never) and after the last; every log_interval steps (log_last: and the last) prints
-    "<prefix> <step>: <log(lr)>, <ms> ms/iter". -> [evaluate's results]."""
+    "<prefix> <step>: <log(lr)>, <ms> ms/iter". start, opt: a resumed run's next step and its optimizer (the one
+    new_optimizer made, its state loaded); `start` was evaluated before. -> [evaluate's results]."""
     params = list(params)
-    opt = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    opt = opt if opt is not None else new_optimizer(params, learning_rate, beta1, beta2, weight_decay)
     evals, t0 = [], time.time()
-    for it in range(iters + 1):
-        if evaluate is not None and (it in (0, iters) or (eval_interval and it % eval_interval == 0)):
+    for it in range(start, iters + 1):
+        due = it in (0, iters) or (eval_interval and it % eval_interval == 0)
+        if evaluate is not None and due and not it == start > 0:
             evals.append(evaluate(it))
         if it == iters:
             return evals
@@ -228,6 +240,11 @@ def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, b
         if (it + 1) % log_interval == 0 or (log_last and it + 1 == iters):
             ms, t0 = 1000 * (time.time() - t0) / log_interval, time.time()
             print(f"{prefix} {it + 1}: {log(lr)}, {ms:.0f} ms/iter")
+
+
+def new_optimizer(params, learning_rate, beta1, beta2, weight_decay, **_):
+    """fit's AdamW (fit sets each step's learning rate); **_: the rest of optimizer_settings."""
+    return torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
 
 
 def optimizer_settings(cfg):
@@ -250,9 +267,13 @@ def check_config(cfg):
         if value != -1:
             print(f"note: {old} is renamed {new} (the old name goes in the next release): {new}={value!r}")
             cfg[new] = value
+    cfg = with_init_from(cfg)
     if int(os.environ.get("RANK", -1)) != -1:
         raise SystemExit("error: router tuning runs in one process (the routers are tiny): run python tune.py "
                          "..., not torchrun.")
+    if cfg["out_dir"] and os.path.exists(cfg["out_dir"]) and not os.path.isdir(cfg["out_dir"]):
+        raise SystemExit(f"error: out_dir={cfg['out_dir']!r} is a file; routers.pt goes into a folder: name a folder "
+                         "(made if missing), or leave out_dir out for the model's cache folder.")
     if not cfg["hf"]:
         raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), a folder (save_pretrained or "
                          "sample.py --export_hf output), a .gguf file or a hub name.")
@@ -282,6 +303,35 @@ def check_config(cfg):
     return cfg
 
 
+RESUME_MAY_CHANGE = ("device", "dtype", "out_dir", "log_interval", "eval_interval")
+
+
+def with_init_from(cfg):
+    """init_from's recorded settings, with cfg's changes to the defaults on top (a key set to its default takes the
+    file's value). An unfinished file resumes: its run's settings, but for RESUME_MAY_CHANGE; else SystemExit."""
+    if not cfg["init_from"]:
+        return cfg
+    try:
+        blob = hf_wrap.read_router_file(cfg["init_from"])
+    except ValueError as e:
+        raise SystemExit(f"error: init_from: {e}") from None
+    if blob["format"] != hf_wrap.ROUTER_FILE_FORMAT:
+        raise SystemExit(f"error: init_from={cfg['init_from']} holds {hf_wrap.FILE_HOLDS[blob['format']]}; "
+                         "init_from starts router gates only.")
+    recorded = {k: v for k, v in blob.get("config", {}).items() if k in cfg and k != "init_from"}
+    changed = {k: v for k, v in cfg.items() if v != _DEFAULTS.get(k, v) and k != "init_from"}
+    resume = not blob.get("finished", True)
+    clash = {k: v for k, v in changed.items() if k in recorded and v != recorded[k] and k not in RESUME_MAY_CHANGE}
+    if resume and clash:
+        raise SystemExit(f"error: init_from={cfg['init_from']} is an unfinished run: it resumes with its own settings"
+                         f", and {', '.join(f'{k}={v!r} (its {recorded[k]!r})' for k, v in clash.items())} would "
+                         "change them. Drop those, or start a new run without init_from.")
+    print(f"init_from={cfg['init_from']}: " + (f"resuming its run after iteration {blob.get('iter_num')} of "
+          f"{blob.get('max_iters')}" if resume else "its gates") + ", with its settings" + (
+          f" and {', '.join(f'{k}={v!r}' for k, v in changed.items())}" if changed else ""))
+    return {**cfg, **recorded, **changed}
+
+
 def load_base(cfg):
     """The frozen base (a Llama-family decoder, bf16 on CUDA, else float32) -> (model, tokenizer, device)."""
     name, device = cfg["hf"], configurator.autodetect_device(cfg["device"])
@@ -302,7 +352,8 @@ def load_base(cfg):
 
 def make_routers(cfg, mc):
     """hf_wrap.FrozenRouters of cfg's kind, every weight at target_active_ratio (expert-choice: its product over
-    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates."""
+    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates.
+    -> (routers, init_from's dict or None)."""
     kind, L = cfg["router"], mc.num_hidden_layers
     try:
         if kind in ("expert_choice", "token_choice"):
@@ -316,35 +367,57 @@ def make_routers(cfg, mc):
                                         init, cfg["stand_in_rank"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if cfg["init_from"]:
-        try:
-            start, _ = hf_wrap.load_routers(cfg["init_from"], mc)
-        except ValueError as e:
-            raise SystemExit(f"error: init_from: {e}") from None
-        if (start.kind, start.units, start.stand_in_rank) != (kind, routers.units, routers.stand_in_rank):
-            raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units {start.units}"
-                             f" with stand_in_rank={start.stand_in_rank}; this run trains {kind} over {routers.units} "
-                             f"with stand_in_rank={routers.stand_in_rank}.")
-        routers.gates.load_state_dict(start.gates.state_dict())
-        if routers.stand_ins is not None:
-            routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
-    return routers
+    if not cfg["init_from"]:
+        return routers, None
+    try:
+        start, blob = hf_wrap.load_routers(cfg["init_from"], mc, unfinished_ok=True)
+    except ValueError as e:
+        raise SystemExit(f"error: init_from: {e}") from None
+    if (start.kind, start.units, start.stand_in_rank) != (kind, routers.units, routers.stand_in_rank):
+        raise SystemExit(f"error: init_from={cfg['init_from']} holds {start.kind} routers over units {start.units}"
+                         f" with stand_in_rank={start.stand_in_rank}; this run trains {kind} over {routers.units} "
+                         f"with stand_in_rank={routers.stand_in_rank}.")
+    routers.gates.load_state_dict(start.gates.state_dict())
+    if routers.stand_ins is not None:
+        routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
+    return routers, blob
 
 
-def tuning_text(cfg, model, tok):
-    """(train ids, val ids): the dataset in the model's tokens, or its own answers (self_distill_ids)."""
+def tuning_text(cfg, model, tok, folder):
+    """(train ids, val ids): the model's own answers (self_distill_ids; made once, then read from folder, where the
+    routers go), or the dataset in its tokens."""
     if cfg["self_distill"]:
-        train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], cfg["self_distill"],
-                                              cfg["self_distill_tokens"], cfg["seed"], cfg["batch_size"],
-                                              cfg["self_distill_temperature"])
+        train_ids, val_ids = cached_answers(cfg, model, tok, folder)
     else:
         train_ids, val_ids = corpus_ids(tok, cfg["dataset"])
     if max(int(train_ids.max()), int(val_ids.max())) >= model.config.vocab_size:
         raise SystemExit(f"error: the tokenizer gives ids beyond the model's vocab_size={model.config.vocab_size}.")
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    if cfg["self_distill"]:                     # the answers as text, for another run's --dataset
+    if cfg["self_distill"] and cfg["out_dir"]:             # the answers as text, for another run's --dataset
         with open(os.path.join(cfg["out_dir"], "self_distill.txt"), "w", encoding="utf-8") as f:
             f.write(tok.decode(train_ids.tolist() + val_ids.tolist()))
+    return train_ids, val_ids
+
+
+def cached_answers(cfg, model, tok, folder):
+    """self_distill_ids, kept in folder/self_distill-<its settings>.npz (the same ids on every later run: a resumed
+    one tunes on the text it started on); remade when the file holds another model's."""
+    n, tokens, temp, seed = (cfg[k] for k in ("self_distill", "self_distill_tokens", "self_distill_temperature",
+                                              "seed"))
+    words = cfg["dataset"] if cfg["dataset"] in data.DATASETS else re.sub(r"\W", "_", os.path.basename(cfg["dataset"]))
+    path = os.path.join(folder, f"self_distill-{words}-{n}x{tokens}-t{temp:g}-seed{seed}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as f:
+            if str(f["model"]) == cfg["hf"]:
+                print(f"tuning text: the model's {n} answers, from {path}")
+                return f["train"], f["val"]
+    print(f"tuning text: the model's own answers to {n} chat prompts made of {cfg['dataset']}'s words, {tokens} new "
+          f"tokens each (self_distill; once, then kept in {path}; self_distill=0 tunes on {cfg['dataset']} itself)")
+    train_ids, val_ids = self_distill_ids(model, tok, cfg["dataset"], n, tokens, seed, cfg["self_distill_batch"], temp)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"                       # atomic, as configurator.save_checkpoint
+    with open(tmp, "wb") as f:
+        np.savez(f, train=train_ids, val=val_ids, model=cfg["hf"])
+    os.replace(tmp, path)
     return train_ids, val_ids
 
 
@@ -383,8 +456,10 @@ def evaluate_gates(model, routers, decided, val, batch_size, full_val, it):
             "layer_ratio_bias0": hard["layer_ratio"]}
 
 
-def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
-    """Phase 1: the gates (and stand-ins). -> each unit's mean continue weight on calib."""
+def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib, start=0, opt_state=None):
+    """Phase 1: the gates (and stand-ins), from step `start` (a resumed run: with its optimizer state);
+    checkpoint(it, optimizer) at fit's evaluations. -> (the share of calib's tokens that run each unit at bias 0,
+    their mean over the routed layers: the mean hard weight the budget aims at)."""
     dev = model.get_input_embeddings().weight.device
     sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
     B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
@@ -404,15 +479,35 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib):
                                  f"{cfg['target_active_ratio']}), lr {lr:.2e}")
 
     trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
+    settings = optimizer_settings(cfg)
+    opt = new_optimizer(trained, **settings)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     routers.train()
-    fit(trained, step, iters, accum=cfg["gradient_accumulation_steps"], evaluate=checkpoint,
-        eval_interval=cfg["eval_interval"], **optimizer_settings(cfg))
+    fit(trained, step, iters, accum=cfg["gradient_accumulation_steps"], evaluate=lambda it: checkpoint(it, opt),
+        eval_interval=cfg["eval_interval"], start=start, opt=opt, **settings)
     routers.eval().requires_grad_(False)
-    with torch.no_grad():
-        w = torch.cat([soft_forward(model, routers, X)[1].flatten(0, 1) for X, _ in _batches(calib, B, dev)])
-    print("mean continue weight per unit on calibration text: "
+    with torch.no_grad():                                                     # inference's 0/1 decisions
+        w = torch.cat([soft_forward(model, routers, X, hard=True)[1].flatten(0, 1) for X, _ in _batches(calib, B, dev)])
+    print("share of calibration tokens that run each unit at bias 0: "
           + ", ".join(f"{a}-{b - 1}: {g:.2f}" for (a, b), g in zip(routers.units, w.mean(0).tolist())))
-    return w.mean(0).tolist()
+    return w.mean(0).tolist(), float((w * sizes).sum(-1).mean() / sizes.sum())
+
+
+def learned_nothing(mean_hard, cfg):
+    """A warning when tuning ended with the routers at full depth, or far from the budget ("" when not)."""
+    target = cfg["target_active_ratio"]
+    if mean_hard >= 0.99 and target < 0.99:
+        what = "every token runs every routed layer: the routers learned nothing"
+    elif abs(mean_hard - target) > 0.1:
+        what = f"far {'above' if mean_hard > target else 'below'} the target"
+    else:
+        return ""
+    fix = (f"more steps (--max_iters={2 * max(cfg['max_iters'], 20)}) or a stronger penalty (--penalty_weight="
+           f"{2 * max(cfg['penalty_weight'], 1):g})" if mean_hard > target else
+           f"a weaker penalty (--penalty_weight={cfg['penalty_weight'] / 2:g}) or a higher --target_active_ratio")
+    return (f"warning: mean hard weight {mean_hard:.3f} at bias 0 (target {target}): {what}. Try {fix}; keep_ratio's "
+            "cutoffs still route by the gates' ranking.")
 
 
 def train_exits(model, routers, cfg, train_ids, gen):
@@ -476,7 +571,7 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
-    """A speculative draft (below) instead of gates."""
+    """A speculative draft (below) instead of gates. -> its last held-out evaluation."""
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
                   meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
@@ -488,55 +583,98 @@ def tune_draft(cfg, model, tok, train_ids, val, path):
                         extra_ids=extra, **common)
 
 
+def router_file(cfg):
+    """Where this run writes: out_dir/routers.pt, or routers-<kind>.pt in the model's cache folder."""
+    if cfg["out_dir"]:
+        return os.path.join(cfg["out_dir"], "routers.pt")
+    kind = "exit_head" if cfg["exit_head_layer"] else "drafter" if cfg["drafter"] else cfg["router"]
+    return data.default_routers(cfg["hf"], kind)
+
+
+def resume_point(cfg, start, run):
+    """Where phase 1 starts: step 0 with batches from the seed, or, for init_from's unfinished run, its next step,
+    batch generator and optimizer state (and its last evaluation into run). -> (generator, step, state or None)."""
+    gen = torch.Generator().manual_seed(cfg["seed"])                          # the training batches, both phases
+    if start is None or start.get("finished", True):
+        return gen, 0, None
+    gen.set_state(start["resume"]["batch_rng"])
+    run["last_eval"] = start.get("last_eval")
+    return gen, start["iter_num"], start["resume"]["optimizer"]
+
+
 def tune_routers(cfg):
-    """The whole run (cfg: default_config(...) or the script's), phase by phase; out_dir/routers.pt is saved
-    at every evaluation and at the end."""
-    cfg = check_config(cfg)
+    """The whole run (cfg: default_config(...) or the script's), phase by phase; its file (router_file) is saved
+    at every evaluation, marked unfinished, and at the end."""
+    t0, cfg = time.time(), check_config(cfg)
+    path = router_file(cfg)
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights
     model, tok, device = load_base(cfg)
-    routers = make_routers(cfg, model.config).to(device)
-    train_ids, val_ids = tuning_text(cfg, model, tok)
-    B, block, L = cfg["batch_size"], cfg["block_size"], model.config.num_hidden_layers
-    gen = torch.Generator().manual_seed(cfg["seed"])                          # the training batches, both phases
+    routers, start = make_routers(cfg, model.config)
+    routers = routers.to(device)
+    train_ids, val_ids = tuning_text(cfg, model, tok, os.path.dirname(path))
+    B, block = cfg["batch_size"], cfg["block_size"]
     calib = text_windows(train_ids, block, cfg["calib_windows"], torch.Generator().manual_seed(cfg["seed"] + 2))
     val = text_windows(val_ids, block, cfg["eval_iters"] * B)                 # held out: never tuned on
-    path = os.path.join(cfg["out_dir"], "routers.pt")
     if cfg["exit_head_layer"] or cfg["drafter"]:
-        return tune_draft(cfg, model, tok, train_ids, val, path)
+        last = tune_draft(cfg, model, tok, train_ids, val, path)
+        print(f"done in {(time.time() - t0) / 60:.1f} min: held-out KL {last['kl']:.4f}, the draft's argmax is the "
+              f"full model's {last['greedy_agree']:.1%}; wrote {path}")
+        return
     if cfg["init_gates"] == "influence":
         start_at_static_drop(routers, block_influence(model, calib, B), cfg["target_active_ratio"],
                              cfg["router_mlp_hidden"])
     print_plan(cfg, model, routers, len(train_ids), len(val_ids))
-    full_val, state = eval_ppl(DepthAdapter(model), val, B)["nll"], {}   # per token, like every number here
+    full_val = eval_ppl(DepthAdapter(model), val, B)["nll"]                   # per token, like every number here
     decided = functools.partial(DepthAdapter, model, router=routers.kind, routers=routers, bias=0.0, exits=False,
                                 exit_threshold=cfg["exit_threshold"])
+    # the file's contents besides the weights: unfinished until the end (hf_wrap.unready refuses it till then)
+    run = {"model": cfg["hf"], "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
+           "exits_trained": False, "full_val_loss": full_val, "max_iters": cfg["max_iters"], "finished": False,
+           "calibrated": False, "trained": cfg["max_iters"] > 0 or bool(cfg["init_from"])
+           or cfg["init_gates"] == "influence"}
+    gen, first_step, opt_state = resume_point(cfg, start, run)
 
     def save(**extra):
-        meta = {"model": cfg["hf"], "config": cfg, "bias": 0.0, "exit_threshold": cfg["exit_threshold"],
-                "exits_trained": False, "full_val_loss": full_val, **state, **extra}
-        hf_wrap.save_routers(path, routers, model.config, **meta)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        hf_wrap.save_routers(path, routers, model.config, **{**run, **extra})
 
-    def checkpoint(it):
-        state["last_eval"] = evaluate_gates(model, routers, decided, val, B, full_val, it)
+    def checkpoint(it, opt):                          # a killed run resumes from the last of these
+        run["last_eval"] = evaluate_gates(model, routers, decided, val, B, full_val, it)
         if it > 0:
-            save(iter_num=it)
+            save(iter_num=it, resume={"optimizer": opt.state_dict(), "batch_rng": gen.get_state()})
 
-    state["unit_mean_weight"] = train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib)
-    save(iter_num=cfg["max_iters"])
-    exits = bool(routers.exit_layers) and cfg["exit_iters"] > 0
-    if exits:
+    run["unit_hard_weight"], mean_hard = train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib,
+                                                     first_step, opt_state)
+    if routers.exit_layers and cfg["exit_iters"] > 0:
         train_exits(model, routers, cfg, train_ids, gen)
-        state["exits_trained"] = True
-    final = functools.partial(decided, exits=exits)                          # with the exit gates, if trained
-    if routers.kind != "token_choice":                                        # token-choice has no per-unit cutoffs
-        state["cutoffs"] = calibrate_cutoffs(final, cfg["keep_ratios"], calib)
-    bias, target = 0.0, (1 / cfg["target_speedup"] if cfg["target_speedup"] else cfg["target_mean_layers"] / L
-                         if cfg["target_mean_layers"] else None)
-    if target is not None:
-        bias, state["target"] = search_bias(final, calib, val, B, target, cfg["target_tol"], full_val)
-    save(iter_num=cfg["max_iters"], bias=bias)
-    print(f"saved {path}\n  python sample.py --routers {path} --prompt 'Explain gravity simply.' "
-          "--return_depth_trace")
+        run["exits_trained"] = True
+    final = functools.partial(decided, exits=run["exits_trained"])            # with the exit gates, if trained
+    bias = calibrate(final, cfg, run, start, calib, val, full_val, model.config.num_hidden_layers)
+    save(iter_num=cfg["max_iters"], bias=bias, finished=True, calibrated=True)
+    held = eval_ppl(final(bias=bias), val, B)
+    warning = learned_nothing(mean_hard, cfg)
+    if warning:
+        print(warning)
+    where = f"--routers {path}" if cfg["out_dir"] else f"--hf {cfg['hf']} --router {routers.kind}"
+    print(f"  python sample.py {where}{' --keep_ratio 0.6' if '0.60' in run.get('cutoffs', {}) else ''} --prompt "
+          "'Explain mixture of recursions simply.' --return_depth_trace")
+    print(f"done in {(time.time() - t0) / 60:.1f} min: held-out ppl {held['ppl']:.3f} (full depth "
+          f"{math.exp(full_val):.3f}) at bias {bias:.3g}, {held['layer_ratio']:.1%} of layer calls "
+          f"({1 - held['layer_ratio']:.1%} saved); wrote {path}")
+
+
+def calibrate(final, cfg, run, start, calib, val, full_val, L):
+    """The last phase: each keep_ratio's cutoffs (cfg's and init_from's; token-choice has none) into run, and the
+    bias of the compute target, if any. -> the bias (0: the decisions training ended on)."""
+    if cfg["router"] != "token_choice":
+        ratios = sorted(set(cfg["keep_ratios"]) | {float(k) for k in (start or {}).get("cutoffs", {})})
+        run["cutoffs"] = calibrate_cutoffs(final, ratios, calib)
+    target = (1 / cfg["target_speedup"] if cfg["target_speedup"] else
+              cfg["target_mean_layers"] / L if cfg["target_mean_layers"] else None)
+    if target is None:
+        return 0.0
+    bias, run["target"] = search_bias(final, calib, val, cfg["batch_size"], target, cfg["target_tol"], full_val)
+    return bias
 
 
 # -----------------------------------------------------------------------------
@@ -571,7 +709,8 @@ def _draft_windows(ids, block_size, windows, dev):
 
 def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, batch_size, seed, meta, **schedule):
     """fit on a draft: each step, loss_of(idx) of batch_size * block_size random indices into range(n); then
-    frozen, saved (hf_wrap.save_exit_head or speculative.save_drafter) with its first and last evaluations."""
+    frozen, saved (hf_wrap.save_exit_head or speculative.save_drafter) with its first and last evaluations.
+    -> the last."""
     gen = torch.Generator().manual_seed(seed)
 
     def step(it):
@@ -580,8 +719,10 @@ def _fit_draft(model, module, loss_of, n, evaluate, save, path, *, block_size, b
 
     evals = fit(module.parameters(), step, evaluate=evaluate, **schedule)
     module.eval().requires_grad_(False)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save(path, module, model, **meta, untrained=evals[0], last_eval=evals[-1])
-    print(f"saved {path}\n  python sample.py --routers {path} --speculative=4")
+    print(f"  python sample.py --routers {path} --speculative=4")
+    return evals[-1]
 
 
 def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, windows, **job):
@@ -621,7 +762,7 @@ def tune_exit_head(model, train_ids, val, path, *, layer, rank, vocab_size, wind
         return result
 
     loss_of = lambda idx: kl(h[idx.to(dev)], final[idx.to(dev)])[0].mean()
-    _fit_draft(model, head, loss_of, len(h), evaluate, hf_wrap.save_exit_head, path, **job)
+    return _fit_draft(model, head, loss_of, len(h), evaluate, hf_wrap.save_exit_head, path, **job)
 
 
 @torch.no_grad()
@@ -690,7 +831,7 @@ def tune_drafter(model, train_ids, val, path, *, hidden, steps, vocab_size, wind
         return result
 
     loss_of = lambda idx: sum(k.mean() for k, _, _ in chain(h, wins, idx.to(dev))) / D
-    _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, speculative.save_drafter, path, **job)
+    return _fit_draft(model, drafter, loss_of, h.shape[0] * T, evaluate, speculative.save_drafter, path, **job)
 
 
 # -----------------------------------------------------------------------------
@@ -789,7 +930,9 @@ def self_distill_ids(model, tokenizer, dataset, n, new_tokens, seed, batch_size,
         for row, e in zip(out.tolist(), enc):
             prompt, answer = e, row[T:]
             texts.append(prompt + (answer[:answer.index(eos) + 1] if eos in answer else answer))
-        print(f"self-distillation: {len(texts)}/{n} answers, {time.time() - t0:.0f} s")
+        spent = time.time() - t0
+        print(f"self-distillation: {len(texts)}/{n} answers, {spent:.0f} s, ~{spent * (n / len(texts) - 1):.0f} s "
+              "left")
     cut = max(1, n // 10)
     return tuple(np.asarray([t for text in part for t in text], dtype=np.int32) for part in (texts[cut:], texts[:cut]))
 

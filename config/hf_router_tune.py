@@ -1,5 +1,5 @@
-# Router tuning for a pretrained Llama-family model, every base weight frozen (tune.py). Only the keys that differ
-# from tune.py's defaults are here (skip gates, 16 x 128-token windows, 300 steps, target_active_ratio 0.6, ...):
+# Router tuning for a pretrained Llama-family model, every base weight frozen (tune.py): skip gates on the Shakespeare
+# text itself, 16 x 128-token windows, 300 steps, target_active_ratio 0.6 (tune.py's defaults are SmolLM2-135M's):
 #   python train.py config/dense_cpu.py                                    # 1. a dense 12-layer model (~15 min CPU)
 #   python sample.py --out_dir=out-dense-cpu --export_hf=out-dense-cpu/hf  # 2. as a transformers Llama folder
 #   python tune.py config/hf_router_tune.py                                # 3. this: routers + exit gates (~5 min)
@@ -8,7 +8,19 @@
 # A real model: --hf=smollm2-135m (built in; config/hf_smollm2.py is its recipe), or hf='Qwen/Qwen2.5-0.5B' (or a
 # local folder) on a GPU with device='cuda' (the base loads in bf16), block_size=512, batch_size=8, max_iters=1000,
 # and dataset='your.txt' if Shakespeare is not your domain.
-hf = "out-dense-cpu/hf"         # routers.pt lands in out_dir, out-hf-router-tune
+hf = "out-dense-cpu/hf"
+out_dir = "out-hf-router-tune"  # routers.pt lands here
+self_distill = 0                # the text: Shakespeare's own (dataset), not the model's answers
+batch_size = 16
+block_size = 128
+max_iters = 300
+eval_interval = 100
+log_interval = 25
+calib_windows = 32
+target_active_ratio = 0.6
+learning_rate = 2e-3
+min_lr = 2e-4
+warmup_iters = 20
 
 # one skip gate before every layer from 1 to 10 (layer 0 and the last layer always run), ~12k parameters each.
 # loss = LM + penalty_weight * max(mean_gate - target_active_ratio, 0) + entropy (pushing gates to 0/1):

@@ -1,11 +1,14 @@
-# Routers for the built-in SmolLM2-135M-Instruct (30 layers), base frozen (tune.py). One run per kind:
-#   python tune.py config/hf_spec_draft.py                       # 0. once: the model's own answers (self_distill.txt)
-#   python tune.py config/hf_smollm2.py --router=ffn             # 1. ~25 min on 2 CPU cores (skip, expert_choice,
-#                                                                #    token_choice alike, into out-smollm2-<kind>)
-#   python sample.py --routers=out-smollm2-ffn/routers.pt --prompt="Explain mixture of recursions simply."
-#   python bench.py --mode=ppl --hf=smollm2-135m --routers=out-smollm2-ffn/routers.pt --dataset=pydoc  # quality
-# The tuning text is the model's own chat answers (self-distillation, written by step 0), so the quality table's
-# held-out text -- the Python reference (dataset 'pydoc') and the Shakespeare validation plays -- is another domain.
+# Routers for the built-in SmolLM2-135M-Instruct (30 layers), base frozen (tune.py): the longer recipe behind the
+# tables below; tune.py's defaults are the short one (python tune.py --hf smollm2-135m --router=<kind>). One run a kind:
+#   python tune.py config/hf_smollm2.py --router=ffn             # ~25 min on 2 CPU cores, + ~5.5 min of answers the
+#                                                                # first time (skip, expert_choice, token_choice alike)
+#   python sample.py --hf smollm2-135m --router ffn --prompt="Explain mixture of recursions simply."
+#   python bench.py --mode=ppl --hf=smollm2-135m --dataset=pydoc       # quality, with every routers file it finds
+# The tuning text is the model's own chat answers to 256 prompts (self-distillation; the first run makes them and
+# keeps them in the model's cache folder), so the quality table's held-out text -- the Python reference (dataset
+# 'pydoc') and the Shakespeare validation plays -- is another domain. The routers go to routers-<kind>.pt in the
+# model's cache folder (~/.cache/nanomor/smollm2-135m), where sample.py and bench.py find them; --out_dir=<dir>:
+# <dir>/routers.pt instead.
 #
 # Measured on the 2-core AMD EPYC CPU (float32, torch 2.13, 2026-11-27): each row tuned with
 #   python tune.py config/hf_smollm2.py <flags> --out_dir=out-smollm2-<name>
@@ -35,36 +38,15 @@
 # repacking): on this CPU no skip router gives fluent text faster than full depth; speculative decoding
 # (config/hf_spec_drafter.py) gives the exact text faster.
 hf = "smollm2-135m"
-dataset = "out-spec-draft/self_distill.txt"
 router = "ffn"
-out_dir = "out-smollm2-ffn"     # set with --out_dir when --router changes
-loss = "kl"                     # match the full model's distribution: keep its behaviour, not fit this text
+# the text: 256 answers, made as config/hf_spec_draft.py makes its (128 new tokens each, temperature 0.7, 16 at a
+# time); the tables were measured on that run's, read back as text (--self_distill=0
+# --dataset=out-spec-draft/self_distill.txt: the same words, their last tenth held out instead of the first)
+self_distill = 256
 
-# 4 windows * 256 tokens = 1,024 tokens per step: the frozen base runs forward twice (the full model for the KL
-# target, the routed one with gradients for the gates): ~11 s per step on 2 cores
-batch_size = 4
-block_size = 256
+# tune.py's defaults for the rest: 4 windows * 256 tokens = 1,024 tokens per step (~11 s on 2 cores), the KL to the
+# full model, a gate before every layer 1..28 (ffn / skip) or R = 7 groups of 4 after 2 base layers (expert / token
+# choice), the budget 70% of the routed units' work (ffn: of their MLPs), penalty_weight 2, learning rate 5e-3
 max_iters = 100
 eval_interval = 50
-eval_iters = 4                  # 16 held-out windows of the answers
-log_interval = 10
-calib_windows = 16
-
-# ffn / skip: a gate before every layer 1..28 (layer 0 and 29 always run); expert / token choice: R groups
-router_start = 1
-router_stop = -1
-router_group = 1
-router_mlp_hidden = 64
-R = 7                           # 28 layers after base_layers = 2: groups of 4
-base_layers = 2
-
-# the budget: 70% of the routed units' work (ffn: of their MLPs); the bias search then sets 90 / 80 / 70%
-target_active_ratio = 0.7
-penalty_weight = 2.0
-penalty_warmup_iters = 10
-gate_entropy_weight = 0.1
-hard_gate_frac = 0.5
-learning_rate = 5e-3
-min_lr = 5e-4
-warmup_iters = 10
 device = "cpu"

@@ -65,10 +65,10 @@ def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed
 
 
 def tune_config(**overrides):
-    """tune.py's settings at a tiny size, with overrides."""
+    """tune.py's settings at a tiny size, on the dataset's own text (self_distill=0), with overrides."""
     return tune.default_config(**{**dict(device="cpu", dtype="float32", block_size=16, batch_size=4, eval_iters=2,
                                          calib_windows=4, max_iters=4, eval_interval=2, log_interval=2,
-                                         warmup_iters=1), **overrides})
+                                         warmup_iters=1, R=4, self_distill=0), **overrides})
 
 
 def char_model(tmp_path=None, arch="llama", **kw):
@@ -758,6 +758,165 @@ def test_router_file_round_trip_through_sample_py(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# What a run leaves: the default home, unfinished and untrained files, resume, recalibration, its last lines
+
+def sample_py(*args, cache):
+    """python sample.py, offline, with its cache folder at `cache`."""
+    return subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--max_new_tokens", "8", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "NANOMOR_CACHE": str(cache)})
+
+
+def test_cache_folder_keys(tmp_path, monkeypatch):
+    """One folder per model in $NANOMOR_CACHE: a built-in name as is, a hub name with -- for /, a local folder by
+    its name and a hash of its absolute path (two folders of one name stay apart)."""
+    monkeypatch.setenv("NANOMOR_CACHE", str(tmp_path / "cache"))
+    assert data.cache_folder("smollm2-135m") == str(tmp_path / "cache" / "smollm2-135m")
+    assert data.cache_folder("Qwen/Qwen2.5-0.5B") == str(tmp_path / "cache" / "Qwen--Qwen2.5-0.5B")
+    (tmp_path / "a" / "m").mkdir(parents=True)
+    (tmp_path / "b" / "m").mkdir(parents=True)
+    a, b = data.cache_folder(str(tmp_path / "a" / "m")), data.cache_folder(str(tmp_path / "b" / "m"))
+    assert a != b and os.path.basename(a).startswith("m-") and os.path.dirname(a) == str(tmp_path / "cache")
+    assert data.default_routers("smollm2-135m", "skip") == str(tmp_path / "cache" / "smollm2-135m" / "routers-skip.pt")
+
+
+def test_tune_writes_the_default_home_and_sample_finds_it(tmp_path, monkeypatch, capsys):
+    """No out_dir: tune writes routers-<kind>.pt in the model's cache folder, and its last lines are the sample
+    command and one closing line (held-out ppl, the layer calls saved, the time, the file). sample.py --hf <model>
+    --router <kind> refuses before (naming the one tune command and its time) and loads that file after."""
+    folder = tmp_path / "model"
+    char_model(folder)
+    (tmp_path / "text.txt").write_text(TEXT)
+    monkeypatch.setenv("NANOMOR_CACHE", str(tmp_path / "cache"))
+    p = sample_py("--hf", str(folder), "--router", "skip", "--prompt", "KING:", cache=tmp_path / "cache")
+    assert p.returncode != 0 and f"python tune.py --hf {folder} --router skip (" in p.stderr
+    assert "not measured on a GPU" in p.stderr and "Traceback" not in p.stderr
+    tune.tune_routers(tune_config(hf=str(folder), out_dir="", dataset=str(tmp_path / "text.txt"), keep_ratios=(0.6,)))
+    path = data.default_routers(str(folder), "skip")
+    assert os.path.dirname(path).startswith(str(tmp_path / "cache")) and os.path.isfile(path)
+    last = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert last[0] == (f"  python sample.py --hf {folder} --router skip --keep_ratio 0.6 --prompt 'Explain mixture of "
+                       "recursions simply.' --return_depth_trace")
+    assert last[1].startswith("done in ") and " min: held-out ppl " in last[1] and last[1].endswith(f"; wrote {path}")
+    assert "of layer calls (" in last[1] and "saved)" in last[1]
+    p = sample_py("--hf", str(folder), "--router", "skip", "--keep_ratio", "0.6", "--prompt", "KING:",
+                  cache=tmp_path / "cache")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"routers: {path}" in p.stdout and "skip routers: keep_ratio 0.6" in p.stdout
+
+
+def crash_at_step(monkeypatch, n):
+    """data.get_batch raises at phase 1's step n, as if the run were killed there (after the save before it)."""
+    calls, get_batch = [], data.get_batch
+
+    def batch(*args, **kw):
+        calls.append(1)
+        if len(calls) > n:
+            raise KeyboardInterrupt("killed")
+        return get_batch(*args, **kw)
+    monkeypatch.setattr(data, "get_batch", batch)
+    return lambda: monkeypatch.setattr(data, "get_batch", get_batch)
+
+
+def test_unfinished_and_untrained_files_are_refused_and_init_from_finishes_them(tmp_path, monkeypatch):
+    """A run killed mid-way leaves its last save: it says so (finished, iteration of max_iters, calibrated) and is
+    refused with the command that finishes it; so is a max_iters=0 run's untrained file. random_routers loads either
+    (speed measurements). --init_from=<the killed run's file> alone resumes it from that save (its settings, step,
+    batches and optimizer state): the same gates as a run never killed."""
+    model, tok, text = served(tmp_path, monkeypatch)
+    common = dict(hf="some/model", dataset=text, max_iters=4, eval_interval=2, keep_ratios=(0.5,))
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "whole"), **common))
+    whole = hf_wrap.read_router_file(str(tmp_path / "whole" / "routers.pt"))
+    assert whole["finished"] and whole["calibrated"] and whole["iter_num"] == 4 and "resume" not in whole
+    restore = crash_at_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_routers(tune_config(out_dir=str(tmp_path / "killed"), **common))
+    restore()
+    path = str(tmp_path / "killed" / "routers.pt")
+    blob = hf_wrap.read_router_file(path)
+    assert not blob["finished"] and not blob["calibrated"] and (blob["iter_num"], blob["max_iters"]) == (2, 4)
+    with pytest.raises(ValueError, match=f"unfinished.*iteration 2 of 4.*python tune.py --init_from={path}"):
+        DepthAdapter(model, router="skip", router_path=path)
+    assert DepthAdapter(model, router="skip", router_path=path, random_routers=True).random_routers
+    with pytest.raises(SystemExit, match=r"unfinished run: it resumes with its own settings, and max_iters=9 \(its 4"):
+        tune.tune_routers(tune.default_config(init_from=path, max_iters=9))
+    tune.tune_routers(tune.default_config(init_from=path))               # the command the refusal names
+    done = hf_wrap.read_router_file(path)
+    assert done["finished"] and done["iter_num"] == 4 and sorted(done["cutoffs"]) == ["0.50"]
+    for k, v in whole["state_dict"].items():
+        assert torch.equal(v, done["state_dict"][k]), k
+    assert not DepthAdapter(model, router="skip", router_path=path).random_routers
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "zero"), **{**common, "max_iters": 0}))
+    zero = str(tmp_path / "zero" / "routers.pt")
+    with pytest.raises(ValueError, match="untrained skip gates.*python tune.py --hf=some/model --router=skip"):
+        DepthAdapter(model, router="skip", router_path=zero)
+    assert DepthAdapter(model, router="skip", router_path=zero, random_routers=True).random_routers
+
+
+def test_keep_ratio_without_cutoffs_lists_them_and_tune_adds_them(tmp_path, monkeypatch):
+    """A keep_ratio the file was not calibrated for: the error lists the ratios it has and the tune.py command that
+    adds one; that command (only init_from, max_iters=0 and keep_ratios on tune.py's defaults) keeps the gates and
+    the old cutoffs, and adds the new ones."""
+    model, tok, text = served(tmp_path, monkeypatch)
+    tune.tune_routers(tune_config(hf="some/model", out_dir=str(tmp_path / "a"), dataset=text, router="expert_choice",
+                                  keep_ratios=(0.5, 0.8)))
+    path = str(tmp_path / "a" / "routers.pt")
+    before = hf_wrap.read_router_file(path)
+    with pytest.raises(ValueError, match=r"keep_ratio 0\.50, 0\.80 only") as e:
+        DepthAdapter(model, router="expert_choice", router_path=path, keep_ratio=0.3)
+    command = f"python tune.py --init_from={path} --max_iters=0 --keep_ratios=0.3"
+    assert str(e.value).endswith(command)
+    tune.tune_routers(tune.default_config(init_from=path, max_iters=0, keep_ratios=(0.3,)))
+    after = hf_wrap.read_router_file(path)
+    assert sorted(after["cutoffs"]) == ["0.30", "0.50", "0.80"] and after["cutoffs"]["0.50"] == before["cutoffs"]["0.50"]
+    assert all(torch.equal(v, after["state_dict"][k]) for k, v in before["state_dict"].items())
+    assert after["finished"] and after["trained"]
+    DepthAdapter(model, router="expert_choice", router_path=path, keep_ratio=0.3)
+
+
+def test_a_run_that_learned_nothing_says_so(tmp_path, monkeypatch, capsys):
+    """Routers still at full depth when tuning ends (a 2-step run, gates started on), or far from the budget, get a
+    warning in the last lines with what to change; routers near it get none."""
+    model, tok, text = served(tmp_path, monkeypatch)
+    tune.tune_routers(tune_config(hf="some/model", out_dir=str(tmp_path / "a"), dataset=text, max_iters=2))
+    last = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert last[0].startswith("warning: mean hard weight 1.000 at bias 0 (target 0.7): every token runs every "
+                              "routed layer: the routers learned nothing. Try more steps (--max_iters=40)")
+    cfg = tune_config(target_active_ratio=0.7)
+    assert tune.learned_nothing(0.75, cfg) == "" and tune.learned_nothing(0.65, cfg) == ""
+    assert "far above the target" in tune.learned_nothing(0.9, cfg) and "--penalty_weight=4" in tune.learned_nothing(
+        0.9, cfg)
+    assert "far below the target" in tune.learned_nothing(0.4, cfg) and "--target_active_ratio" in \
+        tune.learned_nothing(0.4, cfg)
+
+
+def test_out_dir_that_is_a_file_fails_before_loading(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("")
+    monkeypatch.setattr(tune, "load_hf", lambda *a, **k: pytest.fail("loaded the model first"))
+    with pytest.raises(SystemExit, match="out_dir=.* is a file"):
+        tune.tune_routers(tune_config(out_dir=str(tmp_path / "f")))
+
+
+def test_bench_finds_the_default_files_that_are_ready(tmp_path, monkeypatch, capsys):
+    """bench.py without --routers: the default file of each trained kind for --hf, named; an unfinished one is
+    skipped with its reason."""
+    model = tiny("llama")
+    monkeypatch.setenv("NANOMOR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench, "hf", "some/model")
+    monkeypatch.setattr(bench, "routers", "")
+    skip, ffn = data.default_routers("some/model", "skip"), data.default_routers("some/model", "ffn")
+    os.makedirs(os.path.dirname(skip))
+    hf_wrap.save_routers(skip, spread_routers(), model.config, model="some/model", finished=True)
+    hf_wrap.save_routers(ffn, spread_routers("ffn"), model.config, model="some/model", finished=False, iter_num=2,
+                         max_iters=4)
+    assert bench.router_files() == [skip]
+    out = capsys.readouterr().out
+    assert f"routers: {skip}" in out and f"note: skipping {ffn} is an unfinished tuning run" in out
+    monkeypatch.setattr(bench, "routers", "x.pt,y.pt")
+    assert bench.router_files() == ["x.pt", "y.pt"]
+
+
+# -----------------------------------------------------------------------------
 # Errors a person can act on
 
 def test_fit_is_one_adamw_loop(capsys):
@@ -792,7 +951,7 @@ def test_renamed_draft_keys_still_work(capsys):
 def test_tune_config_is_tune_py_s_own():
     """tune.py reads its own settings (train.py no longer has them) and refuses keys it does not have."""
     cfg = tune.default_config()
-    assert cfg["hf"] == "smollm2-135m" and cfg["target_active_ratio"] == 0.6 and "n_layer" not in cfg
+    assert cfg["hf"] == "smollm2-135m" and cfg["target_active_ratio"] == 0.7 and "n_layer" not in cfg
     assert cfg["router"] == "skip" and cfg["loss"] == "kl" and "gate_z_weight" not in cfg
     with pytest.raises(KeyError, match="resume_from"):
         tune.default_config(resume_from="hf:x")
