@@ -141,8 +141,9 @@ def read_routers():
     return kind, hf or blob.get("model"), is_drafter
 
 
-# python tune.py --hf smollm2-135m --router expert_choice, timed once on the 2-core CPU (README, "adapter")
-TUNE_TIME = "~XX min on a 2-core CPU, its answers made the first time included; not measured on a GPU"
+# python tune.py --hf smollm2-135m --router expert_choice, timed once on a shared 2-core CPU (one thread, other jobs
+# running): 18.2 min, of which 3.2 made its text (the model's answers: the first run of any kind makes them)
+TUNE_TIME = "~18 min on a 2-core CPU, the first run's 3 min of answers included; not measured on a GPU"
 
 
 def default_routers(kind):
