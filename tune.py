@@ -2,7 +2,7 @@
 Router tuning for a pretrained Hugging Face model, every base weight frozen; and the speculative drafts'
 training (an exit head or a drafter, which speculative.py decodes with).
 
-  python tune.py --hf smollm2-135m --router expert_choice   # the built-in model on its own answers (~N min, CPU)
+  python tune.py --hf smollm2-135m --router expert_choice   # the built-in model on its own answers (~20 min, CPU)
   python tune.py config/hf_smollm2.py --router=ffn           # the longer recipe the README's tables come from
   python tune.py config/hf_router_tune.py                    # a tiny dense model trained and exported here
   python tune.py --hf=path/to/dir --self_distill=0 --dataset=my.txt --target_speedup=1.4
@@ -499,7 +499,7 @@ def learned_nothing(mean_hard, cfg):
     target = cfg["target_active_ratio"]
     if mean_hard >= 0.99 and target < 0.99:
         what = "every token runs every routed layer: the routers learned nothing"
-    elif abs(mean_hard - target) > 0.1:
+    elif abs(mean_hard - target) > 0.15:
         what = f"far {'above' if mean_hard > target else 'below'} the target"
     else:
         return ""
@@ -607,6 +607,7 @@ def tune_routers(cfg):
     at every evaluation, marked unfinished, and at the end."""
     t0, cfg = time.time(), check_config(cfg)
     path = router_file(cfg)
+    print(f"writing {path}" + (" (it replaces the file there)" if os.path.exists(path) else ""))
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights
     model, tok, device = load_base(cfg)
     routers, start = make_routers(cfg, model.config)

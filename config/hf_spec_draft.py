@@ -24,8 +24,9 @@ draft_vocab = 8192
 draft_windows = 256             # 256 windows * 128 tokens = 32,768 tokens of base states, computed once (150 MB)
 
 # the text: the model's own answers (self-distillation) to 256 chat prompts like "Explain <a word> simply.", each
-# word from the Shakespeare training plays; 128 new tokens each, the first tenth of the answers held out. The
-# answers land in out_dir/self_distill.txt: other tuning runs read it with --dataset=out-spec-draft/self_distill.txt
+# word from the Shakespeare training plays; 128 new tokens each, the first tenth of the answers held out. They land in
+# out_dir: as token ids (self_distill-<settings>.npz, which a rerun reads instead of answering again) and as text
+# (self_distill.txt, for another run's --self_distill=0 --dataset=out-spec-draft/self_distill.txt)
 self_distill = 256
 self_distill_tokens = 128
 
