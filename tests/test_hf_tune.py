@@ -801,7 +801,7 @@ def test_a_run_that_learned_nothing_says_so(tmp_path, monkeypatch, capsys):
     assert tune.learned_nothing(0.75, cfg) == "" and tune.learned_nothing(0.65, cfg) == ""
     assert "far above the target" in tune.learned_nothing(0.9, cfg) and "--penalty_weight=4" in tune.learned_nothing(
         0.9, cfg)
-    assert "far below the target" in tune.learned_nothing(0.4, cfg) and "--target_active_ratio" in \
+    assert "far below the target" in tune.learned_nothing(0.4, cfg) and "--hard_gate_frac=0" in \
         tune.learned_nothing(0.4, cfg)
 
 
