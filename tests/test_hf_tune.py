@@ -783,7 +783,8 @@ def test_keep_ratio_without_cutoffs_lists_them_and_tune_adds_them(tmp_path, monk
     assert str(e.value).endswith(command)
     tune.tune_routers(tune.default_config(init_from=path, max_iters=0, keep_ratios=(0.3,)))
     after = hf_wrap.read_router_file(path)
-    assert sorted(after["cutoffs"]) == ["0.30", "0.50", "0.80"] and after["cutoffs"]["0.50"] == before["cutoffs"]["0.50"]
+    assert sorted(after["cutoffs"]) == ["0.30", "0.50", "0.80"]
+    assert after["cutoffs"]["0.50"] == before["cutoffs"]["0.50"]
     assert all(torch.equal(v, after["state_dict"][k]) for k, v in before["state_dict"].items())
     assert after["finished"] and after["trained"]
     DepthAdapter(model, router="expert_choice", router_path=path, keep_ratio=0.3)
