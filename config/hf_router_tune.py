@@ -5,7 +5,7 @@
 #   python tune.py config/hf_router_tune.py                                # 3. this: routers + exit gates (~5 min)
 #   python sample.py --routers=out-hf-router-tune/routers.pt --prompt=ROMEO: --return_depth_trace
 #   python bench.py --mode=ppl --hf=out-dense-cpu/hf --routers=out-hf-router-tune/routers.pt   # the quality table
-# A real model: --hf=smollm2-135m (built in; config/hf_smollm2.py is its recipe), or hf='Qwen/Qwen2.5-0.5B' (or a
+# A real model: --hf=smollm2-135m (built in: tune.py's defaults are its recipe), or hf='Qwen/Qwen2.5-0.5B' (or a
 # local folder) on a GPU with device='cuda' (the base loads in bf16), block_size=512, batch_size=8, max_iters=1000,
 # and dataset='your.txt' if Shakespeare is not your domain.
 hf = "out-dense-cpu/hf"

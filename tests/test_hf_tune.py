@@ -868,7 +868,8 @@ def test_keep_ratio_without_cutoffs_lists_them_and_tune_adds_them(tmp_path, monk
     assert str(e.value).endswith(command)
     tune.tune_routers(tune.default_config(init_from=path, max_iters=0, keep_ratios=(0.3,)))
     after = hf_wrap.read_router_file(path)
-    assert sorted(after["cutoffs"]) == ["0.30", "0.50", "0.80"] and after["cutoffs"]["0.50"] == before["cutoffs"]["0.50"]
+    assert sorted(after["cutoffs"]) == ["0.30", "0.50", "0.80"]
+    assert after["cutoffs"]["0.50"] == before["cutoffs"]["0.50"]
     assert all(torch.equal(v, after["state_dict"][k]) for k, v in before["state_dict"].items())
     assert after["finished"] and after["trained"]
     DepthAdapter(model, router="expert_choice", router_path=path, keep_ratio=0.3)
@@ -886,7 +887,7 @@ def test_a_run_that_learned_nothing_says_so(tmp_path, monkeypatch, capsys):
     assert tune.learned_nothing(0.75, cfg) == "" and tune.learned_nothing(0.65, cfg) == ""
     assert "far above the target" in tune.learned_nothing(0.9, cfg) and "--penalty_weight=4" in tune.learned_nothing(
         0.9, cfg)
-    assert "far below the target" in tune.learned_nothing(0.4, cfg) and "--target_active_ratio" in \
+    assert "far below the target" in tune.learned_nothing(0.4, cfg) and "--hard_gate_frac=0" in \
         tune.learned_nothing(0.4, cfg)
 
 
