@@ -100,6 +100,25 @@ def test_full_depth_matches_generate(arch, batch):
     assert stats["compute_saved_pct"] == 0 and stats["kv_only_layer_calls"] == 0
 
 
+def test_generate_streams_each_step(capsys):
+    """on_tokens hears each decode step's token per row as it is sampled; data.TextStreamer on it prints row 0's
+    text as it comes, the same as the output decoded at the end. A bpe vocab of byte tokens: these random weights
+    pick two-byte characters (ş), each split across two steps."""
+    tok = data.Tokenizer.build("bpe", "the king is dead, long live the king.")
+    model = tiny("qwen3", vocab_size=tok.vocab_size)
+    ids, mask = prompts(3)
+    calls, show = [], data.TextStreamer(tok.decode)
+
+    def hear(new):                                       # each row's new tokens: B 1-D tensors
+        calls.append(torch.stack(new))
+        show(new)
+    out, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=40, on_tokens=hear)
+    show.end()
+    assert len(calls) == 40 and all(c.shape == (3, 1) for c in calls) and torch.equal(torch.cat(calls, 1), out[:, 12:])
+    text = tok.decode(out[0, 12:])
+    assert capsys.readouterr().out == text + "\n" and "ş" in text
+
+
 def test_no_skip_ignores_R_and_base_layers():
     """Full depth routes nothing, so R and base_layers are not checked: the defaults (R=4, base_layers=2) leave only
     3 layers to route on a 5-layer model, and sample.py --no_skip must still run it."""
