@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator
 import data
+from conftest import sample_text
 from hf_wrap import DepthAdapter  # noqa: E402
 
 VOCAB, LAYERS = 128, 6
@@ -488,7 +489,8 @@ def test_sample_py_hf_on_a_local_directory(tmp_path, arch):
         assert p.returncode == 0, p.stderr[-2000:]
         return p.stdout
 
-    assert want in sample("--no_skip")
+    streamed = sample("--no_skip")                   # --stream (the default): printed as it is generated
+    assert want in streamed and sample_text(streamed) == sample_text(sample("--no_skip", "--stream=False"))
     out = sample("--router", "fixed", "--R", "2", "--base_layers", "2", "--depth", "1", "--return_depth_trace")
     assert "compute saved" in out and "depth trace" in out
 

@@ -16,6 +16,7 @@ import data
 import hf_wrap
 import speculative
 from hf_wrap import DepthAdapter
+from conftest import sample_text
 from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -402,6 +403,8 @@ def test_sample_py_speculative(tmp_path):
     text = lambda out: [line for line in out.splitlines() if not line.startswith(("Overriding", "note:"))][0]
     want = sample("--hf", str(tmp_path / "model"), "--no_skip")
     got = sample("--routers", str(tmp_path / "head.pt"), "--speculative=3", "--adapt_k=True")
+    assert sample_text(got) == sample_text(sample("--routers", str(tmp_path / "head.pt"), "--speculative=3",
+                                                  "--adapt_k=True", "--stream=False"))     # streamed per run
     assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per model draft)" in got
     assert "drafts accepted" in got and "adaptive: final" in got
     got = sample("--hf", str(tmp_path / "model"), "--no_skip", "--speculative=3", "--lookup=2")

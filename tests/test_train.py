@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run
+from conftest import run, sample_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=4", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -23,8 +23,12 @@ def test_smoke_train_then_sample(tmp_path, data_dir):
         header = f.readline()
     for col in ("loss", "lr", "ms_per_iter", "tokens_per_s", "mfu"):
         assert col in header
-    s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=20", "--prompt=ROMEO:", "--device=cpu")
+    args = [f"--out_dir={out}", "--max_new_tokens=20", "--prompt=ROMEO:", "--device=cpu", "--num_samples=2"]
+    s = run("sample.py", *args)
     assert "\nROMEO:" in s.stdout and "tok/s" in s.stdout
+    # streamed (the default: the first sample as it is generated, the second at the end) = printed at the end
+    whole = sample_text(run("sample.py", *args, "--stream=False").stdout)
+    assert sample_text(s.stdout) == whole and whole.count("ROMEO:") == 2 and whole.endswith("---------------")
 
 
 
