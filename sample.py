@@ -260,10 +260,15 @@ def sample_checkpoint():
         ids = tok.encode(prompt)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    require(len(ids) <= model.config.block_size, f"the prompt is {len(ids)} tokens but this model's context is "
-                                                 f"{model.config.block_size} tokens (block_size): shorten it")
+    # as nanoGPT, a prompt longer than the context keeps its last block_size tokens: generation slides past the
+    # context anyway (diffusion.py checks its own prompt: refinement needs room for a block after it)
+    refine, bs = diffusion or model.config.mask_token >= 0, model.config.block_size
+    if len(ids) > bs and not refine:
+        print(f"note: the prompt is {len(ids)} tokens, longer than this model's context of {bs} (block_size): "
+              f"cropped to its last {bs}")
+        ids = ids[-bs:]
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
-    if diffusion or model.config.mask_token >= 0:
+    if refine:
         return sample_diffusion(model, tok, x)
     shown = streamer(tok.decode, ids)                           # the prompt first, as the text below prints it
     t0 = time.time()
