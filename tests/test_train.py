@@ -20,6 +20,9 @@ def test_smoke_train_then_sample(tmp_path, data_dir):
     out = str(tmp_path / "out")
     p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3")
     assert "step 6:" in p.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    val = re.search(r"step 6: train [\d.]+, val ([\d.]+)", p.stdout).group(1)     # the closing line repeats it
+    assert re.fullmatch(rf"done at iteration 6 in [\d.]+ s \(training and evaluation\): val loss {val}, compute "
+                        rf"saved 0\.0% of layer calls, wrote {re.escape(out)}/ckpt\.pt", p.stdout.splitlines()[-1])
     with open(os.path.join(out, "train_log.csv")) as f:
         header = f.readline()
     for col in ("loss", "lr", "ms_per_iter", "tokens_per_s", "mfu"):
@@ -125,9 +128,12 @@ def test_bad_keys_and_values(tmp_path):
 ])
 def test_every_router_checkpoint_samples_with_depths(tmp_path, data_dir, variant):
     out = str(tmp_path / "out")
-    run("train.py", *TINY, "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycle", *variant,
-        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
-        "--log_depth_hist_every=1")
+    p = run("train.py", *TINY, "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycle", *variant,
+            f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
+            "--log_depth_hist_every=1")
+    saved = re.search(r"step 3: .* compute saved ([\d.]+%)", p.stdout).group(1)      # the closing line repeats it
+    last = p.stdout.splitlines()[-1]
+    assert last.startswith("done at iteration 3 ") and f"compute saved {saved} of layer calls" in last
     assert os.path.exists(os.path.join(out, "depth_hist.csv"))
     csv_path = str(tmp_path / "hist.csv")
     s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=30", "--return_depth_trace", f"--csv={csv_path}",
