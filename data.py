@@ -167,6 +167,34 @@ class Tokenizer:
         return PreTrainedTokenizerFast(tokenizer_object=tk, clean_up_tokenization_spaces=False)
 
 
+class TextStreamer:
+    """One row's text printed as it is generated (transformers' TextStreamer, for the on_tokens callback of
+    model.generate, DepthAdapter.generate and speculative.generate; sample.py --stream).
+
+    Called with each step's new tokens (one 1-D tensor per row), it decodes the row so far and prints the text
+    that is new. A BPE token can end inside a character's UTF-8 bytes, which decode to U+FFFD until the next
+    token brings the rest: a trailing U+FFFD waits (the char tokenizer never splits a character). Decoding the
+    whole row each step is O(length^2) work: 0.16 ms a step on average over 500 tokens of SmolLM2's tokenizer."""
+
+    def __init__(self, decode, ids=(), row=0):
+        """decode(list of ids) -> str; ids: tokens shown first (sample.py's native path: the prompt)."""
+        self.decode, self.row, self.ids, self.shown = decode, row, list(ids), 0
+        self._show(self.decode(self.ids).rstrip("\ufffd"))
+
+    def __call__(self, new):
+        self.ids += new[self.row].tolist()
+        self._show(self.decode(self.ids).rstrip("\ufffd"))
+
+    def end(self):
+        """What is left (a last incomplete character as the decoder spells it) and a newline: print(text)'s end."""
+        self._show(self.decode(self.ids))
+        print(flush=True)
+
+    def _show(self, text):
+        print(text[self.shown:], end="", flush=True)
+        self.shown = max(self.shown, len(text))
+
+
 # -----------------------------------------------------------------------------
 # Prepare once into flat token files; read them back by memmap
 

@@ -915,10 +915,11 @@ class DepthAdapter:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
-                 adapt_k=None, lookup=None):
+                 adapt_k=None, lookup=None, on_tokens=None):
         """new_cache, forward_chunk over the prompt, then decode_step per token. input_ids (B, T0), left-padded where
         attention_mask has zeros. compile: static kinds decode compiled (the same tokens as eager); routed kinds
-        decide from the data and stay eager. Speculative decoding: speculative.generate(adapter, ids, K=4).
+        decide from the data and stay eager. on_tokens: called after each step with its new tokens, a list of B 1-D
+        tensors (a streamer: sample.py --stream). Speculative decoding: speculative.generate(adapter, ids, K=4).
 
         -> (output_ids (B, T0 + new), stats): _summary over the decoded tokens (all but the last, never fed back),
         prompt_tokens / prompt_mean_depth, timing_stats, easy/medium/hard (CALM), trace = [(row, column in
@@ -944,6 +945,8 @@ class DepthAdapter:
                 next_id = next_id.masked_fill(done, eos_token_id)
                 done |= next_id == eos_token_id
             out[:, T0 + i] = next_id
+            if on_tokens is not None:
+                on_tokens(list(next_id[:, None]))
             n_new = i + 1
             if n_new == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break

@@ -577,11 +577,12 @@ class MoR(nn.Module):
 
     # -- generation -------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_depths=False, on_tokens=None):
         """Sample max_new_tokens after idx [B, T0] with a KV cache, routing causally;
         temperature 0 = greedy. A full context re-prefills from its last half (positions
-        restart at 0, as in training). Returns idx [B, T0 + new], and with return_depths
-        each token's depth as input, [B, T0 + new]."""
+        restart at 0, as in training). on_tokens: called after each step with its new
+        tokens, a list of B 1-D tensors (a streamer: sample.py --stream). Returns idx
+        [B, T0 + new], and with return_depths each token's depth as input, [B, T0 + new]."""
         B, T0 = idx.shape
         bs = self.config.block_size
         if T0 > bs:
@@ -594,6 +595,8 @@ class MoR(nn.Module):
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1], temperature, top_k)  # (B, 1)
             idx = torch.cat((idx, nxt), dim=1)
+            if on_tokens is not None:
+                on_tokens(list(nxt))
             if i == max_new_tokens - 1 and not return_depths:
                 break             # the last token's logits are not needed
             if kv.seq_len >= bs:  # context full: keep the last half and re-prefill

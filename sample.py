@@ -28,6 +28,7 @@ max_new_tokens = 500
 temperature = None              # None: 0.8 for our checkpoints, 0 (greedy) with --hf
 top_k = 200                     # sample among the top_k tokens (None = all)
 seed = 1337
+stream = True                   # print the text as it is made (num_samples > 1: the first sample; diffusion: at end)
 device = "auto"                 # auto | cpu | cuda | mps
 dtype = "auto"                  # auto (bf16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
 return_depth_trace = False      # print every token with the depth it ran to
@@ -85,9 +86,20 @@ require(prompt, "the prompt is empty: give at least one character, e.g. --prompt
 require_at_least(config, num_samples=1, max_new_tokens=0)
 
 
-def print_samples(texts):
-    for text in texts:
-        print(text)
+def streamer(decode, ids=()):
+    """--stream: the first row, printed as it is generated (data.TextStreamer). The rows of a batch decode together
+    and end together, and rows interleaved on one terminal read as noise: the first one shows the progress, the
+    others print when the batch ends, so the output is --stream=False's either way."""
+    return data.TextStreamer(decode, ids) if stream else None
+
+
+def print_samples(texts, shown=None):
+    """Each sample's text, then a separator; shown: the streamer that printed the first one already."""
+    for i, text in enumerate(texts):
+        if i == 0 and shown is not None:
+            shown.end()
+        else:
+            print(text)
         print("---------------")
 
 
@@ -189,16 +201,20 @@ def sample_hf(kind, is_drafter):
                                        random_routers=random_routers)
         drafter = spec.load_drafter(routers, model, hf_wrap.TUNE_COMMAND)[0] if is_drafter else None
         ids = hf_prompt(tok)
+        decode = lambda row: tok.decode(row, skip_special_tokens=True)     # the new tokens only, as printed
+        shown = streamer(decode)
         if speculative:
             out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
                                        temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,
-                                       lookup=lookup, drafter=drafter, return_trace=return_depth_trace)
+                                       lookup=lookup, drafter=drafter, return_trace=return_depth_trace,
+                                       on_tokens=shown)
         else:
             out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
-                                          top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace)
+                                          top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
+                                          on_tokens=shown)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    print_samples(tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out)
+    print_samples((decode(row[ids.shape[1]:]) for row in out), shown)
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
           f"{1000 * stats['prefill_s']:.0f} ms)")
@@ -264,17 +280,23 @@ def sample_checkpoint():
         ids = tok.encode(prompt)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    require(len(ids) <= model.config.block_size, f"the prompt is {len(ids)} tokens but this model's context is "
-                                                 f"{model.config.block_size} tokens (block_size): shorten it")
+    # as nanoGPT, a prompt longer than the context keeps its last block_size tokens: generation slides past the
+    # context anyway (diffusion.py checks its own prompt: refinement needs room for a block after it)
+    refine, bs = diffusion or model.config.mask_token >= 0, model.config.block_size
+    if len(ids) > bs and not refine:
+        print(f"note: the prompt is {len(ids)} tokens, longer than this model's context of {bs} (block_size): "
+              f"cropped to its last {bs}")
+        ids = ids[-bs:]
     x = torch.tensor(ids, dtype=torch.long, device=device)[None].repeat(num_samples, 1)
-    if diffusion or model.config.mask_token >= 0:
+    if refine:
         return sample_diffusion(model, tok, x)
+    shown = streamer(tok.decode, ids)                           # the prompt first, as the text below prints it
     t0 = time.time()
     with ctx:
         out, depths = model.generate(x, max_new_tokens, temperature=0.8 if temperature is None else temperature,
-                                     top_k=top_k, return_depths=True)
+                                     top_k=top_k, return_depths=True, on_tokens=shown)
     dt = time.time() - t0
-    print_samples(tok.decode(row.tolist()) for row in out)
+    print_samples((tok.decode(row.tolist()) for row in out), shown)
     n_new = num_samples * max_new_tokens
     print(f"{n_new} new tokens in {dt:.2f} s: {n_new / dt:.1f} tok/s, {1000 * dt / max(1, max_new_tokens):.2f} ms/step"
           f" (batch {num_samples}, prefill included)")

@@ -85,7 +85,8 @@ def load_drafter(path, model, tune_command="python tune.py"):
 
 @torch.no_grad()
 def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
-             top_k=None, eos_token_id=None, return_logits=False, lookup=0, drafter=None, return_trace=False):
+             top_k=None, eos_token_id=None, return_logits=False, lookup=0, drafter=None, return_trace=False,
+             on_tokens=None):
     """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` or `drafter` drafts.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) the draft proposes d1..dk one at a
@@ -102,9 +103,11 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     'none', no drafter) drafts for the rows that found one only.
 
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
-    half on average, within 1..2K. -> (output_ids, stats): generate()'s timings (and logits), draft (its source),
-    speculative (K), k_final, k_mean, cycles, drafted, accepted, acceptance_rate, mean_accepted (per row and
-    cycle), tokens_per_cycle, draft_s, verify_s, draft_layers (layers run per drafted token).
+    half on average, within 1..2K. on_tokens: a streamer, called with each row's new tokens (a list of B 1-D
+    tensors, some empty) after the prefill (its one token) and after each cycle (the run it accepted).
+    -> (output_ids, stats): generate()'s timings (and logits), draft (its source), speculative (K), k_final,
+    k_mean, cycles, drafted, accepted, acceptance_rate, mean_accepted (per row and cycle), tokens_per_cycle,
+    draft_s, verify_s, draft_layers (layers run per drafted token).
     """
     _check(adapter, K, max_new_tokens, lookup, drafter, return_trace)
     full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
@@ -116,6 +119,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     first = full.forward_chunk(cache, ids, pos, 0)                          # 1. the prompt: exact at every layer
     t1 = now(ids.device)
     rows = _Rows(ids, mask, pos, max_new_tokens, eos_token_id, return_logits, rule, first)
+    if on_tokens is not None:
+        on_tokens(rows.since(rows.n * 0))                                   # the prefill's token
     k, tally = K, _Tally()
     while True:
         live = ~rows.done & (rows.n < max_new_tokens)                      # 2. the rows still decoding
@@ -131,7 +136,10 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
                                     all_logits=True)                        # 4. ONE full pass: (B, kd + 1, V)
         tc = now(ids.device)
         m, after = _accept(rule, verify.logits, chunk[:, 1:], q, lens)      # 5. accept
+        n = rows.n
         rows.emit(chunk[:, 1:], m, after, live, verify, cache, steps[:kd + 1])   # 6. emit, realign the cache
+        if on_tokens is not None:
+            on_tokens(rows.since(n))                                        # each row's accepted run
         tally.add(lens, live, kd, m, tb - ta, tc - tb)                      # 7. count, and move k
         if adapt_k and kd == k:                       # grow after full acceptance, shrink after early rejection
             kept = float(m[live].float().mean())
@@ -254,6 +262,9 @@ class _Rows:
 
     def text(self, r):                               # row r's tokens so far, without its left padding
         return self.out[r, self.first[r]:self.T0 + self.n[r]]
+
+    def since(self, n):                              # each row's new tokens after its first n (B,): B 1-D tensors
+        return [self.out[r, self.T0 + a:self.T0 + b] for r, (a, b) in enumerate(zip(n.tolist(), self.n.tolist()))]
 
     def emit(self, d, m, after, live, verify, cache, steps):
         """d1..dm, then `after`, for each live row (up to its first eos and its max_new_tokens); the pending token

@@ -268,12 +268,13 @@ dense_fpt = raw_model.dense_flops_per_token(block_size)   # vanilla of the same 
 if master and peak is None and device_type == "cuda":
     print(f"note: {torch.cuda.get_device_name()} is not in configurator.py's peak-FLOPs table: MFU is not reported")
 t0, iters_timed = time.time(), 0
+run_start, written = t0, "no checkpoint written" + (" (eval_only)" if eval_only else "")
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters, lr_schedule, lr_decay_iters, decay_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    eval_now = iter_num % eval_interval == 0 or iter_num == max_iters
+    eval_now = iter_num % eval_interval == 0 or iter_num >= max_iters or eval_only   # always before the end
     gen_states = all_gen_states() if eval_now else None   # a collective: every rank takes part
     if eval_now and master:
         ev = evaluate()
@@ -294,6 +295,7 @@ while True:
         if iter_num > 0 and not eval_only:
             save(gen_states)
             print(f"saved {ckpt_path}")
+            written = f"wrote {ckpt_path}"
     if eval_only or iter_num >= max_iters:
         break
     if eval_now:
@@ -354,5 +356,8 @@ while True:
 
 if plot and master:
     plot_depth_history(os.path.join(out_dir, depth_hist_path), plot)
+if master:   # the closing line: the last evaluation's val loss and depth, and what the run left behind
+    print(f"done at iteration {iter_num} in {time.time() - run_start:.1f} s (training and evaluation): val loss "
+          f"{ev['val']:.4f}, compute saved {ev['val_depth']['compute_saved_pct']:.1f}% of layer calls, {written}")
 if ddp:
     dist.destroy_process_group()

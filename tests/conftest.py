@@ -4,6 +4,7 @@
 `python -m pytest -m "slow or not slow"` everything.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,13 @@ def run(script, *args, ok=True, env=None):
     if ok and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def sample_text(stdout):
+    """sample.py's samples as printed: its output before the statistics ("N new tokens ..."), without the config
+    echo ("Overriding: ...", which names --stream): --stream's and --stream=False's must be the same."""
+    lines = [line for line in stdout.splitlines() if not line.startswith("Overriding")]
+    return "\n".join(lines[:next(i for i, line in enumerate(lines) if re.match(r"\d+ new tokens", line))])
 
 
 @pytest.fixture(scope="session")

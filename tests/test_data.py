@@ -246,3 +246,22 @@ def test_data_imports_none_of_the_project():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not {n.split(".")[0] + ".py" for n in names} & set(os.listdir(root))
+
+
+def test_text_streamer_prints_whole_characters(capsys):
+    """data.TextStreamer (sample.py --stream) fed one token at a time: this bpe vocab spells ✓, 😀 and é as 3, 4
+    and 2 byte tokens. Each character prints once, whole, never as U+FFFD, and the pieces add up to the text."""
+    tok = Tokenizer.build('bpe', 'hello world, the king is dead.')
+    prompt, new = tok.encode('a '), tok.encode('✓ 😀 é!')
+    show = data.TextStreamer(tok.decode, prompt)
+    pieces = [capsys.readouterr().out]
+    for t in new:
+        show([torch.tensor([t])])
+        pieces.append(capsys.readouterr().out)
+    show.end()
+    assert pieces == ['a ', '', '', '✓', ' ', '', '', '', '😀', ' ', '', 'é', '!']
+    assert ''.join(pieces) + capsys.readouterr().out == tok.decode(prompt + new) + '\n'
+    show = data.TextStreamer(tok.decode, tok.encode('✓')[:2])       # cut short: end() prints what decode says
+    assert capsys.readouterr().out == ''
+    show.end()
+    assert capsys.readouterr().out == tok.decode(tok.encode('✓')[:2]) + '\n' == '\ufffd\n'

@@ -18,6 +18,7 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator
 import data
+from conftest import sample_text
 from hf_wrap import DepthAdapter  # noqa: E402
 
 VOCAB, LAYERS = 128, 6
@@ -98,6 +99,25 @@ def test_full_depth_matches_generate(arch, batch):
     assert torch.equal(out, ref_ids)
     torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-4, rtol=1e-4)
     assert stats["compute_saved_pct"] == 0 and stats["kv_only_layer_calls"] == 0
+
+
+def test_generate_streams_each_step(capsys):
+    """on_tokens hears each decode step's token per row as it is sampled; data.TextStreamer on it prints row 0's
+    text as it comes, the same as the output decoded at the end. A bpe vocab of byte tokens: these random weights
+    pick two-byte characters (ş), each split across two steps."""
+    tok = data.Tokenizer.build("bpe", "the king is dead, long live the king.")
+    model = tiny("qwen3", vocab_size=tok.vocab_size)
+    ids, mask = prompts(3)
+    calls, show = [], data.TextStreamer(tok.decode)
+
+    def hear(new):                                       # each row's new tokens: B 1-D tensors
+        calls.append(torch.stack(new))
+        show(new)
+    out, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=40, on_tokens=hear)
+    show.end()
+    assert len(calls) == 40 and all(c.shape == (3, 1) for c in calls) and torch.equal(torch.cat(calls, 1), out[:, 12:])
+    text = tok.decode(out[0, 12:])
+    assert capsys.readouterr().out == text + "\n" and "ş" in text
 
 
 def test_no_skip_ignores_R_and_base_layers():
@@ -469,7 +489,8 @@ def test_sample_py_hf_on_a_local_directory(tmp_path, arch):
         assert p.returncode == 0, p.stderr[-2000:]
         return p.stdout
 
-    assert want in sample("--no_skip")
+    streamed = sample("--no_skip")                   # --stream (the default): printed as it is generated
+    assert want in streamed and sample_text(streamed) == sample_text(sample("--no_skip", "--stream=False"))
     out = sample("--router", "fixed", "--R", "2", "--base_layers", "2", "--depth", "1", "--return_depth_trace")
     assert "compute saved" in out and "depth trace" in out
 

@@ -94,6 +94,16 @@ def test_generate_matches_greedy_full_forward():
     assert torch.equal(depths, m.last_depth)
 
 
+def test_generate_calls_on_tokens_each_step():
+    """on_tokens (sample.py's streamer) hears each step's token per row as it is sampled, past the context too."""
+    m = spread_router(tiny(block_size=16, **VARIANTS["ec_recursion"])).eval()
+    x = torch.randint(0, V, (2, 10))
+    calls = []
+    out = m.generate(x, 12, temperature=0, on_tokens=lambda new: calls.append(torch.stack(new)))
+    assert len(calls) == 12 and all(c.shape == (2, 1) for c in calls)
+    assert torch.equal(torch.cat(calls, 1), out[:, 10:])
+
+
 def test_generate_past_the_context_and_errors():
     m = tiny(block_size=16).eval()
     out = m.generate(torch.zeros(1, 10, dtype=torch.long), 30, temperature=1.0, top_k=5)

@@ -16,6 +16,7 @@ import data
 import hf_wrap
 import speculative
 from hf_wrap import DepthAdapter
+from conftest import sample_text
 from test_hf_wrap import CONFIGS, LAYERS, hf_greedy, prompts, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -109,6 +110,31 @@ def test_full_depth_draft_is_always_accepted():
     assert st["acceptance_rate"] == 1.0 and st["k_final"] == 6 and st["draft_layers"] == LAYERS
     # 29 tokens after the first: cycles of 1 + k tokens per row, k = 3, 4, 5, 6, then what is left
     assert st["cycles"] == 5 and st["k_mean"] < 6
+
+
+def test_on_tokens_hears_each_accepted_run(capsys):
+    """on_tokens hears the prefill's token, then each cycle's accepted run per row (rows keep different numbers of
+    drafts; a row past eos hears nothing): joined, each row's output; data.TextStreamer on it prints row 0's text."""
+    tok = data.Tokenizer.build("bpe", "the king is dead, long live the king.")
+    model = tiny("qwen3", vocab_size=tok.vocab_size)
+    ids, mask = prompts(3)
+    plain, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=30)
+    eos = int(plain[1, ids.shape[1] + 20])                        # row 1 stops early
+    runs, show = [], data.TextStreamer(tok.decode)
+
+    def hear(new):                                                # each row's new tokens: B 1-D tensors
+        runs.append([r.tolist() for r in new])
+        show(new)
+    out, st = speculative.generate(DepthAdapter(model, router="fixed", R=3, base_layers=2, depth=2), ids,
+                                   attention_mask=mask, max_new_tokens=30, K=3, eos_token_id=eos, on_tokens=hear)
+    show.end()
+    assert len(runs) == st["cycles"] + 1 and [len(r) for r in runs[0]] == [1, 1, 1]
+    lens = [[len(r[b]) for r in runs] for b in range(3)]
+    assert max(map(max, lens)) > 1 and len({tuple(n) for n in lens}) > 1     # runs of several, unlike per row
+    heard = [sum((r[b] for r in runs), []) for b in range(3)]
+    for b in range(3):
+        assert heard[b] == out[b, 12:12 + len(heard[b])].tolist() and out[b, 12 + len(heard[b]):].eq(eos).all()
+    assert capsys.readouterr().out == tok.decode(heard[0]) + "\n" and len(heard[1]) < 30
 
 
 def test_eos_stops_rows():
@@ -377,6 +403,8 @@ def test_sample_py_speculative(tmp_path):
     text = lambda out: [line for line in out.splitlines() if not line.startswith(("Overriding", "note:"))][0]
     want = sample("--hf", str(tmp_path / "model"), "--no_skip")
     got = sample("--routers", str(tmp_path / "head.pt"), "--speculative=3", "--adapt_k=True")
+    assert sample_text(got) == sample_text(sample("--routers", str(tmp_path / "head.pt"), "--speculative=3",
+                                                  "--adapt_k=True", "--stream=False"))     # streamed per run
     assert text(got) == text(want) and "speculative decoding, exit_head draft (3.0 layers per model draft)" in got
     assert "drafts accepted" in got and "adaptive: final" in got
     got = sample("--hf", str(tmp_path / "model"), "--no_skip", "--speculative=3", "--lookup=2")

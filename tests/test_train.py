@@ -2,13 +2,14 @@
 that continues (not replays) the run, clear errors for bad input, sampling from every
 router's checkpoint, and DDP through torchrun on CPU (gloo)."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import run
+from conftest import run, sample_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=4", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -19,12 +20,19 @@ def test_smoke_train_then_sample(tmp_path, data_dir):
     out = str(tmp_path / "out")
     p = run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=6", "--eval_interval=3")
     assert "step 6:" in p.stdout and os.path.exists(os.path.join(out, "ckpt.pt"))
+    val = re.search(r"step 6: train [\d.]+, val ([\d.]+)", p.stdout).group(1)     # the closing line repeats it
+    assert re.fullmatch(rf"done at iteration 6 in [\d.]+ s \(training and evaluation\): val loss {val}, compute "
+                        rf"saved 0\.0% of layer calls, wrote {re.escape(out)}/ckpt\.pt", p.stdout.splitlines()[-1])
     with open(os.path.join(out, "train_log.csv")) as f:
         header = f.readline()
     for col in ("loss", "lr", "ms_per_iter", "tokens_per_s", "mfu"):
         assert col in header
-    s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=20", "--prompt=ROMEO:", "--device=cpu")
+    args = [f"--out_dir={out}", "--max_new_tokens=20", "--prompt=ROMEO:", "--device=cpu", "--num_samples=2"]
+    s = run("sample.py", *args)
     assert "\nROMEO:" in s.stdout and "tok/s" in s.stdout
+    # streamed (the default: the first sample as it is generated, the second at the end) = printed at the end
+    whole = sample_text(run("sample.py", *args, "--stream=False").stdout)
+    assert sample_text(s.stdout) == whole and whole.count("ROMEO:") == 2 and whole.endswith("---------------")
 
 
 
@@ -120,9 +128,12 @@ def test_bad_keys_and_values(tmp_path):
 ])
 def test_every_router_checkpoint_samples_with_depths(tmp_path, data_dir, variant):
     out = str(tmp_path / "out")
-    run("train.py", *TINY, "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycle", *variant,
-        f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
-        "--log_depth_hist_every=1")
+    p = run("train.py", *TINY, "--n_layer=5", "--n_recursion=3", "--sharing=middle_cycle", *variant,
+            f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3",
+            "--log_depth_hist_every=1")
+    saved = re.search(r"step 3: .* compute saved ([\d.]+%)", p.stdout).group(1)      # the closing line repeats it
+    last = p.stdout.splitlines()[-1]
+    assert last.startswith("done at iteration 3 ") and f"compute saved {saved} of layer calls" in last
     assert os.path.exists(os.path.join(out, "depth_hist.csv"))
     csv_path = str(tmp_path / "hist.csv")
     s = run("sample.py", f"--out_dir={out}", "--max_new_tokens=30", "--return_depth_trace", f"--csv={csv_path}",
@@ -131,11 +142,14 @@ def test_every_router_checkpoint_samples_with_depths(tmp_path, data_dir, variant
     assert open(csv_path).readline().strip() == "depth,tokens,fraction"
 
 
-def test_prompt_longer_than_context(tmp_path, data_dir):
+def test_prompt_longer_than_context_is_cropped(tmp_path, data_dir):
+    """As nanoGPT: the model sees the prompt's last block_size tokens (generation slides past the context anyway)."""
     out = str(tmp_path / "out")
     run("train.py", *TINY, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=1")
-    p = run("sample.py", f"--out_dir={out}", "--prompt=" + "a" * 40, "--device=cpu", ok=False)
-    assert p.returncode != 0 and "context" in p.stderr and "Traceback" not in p.stderr
+    p = run("sample.py", f"--out_dir={out}", "--prompt=" + "b" * 10 + "a" * 30, "--device=cpu", "--max_new_tokens=5")
+    assert "the prompt is 40 tokens, longer than this model's context of 32 (block_size): cropped to its last 32" \
+        in p.stdout
+    assert re.search(r"^bbaaa", p.stdout, re.M) and "5 new tokens" in p.stdout
 
 
 def test_deterministic_runs_repeat_exactly(tmp_path, data_dir):
