@@ -97,6 +97,9 @@ SIZES = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50304, block
                       prompt_len=16, new_tokens=32)}
 if size not in SIZES:
     raise SystemExit(f"error: size must be auto, gpt2 or tiny, got {size!r}")
+if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in decode_batches):
+    raise SystemExit(f"error: decode_batches={decode_batches!r}: batch sizes are ints >= 1, e.g. "
+                     "--decode_batches=1,4 (or () for the defaults)")
 for k, v in SIZES[size].items():
     if not globals()[k]:
         globals()[k] = v

@@ -129,7 +129,12 @@ def _apply_file(path, g, keys):
         _fail(f"config file '{path}' not found." + (f" Available: {', '.join(found)}" if found else ''))
     namespace = {}  # not globals() (nanoGPT's): a file cannot clobber the script
     with open(path) as f:
-        exec(compile(f.read(), path, 'exec'), namespace)
+        source = f.read()
+    try:
+        code = compile(source, path, 'exec')
+    except SyntaxError as e:  # the file, the line and the message: no traceback through this file
+        _fail(f"{path}, line {e.lineno}: {e.msg}" + (f": {e.text.strip()}" if e.text else ''))
+    exec(code, namespace)
     applied = []
     for key, value in namespace.items():
         if key.startswith('_') or isinstance(value, types.ModuleType):

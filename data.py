@@ -409,6 +409,10 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     if looks_local and not os.path.isdir(path):
         raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a save_pretrained folder, a .gguf "
                          f"file, a built-in name ({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
+    if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"load_hf: {name_or_path!r} is a folder without a model in it (no config.json). Pass a "
+                         "save_pretrained folder (sample.py --export_hf writes one), a .gguf file, a built-in name "
+                         f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
     kwargs = dict(trust_remote_code=trust_remote_code)
     dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)

@@ -1,0 +1,47 @@
+"""Bad values on the command line get one clear line that says what is allowed, before any model loads: no
+traceback, no silent garbage (issue 21, section 3). Each case runs the real script."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.slow                     # a script start each (~4 s)
+@pytest.mark.parametrize("args, says", [
+    (("sample.py", "--top_k=0"), "top_k=0: sample among the top_k"),
+    (("sample.py", "--hf=smollm2-135m", "--top_k=0"), "top_k=0: sample among the top_k"),
+    (("sample.py", "--temperature=-1"), "temperature=-1: it is >= 0"),
+    (("sample.py", "--hf=smollm2-135m", "--temperature=-1"), "temperature=-1: it is >= 0"),
+    (("sample.py", "--hf=smollm2-135m", "--speculative=100000"), "speculative=100000: the tokens drafted per cycle"),
+    (("bench.py", "--decode_batches=[0]"), "decode_batches=(0,): batch sizes are ints >= 1"),
+    (("bench.py", "--decode_batches=abc"), "decode_batches=('abc',): batch sizes are ints >= 1"),
+])
+def test_a_bad_value_is_one_clear_line(args, says):
+    p = run(*args)
+    assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_config_file_with_a_syntax_error_names_its_line(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("batch_size = 4\nmax_iters = = 3\n")
+    p = run("train.py", str(bad))
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"{bad}, line 2: invalid syntax" in p.stderr
+
+
+@pytest.mark.parametrize("make", ["empty", "stray file"])
+def test_hf_folder_without_a_model_says_so(tmp_path, make):
+    import data
+    if make == "stray file":
+        (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(SystemExit, match="a folder without a model in it"):
+        data.load_hf(str(tmp_path))
