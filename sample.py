@@ -85,9 +85,10 @@ if isinstance(prompt, str) and prompt.startswith("FILE:"):
 require(prompt, "the prompt is empty: give at least one character, e.g. --prompt='ROMEO:' (the default is a newline) "
                 "or --prompt=FILE:path/to/prompt.txt")
 require_at_least(config, num_samples=1, max_new_tokens=0)
-require(0 <= speculative <= MAX_SPECULATIVE, f"speculative={speculative}: the tokens drafted per cycle, 0 (off) to "
-        f"{MAX_SPECULATIVE}: a cycle verifies K + 1 tokens in one pass, and a draft that long is almost never "
-        "accepted whole, so a larger K only spends compute (4 is a good start)")
+require(0 <= speculative <= MAX_SPECULATIVE,
+        f"speculative={speculative}: the tokens drafted per cycle, an int >= 1 (0: off) and at most {MAX_SPECULATIVE}: "
+        "a cycle verifies K + 1 tokens in one pass, and a draft that long is almost never accepted whole, so a larger "
+        "K only spends compute (4 is a good start)")
 require(top_k is None or top_k >= 1, f"top_k={top_k}: sample among the top_k most likely tokens, so it is an int >= 1 "
                                      "(or None, --top_k=None: every token)")
 require(temperature is None or temperature >= 0, f"temperature={temperature}: it is >= 0 (0 = greedy; 1 = the model's "
