@@ -797,7 +797,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
             make = lambda v: DepthAdapter(model, router=module.kind, routers=module, bias=v,
                                           exits=bool(blob.get("exits_trained")))
             v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), -30.0, 30.0, target, target_tol)
-            row(depth, f"trained {module.kind}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+            row(depth, f"trained {module.describe()}", f"bias {v:.4g}" + ("" if ok else " (target missed)"), make(v))
     return table, calib
 
 

@@ -14,9 +14,12 @@ The routers (tune.py trains the trainable ones with the base frozen):
   confidence, entropy   stop at a group start when the state so far, through the final norm and LM head, is
                   sure enough (CALM, training-free; an LM-head call on the active tokens is the price)
   expert_choice   a trained gate per group: stay or stop (MoR's expert-choice, made causal by a cutoff)
-  token_choice    one trained router after base_layers picks each token's depth 0..R (MoR's token-choice)
+  token_choice    one trained router after base_layers picks each token's depth 0..R (MoR's token-choice);
+                  both may keep tail layers: the last layers, run by every token, stopped or not
   skip, ffn       a trained gate per unit: run it or pass over it (MindSkip), optional exit gates; ffn: the
                   MLPs only, attention always runs (FlexiDepth). Optional trained stand-ins for who passes over.
+Any trained kind may carry healing: low-rank corrections (LoRA) of the layers that run, trained with the gates,
+off at full depth.
 
 K/V, one rule: EVERY token writes its K/V at every layer some token may run, from the state it has there, so later
 tokens attend to every earlier one at every layer, as in the full model. A token that stopped (or passes over the
@@ -28,6 +31,7 @@ Exactness: router 'none' reproduces model.generate's tokens and logits (float32 
 included) on tiny random models of SUPPORTED_MODEL_TYPES and on the built-in real one; speculative.generate drafts
 with any router and outputs the full model's text. Batches > 1 need LEFT padding. Models come from data.load_hf.
 """
+import contextlib
 import math
 import os
 import time
@@ -102,6 +106,39 @@ class StandIn(nn.Module):
         return self.up(F.gelu(self.down(F.rms_norm(h, (h.shape[-1],))))).to(x.dtype)
 
 
+class Healing(nn.Module):
+    """Healing for one layer: a trainable low-rank correction of its seven projections (LoRA), for the tokens that
+    run it while others pass over layers: W x + up(down(x)), `up` zero at first (the layer as it is). The base
+    weights stay untouched; the adapter applies it at run time, off at full depth. shapes: {name: (in, out)}
+    (heal_shapes). Rank 8 on SmolLM2-135M: 81k weights, 2.3% of a layer's (FLOPs alike: one multiply-add per weight
+    per token)."""
+
+    PROJECTIONS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                   "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                   "down_proj": "mlp.down_proj"}                         # name -> where it sits in a decoder layer
+
+    def __init__(self, shapes, rank):
+        super().__init__()
+        self.down = nn.ModuleDict({n: nn.Linear(shapes[n][0], rank, bias=False) for n in self.PROJECTIONS})
+        self.up = nn.ModuleDict({n: nn.Linear(rank, shapes[n][1], bias=False) for n in self.PROJECTIONS})
+        for up in self.up.values():
+            nn.init.zeros_(up.weight)
+
+    def forward(self, name, x):
+        """Projection `name`'s correction for its input x (..., in) -> (..., out), in x's dtype."""
+        return self.up[name](self.down[name](x.float())).to(x.dtype)
+
+    def share(self, names, layer_weights):
+        """The multiply-adds per token of these projections' corrections, in layers (their weights' share)."""
+        return sum(n_weights(self.down[n]) + n_weights(self.up[n]) for n in names) / layer_weights
+
+
+def heal_shapes(layer):
+    """A decoder layer's projections -> {name: (in_features, out_features)}, what Healing is built for."""
+    return {n: [layer.get_submodule(path).in_features, layer.get_submodule(path).out_features]
+            for n, path in Healing.PROJECTIONS.items()}
+
+
 def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
     """skip / ffn units: layers start..stop-1 (stop < 0 counts from the end; by default the first
     and last layer always run) in runs of `group`; 'every_other' gates units 0, 2, ..."""
@@ -117,26 +154,32 @@ def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
     return units[::2] if pattern == "every_other" else units
 
 
-def group_layout(n_layers, R, base_layers):
-    """expert_choice / token_choice units: layers base_layers..L-1 cut into R contiguous groups, as
-    even as possible (the first ones a layer longer). A token's depth 0..R: the groups it ran."""
-    if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers:
-        raise ValueError(f"base_layers={base_layers}: need 1 <= base_layers < {n_layers} (layer 0 always runs, "
-                         "and one layer at least is left to route).")
-    if not isinstance(R, int) or not 1 <= R <= n_layers - base_layers:
-        raise ValueError(f"R={R}: this model has {n_layers} layers, {n_layers - base_layers} after base_layers="
-                         f"{base_layers}; use 1 <= R <= {n_layers - base_layers} (or lower base_layers).")
-    rest = n_layers - base_layers
+def group_layout(n_layers, R, base_layers, tail_layers=0):
+    """expert_choice / token_choice units: layers base_layers..L-1-tail_layers cut into R contiguous groups, as
+    even as possible (the first ones a layer longer). A token's depth 0..R: the groups it ran. The last
+    tail_layers layers then run for every token, stopped or not (MoR's middle-cycle sharing keeps its last layer
+    unique: the last layers turn a state into a prediction)."""
+    if not isinstance(tail_layers, int) or tail_layers < 0:
+        raise ValueError(f"tail_layers={tail_layers!r}: the last layers every token runs, an int >= 0.")
+    if not isinstance(base_layers, int) or not 1 <= base_layers < n_layers - tail_layers:
+        raise ValueError(f"base_layers={base_layers}, tail_layers={tail_layers}: need 1 <= base_layers < "
+                         f"{n_layers} - tail_layers (layer 0 always runs, and one layer at least is left to route).")
+    rest = n_layers - base_layers - tail_layers
+    if not isinstance(R, int) or not 1 <= R <= rest:
+        raise ValueError(f"R={R}: this model has {n_layers} layers, {rest} between base_layers={base_layers} and "
+                         f"tail_layers={tail_layers}; use 1 <= R <= {rest} (or lower base_layers / tail_layers).")
     edges = [base_layers + sum(rest // R + (g < rest % R) for g in range(i)) for i in range(R + 1)]
     return [(edges[g], edges[g + 1]) for g in range(R)]
 
 
 class FrozenRouters(nn.Module):
     """What a router file holds: gates over `units`, optional exit gates at `exit_layers` (CALM's
-    learned confidence), optional stand-ins (skip, ffn)."""
+    learned confidence), optional stand-ins (skip, ffn), optional healing (Healing of heal_rank at each of
+    heal_layers, built for heal_shapes). tail_layers (group kinds): the layers after the last group, run by every
+    token (the units end before them; recorded for the file and the tables)."""
 
     def __init__(self, kind, hidden_size, units, exit_layers=(), mlp_hidden=64, init_logit=GATE_INIT_LOGIT,
-                 stand_in_rank=0):
+                 stand_in_rank=0, heal_rank=0, heal_layers=(), heal_shapes=None, tail_layers=0):
         super().__init__()
         if kind not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {kind!r}; choose one of {', '.join(ROUTER_KINDS)}.")
@@ -160,6 +203,41 @@ class FrozenRouters(nn.Module):
                           else None)
         self.unit_of = {l: u for u, (a, b) in enumerate(self.units) for l in range(a, b)}
         self.exit_at = {l: i for i, l in enumerate(self.exit_layers)}
+        if tail_layers and kind not in ("expert_choice", "token_choice"):
+            raise ValueError(f"tail_layers={tail_layers}: tail layers follow the groups of expert_choice / "
+                             f"token_choice; {kind} gates each unit (its last layer already runs for everyone).")
+        if heal_rank and not heal_layers:
+            raise ValueError(f"heal_rank={heal_rank} needs heal_layers, the layers whose projections it corrects.")
+        self.tail_layers, self.heal_rank = tail_layers, heal_rank
+        self.heal_layers = [int(l) for l in heal_layers] if heal_rank else []
+        self.heal_shapes = heal_shapes if heal_rank else None
+        self.heals = nn.ModuleList(Healing(heal_shapes, heal_rank) for _ in self.heal_layers) if heal_rank else None
+
+    def healing(self):
+        """{layer: its Healing}, {} without."""
+        return dict(zip(self.heal_layers, self.heals)) if self.heals is not None else {}
+
+    @contextlib.contextmanager
+    def healed(self, layers):
+        """The tuning forward runs HF's own layers (tune.soft_forward): while inside, forward hooks on the healed
+        layers' projections add their corrections, for every token (the tuning forward weighs each layer's update
+        afterwards, as the adapter runs a layer only for the tokens that go on)."""
+        handles = []
+        for l, heal in self.healing().items():
+            for name, path in Healing.PROJECTIONS.items():
+                add = lambda module, args, out, heal=heal, name=name: out + heal(name, args[0])
+                handles.append(layers[l].get_submodule(path).register_forward_hook(add))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def describe(self):
+        """A short name for tables: 'skip', 'skip + stand-ins r64 + healing r8', 'expert_choice + tail 2'."""
+        return self.kind + "".join(f" + {what}{n}" for what, n in (("stand-ins r", self.stand_in_rank),
+                                                                    ("tail ", self.tail_layers),
+                                                                    ("healing r", self.heal_rank)) if n)
 
     def continue_weights(self, u, h, carry=None, hard=False):
         """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what to
@@ -242,7 +320,8 @@ def load_router_file(path, model_config, fmt, make, tune_command="python tune.py
 def save_routers(path, routers, model_config, **meta):
     save_router_file(path, ROUTER_FILE_FORMAT, routers, model_config, {
         "router": routers.kind, "units": [list(u) for u in routers.units], "exit_layers": routers.exit_layers,
-        "mlp_hidden": routers.mlp_hidden, "stand_in_rank": routers.stand_in_rank}, **meta)
+        "mlp_hidden": routers.mlp_hidden, "stand_in_rank": routers.stand_in_rank, "tail_layers": routers.tail_layers,
+        "heal_rank": routers.heal_rank, "heal_layers": routers.heal_layers, "heal_shapes": routers.heal_shapes}, **meta)
 
 
 def load_routers(path, model_config, tune_command="python tune.py", unfinished_ok=False):
@@ -250,7 +329,9 @@ def load_routers(path, model_config, tune_command="python tune.py", unfinished_o
     command that fixes it) unless unfinished_ok (tune.py's init_from, which resumes it; random_routers)."""
     def make(blob):
         return FrozenRouters(blob["router"], model_config.hidden_size, blob["units"], blob["exit_layers"],
-                             blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0))
+                             blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0),
+                             heal_rank=blob.get("heal_rank", 0), heal_layers=blob.get("heal_layers", ()),
+                             heal_shapes=blob.get("heal_shapes"), tail_layers=blob.get("tail_layers", 0))
     routers, blob = load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
     problem = unready(blob, path)
     if problem and not unfinished_ok:
@@ -497,6 +578,7 @@ class DepthAdapter:
         self.units, self.static_layers, self.static_depth, self._stops = [], None, None, None
         self.threshold = self.bias = self.head_weight = self.head_vocab = self.exit_threshold = None
         self.stand_in_share, self.exit_cutoff, self.use_exits, self.unit_of = 0.0, math.inf, False, {}
+        self.tail_start, self.heal = None, {}                # group kinds' tail layers; healing {layer: Healing}
         if router in ("none", "fixed", "drop", "exit_head"):
             self._setup_static(R, base_layers, depth, drop_layers, router_path, exit_head, exit_layer,
                                random_routers)
@@ -541,8 +623,11 @@ class DepthAdapter:
         self.head_share = self.lm_head.weight.numel() / self.layer_weights
 
     def _group_units(self, units):
-        """The group routers' units (group_layout's): a token of depth d ran groups 0..d-1."""
-        self.units, self.layers_per_depth = units, [units[0][0]] + [b for _, b in units]
+        """The group routers' units (group_layout's): a token of depth d ran groups 0..d-1, then the tail layers
+        (from tail_start on, every token's)."""
+        self.units, self.tail_start = units, units[-1][1]
+        tail = len(self.layers) - self.tail_start
+        self.layers_per_depth = [units[0][0] + tail] + [b + tail for _, b in units]
 
     def _refuse_untrained(self, given, everyone, random_routers):
         """Refuse a learned router without trained weights: random routing gives speed without quality."""
@@ -637,6 +722,7 @@ class DepthAdapter:
         self.routers = routers.to(self.embed.weight.device).eval()
         if routers.stand_ins is not None:                                     # by their weights' share
             self.stand_in_share = n_weights(routers.stand_ins[0]) / self.layer_weights
+        self._setup_healing(routers, everyone)
         self.bias = float(self.file.get("bias", 0.0) if bias is None else bias)
         self._setup_cutoffs(everyone, router_path)
         et = float(self.file.get("exit_threshold", 0.9) if exit_threshold is None else exit_threshold)
@@ -648,6 +734,21 @@ class DepthAdapter:
         self.unit_of = routers.unit_of if kind in ("skip", "ffn") else {}     # per-unit gates: decision 2
         self._stops = {"expert_choice": self._stops_expert_choice, "token_choice": self._stops_token_choice}.get(
             kind, self._stops_exit_gates)
+
+    def _setup_healing(self, routers, everyone):
+        """The file's healing, off at full depth (keep_ratio 1.0: the model itself). Its cost counts like a
+        layer's, by its weights' share: a healed layer costs heal_attn_share more for each token that runs its
+        attention, heal_mlp_share more for each that runs its MLP, and its K/V fill kv_share's K/V corrections
+        more (every layer a token can pass over is healed, so every K/V-only fill is)."""
+        self.heal = {} if everyone else routers.healing()
+        if not self.heal:
+            return
+        heal, W = next(iter(self.heal.values())), self.layer_weights
+        self.heal_attn_share = heal.share(("q_proj", "k_proj", "v_proj", "o_proj"), W)
+        self.heal_mlp_share = heal.share(("gate_proj", "up_proj", "down_proj"), W)
+        self.kv_share += heal.share(("k_proj", "v_proj"), W)
+        self.healed_rows = torch.tensor([float(l in self.heal) for l in range(len(self.layers))],
+                                        device=self.embed.weight.device)[:, None]   # (L, 1)
 
     def _setup_cutoffs(self, everyone, router_path):
         """keep_ratio: every unit open (1.0), or the file's calibrated cutoffs (else calibrate())."""
@@ -670,28 +771,40 @@ class DepthAdapter:
         y = y.unflatten(-1, (-1, self.head_dim))
         return y if norm is None else norm(y)
 
-    def _kv(self, attn, a, cos, sin):                   # normed input (..., C) -> k, v (..., n_kv, hd), k rotated
-        k = apply_rope(self._heads(attn.k_proj(a), getattr(attn, "k_norm", None)), cos, sin)
-        return k, self._heads(attn.v_proj(a), None)     # Qwen2's q/k/v biases live inside the Linear modules
+    @staticmethod
+    def _proj(linear, x, heal, name):                   # a projection, healed (Healing) when heal is given
+        return linear(x) if heal is None else linear(x) + heal(name, x)
 
-    def _layer(self, c, l, x, attn_set, mlp_set):
+    def _kv(self, attn, a, cos, sin, heal=None):        # normed input (..., C) -> k, v (..., n_kv, hd), k rotated
+        k = apply_rope(self._heads(self._proj(attn.k_proj, a, heal, "k_proj"), getattr(attn, "k_norm", None)),
+                       cos, sin)
+        return k, self._heads(self._proj(attn.v_proj, a, heal, "v_proj"), None)   # Qwen2's q/k/v biases: in Linear
+
+    def _mlp(self, mlp, h, heal):                        # HF's MLP, or Llama's MLP with each projection healed
+        if heal is None:
+            return mlp(h)
+        gate, up = self._proj(mlp.gate_proj, h, heal, "gate_proj"), self._proj(mlp.up_proj, h, heal, "up_proj")
+        return self._proj(mlp.down_proj, mlp.act_fn(gate) * up, heal, "down_proj")
+
+    def _layer(self, c, l, x, attn_set, mlp_set, heal=None):
         """Decoder layer l. x (B*T, C). Every token writes its K/V (the K/V rule); attn_set runs attention and
-        mlp_set the MLP (ActiveSets; None: nobody)."""
+        mlp_set the MLP (ActiveSets; None: nobody). heal: the layer's Healing, or None."""
         layer = self.layers[l]
         attn = layer.self_attn
         a = layer.input_layernorm(x)
-        k, v = self._kv(attn, a, c.cos, c.sin)                                # (B*T, n_kv, hd)
+        k, v = self._kv(attn, a, c.cos, c.sin, heal)                          # (B*T, n_kv, hd)
         self_k, self_v = c.cache.k[l], c.cache.v[l]                           # (B, n_kv, max_len, hd)
         self_k[:, :, c.start:c.end] = k.unflatten(0, (c.B, c.T)).transpose(1, 2)
         self_v[:, :, c.start:c.end] = v.unflatten(0, (c.B, c.T)).transpose(1, 2)
         if attn_set is not None:                                              # before attending: a token sees itself
             cos, sin = c.take(c.cos, attn_set), c.take(c.sin, attn_set)
-            q = apply_rope(self._heads(attn.q_proj(c.take(a, attn_set)), getattr(attn, "q_norm", None)), cos, sin)
+            q = self._proj(attn.q_proj, c.take(a, attn_set), heal, "q_proj")
+            q = apply_rope(self._heads(q, getattr(attn, "q_norm", None)), cos, sin)
             o = c.attend(l, q, attn_set, attn.scaling, self.windows[l])      # (N, H, hd)
-            x = c.put(x, attn_set, c.take(x, attn_set) + attn.o_proj(o.flatten(-2)))
+            x = c.put(x, attn_set, c.take(x, attn_set) + self._proj(attn.o_proj, o.flatten(-2), heal, "o_proj"))
         if mlp_set is not None:
             h = c.take(x, mlp_set)
-            x = c.put(x, mlp_set, h + layer.mlp(layer.post_attention_layernorm(h)))
+            x = c.put(x, mlp_set, h + self._mlp(layer.mlp, layer.post_attention_layernorm(h), heal))
         return x
 
     # --- the decisions --------------------------------------------------------------------------------------
@@ -779,6 +892,8 @@ class DepthAdapter:
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
         carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
         for l in range(len(self.layers)):
+            if l == self.tail_start:                                          # the tail: every token again
+                alive = c.valid
             stop = self._stops(l, x, alive, c, carry)                        # decision 1: stop here?
             if stop is not None:
                 alive = alive & ~stop
@@ -792,7 +907,7 @@ class DepthAdapter:
                 attn_set = sets[0] if masks[0] is last[0] else c.subset(masks[0])
                 sets = attn_set, attn_set if masks[1] is masks[0] else c.subset(masks[1])
                 last = masks
-            x = self._layer(c, l, x, *sets)
+            x = self._layer(c, l, x, *sets, self.heal.get(l))
             ran.append(masks)
             if u is not None and self.routers.stand_ins is not None and l == self.units[u][1] - 1:
                 stood.append(alive & ~unit_go)                                # passed over: the unit's stand-in
@@ -804,6 +919,9 @@ class DepthAdapter:
         cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
         if stood:                                                             # stand-ins, by their weights' share
             cost = cost + self.stand_in_share * torch.stack(stood).float().sum(0)
+        if self.heal:                                                         # healing too (_setup_healing)
+            cost = cost + (self.heal_attn_share * (attn_ran * self.healed_rows).sum(0)
+                           + self.heal_mlp_share * (mlp_ran * self.healed_rows).sum(0))
         kv_only = int((c.valid & (attn_ran == 0)).sum())                      # K/V written, nothing else run
         depth = (torch.stack(groups).long().sum(0) if self.counts_groups      # groups run
                  else mlp_ran.sum(0).long())                                  # layers (ffn: MLPs) run

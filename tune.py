@@ -21,6 +21,7 @@ bench.py look), or out_dir/routers.pt. It is saved at every evaluation too, mark
 killed run resumes from it with --init_from). Every job, the speculative drafts' included, runs through one AdamW
 loop, fit().
 """
+import contextlib
 import functools
 import math
 import os
@@ -60,6 +61,7 @@ loss = "kl"                     # kl: match the full model's next-token distribu
 # where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
 R = 7                           # expert_choice / token_choice: groups after base_layers (30 layers: 7 groups of 4)
 base_layers = 2                 # expert_choice / token_choice: layers every token runs
+tail_layers = 0                 # expert_choice / token_choice: the last layers, run by every token (stopped or not)
 router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
 router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
@@ -67,6 +69,9 @@ router_group = 1                # layers per routed unit (one gate skips them to
 router_mlp_hidden = 64          # gate MLP width (0 = a linear gate)
 stand_in_rank = 0               # skip / ffn: > 0: a trained stand-in of this rank for the tokens that skip a unit,
                                 # x + (1 - w_u) * stand_in_u(x) (hf_wrap.StandIn, FlexiDepth's adapter)
+heal_rank = 0                   # > 0: healing, a LoRA of this rank on the 7 projections of every layer from the
+                                # first routed one on (hf_wrap.Healing), trained with the gates; 0 = plain routing
+heal_learning_rate = 1e-3       # the healing's peak rate (the gates' schedule, scaled)
 # the loss: KL (or LM) + lambda * max(mean weight - target_active_ratio, 0) + gate_entropy_weight * entropy
 target_active_ratio = 0.7       # compute budget: the mean continue weight over routed layers and tokens
 penalty_weight = 2.0            # lambda
@@ -143,42 +148,45 @@ def _causal_mask(T, window, like):
 
 
 def soft_forward(model, routers, ids, influence=None, hard=False):
-    """The tuning forward (module docstring) through HF's own layers; w_u (B, T, 1) is read from the state
-    entering unit u. routers=None: the model itself. ids (B, T) -> logits (B, T, V), weights (B, T, U) float32
-    (or None), {exit layer: its input state (B, T, C)}. influence: a list to append, per layer, sum over tokens
-    of 1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
+    """The tuning forward (module docstring) through HF's own layers, healed while routers carry healing
+    (FrozenRouters.healed); w_u (B, T, 1) is read from the state entering unit u and weighs each of its layers'
+    updates, so at 0/1 a stopped token keeps its state through the unit and writes its K/V from it, as in the
+    adapter. routers=None: the model itself. ids (B, T) -> logits (B, T, V), weights (B, T, U) float32 (or None),
+    {exit layer: its input state (B, T, C)}. influence: a list to append, per layer, sum over tokens of
+    1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
     pos = torch.arange(T, device=ids.device)[None].expand(B, T)
     rope = inner.rotary_emb(x, pos)                                           # (cos, sin) (B, T, hd) each
     masks, weights, states, carry = {}, [], {}, None
-    for l, layer in enumerate(inner.layers):
-        if routers is not None and l in routers.exit_at:
-            states[l] = x
-        u = None if routers is None else routers.unit_of.get(l)
-        if u is not None and routers.units[u][0] == l:                        # a unit starts: its weight, its input
-            w, carry = routers.continue_weights(u, x, carry, hard)
-            weights.append(w)
-            w, x_unit = w.to(x.dtype), x
-        window = hf_wrap.layer_window(model.config, l)
-        if window not in masks:
-            masks[window] = _causal_mask(T, window, x)
-        x_in = x
-        if u is not None and routers.kind == "ffn":                           # attention in full, the MLP weighted
-            h = x + layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=masks[window],
-                                    position_ids=pos, position_embeddings=rope)[0]
-            x = h + w * layer.mlp(layer.post_attention_layernorm(h))
-            if routers.stand_ins is not None:                                 # the MLP's stand-in, for the rest
-                x = x + (1 - w) * routers.stand_ins[u](h)
-        else:
-            x = layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
-        if influence is not None:
-            influence.append(float((1 - F.cosine_similarity(x_in.float(), x.float(), dim=-1)).sum()))
-        if u is not None and routers.kind != "ffn" and l == routers.units[u][1] - 1:
-            x = x_unit + w * (x - x_unit)                                     # the unit's update, weighted
-            if routers.stand_ins is not None:                                 # and its stand-in's, for the rest
-                x = x + (1 - w) * routers.stand_ins[u](x_unit)
+    with contextlib.nullcontext() if routers is None else routers.healed(inner.layers):
+        for l, layer in enumerate(inner.layers):
+            if routers is not None and l in routers.exit_at:
+                states[l] = x
+            u = None if routers is None else routers.unit_of.get(l)
+            if u is not None and routers.units[u][0] == l:                    # a unit starts: its weight, its input
+                w, carry = routers.continue_weights(u, x, carry, hard)
+                weights.append(w)
+                w, x_unit = w.to(x.dtype), x
+            window = hf_wrap.layer_window(model.config, l)
+            if window not in masks:
+                masks[window] = _causal_mask(T, window, x)
+            x_in = x
+            if u is not None and routers.kind == "ffn":                       # attention in full, the MLP weighted
+                h = x + layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=masks[window],
+                                        position_ids=pos, position_embeddings=rope)[0]
+                x = h + w * layer.mlp(layer.post_attention_layernorm(h))
+                if routers.stand_ins is not None:                             # the MLP's stand-in, for the rest
+                    x = x + (1 - w) * routers.stand_ins[u](h)
+            else:
+                x = layer(x, attention_mask=masks[window], position_ids=pos, position_embeddings=rope)
+            if influence is not None:
+                influence.append(float((1 - F.cosine_similarity(x_in.float(), x.float(), dim=-1)).sum()))
+            if u is not None and routers.kind != "ffn":
+                x = x_in + w * (x - x_in)                                     # the layer's update, weighted
+                if routers.stand_ins is not None and l == routers.units[u][1] - 1:
+                    x = x + (1 - w) * routers.stand_ins[u](x_unit)            # the unit's stand-in, for the rest
     logits = model.get_output_embeddings()(inner.norm(x))
     return logits, (torch.cat(weights, -1).float() if weights else None), states
 
@@ -214,12 +222,13 @@ def _tuning_loss(logits, Y, weights, cfg, it, sizes=None, full_logits=None):
 def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, beta2, weight_decay, grad_clip,
         log_interval, accum=1, evaluate=None, eval_interval=0, log_last=False, prefix="iter", start=0, opt=None):
     """AdamW, warmup then cosine (configurator.lr_at): step it backpropagates (loss, log) = loss_of(it) `accum`
-    times (loss / accum), clips to grad_clip (0 = off), steps. evaluate(it) before step 0, every eval_interval
-    (0 = never) and after the last; every log_interval steps (log_last: and the last) prints
+    times (loss / accum), clips to grad_clip (0 = off), steps. params: tensors, or AdamW's parameter groups,
+    each with an optional "lr_scale" (its rate: the schedule's times that). evaluate(it) before step 0, every
+    eval_interval (0 = never) and after the last; every log_interval steps (log_last: and the last) prints
     "<prefix> <step>: <log(lr)>, <ms> ms/iter". start, opt: a resumed run's next step and its optimizer (the one
     new_optimizer made, its state loaded); `start` was evaluated before. -> [evaluate's results]."""
-    params = list(params)
-    opt = opt if opt is not None else new_optimizer(params, learning_rate, beta1, beta2, weight_decay)
+    opt = opt if opt is not None else new_optimizer(list(params), learning_rate, beta1, beta2, weight_decay)
+    params = [p for group in opt.param_groups for p in group["params"]]
     evals, t0 = [], time.time()
     for it in range(start, iters + 1):
         due = it in (0, iters) or (eval_interval and it % eval_interval == 0)
@@ -229,7 +238,7 @@ def fit(params, loss_of, iters, *, learning_rate, min_lr, warmup_iters, beta1, b
             return evals
         lr = configurator.lr_at(it, learning_rate, min_lr, warmup_iters, iters)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         for _ in range(accum):
             loss, log = loss_of(it)
             (loss / accum).backward()
@@ -292,6 +301,12 @@ def check_config(cfg):
                            and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                and cfg["router_group"] == 1)),
                            "an int >= 0, and 0 unless router is skip or ffn with router_group=1"),
+                          ("heal_rank", isinstance(cfg["heal_rank"], int) and cfg["heal_rank"] >= 0,
+                           "an int >= 0 (0 = no healing; 8 is a good start)"),
+                          ("heal_learning_rate", cfg["heal_learning_rate"] > 0, "> 0"),
+                          ("tail_layers", isinstance(cfg["tail_layers"], int) and cfg["tail_layers"] >= 0 and (
+                           cfg["tail_layers"] == 0 or cfg["router"] in ("expert_choice", "token_choice")),
+                           "an int >= 0, and 0 unless router is expert_choice or token_choice"),
                           ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
                           ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1"),
                           ("draft_windows", cfg["draft_windows"] >= 1, "an int >= 1"),
@@ -350,21 +365,24 @@ def load_base(cfg):
     return model.requires_grad_(False), tok, device
 
 
-def make_routers(cfg, mc):
+def make_routers(cfg, model):
     """hf_wrap.FrozenRouters of cfg's kind, every weight at target_active_ratio (expert-choice: its product over
-    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates.
-    -> (routers, init_from's dict or None)."""
+    the units; token-choice starts at full depth), so the penalty has nothing to undo; or init_from's gates. Its
+    healing (heal_rank > 0) corrects every layer from the first routed one on: the layers whose input routing
+    changes, the always-run last ones included (they make the prediction). -> (routers, init_from's dict or None)."""
+    mc = model.config
     kind, L = cfg["router"], mc.num_hidden_layers
     try:
         if kind in ("expert_choice", "token_choice"):
-            units = hf_wrap.group_layout(L, cfg["R"], cfg["base_layers"])
+            units = hf_wrap.group_layout(L, cfg["R"], cfg["base_layers"], cfg["tail_layers"])
         else:
             units = hf_wrap.unit_layout(L, cfg["router_pattern"], cfg["router_start"], cfg["router_stop"],
                                         cfg["router_group"])
         p = cfg["target_active_ratio"] ** (2 / (len(units) + 1) if kind == "expert_choice" else 1)
         init = hf_wrap.GATE_INIT_LOGIT if kind == "token_choice" or p >= 0.99 else math.log(p / (1 - p))
         routers = hf_wrap.FrozenRouters(kind, mc.hidden_size, units, cfg["exit_layers"], cfg["router_mlp_hidden"],
-                                        init, cfg["stand_in_rank"])
+                                        init, cfg["stand_in_rank"], cfg["heal_rank"], range(units[0][0], L),
+                                        hf_wrap.heal_shapes(model.model.layers[0]), cfg["tail_layers"])
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if not cfg["init_from"]:
@@ -380,6 +398,12 @@ def make_routers(cfg, mc):
     routers.gates.load_state_dict(start.gates.state_dict())
     if routers.stand_ins is not None:
         routers.stand_ins.load_state_dict(start.stand_ins.state_dict())
+    if start.heals is not None and routers.heals is not None:             # healing too, when both have it alike
+        if (start.heal_rank, start.heal_layers) != (routers.heal_rank, routers.heal_layers):
+            raise SystemExit(f"error: init_from={cfg['init_from']} heals layers {start.heal_layers} at rank "
+                             f"{start.heal_rank}; this run heals {routers.heal_layers} at heal_rank="
+                             f"{routers.heal_rank} (heal_rank=0 starts from its gates alone).")
+        routers.heals.load_state_dict(start.heals.state_dict())
     return routers, blob
 
 
@@ -479,6 +503,9 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib, start=0,
                                  f"{cfg['target_active_ratio']}), lr {lr:.2e}")
 
     trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
+    if routers.heals is not None:                          # healing at its own rate (a LoRA moves the layers)
+        trained = [{"params": trained}, {"params": list(routers.heals.parameters()),
+                                         "lr_scale": cfg["heal_learning_rate"] / cfg["learning_rate"]}]
     settings = optimizer_settings(cfg)
     opt = new_optimizer(trained, **settings)
     if opt_state is not None:
@@ -611,7 +638,7 @@ def tune_routers(cfg):
     print(f"writing {path}" + (" (it replaces the file there)" if os.path.exists(path) else ""))
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights
     model, tok, device = load_base(cfg)
-    routers, start = make_routers(cfg, model.config)
+    routers, start = make_routers(cfg, model)
     routers = routers.to(device)
     train_ids, val_ids = tuning_text(cfg, model, tok, os.path.dirname(path))
     B, block = cfg["batch_size"], cfg["block_size"]

@@ -29,7 +29,7 @@ import hf_wrap  # noqa: E402
 import tune  # noqa: E402
 from hf_wrap import DepthAdapter  # noqa: E402
 from tune import soft_forward  # noqa: E402
-from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, prompts, tiny  # noqa: E402
+from test_hf_wrap import CONFIGS, LAYERS, VOCAB, RowCounter, hf_greedy, prompts, tiny  # noqa: E402
 
 TEXT = "KING:\nWhat say you, my lord? Speak, and speak the truth.\n\nQUEEN:\nI have no words to give you now.\n\n" * 40
 KINDS = hf_wrap.ROUTER_KINDS                      # skip, ffn, expert_choice, token_choice
@@ -39,11 +39,11 @@ GROUP_KINDS = ("expert_choice", "token_choice")
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
-def layout(kind, n_layers=LAYERS, R=4, base_layers=2, **unit_kw):
-    """The units a kind routes: skip / ffn units (one layer each by default), or R groups after base_layers
-    (R=4, base_layers=2 on 6 layers: groups of one layer)."""
+def layout(kind, n_layers=LAYERS, R=4, base_layers=2, tail_layers=0, **unit_kw):
+    """The units a kind routes: skip / ffn units (one layer each by default), or R groups after base_layers and
+    before tail_layers (R=4, base_layers=2 on 6 layers: groups of one layer)."""
     if kind in GROUP_KINDS:
-        return hf_wrap.group_layout(n_layers, R, base_layers)
+        return hf_wrap.group_layout(n_layers, R, base_layers, tail_layers)
     return hf_wrap.unit_layout(n_layers, **unit_kw)
 
 
@@ -62,6 +62,36 @@ def spread_routers(kind="skip", hidden=64, n_layers=LAYERS, exit_layers=(), seed
         for s in r.stand_ins:
             torch.nn.init.normal_(s.up.weight, std=0.1)
     return r.eval()
+
+
+def healed_routers(model, kind="skip", heal_rank=4, tail_layers=0, fresh=False, seed=0, **kw):
+    """spread_routers' gates (tail_layers: groups 1, 2, 3 and the tail after them) with healing on every layer from
+    the first routed one; its corrections random (as after training), or zero (fresh, as tune.py starts them)."""
+    if tail_layers:
+        kw = dict(R=LAYERS - 1 - tail_layers, base_layers=1, tail_layers=tail_layers, **kw)
+    plain = spread_routers(kind, seed=seed, **kw)
+    r = hf_wrap.FrozenRouters(kind, 64, plain.units, mlp_hidden=16, heal_rank=heal_rank,
+                              heal_layers=range(plain.units[0][0], LAYERS),
+                              heal_shapes=hf_wrap.heal_shapes(model.model.layers[0]), tail_layers=tail_layers)
+    r.load_state_dict(plain.state_dict(), strict=False)
+    if not fresh:
+        for heal in r.heals:
+            for up in heal.up.values():
+                torch.nn.init.normal_(up.weight, std=0.1)
+    return r.eval(), plain
+
+
+def rows_cost(counter, ad, stood=0.0):
+    """The layer calls a routed pass made, from the rows each layer's projections were fed (RowCounter):
+    attention (q_proj) and the MLP (gate_proj) by their shares, healing at its shares on the healed layers, and
+    `stood` stand-in calls."""
+    cost = ad.stand_in_share * stood
+    for l in range(LAYERS):
+        q, mlp = counter.rows[l, "self_attn.q_proj"], counter.rows[l, "mlp.gate_proj"]
+        cost += ad.attn_share * q + (1 - ad.attn_share) * mlp
+        if l in ad.heal:
+            cost += ad.heal_attn_share * q + ad.heal_mlp_share * mlp
+    return cost
 
 
 def tune_config(**overrides):
@@ -552,6 +582,153 @@ def test_keep_ratio_cutoffs(tmp_path):
 
 
 # -----------------------------------------------------------------------------
+# Healing (low-rank corrections of the layers that run) and tail layers (group kinds)
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_healing_changes_nothing_but_its_cost(kind):
+    """A fresh correction (up = 0, as tune.py starts it) routes and predicts as the same gates without it, in the
+    adapter and the tuning forward; the layer calls then count its weights' share on every healed layer run."""
+    model = tiny("llama")
+    r, plain = healed_routers(model, kind, fresh=True)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    ad, base = DepthAdapter(model, router=kind, routers=r, bias=0.0), DepthAdapter(model, router=kind, routers=plain,
+                                                                                  bias=0.0)
+    counter = RowCounter(model)
+    healed, st = ad.prefill_logits(ids)
+    counter.remove()
+    want, st0 = base.prefill_logits(ids)
+    torch.testing.assert_close(healed, want, atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(soft_forward(model, r, ids)[0], soft_forward(model, plain, ids)[0])
+    assert sorted(ad.heal) == list(range(r.units[0][0], LAYERS)) and 0 < ad.heal_attn_share < ad.heal_mlp_share
+    assert st["layer_calls"] == pytest.approx(rows_cost(counter, ad), abs=1e-2) and st["layer_calls"] > st0["layer_calls"]
+    kv = r.heals[0].share(("k_proj", "v_proj"), ad.layer_weights)
+    assert ad.kv_share == pytest.approx(base.kv_share + kv)                   # a K/V-only fill is healed too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_healing_agrees_in_prefill_decode_and_the_tuning_forward(kind):
+    """Trained-like corrections change the output; the tuning forward's 0/1 decisions (soft_forward, hard) are the
+    adapter's prefill, which is its cached decode; its hooks are gone afterwards (the model is itself again)."""
+    model = tiny("llama")
+    r, plain = healed_routers(model, kind, tail_layers=2 if kind in GROUP_KINDS else 0)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, w, _ = soft_forward(model, r, ids, hard=True)
+        torch.testing.assert_close(soft_forward(model, None, ids)[0], model(ids).logits, atol=1e-4, rtol=1e-4)
+    assert is_0_or_1(w) and all(not m._forward_hooks for m in model.modules())
+    ad = DepthAdapter(model, router=kind, routers=r, bias=0.0)
+    routed, st = ad.prefill_logits(ids)
+    torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
+    unhealed, _ = DepthAdapter(model, router=kind, routers=plain, bias=0.0).prefill_logits(ids)
+    assert (routed - unhealed).abs().max() > 1e-3 and 0 < st["compute_saved_pct"] < 100
+    prompt, mask = prompts(3)
+    out, gst = ad.generate(prompt, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - 1 - prompt.shape[1], dtype=mask.dtype)], 1)
+    counter = RowCounter(model)
+    tf, tst = ad.prefill_logits(out[:, :-1], attention_mask=full_mask)
+    counter.remove()
+    torch.testing.assert_close(tf[:, prompt.shape[1] - 1:], gst["logits"], atol=1e-4, rtol=1e-4)
+    assert tst["layer_calls"] == pytest.approx(rows_cost(counter, ad), abs=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["skip", "expert_choice"])
+def test_full_depth_is_exact_with_a_healing_file(kind, tmp_path):
+    """Healing is off at full depth: with a healing file loaded, --no_skip and keep_ratio=1.0 give generate's
+    tokens and logits (the corrections would change them: see the test above)."""
+    model = tiny("llama")
+    r, _ = healed_routers(model, kind)
+    path = str(tmp_path / "routers.pt")
+    hf_wrap.save_routers(path, r, model.config, model="tiny")
+    ids, mask = prompts(3)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 16)
+    for ad in (DepthAdapter(model, router=kind, router_path=path, keep_ratio=1.0),
+               DepthAdapter(model, router=kind, router_path=path, no_skip=True)):
+        out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=16, return_logits=True)
+        assert torch.equal(out, ref_ids) and st["compute_saved_pct"] == 0
+        torch.testing.assert_close(st["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", GROUP_KINDS)
+def test_tail_layers_run_for_every_token(kind):
+    """tail_layers=2 on 6 layers: groups 1, 2, 3, then layers 4 and 5 for every token, stopped or not (counted from
+    the rows each projection was fed), in prefill and decode alike; the tuning forward's 0/1 decisions are the
+    adapter's prefill; depths count the groups, layers_per_depth the tail in every depth."""
+    model = tiny("llama")
+    r = spread_routers(kind, R=3, base_layers=1, tail_layers=2)
+    assert r.units == [(1, 2), (2, 3), (3, 4)]
+    ad = DepthAdapter(model, router=kind, routers=r, bias=0.0)
+    assert ad.tail_start == 4 and ad.layers_per_depth == [3, 4, 5, 6]
+    ids, mask = prompts(3)
+    out, gst = ad.generate(ids, attention_mask=mask, max_new_tokens=12, return_logits=True)
+    full_mask = torch.cat([mask, torch.ones(3, out.shape[1] - 1 - ids.shape[1], dtype=mask.dtype)], 1)
+    for prefill, n in ((True, int(full_mask.sum())), (False, int(mask.sum()) + 3 * 11)):   # generate: last not fed
+        counter = RowCounter(model)
+        tf, st = (ad.prefill_logits(out[:, :-1], attention_mask=full_mask) if prefill else
+                  ad.generate(ids, attention_mask=mask, max_new_tokens=12))
+        counter.remove()
+        for l in (0, 4, 5):                                                   # layer 0 and the tail: everyone
+            assert counter.rows[l, "self_attn.q_proj"] == counter.rows[l, "mlp.gate_proj"] == n, l
+        assert counter.rows[3, "mlp.gate_proj"] < n                           # the last group: some stopped
+        if prefill:                                                           # its stats: every token's
+            assert st["layer_calls"] == pytest.approx(rows_cost(counter, ad), abs=1e-2)
+            torch.testing.assert_close(tf[:, ids.shape[1] - 1:], gst["logits"], atol=1e-4, rtol=1e-4)
+            assert st["depth_hist"][0] > 0 and st["layer_calls"] >= st["tokens"] * 3   # depth 0: layer 0 + tail
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, w, _ = soft_forward(model, r, x, hard=True)
+    assert is_0_or_1(w) and float(w.min()) == 0
+    torch.testing.assert_close(logits, ad.prefill_logits(x)[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["skip", "expert_choice", "token_choice"])
+def test_tuning_forward_is_inference_for_units_of_two_layers(kind):
+    """Units of two layers (skip, router_group=2; groups of two): the tuning forward weighs each layer's update by
+    its unit's weight, so at 0/1 a token that passes over a unit keeps its state through both layers and writes its
+    K/V from it there, as the adapter does: the tuning forward is the adapter's prefill."""
+    model = tiny("llama")
+    kw = dict(group=2) if kind == "skip" else dict(R=2, base_layers=1, tail_layers=1)
+    r = spread_routers(kind, **kw)
+    assert all(b - a == 2 for a, b in r.units)
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, w, _ = soft_forward(model, r, ids, hard=True)
+    assert is_0_or_1(w) and 0 < float(w.mean()) < 1
+    routed, _ = DepthAdapter(model, router=kind, routers=r, bias=0.0).prefill_logits(ids)
+    torch.testing.assert_close(logits, routed, atol=1e-4, rtol=1e-4)
+
+
+def test_tuning_trains_healing_and_tail_layers(tmp_path, monkeypatch):
+    """--heal_rank: the corrections learn with the gates (from zero), the base stays byte-identical, the file carries
+    them (and --tail_layers), init_from brings them back, a different rank is refused; heal_rank=0 writes no
+    healing; tail_layers is refused where there are no groups."""
+    model, tok, text = served(tmp_path, monkeypatch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    common = dict(hf="some/model", dataset=text, router="expert_choice", R=2, keep_ratios=(0.5,), tail_layers=2)
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), heal_rank=4, **common))
+    assert all(v.numpy().tobytes() == before[k].numpy().tobytes() for k, v in model.state_dict().items())
+    path = str(tmp_path / "a" / "routers.pt")
+    r, blob = hf_wrap.load_routers(path, model.config)
+    assert blob["heal_rank"] == 4 and blob["heal_layers"] == list(range(2, LAYERS)) and blob["tail_layers"] == 2
+    assert r.units == hf_wrap.group_layout(LAYERS, 2, 2, 2) and r.describe() == "expert_choice + tail 2 + healing r4"
+    assert all(float(up.weight.detach().abs().max()) > 0 for heal in r.heals for up in heal.up.values())
+    ad = DepthAdapter(model, router="expert_choice", router_path=path)
+    assert sorted(ad.heal) == list(range(2, LAYERS)) and ad.tail_start == LAYERS - 2
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "b"), heal_rank=4, init_from=path, max_iters=0, **common))
+    again, _ = hf_wrap.load_routers(str(tmp_path / "b" / "routers.pt"), model.config)
+    for a, b in zip(r.heals.state_dict().values(), again.heals.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(SystemExit, match="heal_rank=8"):
+        tune.tune_routers(tune_config(out_dir=str(tmp_path / "c"), heal_rank=8, init_from=path, **common))
+    tune.tune_routers(tune_config(out_dir=str(tmp_path / "d"), max_iters=0, **common))
+    plain, blob = hf_wrap.load_routers(str(tmp_path / "d" / "routers.pt"), model.config, unfinished_ok=True)
+    assert blob["heal_rank"] == 0 and plain.heals is None and not any("heal" in k for k in blob["state_dict"])
+    for key, value in [("tail_layers", 1), ("heal_rank", -1)]:
+        with pytest.raises(SystemExit, match=key):
+            tune.tune_routers(tune_config(out_dir=str(tmp_path / "e"), hf="x", dataset=text, **{key: value}))
+
+
+# -----------------------------------------------------------------------------
 # Static dropping and the threshold search
 
 def test_static_drop_picks_lowest_influence_never_layer_0():
@@ -711,16 +888,21 @@ def test_gap_closed_column(tmp_path):
 # Router files and sample.py
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_router_file_round_trip(kind, tmp_path):
-    """save_routers / load_routers: the same weights and layout, the meta back as saved, the same routing."""
+@pytest.mark.parametrize("heal_rank", [0, 4])
+def test_router_file_round_trip(kind, heal_rank, tmp_path):
+    """save_routers / load_routers: the same weights and layout (healing and tail layers included), the meta back
+    as saved, the same routing."""
     model = tiny("llama")
     r = spread_routers(kind, exit_layers=(3,) if kind == "skip" else (),
                        stand_in_rank=4 if kind in ("skip", "ffn") else 0)
+    if heal_rank:
+        r, _ = healed_routers(model, kind, heal_rank, tail_layers=2 if kind in GROUP_KINDS else 0)
     path = str(tmp_path / "routers.pt")
     hf_wrap.save_routers(path, r, model.config, model="tiny", bias=0.25, exit_threshold=0.8, exits_trained=True)
     loaded, blob = hf_wrap.load_routers(path, model.config)
     assert loaded.kind == kind and loaded.units == r.units and loaded.exit_layers == r.exit_layers
-    assert loaded.stand_in_rank == r.stand_in_rank
+    assert loaded.stand_in_rank == r.stand_in_rank and loaded.describe() == r.describe()
+    assert (loaded.heal_rank, loaded.heal_layers, loaded.tail_layers) == (r.heal_rank, r.heal_layers, r.tail_layers)
     assert blob["router"] == kind and blob["mlp_hidden"] == 16 and blob["bias"] == 0.25 and blob["model"] == "tiny"
     for (ka, a), (kb, b) in zip(r.state_dict().items(), loaded.state_dict().items()):
         assert ka == kb and torch.equal(a, b), ka
@@ -938,6 +1120,20 @@ def test_fit_is_one_adamw_loop(capsys):
         opt.step()
         opt.zero_grad()
     assert torch.equal(w, ref)                  # two half-losses a step: the same gradient as one whole loss
+    # parameter groups: each at the schedule's rate times its lr_scale
+    a, b = torch.nn.Parameter(torch.tensor([1.0, -2.0])), torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    tune.fit([{"params": [a]}, {"params": [b], "lr_scale": 0.5}], lambda it: ((a ** 2).sum() + (b ** 2).sum(),
+             lambda lr: ""), 5, learning_rate=0.1, min_lr=0.01, warmup_iters=1, beta1=0.9, beta2=0.95, weight_decay=0,
+             grad_clip=0, log_interval=10)
+    for p, scale in ((a, 1.0), (b, 0.5)):
+        ref = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+        opt = torch.optim.AdamW([ref], lr=0.1, betas=(0.9, 0.95), weight_decay=0.0)
+        for it in range(5):
+            opt.param_groups[0]["lr"] = scale * lr_at(it, 0.1, 0.01, 1, 5)
+            (ref ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert torch.equal(p, ref), scale
 
 
 def test_renamed_draft_keys_still_work(capsys):
