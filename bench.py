@@ -25,7 +25,7 @@ import data
 import hf_wrap
 import speculative as spec
 from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
-                          pyplot, save_figure)
+                          pyplot, save_figure, set_threads)
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
@@ -49,6 +49,7 @@ new_tokens = 0                  # tokens generated per sequence
 depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
 device = "auto"
 dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
+threads = 0                     # CPU threads (0: torch's default); the timings depend on it (the table names it)
 compile = True                  # torch.compile the training step on CUDA (ignored on CPU)
 cudnn_sdpa = True               # False: keep PyTorch's SDPA off its cuDNN backend (it plans per new shape; see README)
 profile = False                 # write a torch.profiler trace (bench_trace_<variant>.json) per training variant
@@ -85,6 +86,7 @@ gen_temperature = 0.8           # generations sample at this temperature (infill
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":     # an import (tests) reads no command line and runs nothing
     config = configure(globals())
+    set_threads(threads)
     torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]

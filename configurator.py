@@ -11,8 +11,8 @@ Positional args are config files (plain Python assignments), applied in order, t
 --compile=false (any case), --dropout=0 (int for a float key), None-default keys, values
 with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
 
-Also here, what every script shares: require(), device and autocast setup, the optional plots, the statistics
-writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
+Also here, what every script shares: require(), CPU threads, device and autocast setup, the optional plots, the
+statistics writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
 """
 import ast
 import contextlib
@@ -218,6 +218,20 @@ def autodetect_device(device='auto'):
     if (kind == 'cuda' and not torch.cuda.is_available()) or (kind == 'mps' and not has_mps):
         _fail(f"device '{device}' was asked for but is not available here. Use --device=auto (or cpu).")
     return device
+
+
+def set_threads(threads=0):
+    """A script's --threads, printed in its first lines: > 0 sets torch's CPU threads (torch.set_num_threads), 0
+    keeps torch's default (OMP_NUM_THREADS, else one per core). On a CPU that other jobs share, the threads of one
+    matrix product wait for each other's busy cores: one thread is then often many times faster. -> the count."""
+    require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
+            f"threads={threads!r}: the CPU threads torch uses, an int >= 1 (0: torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    print(f"{n} CPU thread{'s' if n != 1 else ''} ("
+          + ("--threads" if threads else "torch's default; on a busy machine --threads=1 or OMP_NUM_THREADS=1") + ")")
+    return n
 
 
 def autocast_context(device, dtype='auto'):

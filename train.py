@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
-                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint)
+                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint, set_threads)
 from diffusion import masked_diffusion_loss
 from model import MoR, MoRConfig
 
@@ -90,6 +90,7 @@ dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | 
 compile = False                 # torch.compile the model
 backend = "nccl"                # DDP backend on GPUs (CPU always uses gloo)
 deterministic = False           # seed every RNG and use torch's deterministic kernels: a rerun gives the same losses
+threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 # -----------------------------------------------------------------------------
 config = configure(globals())
 require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}: e.g. --learning_rate=1e-3")
@@ -104,6 +105,7 @@ require(objective == "ar" or router == "none", "objective='diffusion' trains wit
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
+set_threads(threads)
 
 # DDP: torchrun sets RANK; one process per device
 ddp = int(os.environ.get("RANK", -1)) != -1

@@ -118,6 +118,7 @@ init_from = ""                  # a routers file: its settings and gates, with t
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
+threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, configurator.CONFIG_TYPES)}
 
@@ -303,7 +304,7 @@ def check_config(cfg):
     return cfg
 
 
-RESUME_MAY_CHANGE = ("device", "dtype", "out_dir", "log_interval", "eval_interval")
+RESUME_MAY_CHANGE = ("device", "dtype", "threads", "out_dir", "log_interval", "eval_interval")
 
 
 def with_init_from(cfg):
@@ -607,6 +608,7 @@ def tune_routers(cfg):
     """The whole run (cfg: default_config(...) or the script's), phase by phase; its file (router_file) is saved
     at every evaluation, marked unfinished, and at the end."""
     t0, cfg = time.time(), check_config(cfg)
+    configurator.set_threads(cfg["threads"])
     path = router_file(cfg)
     print(f"writing {path}" + (" (it replaces the file there)" if os.path.exists(path) else ""))
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights
