@@ -133,7 +133,6 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"device {device}, dtype {dtype}, {world} process(es), {tokens_per_iter:,} tokens per iteration")
 
 # data: prepared once (rank 0 first, the others then read it), read by memmap
@@ -178,6 +177,8 @@ elif init_from != "scratch":
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}"
                      + (": router tuning for a pretrained model is python tune.py --hf=<name or path>"
                         if init_from.startswith("hf:") else ""))
+if master:
+    os.makedirs(out_dir, exist_ok=True)   # after every check: a rejected config leaves no empty out_dir behind
 model = MoR(model_config)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])

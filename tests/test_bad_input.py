@@ -45,3 +45,10 @@ def test_hf_folder_without_a_model_says_so(tmp_path, make):
         (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(SystemExit, match="a folder without a model in it"):
         data.load_hf(str(tmp_path))
+
+
+def test_a_rejected_model_config_leaves_no_out_dir(tmp_path, data_dir):
+    out = tmp_path / "new-run"
+    p = run("train.py", "--n_embd=10", "--n_head=3", f"--out_dir={out}", f"--data_dir={data_dir}")
+    assert p.returncode != 0 and "error: bad model config: n_embd=10" in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
