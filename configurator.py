@@ -229,8 +229,9 @@ def set_threads(threads=0):
     if threads:
         torch.set_num_threads(threads)
     n = torch.get_num_threads()
-    print(f"{n} CPU thread{'s' if n != 1 else ''} ("
-          + ("--threads" if threads else "torch's default; on a busy machine --threads=1 or OMP_NUM_THREADS=1") + ")")
+    why = "--threads" if threads else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else \
+        "torch's default, one per core; on a busy machine --threads=1"
+    print(f"{n} CPU thread{'s' if n != 1 else ''} ({why})")
     return n
 
 
