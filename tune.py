@@ -574,9 +574,11 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
     """A speculative draft (below) instead of gates. -> its last held-out evaluation."""
+    # the state hf_wrap.unready reads, as a routers file records it; a draft is saved once, at the end
+    state = dict(finished=True, iter_num=cfg["max_iters"], max_iters=cfg["max_iters"], trained=cfg["max_iters"] > 0)
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
-                  meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
+                  meta=dict(model=cfg["hf"], config=cfg, **state), **optimizer_settings(cfg))
     if cfg["exit_head_layer"]:
         return tune_exit_head(model, train_ids, val, path, layer=cfg["exit_head_layer"], rank=cfg["exit_head_rank"],
                               **common)
