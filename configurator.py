@@ -21,6 +21,7 @@ import difflib
 import io
 import math
 import os
+import re
 import sys
 import tokenize
 import types
@@ -190,6 +191,15 @@ def configure(g, argv=None):
         print(f"Overriding: {key} = {value!r}")
         i += 1
     return {k: g[k] for k in keys}
+
+
+def error_line(e):
+    """An exception quoted whole, in one line: its type and its first line (torch's and transformers' messages run
+    on for paragraphs, and one cut at a length reads as garbled); for torch.load's weights_only refusal, the line
+    that names the reason."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return f"{type(e).__name__}: {why}" if why else type(e).__name__
 
 
 def require(ok, msg):
@@ -373,7 +383,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({error_line(e)}): "
                          f"truncated or corrupt? Delete it and train again, or restore a copy.")
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

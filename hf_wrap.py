@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import save_checkpoint
+from configurator import error_line, save_checkpoint
 from kv_cache import from_grid, sdpa, to_grid
 from model import ActiveSet, apply_rope, sample_next
 from router import depth_summary
@@ -210,7 +210,7 @@ def read_router_file(path, tune_command="python tune.py"):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
+        raise ValueError(f"{path} is not a readable router file ({error_line(e)}); it may be "
                          "truncated: tune the routers again.") from None
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt not in FILE_HOLDS:

@@ -317,3 +317,22 @@ def test_threads_key_sets_torch_threads_and_says_so(tmp_path, data_dir, script, 
                        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert "3 CPU threads (--threads)" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_quoted_torch_error_is_its_whole_first_line(tmp_path, monkeypatch):
+    """load_checkpoint and read_router_file quote torch.load's error: the first line whole (not cut at a length),
+    and for the weights_only refusal, the line that names what it refused."""
+    import argparse
+    import hf_wrap
+    from configurator import load_checkpoint
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"args": argparse.Namespace(lr=1)}, path)              # a pickled object: weights_only refuses it
+    with pytest.raises(SystemExit, match=r"\(UnpicklingError: WeightsUnpickler error: Unsupported global: GLOBAL "
+                                         r"argparse\.Namespace was not an allowed global .* if you trust this class"):
+        load_checkpoint(path)
+    long = "x" * 300 + " the end of the first line."
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(f"{long}\nthe second")))
+    for load, error in ((load_checkpoint, SystemExit), (hf_wrap.read_router_file, ValueError)):
+        with pytest.raises(error) as caught:
+            load(path)
+        assert f"(RuntimeError: {long})" in str(caught.value) and "the second" not in str(caught.value)
