@@ -98,6 +98,10 @@ require(0 <= min_lr <= learning_rate, f"min_lr must be between 0 and learning_ra
                                       f"set --min_lr lower (0 decays all the way)")
 require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_iters=1, eval_interval=1,
                  log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
+require_at_least(config, weight_decay=0, lr_decay_iters=0)
+require(0 <= beta1 < 1 and 0 <= beta2 < 1, f"beta1={beta1}, beta2={beta2}: AdamW's decay rates lie in [0, 1) "
+                                           "(e.g. --beta1=0.9 --beta2=0.95)")
+require(0 <= decay_frac <= 1, f"decay_frac={decay_frac}: the fraction of max_iters that decays (wsd), in [0, 1]")
 require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 require(objective in ("ar", "diffusion"), f"objective must be 'ar' or 'diffusion', got {objective!r}")
 require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none' (its adaptivity is "
