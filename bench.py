@@ -25,7 +25,7 @@ import data
 import hf_wrap
 import speculative as spec
 from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
-                          pyplot, save_figure)
+                          pyplot, save_figure, set_threads)
 from model import ContinuousBatching, MoR, MoRConfig
 from router import DepthFirstRouter
 
@@ -49,6 +49,7 @@ new_tokens = 0                  # tokens generated per sequence
 depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
 device = "auto"
 dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
+threads = 0                     # CPU threads (0: torch's default); the timings depend on it (the table names it)
 compile = True                  # torch.compile the training step on CUDA (ignored on CPU)
 cudnn_sdpa = True               # False: keep PyTorch's SDPA off its cuDNN backend (it plans per new shape; see README)
 profile = False                 # write a torch.profiler trace (bench_trace_<variant>.json) per training variant
@@ -85,6 +86,7 @@ gen_temperature = 0.8           # generations sample at this temperature (infill
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":     # an import (tests) reads no command line and runs nothing
     config = configure(globals())
+    set_threads(threads)
     torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]
@@ -499,13 +501,16 @@ def spec_drafts(model, router_paths, bias):
     the untrained exit at layer l (the model's own head at the first exit head's layer, else 2L/3). -> (drafts, l)."""
     L, drafts = model.config.num_hidden_layers, []
     for path in router_paths:
-        blob = hf_wrap.read_router_file(path)
-        if blob["format"] == hf_wrap.DRAFTER_FILE_FORMAT:
-            drafts.append((f"drafter ({path})", hf_wrap.DepthAdapter(model), spec.load_drafter(path, model)[0]))
-        else:
-            drafts.append((f"{blob['router']} ({path})", hf_wrap.DepthAdapter(
-                model, router=blob["router"], router_path=path, bias=None if blob["router"] == "exit_head" else bias),
-                None))
+        try:                                          # e.g. a file tuned for another model: the clear error
+            blob = hf_wrap.read_router_file(path)
+            if blob["format"] == hf_wrap.DRAFTER_FILE_FORMAT:
+                drafts.append((f"drafter ({path})", hf_wrap.DepthAdapter(model), spec.load_drafter(path, model)[0]))
+            else:
+                drafts.append((f"{blob['router']} ({path})", hf_wrap.DepthAdapter(
+                    model, router=blob["router"], router_path=path,
+                    bias=None if blob["router"] == "exit_head" else bias), None))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     exit_layer = next((ad.exit_head.layer for _, ad, _ in drafts if ad.exit_head is not None), 2 * L // 3)
     drafts.append((f"untrained exit at layer {exit_layer}",
                    hf_wrap.DepthAdapter(model, router="fixed", R=L - 1, base_layers=1, depth=exit_layer - 1), None))
@@ -587,18 +592,21 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
 
 
 def router_files():
-    """--routers' files; without it, tune.py's default file of every trained kind for --hf (data.default_routers)
-    that is ready to route with (hf_wrap.unready), each named."""
-    if routers:
-        return [p for p in routers.split(",") if p]
+    """--routers' files, each ready to route with (hf_wrap.unready; else SystemExit, as sample.py refuses it), read
+    before the model loads; without it, tune.py's default file of every trained kind for --hf (data.default_routers)
+    that is ready, each named (the others skipped, with why)."""
+    given = [p for p in routers.split(",") if p]
     found = []
-    for path in filter(os.path.isfile, (data.default_routers(hf, kind) for kind in hf_wrap.ROUTER_KINDS)):
+    for path in given or filter(os.path.isfile, (data.default_routers(hf, kind) for kind in hf_wrap.ROUTER_KINDS)):
         try:
             problem = hf_wrap.unready(hf_wrap.read_router_file(path), path)
         except ValueError as e:
             problem = str(e)
-        print(f"note: skipping {problem}" if problem else f"routers: {path} (tune.py's for {hf}; --routers=<files>"
-              " picks others)")
+        if given and problem:
+            raise SystemExit(f"error: {problem}")
+        if not given:
+            print(f"note: skipping {problem}" if problem else f"routers: {path} (tune.py's for {hf}; --routers=<files>"
+                  " picks others)")
         found += [] if problem else [path]
     return found
 
@@ -618,10 +626,11 @@ def bench_speculative():
     if threshold is not None:                     # the old name (one release)
         print(f"note: --threshold is deprecated here: it is the trained routers' logit bias, --bias={threshold}")
         bias = threshold if bias is None else bias
+    paths = router_files()
     model, tok = load_real()
     batches = list(decode_batches) or [1]
     bench_verify(model, batches, 64, f"on {hf}", model=hf)
-    table = compare(model, tok, router_files(), bias, batches,
+    table = compare(model, tok, paths, bias, batches,
                     new_tokens, speculative, interleaved, lambda r: emit("hf", dict(model=hf, **r)), lookup)
     print_table(f"Self-speculative decoding on {hf}: greedy, chat prompts, {new_tokens} new tokens, on "
                 f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
@@ -806,13 +815,14 @@ def bench_ppl():
     if not hf:
         raise SystemExit("error: --mode=ppl needs --hf=<model folder or name> (and --routers=<routers.pt,...> for "
                          "the trained rows)")
+    paths = router_files()
     model, tok = load_real()
     if tok is None:
         raise SystemExit(f"error: {hf} has no tokenizer: the evaluation text cannot be encoded")
     L = model.config.num_hidden_layers
     T = min(block_size, getattr(model.config, "max_position_embeddings", None) or block_size)
     try:
-        trained = [hf_wrap.load_routers(p, model.config) for p in router_files()]
+        trained = [hf_wrap.load_routers(p, model.config) for p in paths]
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]

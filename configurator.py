@@ -11,8 +11,8 @@ Positional args are config files (plain Python assignments), applied in order, t
 --compile=false (any case), --dropout=0 (int for a float key), None-default keys, values
 with '=', `--key value`, bare `--flag`, and unknown keys that suggest the key you meant.
 
-Also here, what every script shares: require(), device and autocast setup, the optional plots, the statistics
-writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
+Also here, what every script shares: require(), CPU threads, device and autocast setup, the optional plots, the
+statistics writers, atomic checkpoints, the learning-rate schedule and the GPU peaks behind MFU.
 """
 import ast
 import contextlib
@@ -21,6 +21,7 @@ import difflib
 import io
 import math
 import os
+import re
 import sys
 import tokenize
 import types
@@ -192,6 +193,15 @@ def configure(g, argv=None):
     return {k: g[k] for k in keys}
 
 
+def error_line(e):
+    """An exception quoted whole, in one line: its type and its first line (torch's and transformers' messages run
+    on for paragraphs, and one cut at a length reads as garbled); for torch.load's weights_only refusal, the line
+    that names the reason."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error:")), lines[0] if lines else "")
+    return f"{type(e).__name__}: {why}" if why else type(e).__name__
+
+
 def require(ok, msg):
     """A script's own check right after configure(): one clean error line instead of a traceback later."""
     if not ok:
@@ -218,6 +228,21 @@ def autodetect_device(device='auto'):
     if (kind == 'cuda' and not torch.cuda.is_available()) or (kind == 'mps' and not has_mps):
         _fail(f"device '{device}' was asked for but is not available here. Use --device=auto (or cpu).")
     return device
+
+
+def set_threads(threads=0):
+    """A script's --threads, printed in its first lines: > 0 sets torch's CPU threads (torch.set_num_threads), 0
+    keeps torch's default (OMP_NUM_THREADS, else one per core). On a CPU that other jobs share, the threads of one
+    matrix product wait for each other's busy cores: one thread is then often many times faster. -> the count."""
+    require(isinstance(threads, int) and not isinstance(threads, bool) and threads >= 0,
+            f"threads={threads!r}: the CPU threads torch uses, an int >= 1 (0: torch's default)")
+    if threads:
+        torch.set_num_threads(threads)
+    n = torch.get_num_threads()
+    why = "--threads" if threads else "OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else \
+        "torch's default, one per core; on a busy machine --threads=1"
+    print(f"{n} CPU thread{'s' if n != 1 else ''} ({why})")
+    return n
 
 
 def autocast_context(device, dtype='auto'):
@@ -358,7 +383,7 @@ def load_checkpoint(path, device="cpu"):
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]}): "
+        raise SystemExit(f"error: {path} is not a readable checkpoint ({error_line(e)}): "
                          f"truncated or corrupt? Delete it and train again, or restore a copy.")
     missing = [k for k in ("model", "model_args") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:

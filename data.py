@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from configurator import error_line
+
 DATASETS = ('shakespeare', 'pydoc')  # built in (pydoc: held-out modern English, below); or your own .txt file
 TOKENIZERS = ('char', 'bpe')
 VAL_PLAYS = ('hamlet', 'julius-caesar', 'the-tempest', 'twelfth-night')  # tragedy, Roman, romance, comedy
@@ -492,7 +494,7 @@ def corpus_ids(tokenizer, dataset="shakespeare"):
             ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         except Exception as e:
             raise SystemExit(f"error: the model's tokenizer cannot encode dataset={dataset!r} "
-                             f"({type(e).__name__}: {str(e)[:160]}).") from None
+                             f"({error_line(e)}).") from None
         out.append(np.asarray(ids, dtype=np.int32))
     return tuple(out)
 

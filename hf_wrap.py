@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from configurator import save_checkpoint
+from configurator import error_line, save_checkpoint
 from kv_cache import from_grid, sdpa, to_grid
 from model import ActiveSet, apply_rope, sample_next
 from router import depth_summary
@@ -288,7 +288,7 @@ def read_router_file(path, tune_command="python tune.py"):
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable router file ({type(e).__name__}: {str(e)[:120]}); it may be "
+        raise ValueError(f"{path} is not a readable router file ({error_line(e)}); it may be "
                          "truncated: tune the routers again.") from None
     fmt = blob.get("format") if isinstance(blob, dict) else None
     if fmt not in FILE_HOLDS:
@@ -297,9 +297,9 @@ def read_router_file(path, tune_command="python tune.py"):
     return blob
 
 
-def load_router_file(path, model_config, fmt, make, tune_command="python tune.py"):
+def load_router_file(path, model_config, fmt, make, tune_command="python tune.py", unfinished_ok=False):
     """A file of format `fmt` -> (make(blob) with the file's weights, blob). ValueError when it holds another
-    kind of module or was tuned for another model."""
+    kind of module, was tuned for another model, or (unless unfinished_ok) is not ready: unready() says why."""
     blob = read_router_file(path, tune_command)
     if blob["format"] != fmt:
         raise ValueError(f"{path} holds {FILE_HOLDS[blob['format']]}, not {FILE_HOLDS[fmt]}: " + (
@@ -313,8 +313,18 @@ def load_router_file(path, model_config, fmt, make, tune_command="python tune.py
     try:
         module.load_state_dict(blob["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit its recorded layout ({str(e).splitlines()[0]}).") from None
+        raise ValueError(f"{path}: its weights do not fit its recorded layout ({_state_dict_fault(e)}).") from None
+    problem = unready(blob, path)
+    if problem and not unfinished_ok:
+        raise ValueError(f"{problem}." + (" random_routers=True (--random_routers) runs it anyway, for speed "
+                                          "measurements only." if fmt == ROUTER_FILE_FORMAT else ""))
     return module, blob
+
+
+def _state_dict_fault(e):
+    """load_state_dict's first line only names the module; its next line says which keys or shapes differ."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[1:2] or lines[:1])
 
 
 def save_routers(path, routers, model_config, **meta):
@@ -332,28 +342,25 @@ def load_routers(path, model_config, tune_command="python tune.py", unfinished_o
                              blob["mlp_hidden"], stand_in_rank=blob.get("stand_in_rank", 0),
                              heal_rank=blob.get("heal_rank", 0), heal_layers=blob.get("heal_layers", ()),
                              heal_shapes=blob.get("heal_shapes"), tail_layers=blob.get("tail_layers", 0))
-    routers, blob = load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command)
-    problem = unready(blob, path)
-    if problem and not unfinished_ok:
-        raise ValueError(f"{problem}. random_routers=True (--random_routers) runs it anyway, for speed "
-                         "measurements only.")
-    return routers, blob
+    return load_router_file(path, model_config, ROUTER_FILE_FORMAT, make, tune_command, unfinished_ok)
 
 
 def unready(blob, path):
-    """Why a router file's gates are not ready to route with, and the command that fixes it ("" when ready): its
-    tuning run stopped before the end (killed: the file is its last save), or its gates never trained (max_iters=0,
-    no init_from, no influence start). tune.py records both (finished, iter_num of max_iters, calibrated, trained);
-    files written before it did count as finished."""
+    """Why a router file (gates, an exit head or a drafter) is not ready to use, and the command that fixes it (""
+    when ready): its tuning run stopped before the end (killed: the file is its last save), or it never trained
+    (max_iters=0, no init_from, no influence start). tune.py records both (finished, iter_num of max_iters,
+    calibrated, trained); files written before it did count as finished."""
     if not blob.get("finished", True):
         return (f"{path} is an unfinished tuning run: it stopped after iteration {blob.get('iter_num')} of "
                 f"{blob.get('max_iters')}, {'calibrated' if blob.get('calibrated') else 'uncalibrated'}. Finish it "
                 f"(from that iteration, with its settings): python tune.py --init_from={path}")
     if not blob.get("trained", True):
         out_dir = blob.get("config", {}).get("out_dir")
-        return (f"{path} holds untrained {blob['router']} gates (its run had max_iters=0 and no init_from). Tune "
-                f"them: python tune.py --hf={blob.get('model')} --router={blob['router']}"
-                + (f" --out_dir={out_dir}" if out_dir else ""))
+        what, flag = {EXIT_HEAD_FILE_FORMAT: ("an untrained exit head", f"--exit_head_layer={blob.get('layer')}"),
+                      DRAFTER_FILE_FORMAT: ("an untrained drafter", "--drafter=True")}.get(
+            blob["format"], (f"untrained {blob['router']} gates", f"--router={blob['router']}"))
+        return (f"{path} holds {what} (its run had max_iters=0 and no init_from). Tune again: python tune.py "
+                f"--hf={blob.get('model')} {flag}" + (f" --out_dir={out_dir}" if out_dir else ""))
     return ""
 
 

@@ -275,7 +275,7 @@ def layer_plan(n_layer, R, sharing):
 CHOICES = {"sharing": ("none", "cycle", "sequence", "middle_cycle", "middle_sequence"),  # MoRConfig's string keys
            "router": ("none", "expert_choice", "token_choice"), "kv_mode": ("recursion", "share_first"),
            "balancing": ("loss", "loss_free", "none"), "router_fn": ("sigmoid", "tanh"),
-           "router_aux": ("loss", "router")}
+           "router_aux": ("loss", "router"), "router_arch": ("linear", "mlp")}
 
 
 @dataclass
@@ -332,6 +332,8 @@ class MoRConfig:
         need(self.n_head % self.n_kv_head == 0, f"n_head={self.n_head} must be a multiple of n_kv_head "
                                                  f"{self.n_kv_head}")
         need(self.n_recursion >= 1, "n_recursion must be >= 1")
+        for key in ("rope_theta", "router_alpha", "router_temperature"):   # a scale, a gate's size, a divisor
+            need(getattr(self, key) > 0, f"{key} must be > 0, got {getattr(self, key)}")
         need(-1 <= self.mask_token < self.vocab_size,
              f"mask_token must be a vocab id (0..{self.vocab_size - 1}) or -1 for none, got {self.mask_token}")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")

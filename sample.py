@@ -17,7 +17,7 @@ import data
 import hf_wrap
 import speculative as spec
 from configurator import (autocast_context, autodetect_device, configure, plot_depth_hist, require, require_at_least,
-                          write_prometheus, write_stats_csv)
+                          set_threads, write_prometheus, write_stats_csv)
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                 # folder with ckpt.pt (our own models)
@@ -31,6 +31,7 @@ seed = 1337
 stream = True                   # print the text as it is made (num_samples > 1: the first sample; diffusion: at end)
 device = "auto"                 # auto | cpu | cuda | mps
 dtype = "auto"                  # auto (bf16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 return_depth_trace = False      # print every token with the depth it ran to
 csv = ""                        # write the depth histogram to this CSV (diffusion: every statistic)
 plot = ""                       # draw the depth histogram to this PNG (needs matplotlib)
@@ -73,6 +74,7 @@ block_length = 16               # positions refined together, left to right (0: 
 # -----------------------------------------------------------------------------
 config = configure(globals())
 MAX_SPECULATIVE = 64
+set_threads(threads)
 torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]

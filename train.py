@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 from configurator import (append_csv, autocast_context, autodetect_device, configure, gpu_peak_flops, load_checkpoint,
-                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint)
+                          lr_at, plot_depth_history, require, require_at_least, save_checkpoint, set_threads)
 from diffusion import masked_diffusion_loss
 from model import MoR, MoRConfig
 
@@ -90,6 +90,7 @@ dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | 
 compile = False                 # torch.compile the model
 backend = "nccl"                # DDP backend on GPUs (CPU always uses gloo)
 deterministic = False           # seed every RNG and use torch's deterministic kernels: a rerun gives the same losses
+threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 # -----------------------------------------------------------------------------
 config = configure(globals())
 require(learning_rate > 0, f"learning_rate must be > 0, got {learning_rate}: e.g. --learning_rate=1e-3")
@@ -97,6 +98,10 @@ require(0 <= min_lr <= learning_rate, f"min_lr must be between 0 and learning_ra
                                       f"set --min_lr lower (0 decays all the way)")
 require_at_least(config, batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_iters=1, eval_interval=1,
                  log_interval=1, max_iters=0, warmup_iters=0, log_depth_hist_every=0, grad_clip=0)
+require_at_least(config, weight_decay=0, lr_decay_iters=0)
+require(0 <= beta1 < 1 and 0 <= beta2 < 1, f"beta1={beta1}, beta2={beta2}: AdamW's decay rates lie in [0, 1) "
+                                           "(e.g. --beta1=0.9 --beta2=0.95)")
+require(0 <= decay_frac <= 1, f"decay_frac={decay_frac}: the fraction of max_iters that decays (wsd), in [0, 1]")
 require(lr_schedule in ("cosine", "wsd"), f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 require(objective in ("ar", "diffusion"), f"objective must be 'ar' or 'diffusion', got {objective!r}")
 require(objective == "ar" or router == "none", "objective='diffusion' trains with router='none' (its adaptivity is "
@@ -104,6 +109,7 @@ require(objective == "ar" or router == "none", "objective='diffusion' trains wit
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
 model_keys = {f.name for f in fields(MoRConfig)}
+set_threads(threads)
 
 # DDP: torchrun sets RANK; one process per device
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -131,7 +137,6 @@ if device_type == "cuda":
     torch.backends.cudnn.allow_tf32 = True
 tokens_per_iter = gradient_accumulation_steps * world * batch_size * block_size
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     print(f"device {device}, dtype {dtype}, {world} process(es), {tokens_per_iter:,} tokens per iteration")
 
 # data: prepared once (rank 0 first, the others then read it), read by memmap
@@ -176,6 +181,8 @@ elif init_from != "scratch":
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}"
                      + (": router tuning for a pretrained model is python tune.py --hf=<name or path>"
                         if init_from.startswith("hf:") else ""))
+if master:
+    os.makedirs(out_dir, exist_ok=True)   # after every check: a rejected config leaves no empty out_dir behind
 model = MoR(model_config)
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])

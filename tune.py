@@ -123,6 +123,7 @@ init_from = ""                  # a routers file: its settings and gates, with t
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 | mps
 dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | bfloat16 | float16
+threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, configurator.CONFIG_TYPES)}
 
@@ -318,7 +319,7 @@ def check_config(cfg):
     return cfg
 
 
-RESUME_MAY_CHANGE = ("device", "dtype", "out_dir", "log_interval", "eval_interval")
+RESUME_MAY_CHANGE = ("device", "dtype", "threads", "out_dir", "log_interval", "eval_interval")
 
 
 def with_init_from(cfg):
@@ -600,9 +601,11 @@ def print_plan(cfg, model, routers, n_train, n_val):
 
 def tune_draft(cfg, model, tok, train_ids, val, path):
     """A speculative draft (below) instead of gates. -> its last held-out evaluation."""
+    # the state hf_wrap.unready reads, as a routers file records it; a draft is saved once, at the end
+    state = dict(finished=True, iter_num=cfg["max_iters"], max_iters=cfg["max_iters"], trained=cfg["max_iters"] > 0)
     common = dict(vocab_size=cfg["draft_vocab"], windows=cfg["draft_windows"], block_size=cfg["block_size"],
                   batch_size=cfg["batch_size"], seed=cfg["seed"], iters=cfg["max_iters"],
-                  meta=dict(model=cfg["hf"], config=cfg), **optimizer_settings(cfg))
+                  meta=dict(model=cfg["hf"], config=cfg, **state), **optimizer_settings(cfg))
     if cfg["exit_head_layer"]:
         return tune_exit_head(model, train_ids, val, path, layer=cfg["exit_head_layer"], rank=cfg["exit_head_rank"],
                               **common)
@@ -634,6 +637,7 @@ def tune_routers(cfg):
     """The whole run (cfg: default_config(...) or the script's), phase by phase; its file (router_file) is saved
     at every evaluation, marked unfinished, and at the end."""
     t0, cfg = time.time(), check_config(cfg)
+    configurator.set_threads(cfg["threads"])
     path = router_file(cfg)
     print(f"writing {path}" + (" (it replaces the file there)" if os.path.exists(path) else ""))
     torch.manual_seed(cfg["seed"])                                            # the gates' first weights

@@ -45,3 +45,30 @@ def test_hf_folder_without_a_model_says_so(tmp_path, make):
         (tmp_path / "notes.txt").write_text("not a model")
     with pytest.raises(SystemExit, match="a folder without a model in it"):
         data.load_hf(str(tmp_path))
+
+
+def test_a_rejected_model_config_leaves_no_out_dir(tmp_path, data_dir):
+    out = tmp_path / "new-run"
+    p = run("train.py", "--n_embd=10", "--n_head=3", f"--out_dir={out}", f"--data_dir={data_dir}")
+    assert p.returncode != 0 and "error: bad model config: n_embd=10" in p.stderr, p.stderr[-2000:]
+    assert not out.exists()
+
+
+TINY = ("--max_iters=0", "--eval_iters=1", "--batch_size=1", "--block_size=8", "--n_layer=2", "--n_embd=16",
+        "--n_head=1", "--n_recursion=2", "--sharing=cycle", "--router=expert_choice")
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("--beta1=1.5", "beta1=1.5, beta2=0.95: AdamW's decay rates lie in [0, 1)"),
+    ("--weight_decay=-1", "weight_decay must be >= 0"),
+    ("--lr_decay_iters=-5", "lr_decay_iters must be >= 0"),
+    ("--decay_frac=2", "decay_frac=2.0: the fraction of max_iters"),
+    ("--router_arch=foo", "router_arch must be one of linear | mlp, got 'foo'"),
+    ("--router_temperature=0", "router_temperature must be > 0"),
+    ("--router_alpha=-1", "router_alpha must be > 0"),
+    ("--rope_theta=0", "rope_theta must be > 0"),
+])
+def test_a_bad_training_value_is_one_clear_line(tmp_path, data_dir, bad, says):
+    """Values train.py used to take (a silent run, or a traceback from AdamW or the router)."""
+    p = run("train.py", *TINY, bad, f"--out_dir={tmp_path / 'out'}", f"--data_dir={data_dir}")
+    assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]

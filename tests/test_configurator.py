@@ -299,3 +299,40 @@ def test_autocast_on_cuda():
     with ctx:
         y = torch.randn(4, 4, device='cuda') @ torch.randn(4, 4, device='cuda')
     assert y.dtype == getattr(torch, resolved)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--max_iters=0", "--eval_iters=1", "--batch_size=1", "--block_size=8", "--n_layer=1",
+                  "--n_embd=16", "--n_head=1", "--out_dir={tmp}"]),   # a whole run, evaluation only
+    ("sample.py", ["--out_dir={tmp}"]),                   # then: no checkpoint in the empty out_dir
+    ("bench.py", ["--mode=none"]),                        # then: an unknown mode
+    ("tune.py", ["--hf={tmp}", "--out_dir={tmp}"]),       # then: no model in the empty folder
+])
+def test_threads_key_sets_torch_threads_and_says_so(tmp_path, data_dir, script, args):
+    """--threads=3 under OMP_NUM_THREADS=1: the line each script prints first reports torch's own count, so it
+    reads 3 only if the key reached torch.set_num_threads."""
+    args = [a.format(tmp=tmp_path) for a in args] + ["--threads=3"]
+    args += [f"--data_dir={data_dir}"] if script == "train.py" else []
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert "3 CPU threads (--threads)" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_a_quoted_torch_error_is_its_whole_first_line(tmp_path, monkeypatch):
+    """load_checkpoint and read_router_file quote torch.load's error: the first line whole (not cut at a length),
+    and for the weights_only refusal, the line that names what it refused."""
+    import argparse
+    import hf_wrap
+    from configurator import load_checkpoint
+    path = str(tmp_path / "ckpt.pt")
+    torch.save({"args": argparse.Namespace(lr=1)}, path)              # a pickled object: weights_only refuses it
+    with pytest.raises(SystemExit, match=r"\(UnpicklingError: WeightsUnpickler error: Unsupported global: GLOBAL "
+                                         r"argparse\.Namespace was not an allowed global .* if you trust this class"):
+        load_checkpoint(path)
+    long = "x" * 300 + " the end of the first line."
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(f"{long}\nthe second")))
+    for load, error in ((load_checkpoint, SystemExit), (hf_wrap.read_router_file, ValueError)):
+        with pytest.raises(error) as caught:
+            load(path)
+        assert f"(RuntimeError: {long})" in str(caught.value) and "the second" not in str(caught.value)

@@ -1082,7 +1082,7 @@ def test_out_dir_that_is_a_file_fails_before_loading(tmp_path, monkeypatch):
 
 def test_bench_finds_the_default_files_that_are_ready(tmp_path, monkeypatch, capsys):
     """bench.py without --routers: the default file of each trained kind for --hf, named; an unfinished one is
-    skipped with its reason."""
+    skipped with its reason. With --routers, an unfinished one is refused."""
     model = tiny("llama")
     monkeypatch.setenv("NANOMOR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(bench, "hf", "some/model")
@@ -1095,8 +1095,11 @@ def test_bench_finds_the_default_files_that_are_ready(tmp_path, monkeypatch, cap
     assert bench.router_files() == [skip]
     out = capsys.readouterr().out
     assert f"routers: {skip}" in out and f"note: skipping {ffn} is an unfinished tuning run" in out
-    monkeypatch.setattr(bench, "routers", "x.pt,y.pt")
-    assert bench.router_files() == ["x.pt", "y.pt"]
+    monkeypatch.setattr(bench, "routers", skip)                   # named ones: each read before the model loads
+    assert bench.router_files() == [skip]
+    monkeypatch.setattr(bench, "routers", f"{skip},{ffn}")        # ... and refused when not ready, as sample.py does
+    with pytest.raises(SystemExit, match=f"error: {ffn} is an unfinished tuning run: .* --init_from={ffn}"):
+        bench.router_files()
 
 
 # -----------------------------------------------------------------------------

@@ -301,6 +301,11 @@ def test_exit_head_tuning_and_file(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="tuned for another model"):
         DepthAdapter(tiny("llama", num_hidden_layers=8, vocab_size=model.config.vocab_size), router="exit_head",
                      router_path=path)
+    assert blob["finished"] and blob["trained"] and blob["iter_num"] == blob["max_iters"] == 30
+    tune.tune_routers({**cfg, "max_iters": 0})                        # its text made already: an untrained head
+    with pytest.raises(ValueError, match=f"{path} holds an untrained exit head.*python tune.py --hf=tiny "
+                                         f"--exit_head_layer=3 --out_dir={tmp_path}"):
+        DepthAdapter(model, router="exit_head", router_path=path)
 
 
 def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
@@ -353,6 +358,10 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
         speculative.load_drafter(path, tiny("mistral", num_hidden_layers=8, vocab_size=model.config.vocab_size))
     with pytest.raises(ValueError, match="load_drafter"):             # a drafter file is no router file
         DepthAdapter(model, router="skip", router_path=path)
+    blob = hf_wrap.read_router_file(path)                              # a killed run's file, were one saved
+    speculative.save_drafter(path, drafter, model, **{**blob, "finished": False, "iter_num": 2, "max_iters": 4})
+    with pytest.raises(ValueError, match=f"{path} is an unfinished tuning run: it stopped after iteration 2 of 4"):
+        speculative.load_drafter(path, model)
 
 
 # --- the built-in real model: SmolLM2-135M-Instruct -------------------------------------------------------------
