@@ -51,6 +51,8 @@ no_skip = False                 # run every layer for every token: the exact ful
 speculative = 0                 # K > 0: the router (or a drafter file) drafts K tokens, the full model verifies
                                 # them: exactly --no_skip's text (speculative.py; 0 = off)
 lookup = 0                      # speculative: n > 0 drafts by prompt lookup of n-grams (no model call)
+compile = False                 # --hf: decode compiled (torch.compile; the first call compiles, ~10-40 s on a CPU):
+                                # a static plan's step whole, a routed kind's layers (decisions eager), a draft's steps
 adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
@@ -216,17 +218,17 @@ def sample_hf(kind, is_drafter):
             out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
                                        temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,
                                        lookup=lookup, drafter=drafter, return_trace=return_depth_trace,
-                                       on_tokens=shown)
+                                       on_tokens=shown, compile=compile)
         else:
             out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
                                           top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
-                                          on_tokens=shown)
+                                          on_tokens=shown, compile=compile)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     print_samples((decode(row[ids.shape[1]:]) for row in out), shown)
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
-          f"{1000 * stats['prefill_s']:.0f} ms)")
+          f"{1000 * stats['prefill_s']:.0f} ms)" + (", the compiling included (--compile)" if compile else ""))
     if adapter.random_routers:
         print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements only; "
               + ("the full model verified every token" if speculative else "the text and the depths mean nothing"))
@@ -273,6 +275,8 @@ def sample_checkpoint():
     """One of our own checkpoints: sampling with its depths, or refinement (masked diffusion), or --export_hf."""
     from configurator import load_checkpoint
     from model import MoR, MoRConfig, export_hf as export
+    require(not compile, "--compile decodes through the Hugging Face adapter: pass --hf=<model> (our own checkpoints "
+                         "decode compiled in bench.py --mode=decode --graphs=on)")
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
