@@ -518,7 +518,8 @@ def spec_drafts(model, router_paths, bias):
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
     """compare()'s decoders at one batch, [(name, fn -> (ids, stats or None))]: transformers' (generate, its
     early-exit assistant and prompt lookup), the adapter at full depth, a static drop plan and each draft's routed
-    decode (eager, then compiled with graphs), speculative decoding (fixed and adaptive K), our prompt lookup; --decoders'."""
+    decode (eager, then compiled with graphs), speculative decoding (fixed and adaptive K), our prompt lookup;
+    --decoders' only."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
@@ -634,7 +635,9 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
         for name, _ in runs:
             table.append(spec_row(B, name, timings[name], ids, ref, base))
             table[-1].update(bandwidth_share(table[-1], timings[name][0][1], model.config.num_hidden_layers, *sizes,
-                                             max(bandwidth)), **({"first call s": first[name]} if name in first else {}))
+                                             max(bandwidth)))
+            if name in first:
+                table[-1]["first call s"] = first[name]
             emit(table[-1])
     return table
 
@@ -680,7 +683,8 @@ def bench_speculative():
                 f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
                 "tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
-                 "layer calls %", "GB/token", "limit tok/s", "of limit %", "first call s", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
+                 "layer calls %", "GB/token", "limit tok/s", "of limit %", "first call s", "K", "acceptance %",
+                 "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------
