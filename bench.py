@@ -57,13 +57,16 @@ report_csv = ""                 # write every row of every table here
 plot = ""                       # PNG of decode tokens/s against batch size (needs matplotlib)
 seed = 1337
 repeats = 3                     # every timing is the median of this many runs, the models interleaved
-graphs = "auto"                 # also decode compiled whole (CUDA graphs): auto (on a GPU) | on | off
+graphs = "auto"                 # also decode compiled (CUDA graphs on a GPU): auto (on a GPU) | on | off; --mode=spec:
+                                # with a static drop plan at 80% of the layers (compiling timed apart)
 hf_shapes = ()                  # --mode=hf: HF_SHAPES names (() = the two big ones on a GPU, tiny elsewhere)
 # --mode=ppl: the quality table (tune.py's evaluation helpers)
 hf = ""                         # the model: a local folder (e.g. sample.py --export_hf output) or a hub name
 routers = ""                    # router or drafter files (tune.py's routers.pt), comma-separated: a row each
 speculative = 4                 # --mode=spec: drafts per cycle of the speculative rows, fixed and adaptive
 lookup = 3                      # ... and the n-gram of their prompt-lookup rows (0 = none)
+decoders = ""                   # --mode=spec: comma-separated parts of the row names to run ("" = all), e.g.
+                                # "no_skip,static drop,routed" (transformers generate always runs: the reference)
 bias = None                     # --mode=spec: the trained --routers files' logit bias (None: each file's own)
 threshold = None                # deprecated: the old name of --bias
 dataset = "pydoc,shakespeare"   # comma-separated: thresholds matched on the first's train split, perplexity on
@@ -150,7 +153,7 @@ CSV_COLS = ["table", "variant", "model", "shape", "decode", "decoder", "routing"
             "mean recursions", "token-layer ops", "compute saved %", "wall ms", "time saved %", "easy/medium/hard %",
             "same as generate", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle", "text",
             "head checks %", "agree %", "same tokens %", "layer calls %", "tokens per row", "ms per pass",
-            "vs one step", "gap closed"]
+            "vs one step", "gap closed", "GB/token", "limit tok/s", "of limit %", "first call s"]
 
 
 def emit(table, row):
@@ -519,8 +522,9 @@ def spec_drafts(model, router_paths, bias):
 
 def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
     """compare()'s decoders at one batch, [(name, fn -> (ids, stats or None))]: transformers' (generate, its
-    early-exit assistant and prompt lookup), the adapter at full depth, each draft's routed decode and
-    speculative decoding (fixed and adaptive K), and our prompt lookup."""
+    early-exit assistant and prompt lookup), the adapter at full depth, a static drop plan and each draft's routed
+    decode (eager, then compiled with graphs), speculative decoding (fixed and adaptive K), our prompt lookup;
+    --decoders' only."""
     gen, B = dict(attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad), ids.shape[0]
     full = hf_wrap.DepthAdapter(model, no_skip=True)
     drafted = lambda ad, **kw: spec.generate(ad, ids, attention_mask=mask, max_new_tokens=n, eos_token_id=eos,
@@ -535,12 +539,13 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
         if lookup:                                     # transformers' own prompt lookup (batch 1 only)
             runs.append((f"transformers prompt_lookup_num_tokens={K}", lambda: (model.generate(
                 ids, prompt_lookup_num_tokens=K, max_matching_ngram_size=lookup, **gen), None)))
-    runs.append(("adapter --no_skip", lambda: full.generate(ids, attention_mask=mask, max_new_tokens=n,
-                                                           eos_token_id=eos)))
+    plans = [("adapter --no_skip", full, eos)] + ([(*drop_plan(model, ids), None)] if use_graphs else [])
+    plans += [(f"routed decode, {name}", ad, None) for name, ad, _ in drafts   # the router alone, unverified: all
+              if ad.router in hf_wrap.ROUTER_KINDS + ("drop",)]                 # n tokens
+    for (name, ad, stop), c in ((p, c) for p in plans for c in (False, True) if use_graphs or not c):
+        runs.append((name + (", compiled" if c else ""), lambda ad=ad, stop=stop, c=c: ad.generate(
+            ids, attention_mask=mask, max_new_tokens=n, eos_token_id=stop, compile=c)))
     for name, ad, dr in drafts:
-        if ad.router in hf_wrap.ROUTER_KINDS + ("drop",):   # the router alone, unverified
-            runs.append((f"routed decode, {name}", lambda ad=ad: ad.generate(ids, attention_mask=mask,
-                                                                            max_new_tokens=n)))   # all n tokens
         for adapt in (False, True):
             runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
                          lambda ad=ad, dr=dr, adapt=adapt: drafted(ad, drafter=dr, adapt_k=adapt)))
@@ -550,7 +555,50 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
         for name, ad, dr in heads[:1]:                 # the drafter, else the first exit head
             runs.append((f"speculative, prompt lookup, else {name}, adaptive K",
                          lambda ad=ad, dr=dr: drafted(ad, drafter=dr, adapt_k=True, lookup=lookup)))
-    return runs
+    keep = [d for d in decoders.split(",") if d]
+    return [r for r in runs if r[0] == "transformers generate" or not keep or any(d in r[0] for d in keep)]
+
+
+def drop_plan(model, ids, share=0.8):
+    """ShortGPT's static plan at `share` of the layer calls: drop the layers of lowest block influence on the
+    prompts ids. -> (its row name, its DepthAdapter)."""
+    from tune import block_influence
+    L = model.config.num_hidden_layers
+    drop = static_drop_layers(block_influence(model, ids), round((1 - share) * L))
+    return f"static drop {L - len(drop)}/{L} layers", hf_wrap.DepthAdapter(model, router="drop", drop_layers=drop)
+
+
+@torch.no_grad()
+def read_bandwidth(model, n=5):
+    """The machine's read bandwidth in GB/s, each the median of n: a sum over a 1 GB float32 tensor, and a
+    matrix-vector pass over the model's 2-D weights (what a decode step reads). -> (sum's, matvec's)."""
+    dev = model.get_input_embeddings().weight.device
+    big, weights = torch.ones(2**28, device=dev), [p for p in model.parameters() if p.dim() == 2]
+    vectors = [torch.ones(w.shape[1], device=dev, dtype=w.dtype) for w in weights]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    gb_s = lambda fn, size: size / 1e9 / sorted(timed(fn)[1] for _ in range(n))[n // 2]
+    return (gb_s(big.sum, big.numel() * 4),
+            gb_s(lambda: [w @ v for w, v in zip(weights, vectors)], nbytes))
+
+
+def weight_bytes(model):
+    """What one token reads: a decoder layer's weights, and the final norm and LM head's, in bytes."""
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    return size(model.model.layers[0]), size(model.get_output_embeddings()) + size(model.model.norm)
+
+
+def bandwidth_share(row, st, L, layer_bytes, head_bytes, gb_s):
+    """A decode row's bandwidth limit: the weight bytes it read per token (the layer calls it made, its K/V-only
+    fill by weight share, the LM head; transformers: all L layers) at gb_s, and the share of it reached. Speculative
+    rows are left out: a verify pass reads the weights once for several tokens."""
+    if st is None and not row["decoder"].startswith("transformers generate"):
+        return {}
+    if st is not None and "acceptance_rate" in st:
+        return {}
+    layers = L if st is None else (st["layer_calls"] + st["kv_only_layer_calls"] * st["kv_share"]) / st["tokens"]
+    limit = gb_s * 1e9 / (layers * layer_bytes + head_bytes)                  # tokens/s at the bandwidth
+    return {"GB/token": (layers * layer_bytes + head_bytes) / 1e9, "limit tok/s": limit,
+            "of limit %": 100 * row["tokens/s"] / limit}
 
 
 def spec_row(B, name, timing, ids, ref, base):
@@ -577,16 +625,24 @@ def compare(model, tok, router_paths, bias, batches, n, K, interleaved, emit=lam
     batch size. -> rows (each also passed to emit)."""
     dev, table = model.get_input_embeddings().weight.device, []
     drafts, exit_layer = spec_drafts(model, router_paths, bias)
+    bandwidth, sizes = read_bandwidth(model), weight_bytes(model)
+    print(f"read bandwidth: {bandwidth[0]:.1f} GB/s (sum over 1 GB), {bandwidth[1]:.1f} GB/s (a matrix-vector pass "
+          f"over the weights); the limit below uses {max(bandwidth):.1f}")
     for B in batches:
         chats = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                  if getattr(tok, "chat_template", None) else t for t in (SPEC_PROMPTS * B)[:B]]
         enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)     # left padding (load_hf)
         ids, mask = enc["input_ids"].to(dev), enc["attention_mask"].to(dev)
         runs = spec_runs(model, ids, mask, drafts, exit_layer, n, K, tok.eos_token_id, tok.pad_token_id, lookup)
+        first = {name: timed(fn)[1] for name, fn in runs if name.endswith("compiled")}   # compiling, then a run
         timings = interleaved(runs)
         ref, base = timings["transformers generate"][0][0], timings["transformers generate"][1]
         for name, _ in runs:
             table.append(spec_row(B, name, timings[name], ids, ref, base))
+            table[-1].update(bandwidth_share(table[-1], timings[name][0][1], model.config.num_hidden_layers, *sizes,
+                                             max(bandwidth)))
+            if name in first:
+                table[-1]["first call s"] = first[name]
             emit(table[-1])
     return table
 
@@ -636,7 +692,8 @@ def bench_speculative():
                 f"{device_name()} (prefill included; median of {repeats}, interleaved; 'same' = generate's "
                 "tokens)", table,
                 ["batch", "decoder", "tokens/s", "spread %", "vs generate", "same as generate", "same tokens %",
-                 "layer calls %", "K", "acceptance %", "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
+                 "layer calls %", "GB/token", "limit tok/s", "of limit %", "first call s", "K", "acceptance %",
+                 "tokens/cycle", "draft ms/cycle", "verify ms/cycle"])
 
 
 # -----------------------------------------------------------------------------

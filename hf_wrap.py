@@ -484,6 +484,9 @@ class _Chunk:
         self.valid = cache.key_valid[:, start:self.end].flatten()            # (B*T,) False at left padding
         self.everyone = ActiveSet.everyone(B, T, start, cos.device)
         self.masks, self.calibrating, self.head_checks = {}, cache.calibrate_next, 0
+        # a compiled cache's decode step (one token per row): a layer everyone runs (or nobody) is compiled
+        self.compiled = cache.static and T == 1
+        self.slot = torch.full((1,), start, device=cos.device) if self.compiled else None
 
     def subset(self, mask):
         """(B*T,) bool -> the ActiveSet of those tokens (one host sync); everyone if all; None if none."""
@@ -517,6 +520,13 @@ class _Chunk:
                 self.masks[key] = s, (ok | (j == q.clamp(max=self.end - 1)))[:, None]
         return self.masks[key][1]                                             # s is kept so id(s) stays unique
 
+    def whole_cache_mask(self, window):
+        """Compiled decode: which of ALL the cache's slots each row's query reads (decode_mask), once per window."""
+        key = ("whole cache", window)
+        if key not in self.masks:
+            self.masks[key] = None, decode_mask(self.cache.key_valid, self.slot, window)
+        return self.masks[key][1]
+
     def attend(self, l, q, s, scale, window):
         """q (N, H, hd), the queries of s -> (N, H, hd). Reads the cache's slots lo..end of s's rows."""
         lo = 0 if window is None else max(0, self.start + 1 - window)         # older keys are out of every window
@@ -525,6 +535,14 @@ class _Chunk:
             k, v = k[s.rows], v[s.rows]
         o = sdpa(to_grid(q, s).transpose(1, 2), k, v, self.mask(s, lo, window), scale=scale)
         return from_grid(o.transpose(1, 2), s)
+
+
+def decode_mask(key_valid, slot, window):
+    """A decode step's keys over the WHOLE cache, as gpt-fast reads it: not padding, not after this token's slot
+    (slot (1,) a tensor, so no Python int changes between steps), inside the window. -> (B, 1, 1, max_len) bool."""
+    j = torch.arange(key_valid.shape[1], device=key_valid.device)
+    seen = key_valid & (j <= slot)
+    return (seen if window is None else seen & (j > slot - window))[:, None, None]
 
 
 def layer_window(config, i):
@@ -599,7 +617,8 @@ class DepthAdapter:
         self.unit_at = {a: u for u, (a, _) in enumerate(self.units)}         # layer -> the unit that starts there
         self.counts_groups = router in GROUP_ROUTERS                         # depth: groups run (else layers)
         self.attn_always = router == "ffn"                                   # ffn: attention always runs
-        self.static_cache, self.compiled_step = {}, None      # generate(compile=True): pooled caches, the step
+        # generate(compile=True): pooled caches, a static plan's step, the layer step of the routed kinds
+        self.static_cache, self.compiled_step, self.compiled_layer = {}, None, None
 
     @staticmethod
     def _check_kind(model, router, keep_ratio):
@@ -795,8 +814,14 @@ class DepthAdapter:
 
     def _layer(self, c, l, x, attn_set, mlp_set, heal=None):
         """Decoder layer l. x (B*T, C). Every token writes its K/V (the K/V rule); attn_set runs attention and
-        mlp_set the MLP (ActiveSets; None: nobody). heal: the layer's Healing, or None."""
+        mlp_set the MLP (ActiveSets; None: nobody). heal: the layer's Healing, or None. A compiled decode step runs
+        what everyone (or nobody) runs, unhealed, with the compiled _decode_layer: the decisions stay here, in Python,
+        and a layer nobody runs costs its K/V."""
         layer = self.layers[l]
+        if c.compiled and heal is None and self.compiled_layer is not None and all(s is None or s is c.everyone
+                                                                  for s in (attn_set, mlp_set)):
+            return self.compiled_layer(layer, x, c.cache.k[l], c.cache.v[l], c.whole_cache_mask(self.windows[l]),
+                                       c.cos, c.sin, c.slot, attn_set is not None, mlp_set is not None)
         attn = layer.self_attn
         a = layer.input_layernorm(x)
         k, v = self._kv(attn, a, c.cos, c.sin, heal)                          # (B*T, n_kv, hd)
@@ -936,8 +961,8 @@ class DepthAdapter:
 
     def decode_step(self, cache, tok, pos, slot):
         """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A compiled cache runs
-        _static_step: the static plan's depth and cost, no final_h."""
-        if not cache.static:
+        _static_step for a static plan (its depth and cost, no final_h), else forward_chunk on compiled layers."""
+        if not cache.static or self.static_layers is None:
             return self.forward_chunk(cache, tok[:, None], pos[:, None], slot)
         dev, B = tok.device, tok.shape[0]
         logits = self.compiled_step(cache.k, cache.v, cache.key_valid, tok[:, None], pos[:, None],
@@ -952,21 +977,30 @@ class DepthAdapter:
         index_copy_ writes the new K/V: no Python int changes between steps. -> logits (B, V)."""
         x = self.embed(ids[:, 0])                                             # (B, C)
         cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
-        j = torch.arange(key_valid.shape[1], device=ids.device)
-        seen, masks = key_valid & (j <= slot), {}                             # (B, S)
+        masks = {}
         for l in self.static_layers:
-            layer, attn, w = self.layers[l], self.layers[l].self_attn, self.windows[l]
+            w = self.windows[l]
             if w not in masks:                                                # (B, 1, 1, S) bool
-                masks[w] = (seen if w is None else seen & (j > slot - w))[:, None, None]
-            a = layer.input_layernorm(x)
-            kk, vv = self._kv(attn, a, cos, sin)                              # (B, n_kv, hd)
-            k[l].index_copy_(2, slot, kk[:, :, None].to(k[l].dtype))
-            v[l].index_copy_(2, slot, vv[:, :, None].to(v[l].dtype))
-            q = apply_rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
-            o = sdpa(q[:, :, None], k[l], v[l], masks[w], scale=attn.scaling)  # (B, H, 1, hd)
-            x = x + attn.o_proj(o[:, :, 0].flatten(-2))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                masks[w] = decode_mask(key_valid, slot, w)
+            x = self._decode_layer(self.layers[l], x, k[l], v[l], masks[w], cos, sin, slot)
         return self._logits(x)
+
+    def _decode_layer(self, layer, x, k, v, mask, cos, sin, slot, attn_on=True, mlp_on=True):
+        """One decoder layer for one token per row, x (B, C): its K/V into cache slot `slot` of k, v (B, n_kv, S, hd)
+        (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on. torch.compile
+        makes one graph per (attn_on, mlp_on), shared by every layer of the model (the layer's weights are inputs)."""
+        attn = layer.self_attn
+        a = layer.input_layernorm(x)
+        kk, vv = self._kv(attn, a, cos, sin)                                  # (B, n_kv, hd)
+        k.index_copy_(2, slot, kk[:, :, None].to(k.dtype))
+        v.index_copy_(2, slot, vv[:, :, None].to(v.dtype))
+        if attn_on:
+            q = apply_rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
+            o = sdpa(q[:, :, None], k, v, mask, scale=attn.scaling)          # (B, H, 1, hd)
+            x = x + attn.o_proj(o[:, :, 0].flatten(-2))
+        if mlp_on:
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
 
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
@@ -978,7 +1012,8 @@ class DepthAdapter:
     def new_cache(self, input_ids, attention_mask=None, max_new_tokens=0, extra=0, compile=False):
         """The checks and the cache for input_ids (B, T0), left-padded where attention_mask has zeros, with room for
         max_new_tokens and `extra` slots (speculative decoding: a realigned row verifies past its end). compile:
-        static kinds decode with _static_step compiled. -> (cache, ids on the device, pos (B, T0), mask (B, T0))."""
+        decode compiled: a static plan's step whole (_static_step), a routed kind's layers (_decode_layer), the
+        decisions eager. -> (cache, ids on the device, pos (B, T0), mask (B, T0))."""
         dev = self.embed.weight.device
         ids = input_ids.to(dev)
         B, T0 = ids.shape
@@ -990,14 +1025,14 @@ class DepthAdapter:
         if ctx and T0 + max_new_tokens > ctx:
             raise ValueError(f"the prompt is {T0} tokens and {max_new_tokens} more are asked for, but the model's "
                              f"context is {ctx} positions: shorten the prompt or ask for fewer tokens.")
-        static = compile and self.static_layers is not None   # routed kinds decide from the data: they stay eager
-        if static and self.compiled_step is None:
+        if compile and self.compiled_layer is None:            # built once: later calls reuse the graphs
             mode = "reduce-overhead" if dev.type == "cuda" else None
             self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
+            self.compiled_layer = torch.compile(self._decode_layer, fullgraph=True)
         key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
-        return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, static), ids, pos, mask
+        return AdapterCache(self, B, T0 + max_new_tokens + extra, key_valid, compile), ids, pos, mask
 
     def _summary(self, depth, cost, kv_only, head_checks):
         """router.depth_summary of the tokens given, with the layer calls they made (layer-equivalents) and the
@@ -1042,8 +1077,8 @@ class DepthAdapter:
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
                  adapt_k=None, lookup=None, on_tokens=None):
         """new_cache, forward_chunk over the prompt, then decode_step per token. input_ids (B, T0), left-padded where
-        attention_mask has zeros. compile: static kinds decode compiled (the same tokens as eager); routed kinds
-        decide from the data and stay eager. on_tokens: called after each step with its new tokens, a list of B 1-D
+        attention_mask has zeros. compile: decode compiled (the same greedy tokens as eager; new_cache says how).
+        on_tokens: called after each step with its new tokens, a list of B 1-D
         tensors (a streamer: sample.py --stream). Speculative decoding: speculative.generate(adapter, ids, K=4).
 
         -> (output_ids (B, T0 + new), stats): _summary over the decoded tokens (all but the last, never fed back),

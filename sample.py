@@ -7,6 +7,7 @@ depth-adaptive adapter (hf_wrap.py), and show how deep each token went.
   python sample.py --routers out-smollm2-ffn/routers.pt --keep_ratio 0.9     # the file names its kind and model
   python sample.py --speculative=4 --lookup=3 --routers=out-spec-drafter-greedy/routers.pt   # --no_skip's text
 """
+import contextlib
 import os
 import time
 from csv import writer as csv_writer
@@ -52,6 +53,9 @@ no_skip = False                 # run every layer for every token: the exact ful
 speculative = 0                 # K > 0: the router (or a drafter file) drafts K tokens, the full model verifies
                                 # them: exactly --no_skip's text (speculative.py; 0 = off)
 lookup = 0                      # speculative: n > 0 drafts by prompt lookup of n-grams (no model call)
+compile = False                 # --hf: decode compiled (torch.compile; the first call compiles, ~10-40 s on a CPU):
+                                # a static plan's step whole, a routed kind's layers (decisions eager), a draft's steps
+profile = False                 # --hf: print torch.profiler's top operators by self CPU time (where decode time goes)
 adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no
 trust_remote_code = False
@@ -214,21 +218,24 @@ def sample_hf(kind, is_drafter):
         ids = hf_prompt(tok)
         decode = lambda row: tok.decode(row, skip_special_tokens=True)     # the new tokens only, as printed
         shown = streamer(decode)
-        if speculative:
-            out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
-                                       temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,
-                                       lookup=lookup, drafter=drafter, return_trace=return_depth_trace,
-                                       on_tokens=shown)
-        else:
-            out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
-                                          top_k=top_k, eos_token_id=tok.eos_token_id, return_trace=return_depth_trace,
-                                          on_tokens=shown)
+        with (torch.profiler.profile() if profile else contextlib.nullcontext()) as profiler:
+            if speculative:
+                out, stats = spec.generate(adapter, ids, max_new_tokens=max_new_tokens, K=speculative, adapt_k=adapt_k,
+                                           temperature=temperature or 0.0, top_k=top_k, eos_token_id=tok.eos_token_id,
+                                           lookup=lookup, drafter=drafter, return_trace=return_depth_trace,
+                                           on_tokens=shown, compile=compile)
+            else:
+                out, stats = adapter.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature or 0.0,
+                                              top_k=top_k, eos_token_id=tok.eos_token_id,
+                                              return_trace=return_depth_trace, on_tokens=shown, compile=compile)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     print_samples((decode(row[ids.shape[1]:]) for row in out), shown)
     print(f"{stats['new_tokens']} new tokens x {stats['batch']} rows: {stats['tokens_per_s']:.1f} tok/s, "
           f"{stats['ms_per_token']:.2f} ms per {'token' if speculative else 'decode step'} (prefill "
-          f"{1000 * stats['prefill_s']:.0f} ms)")
+          f"{1000 * stats['prefill_s']:.0f} ms)" + (", the compiling included (--compile)" if compile else ""))
     if adapter.random_routers:
         print(f"random routing: untrained {adapter.router} routers (--random_routers), for speed measurements only; "
               + ("the full model verified every token" if speculative else "the text and the depths mean nothing"))
@@ -275,6 +282,8 @@ def sample_checkpoint():
     """One of our own checkpoints: sampling with its depths, or refinement (masked diffusion), or --export_hf."""
     from configurator import load_checkpoint
     from model import MoR, MoRConfig, export_hf as export
+    require(not compile, "--compile decodes through the Hugging Face adapter: pass --hf=<model> (our own checkpoints "
+                         "decode compiled in bench.py --mode=decode --graphs=on)")
     ckpt = load_checkpoint(os.path.join(out_dir, "ckpt.pt"), device)
     model = MoR(MoRConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])

@@ -86,7 +86,7 @@ def load_drafter(path, model, tune_command="python tune.py"):
 @torch.no_grad()
 def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, adapt_k=False, temperature=0.0,
              top_k=None, eos_token_id=None, return_logits=False, lookup=0, drafter=None, return_trace=False,
-             on_tokens=None):
+             on_tokens=None, compile=False):
     """Self-speculative decoding (LayerSkip, Draft & Verify, Kangaroo): `adapter` or `drafter` drafts.
 
     A cycle, per row: from the pending token (emitted, not yet in the cache) the draft proposes d1..dk one at a
@@ -104,7 +104,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
 
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
     half on average, within 1..2K. on_tokens: a streamer, called with each row's new tokens (a list of B 1-D
-    tensors, some empty) after the prefill (its one token) and after each cycle (the run it accepted).
+    tensors, some empty) after the prefill (its one token) and after each cycle (the run it accepted). compile:
+    the draft's decode steps run on compiled layers (DepthAdapter.new_cache); the verify pass stays eager.
     -> (output_ids, stats): generate()'s timings (and logits), draft (its source), speculative (K), k_final,
     k_mean, cycles, drafted, accepted, acceptance_rate, mean_accepted (per row and cycle), tokens_per_cycle,
     draft_s, verify_s, draft_layers (layers run per drafted token).
@@ -112,7 +113,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     _check(adapter, K, max_new_tokens, lookup, drafter, return_trace)
     full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
     k_max = 2 * K if adapt_k else K
-    cache, ids, pos, mask = adapter.new_cache(input_ids, attention_mask, max_new_tokens, extra=k_max + 1)
+    cache, ids, pos, mask = adapter.new_cache(input_ids, attention_mask, max_new_tokens, extra=k_max + 1,
+                                                compile=compile)
     rule, steps = _Rule(temperature, top_k, adapter.lm_head.weight.shape[0]), torch.arange(k_max + 1, device=ids.device)
     source = _Source(adapter, drafter, lookup, rule)
     t0 = now(ids.device)

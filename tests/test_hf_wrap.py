@@ -491,6 +491,7 @@ def test_sample_py_hf_on_a_local_directory(tmp_path, arch):
 
     streamed = sample("--no_skip")                   # --stream (the default): printed as it is generated
     assert want in streamed and sample_text(streamed) == sample_text(sample("--no_skip", "--stream=False"))
+    assert want in sample("--no_skip", "--compile", "--stream=False")    # compiled decode: the same text
     out = sample("--router", "fixed", "--R", "2", "--base_layers", "2", "--depth", "1", "--return_depth_trace")
     assert "compute saved" in out and "depth trace" in out
 
@@ -540,3 +541,29 @@ def test_compiled_static_decode_equals_eager(arch, kw, kernel):
     again, _ = ad.generate(ids, attention_mask=mask, max_new_tokens=12, compile=True)
     assert torch.equal(again, ref) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert st["depth_hist"] == st_ref["depth_hist"] and st["layer_calls"] == st_ref["layer_calls"]
+
+
+@pytest.mark.slow                                                              # a cold compile: 10-20 s
+@pytest.mark.parametrize("router, batch", [("skip", 1), ("expert_choice", 3)])
+def test_compiled_routed_decode_equals_eager(router, batch):
+    """generate(compile=True) on a routed kind compiles _decode_layer, not the decisions: the same tokens, depths and
+    layer calls as eager; at batch 1 two graphs serve every layer (the layer, and its K/V alone for who passes over)
+    and a second call compiles nothing; at batch 3 (left padding) a layer only some rows run stays eager. A draft's
+    steps run on the same graphs: speculative decoding gives the full model's text."""
+    import speculative as spec
+    model = tiny("mistral")                                                    # sliding windows: the mask matters
+    ad = DepthAdapter(model, router=router, R=3, random_routers=True)
+    ids, mask = prompts(batch)
+    ref, st_ref = ad.generate(ids, attention_mask=mask, max_new_tokens=16, return_trace=True)
+    assert 0 < st_ref["compute_saved_pct"] < 100                               # some layers run, some are passed
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=16, return_trace=True, compile=True)
+    assert torch.equal(out, ref) and st["trace"] == st_ref["trace"] and st["layer_calls"] == st_ref["layer_calls"]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert not torch._dynamo.utils.counters["graph_break"] and (graphs == 2 if batch == 1 else 1 <= graphs <= 2)
+    again, _ = ad.generate(ids, attention_mask=mask, max_new_tokens=16, compile=True)
+    assert torch.equal(again, ref) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    full, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=16)
+    drafted, _ = spec.generate(ad, ids, attention_mask=mask, max_new_tokens=16, K=3, compile=True)
+    assert torch.equal(drafted, full)
