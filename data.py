@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configurator import error_line
 
 DATASETS = ('shakespeare', 'pydoc')  # built in (pydoc: held-out modern English, below); or your own .txt file
 TOKENIZERS = ('char', 'bpe')
@@ -494,7 +493,7 @@ def corpus_ids(tokenizer, dataset="shakespeare"):
             ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         except Exception as e:
             raise SystemExit(f"error: the model's tokenizer cannot encode dataset={dataset!r} "
-                             f"({error_line(e)}).") from None
+                             f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}).") from None
         out.append(np.asarray(ids, dtype=np.int32))
     return tuple(out)
 
