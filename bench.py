@@ -1035,7 +1035,8 @@ def compare_decoders(model, judge, passages, prompts, generator):
 def device_name():
     if device_type == "cuda":
         return torch.cuda.get_device_name()
-    return f"{device_type} ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{device_type} ({n} thread{'s' if n != 1 else ''})"
 
 
 if __name__ == "__main__":
