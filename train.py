@@ -108,6 +108,10 @@ require(objective == "ar" or router == "none", "objective='diffusion' trains wit
                                                "in the refinement passes per token, diffusion.py)")
 require(not os.path.exists(out_dir) or os.path.isdir(out_dir),
         f"out_dir '{out_dir}' is a file, but out_dir must be a folder (new or existing): choose another path")
+_hist_dir = os.path.dirname(os.path.join(out_dir, depth_hist_path))    # out_dir itself is made below
+require(os.path.abspath(_hist_dir) == os.path.abspath(out_dir) or os.path.isdir(_hist_dir),
+        f"depth_hist_path={depth_hist_path!r}: its folder {_hist_dir!r} does not exist; give a file name (written "
+        "in out_dir) or a path in an existing folder")
 model_keys = {f.name for f in fields(MoRConfig)}
 set_threads(threads)
 

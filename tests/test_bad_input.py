@@ -67,6 +67,7 @@ TINY = ("--max_iters=0", "--eval_iters=1", "--batch_size=1", "--block_size=8", "
     ("--router_temperature=0", "router_temperature must be > 0"),
     ("--router_alpha=-1", "router_alpha must be > 0"),
     ("--rope_theta=0", "rope_theta must be > 0"),
+    ("--depth_hist_path=/nonexistent/x.csv", "depth_hist_path='/nonexistent/x.csv': its folder '/nonexistent' does"),
 ])
 def test_a_bad_training_value_is_one_clear_line(tmp_path, data_dir, bad, says):
     """Values train.py used to take (a silent run, or a traceback from AdamW or the router)."""
