@@ -154,6 +154,18 @@ def unit_layout(n_layers, pattern="every", start=1, stop=-1, group=1):
     return units[::2] if pattern == "every_other" else units
 
 
+def group_keep(keep_ratio, G):
+    """expert_choice's share q of the tokens reaching each of its G nested groups for which the routed layer calls
+    come to keep_ratio: a token reaches group g with probability q^g, so mean(q^1..q^G) = keep_ratio (bisection).
+    Keeping keep_ratio at every group instead would run keep_ratio^g of the tokens in group g: 0.6 over 7 groups
+    is 21% of the calls, not 60%."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        q = (lo + hi) / 2
+        lo, hi = (q, hi) if sum(q ** g for g in range(1, G + 1)) / G < keep_ratio else (lo, q)
+    return (lo + hi) / 2
+
+
 def group_layout(n_layers, R, base_layers, tail_layers=0):
     """expert_choice / token_choice units: layers base_layers..L-1-tail_layers cut into R contiguous groups, as
     even as possible (the first ones a layer longer). A token's depth 0..R: the groups it ran. The last
@@ -586,8 +598,9 @@ class DepthAdapter:
     router: one of ROUTERS, each family with its own setup below. R, base_layers: the group routers' groups.
     depth: fixed's groups. exit_layer: an untrained exit head's layer. threshold (CALM): a top-1 probability /
     nats. bias (trained routers, the knob above): None is the tuning file's, else 0. keep_ratio < 1 (skip, ffn,
-    expert_choice): per-unit cutoffs at the (1 - keep_ratio) quantile of the gate logits on calibration text (the
-    file's, or calibrate(windows)). routers / router_path: a FrozenRouters or its file (exit_head: exit_head= or
+    expert_choice): the share of the routed layer calls kept, by per-unit cutoffs at a quantile of the gate logits on
+    calibration text (the file's, or calibrate(windows)); expert_choice's nested groups each keep group_keep's share
+    of the tokens that reach them. routers / router_path: a FrozenRouters or its file (exit_head: exit_head= or
     its file). random_routers: untrained routers, for speed measurements only.
     """
 
@@ -893,7 +906,9 @@ class DepthAdapter:
         sets the cutoff first (calibrate)."""
         z, cutoffs = self._on(self.routers.gates[u], x, alive, -math.inf), c.cache.cutoffs
         if c.calibrating:
-            cutoffs[u] = torch.quantile(z[alive], 1.0 - self.keep_ratio) if bool(alive.any()) else math.inf
+            keep = (group_keep(self.keep_ratio, len(self.routers.gates)) if self.router == "expert_choice"
+                    else self.keep_ratio)
+            cutoffs[u] = torch.quantile(z[alive], 1.0 - keep) if bool(alive.any()) else math.inf
         return alive & (z > (self.bias if cutoffs is None else cutoffs[u]))
 
     # --- the one loop ----------------------------------------------------------------------------------------

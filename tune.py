@@ -61,7 +61,8 @@ loss = "kl"                     # kl: match the full model's next-token distribu
 # where the gates sit: skip / ffn units (hf_wrap.unit_layout), expert / token-choice groups (hf_wrap.group_layout)
 R = 7                           # expert_choice / token_choice: groups after base_layers (30 layers: 7 groups of 4)
 base_layers = 2                 # expert_choice / token_choice: layers every token runs
-tail_layers = 0                 # expert_choice / token_choice: the last layers, run by every token (stopped or not)
+tail_layers = -1                # expert_choice / token_choice: the last layers, run by every token (stopped or not);
+                                # -1: the router kind's default (KIND_DEFAULTS: 2 for these, else 0)
 router_pattern = "every"        # every | every_other: which units in router_start..router_stop get a skip gate
 router_start = 1                # first routed layer (>= 1: layer 0 always runs)
 router_stop = -1                # routed layers stop before this one; < 0 counts from the end (-1: last layer locked on)
@@ -77,8 +78,9 @@ target_active_ratio = 0.7       # compute budget: the mean continue weight over 
 penalty_weight = 2.0            # lambda
 penalty_warmup_iters = 10       # lambda = 0 before this iteration
 gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to the decisions made at inference
-hard_gate_frac = 0.5            # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
-                                # without it soft gates learn "run every layer at partial strength" (README table)
+hard_gate_frac = -1.0           # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
+                                # without it soft gates learn "run every layer at partial strength" (README table);
+                                # -1: the router kind's default (KIND_DEFAULTS: 0.5 for skip / ffn, 0 for the rest)
 # AdamW on the router parameters only, warmup then cosine (configurator.lr_at)
 learning_rate = 5e-3            # only ~100k router parameters: a high rate is fine
 min_lr = 5e-4
@@ -126,6 +128,14 @@ dtype = "auto"                  # auto (bf16 on CUDA, else float32) | float32 | 
 threads = 0                     # CPU threads (0: torch's default); 1 is often much faster on a busy shared machine
 # -----------------------------------------------------------------------------
 _DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, configurator.CONFIG_TYPES)}
+
+
+# Each router kind's values for the keys above left at -1. A group router's stopped token skips every later layer:
+# with 0/1 gates in training its gates shut (tune.py warns), and without the last layers, which turn a state into a
+# prediction, the text breaks. So the group kinds train soft, and every token runs the last two layers.
+KIND_DEFAULTS = {"skip": {"hard_gate_frac": 0.5, "tail_layers": 0}, "ffn": {"hard_gate_frac": 0.5, "tail_layers": 0},
+                 "expert_choice": {"hard_gate_frac": 0.0, "tail_layers": 2},
+                 "token_choice": {"hard_gate_frac": 0.0, "tail_layers": 2}}
 
 
 def default_config(**overrides):
@@ -269,6 +279,56 @@ def optimizer_settings(cfg):
 RENAMED = {"exit_head_vocab": "draft_vocab", "exit_head_windows": "draft_windows"}   # old key -> new (one release)
 
 
+def _int(lo, hint=""):
+    """A rule: an int >= lo (bool is not an int here)."""
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an int >= {lo}{hint}"
+
+
+def _num(ok, what):
+    """A rule: a number for which ok(v) holds."""
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)), what
+
+
+def _fraction(v):
+    return 0 < v <= 1
+
+
+# Every setting with a range of its own -> (test, what the error says is allowed). check_config adds the rules that
+# join two keys. configurator has already checked each value's type against the default's.
+VALUE_RULES = {
+    "batch_size": _int(1), "block_size": _int(2), "gradient_accumulation_steps": _int(1),
+    "max_iters": _int(0, " (0: no training, e.g. to calibrate init_from's file)"),
+    "eval_interval": _int(1), "eval_iters": _int(1), "log_interval": _int(1), "calib_windows": _int(1),
+    "R": _int(1), "base_layers": _int(1), "tail_layers": _int(0), "router_start": _int(1), "router_group": _int(1),
+    "router_mlp_hidden": _int(0, " (0 = a linear gate)"), "stand_in_rank": _int(0),
+    "heal_rank": _int(0, " (0 = no healing; 8 is a good start)"),
+    "penalty_warmup_iters": _int(0), "warmup_iters": _int(0), "exit_iters": _int(0, " (0 = no exits)"),
+    "exit_head_layer": _int(0, " (0 = gates)"), "exit_head_rank": _int(1),
+    "drafter_hidden": _int(1, " (512 is a good start)"), "drafter_steps": _int(1), "draft_windows": _int(1),
+    "draft_vocab": _int(0, " (0 = all)"), "self_distill": _int(0, " (0 = tune on the dataset itself)"),
+    "self_distill_tokens": _int(1), "self_distill_batch": _int(1),
+    "target_active_ratio": _num(_fraction, "a fraction in (0, 1]"),
+    "keep_ratios": ((lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) and _fraction(x)
+                                                                    for x in v)),
+                    "a tuple of fractions in (0, 1], e.g. (0.6, 0.8)"),
+    "exit_layers": ((lambda v: isinstance(v, (tuple, list)) and all(isinstance(x, int) and x >= 1 for x in v)),
+                    "a tuple of layer indices >= 1, e.g. (4, 6, 8), or () for none"),
+    "exit_threshold": _num(lambda v: 0 < v < 1, "a probability in (0, 1)"),
+    "hard_gate_frac": _num(lambda v: 0 <= v <= 1, "a fraction in [0, 1] (0 = soft gates only)"),
+    "learning_rate": _num(lambda v: v > 0, "> 0"), "heal_learning_rate": _num(lambda v: v > 0, "> 0"),
+    "min_lr": _num(lambda v: v >= 0, ">= 0"), "weight_decay": _num(lambda v: v >= 0, ">= 0"),
+    "beta1": _num(lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": _num(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": _num(lambda v: v >= 0, ">= 0 (0 = off)"), "penalty_weight": _num(lambda v: v >= 0, ">= 0"),
+    "gate_entropy_weight": _num(lambda v: v >= 0, ">= 0"),
+    "target_mean_layers": _num(lambda v: v >= 0, ">= 0 (0 = off)"),
+    "target_tol": _num(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.005"),
+    "self_distill_temperature": _num(lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "router": ((lambda v: v in hf_wrap.ROUTER_KINDS), f"one of {', '.join(hf_wrap.ROUTER_KINDS)}"),
+    "router_pattern": ((lambda v: v in ("every", "every_other")), "'every' or 'every_other'"),
+    "loss": ((lambda v: v in ("kl", "lm")), "'kl' or 'lm'"),
+}
+
+
 def check_config(cfg):
     """cfg with RENAMED keys under their new names (with a note), if every setting can run; else SystemExit."""
     cfg = dict(cfg)
@@ -277,7 +337,13 @@ def check_config(cfg):
         if value != -1:
             print(f"note: {old} is renamed {new} (the old name goes in the next release): {new}={value!r}")
             cfg[new] = value
-    cfg = with_init_from(cfg)
+    cfg = with_init_from(cfg)                                   # a resumed or continued run: its file's values
+    if cfg["router"] not in KIND_DEFAULTS:
+        raise SystemExit(f"error: router={cfg['router']!r}: must be {VALUE_RULES['router'][1]}.")
+    kind = {k: v for k, v in KIND_DEFAULTS[cfg["router"]].items() if cfg[k] == -1}
+    if kind:
+        print(f"{cfg['router']}'s defaults: {', '.join(f'{k}={v!r}' for k, v in kind.items())}")
+        cfg.update(kind)
     if int(os.environ.get("RANK", -1)) != -1:
         raise SystemExit("error: router tuning runs in one process (the routers are tiny): run python tune.py "
                          "..., not torchrun.")
@@ -287,33 +353,22 @@ def check_config(cfg):
     if not cfg["hf"]:
         raise SystemExit("error: hf='' names no model: --hf=smollm2-135m (built in), a folder (save_pretrained or "
                          "sample.py --export_hf output), a .gguf file or a hub name.")
-    for key, ok, what in [("target_active_ratio", 0 < cfg["target_active_ratio"] <= 1, "a fraction in (0, 1]"),
-                          ("penalty_weight", cfg["penalty_weight"] >= 0, ">= 0"),
-                          ("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
+    for key, (ok, what) in VALUE_RULES.items():                   # one key at a time: the value's own range
+        if not ok(cfg[key]):
+            raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
+    for key, ok, what in [("target_speedup", cfg["target_speedup"] == 0 or cfg["target_speedup"] >= 1,
                            "0 (off) or >= 1 (1.6 = 1.6x fewer layer calls)"),
-                          ("router_mlp_hidden", cfg["router_mlp_hidden"] >= 0, ">= 0 (0 = a linear gate)"),
-                          ("router", cfg["router"] in hf_wrap.ROUTER_KINDS,
-                           f"one of {', '.join(hf_wrap.ROUTER_KINDS)}"),
-                          ("loss", cfg["loss"] in ("kl", "lm"), "'kl' or 'lm'"),
+                          ("min_lr", cfg["min_lr"] <= cfg["learning_rate"], f"<= learning_rate={cfg['learning_rate']}"),
                           ("init_gates", cfg["init_gates"] == "budget" or (cfg["init_gates"] == "influence" and
                            cfg["router"] in ("skip", "ffn") and not cfg["init_from"]), "'budget', or 'influence' "
                            "(skip / ffn only; not with init_from)"),
-                          ("stand_in_rank", isinstance(cfg["stand_in_rank"], int) and cfg["stand_in_rank"] >= 0
-                           and (cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
-                                                               and cfg["router_group"] == 1)),
-                           "an int >= 0, and 0 unless router is skip or ffn with router_group=1"),
-                          ("heal_rank", isinstance(cfg["heal_rank"], int) and cfg["heal_rank"] >= 0,
-                           "an int >= 0 (0 = no healing; 8 is a good start)"),
-                          ("heal_learning_rate", cfg["heal_learning_rate"] > 0, "> 0"),
-                          ("tail_layers", isinstance(cfg["tail_layers"], int) and cfg["tail_layers"] >= 0 and (
-                           cfg["tail_layers"] == 0 or cfg["router"] in ("expert_choice", "token_choice")),
-                           "an int >= 0, and 0 unless router is expert_choice or token_choice"),
-                          ("drafter_hidden", cfg["drafter_hidden"] >= 1, "an int >= 1 (512 is a good start)"),
-                          ("drafter_steps", cfg["drafter_steps"] >= 1, "an int >= 1"),
-                          ("draft_windows", cfg["draft_windows"] >= 1, "an int >= 1"),
+                          ("stand_in_rank", cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
+                                                                           and cfg["router_group"] == 1),
+                           "0 unless router is skip or ffn with router_group=1"),
+                          ("tail_layers", cfg["tail_layers"] == 0 or cfg["router"] in ("expert_choice", "token_choice"),
+                           "0 unless router is expert_choice or token_choice"),
                           ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
-                           "(pick one draft)"),
-                          ("self_distill_temperature", cfg["self_distill_temperature"] >= 0, ">= 0 (0 = greedy)")]:
+                           "(pick one draft)")]:
         if not ok:
             raise SystemExit(f"error: {key}={cfg[key]!r}: must be {what}.")
     return cfg

@@ -1,6 +1,7 @@
 """Bad values on the command line get one clear line that says what is allowed, before any model loads: no
 traceback, no silent garbage (issue 21, section 3). Each case runs the real script."""
 import os
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,30 @@ def test_a_bad_training_value_is_one_clear_line(tmp_path, data_dir, bad, says):
     """Values train.py used to take (a silent run, or a traceback from AdamW or the router)."""
     p = run("train.py", *TINY, bad, f"--out_dir={tmp_path / 'out'}", f"--data_dir={data_dir}")
     assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+TUNE_BAD = [("max_iters", -1), ("batch_size", 0), ("block_size", 0), ("learning_rate", -1.0), ("beta1", 1.5),
+            ("keep_ratios", (2,)), ("exit_threshold", 2.0), ("eval_interval", 0), ("eval_iters", 0),
+            ("log_interval", 0), ("calib_windows", 0), ("gradient_accumulation_steps", 0), ("R", 0),
+            ("hard_gate_frac", 2.0), ("exit_layers", ("abc",)), ("router_pattern", "odd"), ("router_group", 0),
+            ("self_distill", -1), ("draft_vocab", -1), ("exit_head_layer", -1), ("target_tol", 0.0),
+            ("exit_iters", -1), ("warmup_iters", -1), ("tail_layers", -2), ("min_lr", 1.0), ("router", "gate")]
+
+
+@pytest.mark.parametrize("key, bad", TUNE_BAD)
+def test_a_bad_tuning_value_is_one_clear_line(key, bad):
+    """Values tune.py used to take until the model had loaded (or for good: a silent run of nothing)."""
+    import tune
+    with pytest.raises(SystemExit, match="^" + re.escape(f"error: {key}={bad!r}: must be ")):
+        tune.check_config(tune.default_config(**{key: bad}))
+
+
+def test_each_router_kind_gets_its_own_defaults():
+    """-1 is the kind's value: group routers train soft and keep the last two layers; a value given is kept."""
+    import tune
+    ec = tune.check_config(tune.default_config(router="expert_choice"))
+    assert (ec["hard_gate_frac"], ec["tail_layers"]) == (0.0, 2)
+    skip = tune.check_config(tune.default_config(router="skip"))
+    assert (skip["hard_gate_frac"], skip["tail_layers"]) == (0.5, 0)
+    mine = tune.check_config(tune.default_config(router="token_choice", hard_gate_frac=0.25, tail_layers=0))
+    assert (mine["hard_gate_frac"], mine["tail_layers"]) == (0.25, 0)

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import configurator
 import data
 from conftest import sample_text
+import hf_wrap
 from hf_wrap import DepthAdapter  # noqa: E402
 
 VOCAB, LAYERS = 128, 6
@@ -286,8 +287,8 @@ def test_untrained_routers_are_refused_unless_asked_for():
 
 
 def test_expert_choice_decode_keeps_keep_ratio():
-    """Cutoffs calibrated on one sample of the model's text keep keep_ratio of the tokens that reach each group
-    when decoding another sample, within +-0.05 (before calibration, the decode cutoff was a column of the
+    """Cutoffs calibrated on one sample of the model's text keep group_keep(keep_ratio, 4) of the tokens that reach
+    each group, and keep_ratio of the routed layer calls, when decoding another sample, within +-0.05 (before calibration, the decode cutoff was a column of the
     prompt's unsorted scores and the depth histogram came out [58, 0, 1, 0, 0]). Many short rows: in a random
     model the states of one row are alike, so rows, not tokens, are the independent samples."""
     model = tiny("llama", vocab_size=4096)
@@ -300,8 +301,11 @@ def test_expert_choice_decode_keeps_keep_ratio():
     out, st = ad.generate(start, max_new_tokens=8, temperature=1.0, return_trace=True)
     reached = [sum(st["depth_hist"][g:]) for g in range(5)]                  # decoded tokens that ran group g
     assert reached[0] == 1024 * 7
+    q = hf_wrap.group_keep(0.5, 4)
+    assert abs(sum(q ** g for g in range(1, 5)) / 4 - 0.5) < 1e-6 and 0.5 < q < 1
     for g in range(4):
-        assert abs(reached[g + 1] / reached[g] - 0.5) <= 0.05, (g, st["depth_hist"])
+        assert abs(reached[g + 1] / reached[g] - q) <= 0.05, (g, st["depth_hist"])
+    assert abs(sum(reached[1:]) / (4 * reached[0]) - 0.5) <= 0.05
     # calibrated routing is causal: one prefill of the same tokens routes each of them as decoding did
     _, again = ad.generate(out[:, :-1], max_new_tokens=1, return_trace=True)
     assert sorted(again["trace"]) == sorted(st["trace"])
@@ -309,7 +313,7 @@ def test_expert_choice_decode_keeps_keep_ratio():
     _, st = DepthAdapter(model, router="expert_choice", keep_ratio=0.5, R=4, random_routers=True).generate(
         calib, max_new_tokens=2, return_trace=True)
     prompt = [d for _, c, d in st["trace"] if c < calib.shape[1]]
-    assert abs(sum(d >= 1 for d in prompt) / len(prompt) - 0.5) <= 0.01
+    assert abs(sum(d >= 1 for d in prompt) / len(prompt) - q) <= 0.01
 
 
 def test_router_file_round_trip(tmp_path):
