@@ -105,6 +105,33 @@ if size not in SIZES:
 if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in decode_batches):
     raise SystemExit(f"error: decode_batches={decode_batches!r}: batch sizes are ints >= 1, e.g. "
                      "--decode_batches=1,4 (or () for the defaults)")
+def _ints(v, lo):
+    return isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) and x >= lo for x in v)
+
+
+def _fractions(v):
+    return isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) and 0 < x <= 1 for x in v)
+
+
+for key, ok, what in [             # each setting's range, before anything is built or loaded
+        ("repeats", _ints([repeats], 1), "an int >= 1"), ("train_iters", _ints([train_iters], 1), "an int >= 1"),
+        ("warmup_iters", _ints([warmup_iters], 0), "an int >= 0"),
+        *[(k, _ints([globals()[k]], 0), "an int >= 0 (0: the size's value)") for k in SIZES["tiny"]],
+        ("depth_dist", depth_dist in ("forced", "router"), "forced or router"),
+        ("graphs", graphs in ("auto", "on", "off"), "auto, on or off"),
+        ("ppl_depths", _fractions(ppl_depths), "layer-call ratios in (0, 1], e.g. --ppl_depths=0.9,0.8"),
+        ("ppl_windows", _ints([ppl_windows], 1), "an int >= 1"),
+        ("calib_windows", _ints([calib_windows], 1), "an int >= 1"),
+        ("target_tol", isinstance(target_tol, float) and 0 < target_tol < 1, "in (0, 1), e.g. 0.005"),
+        ("speculative", _ints([speculative], 1) and speculative <= 64, "an int in 1..64 (4 is a good start)"),
+        ("lookup", _ints([lookup], 0), "an int >= 0 (0: no prompt-lookup rows)"),
+        ("mask_rates", _fractions(mask_rates), "fractions in (0, 1]"),
+        ("fixed_passes", _ints(fixed_passes, 1), "ints >= 1"),
+        *[(k, _ints([globals()[k]], 1), "an int >= 1") for k in ("infill_windows", "gen_samples", "gen_prompt",
+                                                                 "gen_tokens", "gen_block")],
+        ("gen_temperature", isinstance(gen_temperature, (int, float)) and gen_temperature >= 0, ">= 0")]:
+    if not ok:
+        raise SystemExit(f"error: {key}={globals()[key]!r}: must be {what}.")
 for k, v in SIZES[size].items():
     if not globals()[k]:
         globals()[k] = v

@@ -644,7 +644,7 @@ class DepthAdapter:
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; choose one of {', '.join(ROUTERS)}.")
         if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio={keep_ratio}: the fraction of tokens that go on at each unit lies in "
+            raise ValueError(f"keep_ratio={keep_ratio}: the share of the routed layer calls kept lies in "
                              "(0, 1] (1.0: full depth; None: bias decides).")
 
     def _read_model(self, model):

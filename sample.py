@@ -40,8 +40,8 @@ plot = ""                       # draw the depth histogram to this PNG (needs ma
 router = "none"                 # one of hf_wrap.ROUTERS (the trained kinds: --routers sets it)
 R = 4                           # groups the routed layers are split into (fixed, confidence, entropy)
 base_layers = 2                 # layers every token runs before routing starts
-keep_ratio = None               # skip / ffn / expert_choice: fraction of tokens that go on at each unit (the
-                                # file's calibrated cutoffs); None: bias decides
+keep_ratio = None               # skip / ffn / expert_choice: the share of the routed layer calls kept (the file's
+                                # calibrated cutoffs); None: bias decides
 depth = None                    # fixed: groups every token runs (0..R)
 threshold = None                # CALM's exit test: confidence: a top-1 probability; entropy: nats. None: default
 bias = None                     # trained routers: a gate passes when its logit > bias (None: the file's)
@@ -99,6 +99,17 @@ require(top_k is None or top_k >= 1, f"top_k={top_k}: sample among the top_k mos
                                      "(or None, --top_k=None: every token)")
 require(temperature is None or temperature >= 0, f"temperature={temperature}: it is >= 0 (0 = greedy; 1 = the model's "
                                                  "own distribution; lower is sharper)")
+require(chat in ("auto", "yes", "no"), f"chat={chat!r}: auto (the chat template when the tokenizer has one), yes or no")
+require(router in hf_wrap.ROUTERS, f"router={router!r}: one of {', '.join(hf_wrap.ROUTERS)}")
+require(keep_ratio is None or 0 < keep_ratio <= 1, f"keep_ratio={keep_ratio}: the share of the routed layer calls "
+                                                   "kept, in (0, 1] (1.0: full depth; None: the bias decides)")
+require(depth is None or depth >= 0, f"depth={depth}: fixed's groups every token runs, an int >= 0")
+require(base_layers >= 1, f"base_layers={base_layers}: the layers every token runs first, an int >= 1")
+require(exit_threshold is None or 0 < exit_threshold < 1, f"exit_threshold={exit_threshold}: an exit gate's "
+                                                          "probability, in (0, 1) (None: the file's)")
+require(threshold is None or threshold >= 0, f"threshold={threshold}: CALM's exit test, a top-1 probability in (0, 1] "
+                                             "(confidence) or nats >= 0 (entropy)")
+require(block_length >= 0, f"block_length={block_length}: positions refined together, an int >= 0 (0: all at once)")
 
 
 def streamer(decode, ids=()):

@@ -22,6 +22,12 @@ def run(*args, cwd=ROOT):
     (("sample.py", "--temperature=-1"), "temperature=-1: it is >= 0"),
     (("sample.py", "--hf=smollm2-135m", "--temperature=-1"), "temperature=-1: it is >= 0"),
     (("sample.py", "--hf=smollm2-135m", "--speculative=100000"), "speculative=100000: the tokens drafted per cycle"),
+    (("sample.py", "--hf=smollm2-135m", "--keep_ratio=2"), "keep_ratio=2: the share of the routed layer calls"),
+    (("sample.py", "--chat=maybe"), "chat='maybe': auto (the chat template"),
+    (("sample.py", "--router=foo"), "router='foo': one of none, drop"),
+    (("sample.py", "--depth=-1"), "depth=-1: fixed's groups"),
+    (("bench.py", "--repeats=0"), "repeats=0: must be an int >= 1."),
+    (("bench.py", "--ppl_depths=2"), "ppl_depths=(2,): must be layer-call ratios in (0, 1]"),
     (("bench.py", "--decode_batches=[0]"), "decode_batches=(0,): batch sizes are ints >= 1"),
     (("bench.py", "--decode_batches=abc"), "decode_batches=('abc',): batch sizes are ints >= 1"),
 ])
