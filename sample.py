@@ -182,7 +182,8 @@ def read_routers():
 # python tune.py --hf smollm2-135m --router <kind>, timed on a shared 2-core CPU (one thread, other jobs running):
 # expert_choice 18.2 min, 3.2 of them making its text (the model's answers: the first run of any kind makes them);
 # skip 21 min on the text made, under a heavier load
-TUNE_TIME = "~20 min on a 2-core CPU, the first run's 3 min of answers included; not measured on a GPU"
+TUNE_TIME = ("18-29 min on a 2-core CPU, measured (the first run's 3 min of answers included; 29 with other jobs "
+             "running); not measured on a GPU")
 
 
 def default_routers(kind):

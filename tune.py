@@ -2,7 +2,7 @@
 Router tuning for a pretrained Hugging Face model, every base weight frozen; and the speculative drafts'
 training (an exit head or a drafter, which speculative.py decodes with).
 
-  python tune.py --hf smollm2-135m --router expert_choice   # the built-in model on its own answers (~20 min, CPU)
+  python tune.py --hf smollm2-135m --router expert_choice   # the built-in model on its own answers (18-29 min, CPU)
   python tune.py config/hf_smollm2.py --router=ffn           # the longer recipe the README's tables come from
   python tune.py config/hf_router_tune.py                    # a tiny dense model trained and exported here
   python tune.py --hf=path/to/dir --self_distill=0 --dataset=my.txt --target_speedup=1.4
@@ -12,8 +12,8 @@ training (an exit head or a drafter, which speculative.py decodes with).
 What trains: the gates of hf_wrap.FrozenRouters, one kind per run (hf_wrap.py explains each). The tuning forward
 blends instead of deciding: unit u's update is scaled by its continue weight w_u, x <- x + w_u * (unit(x) - x)
 (ffn: the MLP's update only). The loss: KL to the full model's next-token distribution (or the LM loss) plus a
-compute penalty toward target_active_ratio; the last part of the run is 0/1 forward (straight-through), so
-training ends on inference's decisions. Then, optionally, exit gates (CALM's confidence, learned), each
+compute penalty toward target_active_ratio; for skip / ffn the last part of the run is 0/1 forward
+(straight-through), so training ends on inference's decisions (the group kinds train soft: KIND_DEFAULTS). Then, optionally, exit gates (CALM's confidence, learned), each
 keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
 The text is the model's own chat answers (self-distillation), made once and kept next to the routers. All of it
 lands in one file: routers-<router>.pt in the model's cache folder (data.default_routers, where sample.py and
