@@ -13,8 +13,9 @@ What trains: the gates of hf_wrap.FrozenRouters, one kind per run (hf_wrap.py ex
 blends instead of deciding: unit u's update is scaled by its continue weight w_u, x <- x + w_u * (unit(x) - x)
 (ffn: the MLP's update only). The loss: KL to the full model's next-token distribution (or the LM loss) plus a
 compute penalty toward target_active_ratio; for skip / ffn the last part of the run is 0/1 forward
-(straight-through), so training ends on inference's decisions (the group kinds train soft: KIND_DEFAULTS). Then, optionally, exit gates (CALM's confidence, learned), each
-keep_ratio's cutoffs and the bias that gives target_speedup; hf_wrap.DepthAdapter then really skips the work.
+(straight-through), so training ends on inference's decisions (the group kinds train soft: KIND_DEFAULTS).
+Then, optionally, exit gates (CALM's confidence, learned), each keep_ratio's cutoffs and the bias that gives
+target_speedup; hf_wrap.DepthAdapter then really skips the work.
 The text is the model's own chat answers (self-distillation), made once and kept next to the routers. All of it
 lands in one file: routers-<router>.pt in the model's cache folder (data.default_routers, where sample.py and
 bench.py look), or out_dir/routers.pt. It is saved at every evaluation too, marked unfinished until the end (a
