@@ -100,7 +100,7 @@ require(top_k is None or top_k >= 1, f"top_k={top_k}: sample among the top_k mos
 require(temperature is None or temperature >= 0, f"temperature={temperature}: it is >= 0 (0 = greedy; 1 = the model's "
                                                  "own distribution; lower is sharper)")
 require(chat in ("auto", "yes", "no"), f"chat={chat!r}: auto (the chat template when the tokenizer has one), yes or no")
-require(router in hf_wrap.ROUTERS, f"router={router!r}: one of {', '.join(hf_wrap.ROUTERS)}")
+require(router in hf_wrap.ROUTERS or router == "drafter", f"router={router!r}: one of {', '.join(hf_wrap.ROUTERS)}")
 require(keep_ratio is None or 0 < keep_ratio <= 1, f"keep_ratio={keep_ratio}: the share of the routed layer calls "
                                                    "kept, in (0, 1] (1.0: full depth; None: the bias decides)")
 require(depth is None or depth >= 0, f"depth={depth}: fixed's groups every token runs, an int >= 0")
