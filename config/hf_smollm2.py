@@ -38,7 +38,7 @@
 # | --router=token_choice --max_iters=50                                        | 403.4 / 3,010   | 337.8 / 3,201         |
 # 2026-12-04 (the README's 90/80% table, one thread, 3 runs sharing the 2 cores): the best row with --self_distill=128
 # took 36.9 min (pydoc 16.04 / 24.12 at 90 / 80%); + --heal_rank=8 38.4 min (16.91 / 26.26: healing at rank 8 fits the
-# 128 answers, not the held-out text); tune.py --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5).
+# 128 answers, not the held-out text); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5).
 # Early exit (expert_choice, token_choice: a stopped token skips the last layers too) fails on this model: its last
 # layers turn a state into a prediction. Skipping, with the last layers kept, is what works.
 # Speed (2 threads, load_hf's oneDNN kernels, 2026-11-28, two interleaved runs of
