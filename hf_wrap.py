@@ -828,13 +828,13 @@ class DepthAdapter:
     def _layer(self, c, l, x, attn_set, mlp_set, heal=None):
         """Decoder layer l. x (B*T, C). Every token writes its K/V (the K/V rule); attn_set runs attention and
         mlp_set the MLP (ActiveSets; None: nobody). heal: the layer's Healing, or None. A compiled decode step runs
-        what everyone (or nobody) runs, unhealed, with the compiled _decode_layer: the decisions stay here, in Python,
+        what everyone (or nobody) runs with the compiled _decode_layer: the decisions stay here, in Python,
         and a layer nobody runs costs its K/V."""
         layer = self.layers[l]
-        if c.compiled and heal is None and self.compiled_layer is not None and all(s is None or s is c.everyone
+        if c.compiled and self.compiled_layer is not None and all(s is None or s is c.everyone
                                                                   for s in (attn_set, mlp_set)):
             return self.compiled_layer(layer, x, c.cache.k[l], c.cache.v[l], c.whole_cache_mask(self.windows[l]),
-                                       c.cos, c.sin, c.slot, attn_set is not None, mlp_set is not None)
+                                       c.cos, c.sin, c.slot, attn_set is not None, mlp_set is not None, heal)
         attn = layer.self_attn
         a = layer.input_layernorm(x)
         k, v = self._kv(attn, a, c.cos, c.sin, heal)                          # (B*T, n_kv, hd)
@@ -936,6 +936,9 @@ class DepthAdapter:
     def _routed(self, c, x):
         """The routed kinds' layer loop: decision 1, decision 2, then the layer on the tokens that run it, packed.
         -> (x, depth, cost, kv_only) per token."""
+        if (c.compiled and c.B == 1 and self.compiled_layer is not None and self.router in ("skip", "ffn")
+                and not self.use_exits and not c.calibrating):
+            return self._routed_one(c, x)
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
         carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
         for l in range(len(self.layers)):
@@ -961,18 +964,51 @@ class DepthAdapter:
                 idx = stood[-1].nonzero()[:, 0]
                 if idx.numel():                                               # none: adds nothing, costs nothing
                     x = x.index_add(0, idx, self.routers.stand_ins[u](x[idx]))
-        # the bookkeeping, once per call: (L, B*T) who ran attention / the MLP at each layer
-        attn_ran, mlp_ran = (torch.stack([m[i] for m in ran]).float() for i in (0, 1))
+        return (x, *self._tally(c, *(torch.stack([m[i] for m in ran]).float() for i in (0, 1)),
+                                torch.stack(stood).float() if stood else None, groups))
+
+    def _routed_one(self, c, x):
+        """_routed for ONE token on compiled layers (batch-1 decode; skip / ffn without exit gates). Every decision
+        is a Python bool, and the compiled call of the layer before a unit also runs that unit's gate (and a stand-in
+        where one is due): one compiled call per layer, nothing else, so a passed-over layer saves its time but
+        its K/V. The same decisions as _routed: gate logit > the unit's cutoff (else bias)."""
+        cut = c.cache.cutoffs.tolist() if c.cache.cutoffs is not None else [self.bias] * len(self.units)
+        cut = torch.tensor(cut, dtype=torch.float32).tolist()                 # _passes compares in float32
+        rs, go, attn_ran, mlp_ran, stood = self.routers, True, [], [], []
+        z = float(rs.gates[self.unit_at[0]](x)) if 0 in self.unit_at else None
+        for l, layer in enumerate(self.layers):
+            u = self.unit_of.get(l)
+            if u is not None and l == self.units[u][0]:                       # decision 2, from the last call
+                go = z > cut[u]
+            run = u is None or go
+            stand = None
+            if u is not None and rs.stand_ins is not None and l == self.units[u][1] - 1:
+                stood.append(not run)
+                stand = None if run else rs.stand_ins[u]
+            nxt = self.unit_at.get(l + 1)
+            out = self.compiled_layer(layer, x, c.cache.k[l], c.cache.v[l], c.whole_cache_mask(self.windows[l]),
+                                      c.cos, c.sin, c.slot, run or self.attn_always, run, self.heal.get(l), stand,
+                                      None if nxt is None else rs.gates[nxt])
+            x, z = (out[0], float(out[1])) if nxt is not None else (out, z)
+            attn_ran.append(run or self.attn_always)
+            mlp_ran.append(run)
+        col = lambda bools: torch.tensor(bools, dtype=torch.float32, device=x.device)[:, None]   # (n, 1)
+        return (x, *self._tally(c, col(attn_ran), col(mlp_ran), col(stood) if stood else None, []))
+
+    def _tally(self, c, attn_ran, mlp_ran, stood, groups):
+        """The bookkeeping, once per call: attn_ran, mlp_ran (L, B*T) float, who ran attention / the MLP at each
+        layer; stood (units, B*T) who got a unit's stand-in, or None; groups: each group's runners (group kinds).
+        -> (depth, cost, kv_only) per token."""
         cost = self.attn_share * attn_ran.sum(0) + (1 - self.attn_share) * mlp_ran.sum(0)
-        if stood:                                                             # stand-ins, by their weights' share
-            cost = cost + self.stand_in_share * torch.stack(stood).float().sum(0)
+        if stood is not None:                                                 # stand-ins, by their weights' share
+            cost = cost + self.stand_in_share * stood.sum(0)
         if self.heal:                                                         # healing too (_setup_healing)
             cost = cost + (self.heal_attn_share * (attn_ran * self.healed_rows).sum(0)
                            + self.heal_mlp_share * (mlp_ran * self.healed_rows).sum(0))
         kv_only = int((c.valid & (attn_ran == 0)).sum())                      # K/V written, nothing else run
         depth = (torch.stack(groups).long().sum(0) if self.counts_groups      # groups run
                  else mlp_ran.sum(0).long())                                  # layers (ffn: MLPs) run
-        return x, depth, cost, kv_only
+        return depth, cost, kv_only
 
     def decode_step(self, cache, tok, pos, slot):
         """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A compiled cache runs
@@ -1000,22 +1036,28 @@ class DepthAdapter:
             x = self._decode_layer(self.layers[l], x, k[l], v[l], masks[w], cos, sin, slot)
         return self._logits(x)
 
-    def _decode_layer(self, layer, x, k, v, mask, cos, sin, slot, attn_on=True, mlp_on=True):
+    def _decode_layer(self, layer, x, k, v, mask, cos, sin, slot, attn_on=True, mlp_on=True, heal=None,
+                      stand_in=None, gate=None):
         """One decoder layer for one token per row, x (B, C): its K/V into cache slot `slot` of k, v (B, n_kv, S, hd)
-        (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on. torch.compile
-        makes one graph per (attn_on, mlp_on), shared by every layer of the model (the layer's weights are inputs)."""
+        (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on; heal: the
+        layer's Healing. Batch-1 routed decode (_routed_one) adds what comes between layers: a stand-in (the token
+        passed over the unit ending here) and the next unit's gate (-> (x, logit (B, 1)) instead of x). torch.compile
+        makes one graph per combination, shared by every layer of the model (the weights are inputs)."""
         attn = layer.self_attn
         a = layer.input_layernorm(x)
-        kk, vv = self._kv(attn, a, cos, sin)                                  # (B, n_kv, hd)
+        kk, vv = self._kv(attn, a, cos, sin, heal)                            # (B, n_kv, hd)
         k.index_copy_(2, slot, kk[:, :, None].to(k.dtype))
         v.index_copy_(2, slot, vv[:, :, None].to(v.dtype))
         if attn_on:
-            q = apply_rope(self._heads(attn.q_proj(a), getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
+            q = self._proj(attn.q_proj, a, heal, "q_proj")
+            q = apply_rope(self._heads(q, getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
             o = sdpa(q[:, :, None], k, v, mask, scale=attn.scaling)          # (B, H, 1, hd)
-            x = x + attn.o_proj(o[:, :, 0].flatten(-2))
+            x = x + self._proj(attn.o_proj, o[:, :, 0].flatten(-2), heal, "o_proj")
         if mlp_on:
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x
+            x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x), heal)
+        if stand_in is not None:
+            x = x + stand_in(x)
+        return x if gate is None else (x, gate(x))
 
     def _logits(self, h):
         """The model's final norm and LM head, or the trained exit head's (a token outside its vocab gets -inf)."""
@@ -1044,6 +1086,8 @@ class DepthAdapter:
             mode = "reduce-overhead" if dev.type == "cuda" else None
             self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
             self.compiled_layer = torch.compile(self._decode_layer, fullgraph=True)
+            # _decode_layer's graphs: one per (attn, MLP, healing, stand-in, gate) that occurs, up to 16 or so
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding

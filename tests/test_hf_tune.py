@@ -1288,3 +1288,34 @@ def test_keep_ratio_holds_on_text_the_calibration_did_not_see(kind):
         assert all(abs(k - 0.3) < 0.05 for k in kept), kept
         assert all(counter.rows[l, "self_attn.q_proj"] == (counter.rows[l, "mlp.gate_proj"] if kind == "skip" else
                                                            tokens) for l in routed)       # ffn never skips attention
+
+
+@pytest.mark.slow                                                              # cold compiles: 20-40 s
+@pytest.mark.parametrize("kind", ["skip", "ffn"])
+def test_batch1_compiled_decode_with_stand_ins_and_healing_equals_eager(kind):
+    """Batch-1 compiled decode (_routed_one: each layer's call also runs the next gate and a stand-in where one is
+    due) makes the eager loop's decisions: the same tokens, trace and layer calls, close logits, no graph breaks;
+    a second call compiles nothing."""
+    model = tiny("llama")
+    plain = spread_routers(kind, stand_in_rank=4)
+    r = hf_wrap.FrozenRouters(kind, 64, plain.units, mlp_hidden=16, stand_in_rank=4, heal_rank=4,
+                              heal_layers=range(plain.units[0][0], LAYERS),
+                              heal_shapes=hf_wrap.heal_shapes(model.model.layers[0]))
+    r.load_state_dict(plain.state_dict(), strict=False)
+    for heal in r.heals:
+        for up in heal.up.values():
+            torch.nn.init.normal_(up.weight, std=0.1)
+    ad = DepthAdapter(model, router=kind, routers=r.eval(), bias=0.0)
+    ids = prompts(1)[0]
+    ref, st_ref = ad.generate(ids, max_new_tokens=16, return_trace=True, return_logits=True)
+    assert 0 < st_ref["compute_saved_pct"] < 100
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out, st = ad.generate(ids, max_new_tokens=16, return_trace=True, return_logits=True, compile=True)
+    assert torch.equal(out, ref) and st["trace"] == st_ref["trace"]
+    assert st["layer_calls"] == pytest.approx(st_ref["layer_calls"])
+    torch.testing.assert_close(st["logits"], st_ref["logits"], atol=1e-4, rtol=1e-4)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert not torch._dynamo.utils.counters["graph_break"] and graphs <= 16
+    again, _ = ad.generate(ids, max_new_tokens=16, compile=True)
+    assert torch.equal(again, ref) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
