@@ -936,7 +936,7 @@ class DepthAdapter:
     def _routed(self, c, x):
         """The routed kinds' layer loop: decision 1, decision 2, then the layer on the tokens that run it, packed.
         -> (x, depth, cost, kv_only) per token."""
-        if (c.compiled and c.B == 1 and self.compiled_layer is not None and self.router in ("skip", "ffn")
+        if (c.compiled and c.B == 1 and self.compiled_layer is not None and self.router in ("skip", "ffn", "expert_choice")
                 and not self.use_exits and not c.calibrating):
             return self._routed_one(c, x)
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
@@ -968,24 +968,30 @@ class DepthAdapter:
                                 torch.stack(stood).float() if stood else None, groups))
 
     def _routed_one(self, c, x):
-        """_routed for ONE token on compiled layers (batch-1 decode; skip / ffn without exit gates). Every decision
-        is a Python bool, and the compiled call of the layer before a unit also runs that unit's gate (and a stand-in
-        where one is due): one compiled call per layer, nothing else, so a passed-over layer saves its time but
-        its K/V. The same decisions as _routed: gate logit > the unit's cutoff (else bias)."""
+        """_routed for ONE token on compiled layers (batch-1 decode; skip, ffn without exit gates, expert_choice).
+        Every decision is a Python bool, and the compiled call of the layer before a unit also runs that unit's gate
+        (and a stand-in where one is due): one compiled call per layer, nothing else, so a passed-over layer saves
+        its time but its K/V. The same decisions as _routed: gate logit > the unit's cutoff (else bias)."""
         cut = c.cache.cutoffs.tolist() if c.cache.cutoffs is not None else [self.bias] * len(self.units)
         cut = torch.tensor(cut, dtype=torch.float32).tolist()                 # _passes compares in float32
-        rs, go, attn_ran, mlp_ran, stood = self.routers, True, [], [], []
+        rs, groups = self.routers, self.router == "expert_choice"            # groups: once out, out until the tail
+        alive, go, attn_ran, mlp_ran, stood, ran_groups = True, True, [], [], [], []
         z = float(rs.gates[self.unit_at[0]](x)) if 0 in self.unit_at else None
         for l, layer in enumerate(self.layers):
-            u = self.unit_of.get(l)
-            if u is not None and l == self.units[u][0]:                       # decision 2, from the last call
+            u = self.unit_at.get(l) if groups else self.unit_of.get(l)
+            if l == self.tail_start:
+                alive = True
+            if groups and u is not None:                                      # decision 1: stop here for good?
+                alive = alive and z > cut[u]
+                ran_groups.append(alive)
+            elif u is not None and l == self.units[u][0]:                     # decision 2, from the last call
                 go = z > cut[u]
-            run = u is None or go
+            run = alive if groups else u is None or go
             stand = None
-            if u is not None and rs.stand_ins is not None and l == self.units[u][1] - 1:
+            if not groups and u is not None and rs.stand_ins is not None and l == self.units[u][1] - 1:
                 stood.append(not run)
                 stand = None if run else rs.stand_ins[u]
-            nxt = self.unit_at.get(l + 1)
+            nxt = self.unit_at.get(l + 1) if alive else None                  # a stopped token needs no gate
             out = self.compiled_layer(layer, x, c.cache.k[l], c.cache.v[l], c.whole_cache_mask(self.windows[l]),
                                       c.cos, c.sin, c.slot, run or self.attn_always, run, self.heal.get(l), stand,
                                       None if nxt is None else rs.gates[nxt])
@@ -993,7 +999,8 @@ class DepthAdapter:
             attn_ran.append(run or self.attn_always)
             mlp_ran.append(run)
         col = lambda bools: torch.tensor(bools, dtype=torch.float32, device=x.device)[:, None]   # (n, 1)
-        return (x, *self._tally(c, col(attn_ran), col(mlp_ran), col(stood) if stood else None, []))
+        return (x, *self._tally(c, col(attn_ran), col(mlp_ran), col(stood) if stood else None,
+                                [col(ran_groups)[i].bool() for i in range(len(ran_groups))]))
 
     def _tally(self, c, attn_ran, mlp_ran, stood, groups):
         """The bookkeeping, once per call: attn_ran, mlp_ran (L, B*T) float, who ran attention / the MLP at each

@@ -548,10 +548,10 @@ def test_compiled_static_decode_equals_eager(arch, kw, kernel):
 
 
 @pytest.mark.slow                                                              # a cold compile: 10-20 s
-@pytest.mark.parametrize("router, batch", [("skip", 1), ("expert_choice", 3)])
+@pytest.mark.parametrize("router, batch", [("skip", 1), ("expert_choice", 1), ("expert_choice", 3)])
 def test_compiled_routed_decode_equals_eager(router, batch):
     """generate(compile=True) on a routed kind compiles _decode_layer, not the decisions: the same tokens, depths and
-    layer calls as eager; at batch 1 four graphs serve every layer (the layer or its K/V alone, with or without the
+    layer calls as eager; at batch 1 up to four graphs serve every layer (the layer or its K/V alone, with or without the
     next unit's gate) and a second call compiles nothing; at batch 3 (left padding) a layer only some rows run stays eager. A draft's
     steps run on the same graphs: speculative decoding gives the full model's text."""
     import speculative as spec
@@ -565,7 +565,7 @@ def test_compiled_routed_decode_equals_eager(router, batch):
     out, st = ad.generate(ids, attention_mask=mask, max_new_tokens=16, return_trace=True, compile=True)
     assert torch.equal(out, ref) and st["trace"] == st_ref["trace"] and st["layer_calls"] == st_ref["layer_calls"]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert not torch._dynamo.utils.counters["graph_break"] and (graphs == 4 if batch == 1 else 1 <= graphs <= 2)
+    assert not torch._dynamo.utils.counters["graph_break"] and (2 <= graphs <= 4 if batch == 1 else 1 <= graphs <= 2)
     again, _ = ad.generate(ids, attention_mask=mask, max_new_tokens=16, compile=True)
     assert torch.equal(again, ref) and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     full, _ = DepthAdapter(model).generate(ids, attention_mask=mask, max_new_tokens=16)
