@@ -38,16 +38,16 @@
 # | --router=token_choice --max_iters=50                                        | 403.4 / 3,010   | 337.8 / 3,201         |
 # 2026-12-04 (the README's 90/80% table, one thread, 3 runs sharing the 2 cores): the best row with --self_distill=128
 # took 36.9 min (pydoc 16.04 / 24.12 at 90 / 80%); + --heal_rank=8 38.4 min (16.91 / 26.26: healing at rank 8 fits the
-# 128 answers, not the held-out text); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5).
+# 128 answers, not the held-out text); --heal_rank=2 --self_distill=256 34.8 min (16.07 / 23.75; Shakespeare 45.10 /
+# 57.59); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5).
 # Early exit (expert_choice, token_choice: a stopped token skips the last layers too) fails on this model: its last
 # layers turn a state into a prediction. Skipping, with the last layers kept, is what works.
-# Speed (2 threads, load_hf's oneDNN kernels, 2026-11-28, two interleaved runs of
-#   python sample.py --hf smollm2-135m --routers out-smollm2-skip-static-standin/routers.pt --threshold <bias> \
-#       --max_new_tokens 64 --prompt "Explain mixture of recursions simply."):
-# --no_skip 40.2 / 41.0 tok/s; the best routers at the 80% bias (-0.1465) 37.9 / 37.8 (0.93x), at the 70% bias
-# (0.1465) 43.3 / 43.8 (1.07x), the text looping. The routing costs ~2.4 ms of a ~27 ms step (29 gate MLPs, masks,
-# repacking): on this CPU no skip router gives fluent text faster than full depth; speculative decoding
-# (config/hf_spec_drafter.py) gives the exact text faster.
+# Speed (1 thread, 2026-12-04, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts:
+#   python bench.py --mode=spec --hf=smollm2-135m --routers=<best>,<healing r2> \
+#       --decoders='no_skip,static drop,routed' --graphs=on --new_tokens=64 --repeats=3 --threads=1 --lookup=0):
+# --no_skip compiled 17.6 tok/s; the best routers at bias 0 (69.6% of layer calls) compiled 20.9 (1.19x; eager 17.6);
+# healing r2 (75.9%) compiled 18.6 (1.06x). Batch-1 compiled decode runs each layer's gate inside the layer before's
+# compiled call (hf_wrap._routed_one); what is left is ~30 graph calls a step and the LM head (21% of a token's bytes).
 hf = "smollm2-135m"
 router = "ffn"
 # the text: 256 answers, made as config/hf_spec_draft.py makes its (128 new tokens each, temperature 0.7, 16 at a
