@@ -936,8 +936,8 @@ class DepthAdapter:
     def _routed(self, c, x):
         """The routed kinds' layer loop: decision 1, decision 2, then the layer on the tokens that run it, packed.
         -> (x, depth, cost, kv_only) per token."""
-        if (c.compiled and c.B == 1 and self.compiled_layer is not None and self.router in ("skip", "ffn", "expert_choice")
-                and not self.use_exits and not c.calibrating):
+        one_token = c.compiled and c.B == 1 and self.compiled_layer is not None and not c.calibrating
+        if one_token and self.router in ("skip", "ffn", "expert_choice") and not self.use_exits:   # batch-1 decode
             return self._routed_one(c, x)
         alive = c.valid.clone()                       # (B*T,) not stopped; padding never runs
         carry, unit_go, last, sets, ran, groups, stood = {}, None, (None, None), (None, None), [], [], []
@@ -1000,7 +1000,7 @@ class DepthAdapter:
             mlp_ran.append(run)
         col = lambda bools: torch.tensor(bools, dtype=torch.float32, device=x.device)[:, None]   # (n, 1)
         return (x, *self._tally(c, col(attn_ran), col(mlp_ran), col(stood) if stood else None,
-                                [col(ran_groups)[i].bool() for i in range(len(ran_groups))]))
+                                [torch.tensor([g], device=x.device) for g in ran_groups]))
 
     def _tally(self, c, attn_ran, mlp_ran, stood, groups):
         """The bookkeeping, once per call: attn_ran, mlp_ran (L, B*T) float, who ran attention / the MLP at each
