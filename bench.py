@@ -576,6 +576,9 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
         for adapt in (False, True):
             runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
                          lambda ad=ad, dr=dr, adapt=adapt: drafted(ad, drafter=dr, adapt_k=adapt)))
+        if use_graphs:                                 # the draft's steps on the compiled layers (verify: eager)
+            runs.append((f"speculative, {name}, adaptive K, compiled",
+                         lambda ad=ad, dr=dr: drafted(ad, drafter=dr, adapt_k=True, compile=True)))
     if lookup:                                         # drafts from the text itself, alone and with a head
         runs.append((f"speculative, prompt lookup ({lookup}-gram)", lambda: drafted(full, lookup=lookup)))
         heads = [d for d in drafts if d[2] is not None] + [d for d in drafts if d[1].exit_head is not None]
