@@ -48,7 +48,7 @@ prompt_len = 0
 new_tokens = 0                  # tokens generated per sequence
 depth_dist = "forced"           # forced (depths 1..R equally likely) | router (the model's own, untrained)
 device = "auto"
-dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere
+dtype = "auto"                  # auto: bf16 on CUDA, float32 elsewhere (--hf: the weights, on a CPU too)
 threads = 0                     # CPU threads (0: torch's default); the timings depend on it (the table names it)
 compile = True                  # torch.compile the training step on CUDA (ignored on CPU)
 cudnn_sdpa = True               # False: keep PyTorch's SDPA off its cuDNN backend (it plans per new shape; see README)
@@ -93,7 +93,8 @@ if __name__ == "__main__":     # an import (tests) reads no command line and run
     torch.manual_seed(seed)
 device = autodetect_device(device)
 device_type = device.split(":")[0]
-ctx, dtype = autocast_context(device_type, dtype)
+hf_dtype = None if dtype == "auto" else dtype        # --hf's weights: --dtype as given, on a CPU too (load_real)
+ctx, dtype = autocast_context(device_type, "auto" if hf and hf_dtype else dtype)
 if size == "auto":
     size = "gpt2" if device_type == "cuda" else "tiny"
 SIZES = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50304, block_size=1024, batch_size=12,
@@ -698,8 +699,8 @@ def router_files():
 
 
 def load_real():
-    """--hf's model and tokenizer on the bench's device (bf16 on CUDA)."""
-    return data.load_hf(hf, device=device, dtype="bfloat16" if device_type == "cuda" else "float32")
+    """--hf's model and tokenizer on the bench's device, in --dtype (auto: bf16 on CUDA, else float32)."""
+    return data.load_hf(hf, device=device, dtype=hf_dtype or ("bfloat16" if device_type == "cuda" else "float32"))
 
 
 def bench_speculative():
