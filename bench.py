@@ -94,7 +94,7 @@ if __name__ == "__main__":     # an import (tests) reads no command line and run
 device = autodetect_device(device)
 device_type = device.split(":")[0]
 hf_dtype = None if dtype == "auto" else dtype        # --hf's weights: --dtype as given, on a CPU too (load_real)
-ctx, dtype = autocast_context(device_type, "auto" if hf and hf_dtype else dtype)
+ctx, dtype = autocast_context(device_type, "auto" if hf and hf_dtype in ("float32", "bfloat16", "float16") else dtype)
 if size == "auto":
     size = "gpt2" if device_type == "cuda" else "tiny"
 SIZES = {"gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50304, block_size=1024, batch_size=12,

@@ -30,6 +30,7 @@ def run(*args, cwd=ROOT):
     (("bench.py", "--ppl_depths=2"), "ppl_depths=(2,): must be layer-call ratios in (0, 1]"),
     (("bench.py", "--decode_batches=[0]"), "decode_batches=(0,): batch sizes are ints >= 1"),
     (("bench.py", "--decode_batches=abc"), "decode_batches=('abc',): batch sizes are ints >= 1"),
+    (("bench.py", "--mode=spec", "--hf=smollm2-135m", "--dtype=half"), "unknown dtype 'half'"),
 ])
 def test_a_bad_value_is_one_clear_line(args, says):
     p = run(*args)
