@@ -972,8 +972,8 @@ class DepthAdapter:
         Every decision is a Python bool, and the compiled call of the layer before a unit also runs that unit's gate
         (and a stand-in where one is due): one compiled call per layer, nothing else, so a passed-over layer saves
         its time but its K/V. The same decisions as _routed: gate logit > the unit's cutoff (else bias)."""
-        cut = c.cache.cutoffs.tolist() if c.cache.cutoffs is not None else [self.bias] * len(self.units)
-        cut = torch.tensor(cut, dtype=torch.float32).tolist()                 # _passes compares in float32
+        cut = c.cache.cutoffs if c.cache.cutoffs is not None else torch.full((len(self.units),), self.bias)
+        cut = cut.float().tolist()                                            # _passes compares in float32
         rs, groups = self.routers, self.router == "expert_choice"            # groups: once out, out until the tail
         alive, go, attn_ran, mlp_ran, stood, ran_groups = True, True, [], [], [], []
         z = float(rs.gates[self.unit_at[0]](x)) if 0 in self.unit_at else None
