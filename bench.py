@@ -488,31 +488,37 @@ def bench_hf():
 # Speculative decoding (--mode=spec): what a verify pass costs, and the drafts against transformers on a real model
 
 def bench_verify(lm, batches, prompt, where, **tag):
-    """What speculative decoding rests on (verify_cost): a verify pass over w tokens, in decode steps."""
-    costs = [dict(**tag, **r) for B in batches for r in verify_cost(lm, B, prompt, interleaved=interleaved)]
+    """What speculative decoding rests on (verify_cost): a verify pass over w tokens, in decode steps (eager, and
+    with --graphs compiled: the pass speculative.generate(compile=True) runs)."""
+    costs = [dict(**tag, **r) for B in batches for c in (False, True) if c <= use_graphs
+             for r in verify_cost(lm, B, prompt, interleaved=interleaved, compiled=c)]
     report("verify", f"The verify pass {where}, {device_name()}: one full pass over w new tokens per row after "
-           f"{prompt}", costs, ["batch", "tokens per row", "ms per pass", "vs one step"])
+           f"{prompt}", costs, ["batch", "compiled", "tokens per row", "ms per pass", "vs one step"])
 
 
 @torch.no_grad()
-def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved):
+def verify_cost(model, B, prompt_len, widths=(1, 2, 3, 5, 9), n=5, interleaved=interleaved, compiled=False):
     """Speculative decoding's premise, measured: a full-depth pass over w new tokens per row (verifying w - 1
-    drafts) against one decode step (w = 1), batch B after prompt_len tokens; each timed call runs n passes."""
+    drafts) against one decode step (w = 1), batch B after prompt_len tokens; each timed call runs n passes.
+    compiled: the compiled step over the chunk (DepthAdapter.decode_step), after one warm-up pass per width."""
     full, dev = hf_wrap.DepthAdapter(model, no_skip=True), model.get_input_embeddings().weight.device
     ids = torch.randint(0, model.config.vocab_size, (B, prompt_len + max(widths)), device=dev)
-    cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths))
+    cache, ids, pos, _ = full.new_cache(ids[:, :prompt_len], None, max(widths), compile=compiled)
     full.forward_chunk(cache, ids, pos, 0)
     new = torch.randint(0, model.config.vocab_size, (B, max(widths)), device=dev)
     steps = pos[:, -1:] + 1 + torch.arange(max(widths), device=dev)
+    one_pass = full.decode_step if compiled else lambda *a: full.forward_chunk(*a, all_logits=True)
 
-    def passes(w):                      # the same cache slots each time: the cost is measured, not the text
+    def passes(w, n=n):                 # the same cache slots each time: the cost is measured, not the text
         for _ in range(n):
-            full.forward_chunk(cache, new[:, :w], steps[:, :w], prompt_len, all_logits=True)
+            one_pass(cache, new[:, :w], steps[:, :w], prompt_len)
         hf_wrap.now(dev)
+    for w in widths if compiled else ():
+        passes(w, 1)                    # the compile, outside the timing
     timings = interleaved([(w, lambda w=w: passes(w)) for w in widths])
     one = timings[widths[0]][1]
-    return [{"batch": B, "tokens per row": w, "ms per pass": 1000 * timings[w][1] / n,
-             "vs one step": timings[w][1] / one} for w in widths]
+    return [{"batch": B, "compiled": "yes" if compiled else "no", "tokens per row": w,
+             "ms per pass": 1000 * timings[w][1] / n, "vs one step": timings[w][1] / one} for w in widths]
 
 
 def _on_mkl(model, fn):
@@ -577,15 +583,18 @@ def spec_runs(model, ids, mask, drafts, exit_layer, n, K, eos, pad, lookup):
         for adapt in (False, True):
             runs.append((f"speculative, {name}{', adaptive K' if adapt else ''}",
                          lambda ad=ad, dr=dr, adapt=adapt: drafted(ad, drafter=dr, adapt_k=adapt)))
-        if use_graphs:                                 # the draft's steps on the compiled layers (verify: eager)
+        if use_graphs:                                 # the draft's steps and the verify pass compiled
             runs.append((f"speculative, {name}, adaptive K, compiled",
                          lambda ad=ad, dr=dr: drafted(ad, drafter=dr, adapt_k=True, compile=True)))
     if lookup:                                         # drafts from the text itself, alone and with a head
-        runs.append((f"speculative, prompt lookup ({lookup}-gram)", lambda: drafted(full, lookup=lookup)))
         heads = [d for d in drafts if d[2] is not None] + [d for d in drafts if d[1].exit_head is not None]
-        for name, ad, dr in heads[:1]:                 # the drafter, else the first exit head
-            runs.append((f"speculative, prompt lookup, else {name}, adaptive K",
-                         lambda ad=ad, dr=dr: drafted(ad, drafter=dr, adapt_k=True, lookup=lookup)))
+        for c in (False, True) if use_graphs else (False,):
+            runs.append((f"speculative, prompt lookup ({lookup}-gram){', compiled' if c else ''}",
+                         lambda c=c: drafted(full, lookup=lookup, compile=c)))
+            for name, ad, dr in heads[:1]:             # the drafter, else the first exit head
+                runs.append((f"speculative, prompt lookup, else {name}, adaptive K{', compiled' if c else ''}",
+                             lambda ad=ad, dr=dr, c=c: drafted(ad, drafter=dr, adapt_k=True, lookup=lookup,
+                                                               compile=c)))
     keep = [d for d in decoders.split(",") if d]
     return [r for r in runs if r[0] == "transformers generate" or not keep or any(d in r[0] for d in keep)]
 

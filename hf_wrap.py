@@ -481,7 +481,7 @@ class AdapterCache:
 
 # One pass over a chunk: logits, the last position's (B, V) or every position's (B, T, V); depth (B, T) in decision
 # units; cost (B, T) the layer-equivalents each token ran (K/V fill not included); final_h (B, T, C) before the
-# final norm (a drafter's input; None when compiled); kv_only: token-layers that computed K/V alone; head_checks:
+# final norm (a drafter's input); kv_only: token-layers that computed K/V alone; head_checks:
 # CALM's LM-head calls.
 Pass = namedtuple("Pass", "logits depth cost final_h kv_only head_checks")
 
@@ -550,11 +550,12 @@ class _Chunk:
 
 
 def decode_mask(key_valid, slot, window):
-    """A decode step's keys over the WHOLE cache, as gpt-fast reads it: not padding, not after this token's slot
-    (slot (1,) a tensor, so no Python int changes between steps), inside the window. -> (B, 1, 1, max_len) bool."""
+    """A compiled step's keys over the WHOLE cache, as gpt-fast reads it: not padding, not after the query's slot
+    (slot (T,) the step's slots, a tensor, so no Python int changes between steps), inside the window.
+    -> (B, 1, T, max_len) bool."""
     j = torch.arange(key_valid.shape[1], device=key_valid.device)
-    seen = key_valid & (j <= slot)
-    return (seen if window is None else seen & (j > slot - window))[:, None, None]
+    seen = key_valid[:, None] & (j <= slot[:, None])                         # (B, T, max_len)
+    return (seen if window is None else seen & (j > slot[:, None] - window))[:, None]
 
 
 def layer_window(config, i):
@@ -632,6 +633,7 @@ class DepthAdapter:
         self.attn_always = router == "ffn"                                   # ffn: attention always runs
         # generate(compile=True): pooled caches, a static plan's step, the layer step of the routed kinds
         self.static_cache, self.compiled_step, self.compiled_layer = {}, None, None
+        self._full = self if router == "none" else None    # full_depth(): the verify pass of speculative decoding
 
     @staticmethod
     def _check_kind(model, router, keep_ratio):
@@ -1018,48 +1020,55 @@ class DepthAdapter:
         return depth, cost, kv_only
 
     def decode_step(self, cache, tok, pos, slot):
-        """One token per row: tok, pos (B,) into cache slot `slot` -> Pass (logits (B, V)). A compiled cache runs
-        _static_step for a static plan (its depth and cost, no final_h), else forward_chunk on compiled layers."""
+        """tok, pos (B,): one token per row into cache slot `slot` -> Pass (logits (B, V)); or (B, T): a short chunk
+        into slots slot.. (speculative decoding's verify pass) -> Pass (every position's logits, (B, T, V)). A
+        compiled cache runs a static plan's _static_step (a graph for T = 1, one for longer chunks), else
+        forward_chunk (on compiled layers at T = 1)."""
+        one = tok.dim() == 1
+        ids, pos = (tok[:, None], pos[:, None]) if one else (tok, pos)
         if not cache.static or self.static_layers is None:
-            return self.forward_chunk(cache, tok[:, None], pos[:, None], slot)
-        dev, B = tok.device, tok.shape[0]
-        logits = self.compiled_step(cache.k, cache.v, cache.key_valid, tok[:, None], pos[:, None],
-                                    torch.full((1,), slot, device=dev)).clone()
-        return Pass(logits, torch.full((B, 1), self.static_depth, device=dev),
-                    torch.full((B, 1), float(len(self.static_layers)), device=dev), None, 0, 0)
+            return self.forward_chunk(cache, ids, pos, slot, all_logits=not one)
+        (B, T), dev = ids.shape, ids.device
+        cache.pos[:, slot:slot + T] = pos
+        logits, h = self.compiled_step(cache.k, cache.v, cache.key_valid, ids, pos,
+                                       torch.arange(slot, slot + T, device=dev))
+        return Pass(logits[:, 0].clone() if one else logits.clone(), torch.full((B, T), self.static_depth, device=dev),
+                    torch.full((B, T), float(len(self.static_layers)), device=dev), h.clone(), 0, 0)
 
     def _static_step(self, k, v, key_valid, ids, pos, slot):
-        """A static kind's decode step with shapes that never change, what torch.compile captures whole (fullgraph;
-        a CUDA graph on a GPU). ids, pos (B, 1); slot (1,) this token's cache slot; k, v, key_valid the cache's
-        pooled buffers. As in gpt-fast, attention reads the WHOLE cache under a mask (valid, slot <= this one) and
-        index_copy_ writes the new K/V: no Python int changes between steps. -> logits (B, V)."""
-        x = self.embed(ids[:, 0])                                             # (B, C)
-        cos, sin = (t[:, 0] for t in self.rotary(x[:, None], pos))            # (B, hd)
+        """A static kind's decode step (or verify chunk) with shapes that never change, what torch.compile captures
+        whole (fullgraph; a CUDA graph on a GPU). ids, pos (B, T); slot (T,) their cache slots; k, v, key_valid the
+        cache's pooled buffers. As in gpt-fast, attention reads the WHOLE cache under a mask (valid, slot <= the
+        query's) and index_copy_ writes the new K/V: no Python int changes between steps. -> logits (B, T, V), the
+        final states (B, T, C) before the final norm (a drafter's input)."""
+        x = self.embed(ids)                                                   # (B, T, C)
+        cos, sin = self.rotary(x, pos)                                        # (B, T, hd)
         masks = {}
         for l in self.static_layers:
             w = self.windows[l]
-            if w not in masks:                                                # (B, 1, 1, S) bool
+            if w not in masks:                                                # (B, 1, T, S) bool
                 masks[w] = decode_mask(key_valid, slot, w)
             x = self._decode_layer(self.layers[l], x, k[l], v[l], masks[w], cos, sin, slot)
-        return self._logits(x)
+        return self._logits(x), x
 
     def _decode_layer(self, layer, x, k, v, mask, cos, sin, slot, attn_on=True, mlp_on=True, heal=None,
                       stand_in=None, gate=None):
-        """One decoder layer for one token per row, x (B, C): its K/V into cache slot `slot` of k, v (B, n_kv, S, hd)
-        (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on; heal: the
+        """One decoder layer for one token per row, x (B, C), or a short chunk, x (B, T, C): its K/V into cache slots
+        `slot` (T,) of k, v (B, n_kv, S, hd) (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on; heal: the
         layer's Healing. Batch-1 routed decode (_routed_one) adds what comes between layers: a stand-in (the token
         passed over the unit ending here) and the next unit's gate (-> (x, logit (B, 1)) instead of x). torch.compile
         makes one graph per combination, shared by every layer of the model (the weights are inputs)."""
-        attn = layer.self_attn
+        attn, B = layer.self_attn, x.shape[0]
+        by_head = lambda t: t.reshape(B, -1, *t.shape[-2:]).transpose(1, 2)  # (B, [T,] n, hd) -> (B, n, T, hd)
         a = layer.input_layernorm(x)
-        kk, vv = self._kv(attn, a, cos, sin, heal)                            # (B, n_kv, hd)
-        k.index_copy_(2, slot, kk[:, :, None].to(k.dtype))
-        v.index_copy_(2, slot, vv[:, :, None].to(v.dtype))
+        kk, vv = self._kv(attn, a, cos, sin, heal)                            # (B, [T,] n_kv, hd)
+        k.index_copy_(2, slot, by_head(kk).to(k.dtype))
+        v.index_copy_(2, slot, by_head(vv).to(v.dtype))
         if attn_on:
             q = self._proj(attn.q_proj, a, heal, "q_proj")
-            q = apply_rope(self._heads(q, getattr(attn, "q_norm", None)), cos, sin)   # (B, H, hd)
-            o = sdpa(q[:, :, None], k, v, mask, scale=attn.scaling)          # (B, H, 1, hd)
-            x = x + self._proj(attn.o_proj, o[:, :, 0].flatten(-2), heal, "o_proj")
+            q = apply_rope(self._heads(q, getattr(attn, "q_norm", None)), cos, sin)   # (B, [T,] H, hd)
+            o = sdpa(by_head(q), k, v, mask, scale=attn.scaling)             # (B, H, T, hd)
+            x = x + self._proj(attn.o_proj, o.transpose(1, 2).reshape(x.shape[:-1] + (-1,)), heal, "o_proj")
         if mlp_on:
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x), heal)
         if stand_in is not None:
@@ -1089,12 +1098,8 @@ class DepthAdapter:
         if ctx and T0 + max_new_tokens > ctx:
             raise ValueError(f"the prompt is {T0} tokens and {max_new_tokens} more are asked for, but the model's "
                              f"context is {ctx} positions: shorten the prompt or ask for fewer tokens.")
-        if compile and self.compiled_layer is None:            # built once: later calls reuse the graphs
-            mode = "reduce-overhead" if dev.type == "cuda" else None
-            self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
-            self.compiled_layer = torch.compile(self._decode_layer, fullgraph=True)
-            # _decode_layer's graphs: one per (attn, MLP, healing, stand-in, gate) that occurs, up to 16 or so
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        if compile:
+            self.compile()
         key_valid = torch.ones(B, T0 + max_new_tokens + extra, dtype=torch.bool, device=dev)
         key_valid[:, :T0] = mask
         pos = (mask.long().cumsum(1) - 1).clamp(min=0)                        # HF's position ids under left padding
@@ -1139,6 +1144,23 @@ class DepthAdapter:
                                                  out.head_checks)
 
     @torch.no_grad()
+    def full_depth(self):
+        """This model at full depth (router 'none'; made once, so its compiled graphs are kept): speculative
+        decoding's verify pass."""
+        if self._full is None:
+            self._full = DepthAdapter(self.model, no_skip=True)
+        return self._full
+
+    def compile(self):
+        """torch.compile this adapter's decode steps, once (later calls reuse the graphs): a static plan's step
+        whole, a routed kind's layer step (the decisions stay eager). A cache made with compile=True runs them."""
+        if self.compiled_layer is None:
+            mode = "reduce-overhead" if self.embed.weight.device.type == "cuda" else None
+            self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
+            self.compiled_layer = torch.compile(self._decode_layer, fullgraph=True)
+            # _decode_layer's graphs: one per (attn, MLP, healing, stand-in, gate) that occurs, up to 16 or so
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
                  adapt_k=None, lookup=None, on_tokens=None):

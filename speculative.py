@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hf_wrap
-from hf_wrap import (DRAFTER_FILE_FORMAT, DepthAdapter, head_rows, load_router_file, now, save_router_file, spread,
+from hf_wrap import (DRAFTER_FILE_FORMAT, head_rows, load_router_file, now, save_router_file, spread,
                      timing_stats)
 from model import token_probs
 
@@ -105,13 +105,16 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     adapt_k: K is the start, +1 after a cycle where every row kept all drafts, -1 after one where rows kept under
     half on average, within 1..2K. on_tokens: a streamer, called with each row's new tokens (a list of B 1-D
     tensors, some empty) after the prefill (its one token) and after each cycle (the run it accepted). compile:
-    the draft's decode steps run on compiled layers (DepthAdapter.new_cache); the verify pass stays eager.
+    the draft's decode steps run on compiled layers, and the verify pass is one compiled full-depth step over the
+    chunk (DepthAdapter.decode_step).
     -> (output_ids, stats): generate()'s timings (and logits), draft (its source), speculative (K), k_final,
     k_mean, cycles, drafted, accepted, acceptance_rate, mean_accepted (per row and cycle), tokens_per_cycle,
     draft_s, verify_s, draft_layers (layers run per drafted token).
     """
     _check(adapter, K, max_new_tokens, lookup, drafter, return_trace)
-    full = adapter if adapter.router == "none" else DepthAdapter(adapter.model, no_skip=True)
+    full = adapter.full_depth()
+    if compile:
+        full.compile()
     k_max = 2 * K if adapt_k else K
     cache, ids, pos, mask = adapter.new_cache(input_ids, attention_mask, max_new_tokens, extra=k_max + 1,
                                                 compile=compile)
@@ -134,8 +137,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
         kd = len(drafts)
         tb = now(ids.device)
         chunk = torch.stack([rows.pending, *drafts], 1)                     # (B, kd + 1)
-        verify = full.forward_chunk(cache, chunk, rows.next_pos[:, None] + steps[:kd + 1], rows.end,
-                                    all_logits=True)                        # 4. ONE full pass: (B, kd + 1, V)
+        verify = full.decode_step(cache, chunk, rows.next_pos[:, None] + steps[:kd + 1], rows.end)
+        #                                                                     4. ONE full pass: (B, kd + 1, V)
         tc = now(ids.device)
         m, after = _accept(rule, verify.logits, chunk[:, 1:], q, lens)      # 5. accept
         n = rows.n

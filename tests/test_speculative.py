@@ -366,6 +366,31 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
 
 # --- the built-in real model: SmolLM2-135M-Instruct -------------------------------------------------------------
 
+@pytest.mark.slow                                                              # a cold compile: ~20 s
+def test_compiled_verify_chunk_equals_eager():
+    """compile=True: the verify pass is the full-depth adapter's compiled step over the chunk (decode_step with
+    (B, T) tokens): its logits and final states are forward_chunk's, and with prompt lookup and a drafter (which
+    reads those final states) at batch 3, rows accepting different numbers, the text is generate's."""
+    model = tiny("mistral")                                                    # sliding windows: the mask matters
+    ad = DepthAdapter(model)
+    ids, mask = prompts(3)
+    ad.compile()
+    outs = []
+    for static in (False, True):
+        cache, x, pos, _ = ad.new_cache(ids, mask, max_new_tokens=8, compile=static)
+        first = ad.forward_chunk(cache, x, pos, 0)
+        chunk = first.logits.argmax(-1)[:, None].repeat(1, 4)                  # (B, 4): a verify chunk
+        outs.append(ad.decode_step(cache, chunk, pos[:, -1:] + 1 + torch.arange(4), x.shape[1]))
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1].final_h, outs[0].final_h, atol=1e-4, rtol=1e-4)
+    ref_ids, ref_logits = hf_greedy(model, ids, mask, 24)
+    for kw in ({"lookup": 2}, {"drafter": speculative.new_drafter(model).eval()}):
+        out, st = speculative.generate(ad, ids, attention_mask=mask, max_new_tokens=24, K=3, adapt_k=True,
+                                       compile=True, return_logits=True, **kw)
+        assert torch.equal(out, ref_ids), kw
+        torch.testing.assert_close(st["logits"], ref_logits, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_smollm2_speculative_equals_generate():
     """On the real model, drafts from an exit at layer 20 of 30 (the model's own head there) and from an untrained
