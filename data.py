@@ -26,6 +26,7 @@ import tempfile
 import urllib.parse
 from glob import glob
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -448,7 +449,7 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 def cpu_linears(model, kernel="onednn"):
     """The CPU kernel of the model's float32 nn.Linear layers without gradients: "onednn" (load_hf's choice, so
     transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the weights
-    for a few rows far below memory bandwidth (README, "CPU kernels"). Results equal F.linear's to float32
+    for a few rows far below memory bandwidth (bench.py --mode=spec: the "MKL linears" row). Results equal F.linear's to float32
     rounding; unaligned weights are copied once. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
@@ -468,11 +469,29 @@ def cpu_linears(model, kernel="onednn"):
 
 
 def _onednn_forward(self, x):
-    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none) and
-    under torch.compile (inductor cannot lower this op on plain weights)."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none). Under
+    torch.compile, one row (a decode step) is F.linear, which inductor turns into its own matrix-vector kernel, and a
+    few rows (a verify chunk) call oneDNN opaquely (_onednn_linear): inductor cannot lower the op on plain weights,
+    and its own code for a few rows is MKL's, which streams the weights slowly (the compiled rows of
+    bench.py --mode=spec --graphs=on's verify table)."""
+    if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return torch.nn.functional.linear(x, self.weight, self.bias)
+    if torch.compiler.is_compiling():
+        if x.numel() == x.shape[-1]:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return _onednn_linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+@torch.library.custom_op("nanomor::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """oneDNN's linear as one opaque op that torch.compile calls, not traces (_onednn_forward)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def _from_pretrained(cls, name, offline, **kwargs):

@@ -370,8 +370,10 @@ def test_drafter_tuning_and_file(tmp_path, monkeypatch, capsys):
 def test_compiled_verify_chunk_equals_eager():
     """compile=True: the verify pass is the full-depth adapter's compiled step over the chunk (decode_step with
     (B, T) tokens): its logits and final states are forward_chunk's, and with prompt lookup and a drafter (which
-    reads those final states) at batch 3, rows accepting different numbers, the text is generate's."""
+    reads those final states) at batch 3, rows accepting different numbers, the text is generate's. On load_hf's
+    oneDNN linears, as the real model runs (a chunk calls them opaquely in the graph: data._onednn_forward)."""
     model = tiny("mistral")                                                    # sliding windows: the mask matters
+    assert data.cpu_linears(model) > 0
     ad = DepthAdapter(model)
     ids, mask = prompts(3)
     ad.compile()
