@@ -449,8 +449,8 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 def cpu_linears(model, kernel="onednn"):
     """The CPU kernel of the model's float32 nn.Linear layers without gradients: "onednn" (load_hf's choice, so
     transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the weights
-    for a few rows far below memory bandwidth (bench.py --mode=spec: the "MKL linears" row). Results equal F.linear's to float32
-    rounding; unaligned weights are copied once. -> the number of layers switched."""
+    for a few rows far below memory bandwidth (bench.py --mode=spec: the "MKL linears" row). Results equal
+    F.linear's to float32 rounding; unaligned weights are copied once. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None

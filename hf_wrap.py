@@ -1054,8 +1054,8 @@ class DepthAdapter:
     def _decode_layer(self, layer, x, k, v, mask, cos, sin, slot, attn_on=True, mlp_on=True, heal=None,
                       stand_in=None, gate=None):
         """One decoder layer for one token per row, x (B, C), or a short chunk, x (B, T, C): its K/V into cache slots
-        `slot` (T,) of k, v (B, n_kv, S, hd) (index_copy_), then attention over the whole cache under `mask` if attn_on, the MLP if mlp_on; heal: the
-        layer's Healing. Batch-1 routed decode (_routed_one) adds what comes between layers: a stand-in (the token
+        `slot` (T,) of k, v (B, n_kv, S, hd) (index_copy_), then attention over the whole cache under `mask` if
+        attn_on, the MLP if mlp_on; heal: the layer's Healing. Batch-1 routed decode (_routed_one) adds what comes between layers: a stand-in (the token
         passed over the unit ending here) and the next unit's gate (-> (x, logit (B, 1)) instead of x). torch.compile
         makes one graph per combination, shared by every layer of the model (the weights are inputs)."""
         attn, B = layer.self_attn, x.shape[0]
