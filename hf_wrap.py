@@ -1055,9 +1055,10 @@ class DepthAdapter:
                       stand_in=None, gate=None):
         """One decoder layer for one token per row, x (B, C), or a short chunk, x (B, T, C): its K/V into cache slots
         `slot` (T,) of k, v (B, n_kv, S, hd) (index_copy_), then attention over the whole cache under `mask` if
-        attn_on, the MLP if mlp_on; heal: the layer's Healing. Batch-1 routed decode (_routed_one) adds what comes between layers: a stand-in (the token
-        passed over the unit ending here) and the next unit's gate (-> (x, logit (B, 1)) instead of x). torch.compile
-        makes one graph per combination, shared by every layer of the model (the weights are inputs)."""
+        attn_on, the MLP if mlp_on; heal: the layer's Healing. Batch-1 routed decode (_routed_one) adds what comes
+        between layers: a stand-in (the token passed over the unit ending here) and the next unit's gate (-> (x,
+        logit (B, 1)) instead of x). torch.compile makes one graph per combination, shared by every layer of the
+        model (the weights are inputs)."""
         attn, B = layer.self_attn, x.shape[0]
         by_head = lambda t: t.reshape(B, -1, *t.shape[-2:]).transpose(1, 2)  # (B, [T,] n, hd) -> (B, n, T, hd)
         a = layer.input_layernorm(x)
@@ -1143,7 +1144,6 @@ class DepthAdapter:
         return out.logits.float(), self._summary(out.depth[mask].cpu(), out.cost[mask].cpu(), out.kv_only,
                                                  out.head_checks)
 
-    @torch.no_grad()
     def full_depth(self):
         """This model at full depth (router 'none'; made once, so its compiled graphs are kept): speculative
         decoding's verify pass."""
@@ -1161,6 +1161,7 @@ class DepthAdapter:
             # _decode_layer's graphs: one per (attn, MLP, healing, stand-in, gate) that occurs, up to 16 or so
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
+    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, temperature=0.0, top_k=None,
                  eos_token_id=None, return_trace=False, return_logits=False, compile=False, speculative=None,
                  adapt_k=None, lookup=None, on_tokens=None):

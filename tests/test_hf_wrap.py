@@ -142,6 +142,7 @@ def test_expert_choice_keep_all_is_full_depth(arch):
     assert torch.equal(out, ref_ids)
     torch.testing.assert_close(stats["logits"], ref_logits, atol=1e-4, rtol=1e-4)
     assert stats["depth_hist"][-1] == stats["tokens"]
+    assert not stats["logits"].requires_grad                                  # generate builds no autograd graph
 
 
 def test_sliding_window_matters():
