@@ -75,6 +75,7 @@ ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of th
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
+ppl_calm = True                 # CALM's training-free exit rows too (~7 of a CPU run's ~35 min; False: leave them out)
 # --mode=diffusion: adaptive refinement against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
 judge_dir = "out-vanilla-tiny"  # the autoregressive judge of generations (python train.py config/vanilla_tiny.py)
@@ -122,6 +123,7 @@ for key, ok, what in [             # each setting's range, before anything is bu
         ("graphs", graphs in ("auto", "on", "off"), "auto, on or off"),
         ("ppl_depths", _fractions(ppl_depths), "layer-call ratios in (0, 1], e.g. --ppl_depths=0.9,0.8"),
         ("ppl_windows", _ints([ppl_windows], 1), "an int >= 1"),
+        ("ppl_calm", isinstance(ppl_calm, bool), "True or False"),
         ("calib_windows", _ints([calib_windows], 1), "an int >= 1"),
         ("target_tol", isinstance(target_tol, float) and 0 < target_tol < 1, "in (0, 1), e.g. 0.005"),
         ("speculative", _ints([speculative], 1) and speculative <= 64, "an int in 1..64 (4 is a good start)"),
@@ -842,12 +844,12 @@ def gap_closed(table, r):
 
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
-                  emit=lambda row: None):
+                  emit=lambda row: None, calm=True):
     """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers (static_drop_layers), and
     match the oracles (OracleSkip, whole layers and MLPs only), CALM's exits and each trained router of `trained`
     ([(FrozenRouters, file dict)]) to that layer-call ratio by search_cutoff on names[0]'s train split; then
     perplexity, agreement with full depth, work and gap_closed on every dataset's held-out split. emit(row) as each
-    row exists. -> (rows, calib)."""
+    row exists; calm=False leaves CALM's rows out. -> (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -870,8 +872,9 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
         emit(r)
     # CALM's exits: on exit_statistics a threshold's layer-call ratio is a lookup (exited tokens change later
     # ones only through their K/V, so the real ratio, measured below, lands close)
-    stats = exit_statistics(model, calib, bs)
-    progress("exit statistics at every layer on calibration text")
+    if calm:
+        stats = exit_statistics(model, calib, bs)
+        progress("exit statistics at every layer on calibration text")
 
     def row(depth, method, setting, ad):
         for d in names:
@@ -895,7 +898,7 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
             make = lambda v: OracleSkip(model, v, mlp_only)
             v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), 0.0, 4.0, target, target_tol)
             row(depth, method, f"||f(h)|| / ||h|| >= {v:.4g}" + ("" if ok else " (target missed)"), make(v))
-        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)):      # exit at any layer
+        for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)) if calm else ():   # any layer
             v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
                 DepthAdapter(model, router=kind, R=L - 1, base_layers=1, threshold=v))
@@ -924,7 +927,7 @@ def bench_ppl():
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]
     table, calib = quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows, ppl_windows,
-                                 seed, target_tol, lambda r: emit("ppl", r))
+                                 seed, target_tol, lambda r: emit("ppl", r), ppl_calm)
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %", "gap closed"]
     print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} "

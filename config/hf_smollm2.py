@@ -39,7 +39,9 @@
 # 2026-12-04 (the README's 90/80% table, one thread, 3 runs sharing the 2 cores): the best row with --self_distill=128
 # took 36.9 min (pydoc 16.04 / 24.12 at 90 / 80%); + --heal_rank=8 38.4 min (16.91 / 26.26: healing at rank 8 fits the
 # 128 answers, not the held-out text); --heal_rank=2 --self_distill=256 34.8 min (16.07 / 23.75; Shakespeare 45.10 /
-# 57.59); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5).
+# 57.59); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5). The healing run with
+# --dataset=pydoc (answers to prompts of pydoc's training words, 42.4 min): pydoc 15.47 / 21.73, Shakespeare 47.65 /
+# 61.71 (below the oracle at 80% on both texts; README's table).
 # Early exit (expert_choice, token_choice: a stopped token skips the last layers too) fails on this model: its last
 # layers turn a state into a prediction. Skipping, with the last layers kept, is what works.
 # Speed (1 thread, 2026-12-04, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts:

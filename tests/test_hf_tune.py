@@ -883,6 +883,9 @@ def test_gap_closed_column(tmp_path):
         assert r["gap closed"] == pytest.approx((static - r["ppl"]) / (static - oracle), rel=1e-9)
         checked += 1
     assert checked == 2 * 3                                                       # MLP oracle, confidence, entropy
+    rows, _ = bench.quality_table(model, tok, [], [str(tmp_path / "text.txt")], (0.8,), 16, 4, 4, 4, 0, 0.02,
+                                  calm=False)                                     # --ppl_calm=False: no CALM rows
+    assert [r["method"] for r in rows] == ["full depth", bench.STATIC_ROW, bench.ORACLE_ROW, "oracle skip, MLPs only"]
 
 
 # -----------------------------------------------------------------------------
