@@ -470,8 +470,9 @@ def cpu_linears(model, kernel="onednn"):
 
 def _onednn_forward(self, x):
     """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none). Under
-    torch.compile, one row (a decode step) is F.linear, which inductor turns into its own matrix-vector kernel, and a
-    few rows (a verify chunk) call oneDNN opaquely (_onednn_linear): inductor cannot lower the op on plain weights,
+    torch.compile, one row (a decode step at batch 1) is F.linear, which inductor turns into its own matrix-vector
+    kernel, and more rows (a batched step, a verify chunk) call oneDNN opaquely (_onednn_linear): inductor cannot
+    lower the op on plain weights,
     and its own code for a few rows is MKL's, which streams the weights slowly (the compiled rows of
     bench.py --mode=spec --graphs=on's verify table)."""
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):

@@ -1022,8 +1022,8 @@ class DepthAdapter:
     def decode_step(self, cache, tok, pos, slot):
         """tok, pos (B,): one token per row into cache slot `slot` -> Pass (logits (B, V)); or (B, T): a short chunk
         into slots slot.. (speculative decoding's verify pass) -> Pass (every position's logits, (B, T, V)). A
-        compiled cache runs a static plan's _static_step (a graph for T = 1, one for longer chunks), else
-        forward_chunk (on compiled layers at T = 1)."""
+        compiled cache runs a static plan's _static_step (graphs for T = 1, for the first longer T, then one for
+        any T: torch.compile's automatic dynamic shapes), else forward_chunk (on compiled layers at T = 1)."""
         one = tok.dim() == 1
         ids, pos = (tok[:, None], pos[:, None]) if one else (tok, pos)
         if not cache.static or self.static_layers is None:

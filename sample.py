@@ -55,6 +55,7 @@ speculative = 0                 # K > 0: the router (or a drafter file) drafts K
 lookup = 0                      # speculative: n > 0 drafts by prompt lookup of n-grams (no model call)
 compile = False                 # --hf: decode compiled (torch.compile; the first call compiles, ~10-40 s on a CPU):
                                 # a static plan's step whole, a routed kind's layers (decisions eager), a draft's steps
+                                # and speculative decoding's verify pass
 profile = False                 # --hf: print torch.profiler's top operators by self CPU time (where decode time goes)
 adapt_k = True                  # speculative: grow K after full acceptance, shrink it after an early rejection
 chat = "auto"                   # auto (use the chat template when the tokenizer has one) | yes | no

@@ -96,7 +96,8 @@ def generate(adapter, input_ids, attention_mask=None, max_new_tokens=32, K=4, ad
     kept: from p), so every token is distributed as p. Greedy is the same rule with p and q on their argmax. The
     cache stays exact: the verify pass overwrites every layer's K/V at the drafted slots, rejected slots are
     reused, and rows that kept different numbers are re-aligned (AdapterCache.realign). A cycle costs k draft
-    steps and one pass over k + 1 tokens (about one decode step at batch 1 on a GPU; about 1.2 on the CPU: README).
+    steps and one pass over k + 1 tokens (about one decode step at batch 1 on a GPU; 1.26 for 2 tokens on one CPU
+    thread, compiled: README).
 
     lookup=n (prompt lookup, Saxena 2023; _lookup): a cycle where every live row found a match drafts from it (q:
     all its mass on those tokens); otherwise the drafter or a routed adapter drafts, and a full-depth one (router

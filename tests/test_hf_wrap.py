@@ -530,7 +530,8 @@ def test_smollm2_full_depth_equals_generate():
 def test_compiled_static_decode_equals_eager(arch, kw, kernel):
     """generate(compile=True) runs _static_step under torch.compile(fullgraph=True): the same tokens and logits as
     the eager loop (batch 3, left padding), one graph, and a second call with the same shapes compiles nothing;
-    also on load_hf's oneDNN linears (data.cpu_linears), which hand over to inductor's own kernels when compiled."""
+    also on load_hf's oneDNN linears (data.cpu_linears), which a compiled graph calls as one opaque op for more
+    than one row (data._onednn_forward)."""
     model = tiny(arch)
     data.cpu_linears(model, kernel)
     ids, mask = prompts(3)
