@@ -15,11 +15,13 @@ Untrained routers route arbitrarily, so decode forces depths 1..R equally likely
 the split expert-choice's default capacities give); depth_dist='router' uses the model's own, and says so.
 """
 import contextlib
+import functools
 import math
 import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
 import hf_wrap
@@ -75,6 +77,7 @@ ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of th
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
+ppl_stop_tails = (2,)           # expert_choice's oracle stop row for each of these tail sizes (bench.OracleStop; () = none)
 ppl_calm = True                 # CALM's training-free exit rows too (~7 of a CPU run's ~35 min; False: leave them out)
 # --mode=diffusion: adaptive refinement against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)
@@ -124,6 +127,9 @@ for key, ok, what in [             # each setting's range, before anything is bu
         ("ppl_depths", _fractions(ppl_depths), "layer-call ratios in (0, 1], e.g. --ppl_depths=0.9,0.8"),
         ("ppl_windows", _ints([ppl_windows], 1), "an int >= 1"),
         ("ppl_calm", isinstance(ppl_calm, bool), "True or False"),
+        ("ppl_stop_tails", isinstance(ppl_stop_tails, (tuple, list)) and all(isinstance(t, int) and t >= 0 for t in
+                                                                             ppl_stop_tails),
+         "a tuple of tail sizes >= 0, e.g. (2, 8), or () for none"),
         ("calib_windows", _ints([calib_windows], 1), "an int >= 1"),
         ("target_tol", isinstance(target_tol, float) and 0 < target_tol < 1, "in (0, 1), e.g. 0.005"),
         ("speculative", _ints([speculative], 1) and speculative <= 64, "an int in 1..64 (4 is a good start)"),
@@ -831,6 +837,77 @@ class OracleSkip:
                         "kv_share": self.kv_share, "head_checks": 0, "head_share": 0.0}
 
 
+class OracleStop(OracleSkip):
+    """What expert_choice with tail_layers could reach with a perfect signal: each token stops at the first group
+    whose stopped prediction -- the state entering the group, through the tail layers, the final norm and the LM
+    head -- is within KL `threshold` of full depth's (the first token never stops: it is the attention sink). To
+    know that it runs every stop at once (the whole sequence stopped at each group in turn), so it is optimistic;
+    the perplexity and the work are then those of the adapter's rule on HF's forward: a stopped token keeps its
+    state through the groups left and writes its K/V from it, and every token runs the tail."""
+
+    def __init__(self, model, threshold, tail_layers, R=7, base_layers=2):
+        super().__init__(model, threshold)
+        L = len(self.layers)
+        self.units, self.tail = hf_wrap.group_layout(L, R, base_layers, tail_layers), L - tail_layers
+        self.group_of = {l: g for g, (a, b) in enumerate(self.units) for l in range(a, b)}
+        self._kl = {}
+
+    def at(self, threshold):
+        """This oracle at another threshold (the stops' KLs, computed once per batch, are kept)."""
+        self.threshold = threshold
+        return self
+
+    def _stop_kl(self, ids):
+        """(B, T, groups): KL(full depth || stopped at group g) per token, kept per batch of ids."""
+        from tune import _causal_mask
+        key = (tuple(ids.shape), hash(ids.cpu().numpy().tobytes()))
+        if key in self._kl:
+            return self._kl[key]
+        out = self.model(ids, output_hidden_states=True, use_cache=False)
+        full, inner, (B, T) = F.log_softmax(out.logits.float(), -1), self.model.model, ids.shape
+        pos = torch.arange(T, device=ids.device)[None].expand(B, T)
+        kl = []
+        for a, _ in self.units:
+            x = out.hidden_states[a]                      # the state entering the group
+            rope = inner.rotary_emb(x, pos)
+            for l in range(self.tail, len(self.layers)):
+                mask = _causal_mask(T, hf_wrap.layer_window(self.model.config, l), x)
+                x = self.layers[l](x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+            stopped = F.log_softmax(self.model.get_output_embeddings()(inner.norm(x)).float(), -1)
+            kl.append((full.exp() * (full - stopped)).sum(-1))
+        self._kl[key] = torch.stack(kl, -1)
+        return self._kl[key]
+
+    def _depths(self, ids):
+        """(B, T) long: the groups each token runs, by the rule above."""
+        close = self._stop_kl(ids) < self.threshold
+        close[:, 0] = False                               # the sink runs every group
+        G = len(self.units)
+        return torch.where(close.any(-1), close.float().argmax(-1), G)   # the first close group, else all
+
+    @torch.no_grad()
+    def prefill_logits(self, input_ids):
+        """input_ids (B, T) unpadded -> (logits (B, T, V) float32, stats as DepthAdapter.prefill_logits's)."""
+        ids = input_ids.to(self.embed.weight.device)
+        depth = self._depths(ids)
+
+        def edit(layer, args, kwargs, y, g):              # group g's layer: a token stopped before keeps h
+            h = args[0] if args else kwargs["hidden_states"]
+            return torch.where((depth > g)[..., None], y, h)
+        hooks = [self.layers[l].register_forward_hook(functools.partial(edit, g=g), with_kwargs=True)
+                 for l, g in self.group_of.items()]
+        try:
+            logits = self.model(ids, use_cache=False).logits.float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n, L = ids.numel(), len(self.layers)
+        sizes = torch.tensor([0] + [b - a for a, b in self.units], device=ids.device).cumsum(0)
+        calls = float((L - sizes[-1]) * n + sizes[depth].sum())     # the layers outside the groups, + groups run
+        return logits, {"layer_calls": calls, "tokens": n, "kv_only_layer_calls": n * L - calls,
+                        "kv_share": self.kv_share, "head_checks": 0, "head_share": 0.0}
+
+
 STATIC_ROW, ORACLE_ROW = "static drop (ShortGPT)", "oracle skip (sees f(h))"
 
 
@@ -844,12 +921,14 @@ def gap_closed(table, r):
 
 
 def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windows, ppl_windows, seed, target_tol,
-                  emit=lambda row: None, calm=True):
+                  emit=lambda row: None, calm=True, stop_tails=()):
     """--mode=ppl's rows. For each target depth f: drop n = round((1 - f) * L) layers (static_drop_layers), and
     match the oracles (OracleSkip, whole layers and MLPs only), CALM's exits and each trained router of `trained`
     ([(FrozenRouters, file dict)]) to that layer-call ratio by search_cutoff on names[0]'s train split; then
     perplexity, agreement with full depth, work and gap_closed on every dataset's held-out split. emit(row) as each
-    row exists; calm=False leaves CALM's rows out. -> (rows, calib)."""
+    row exists; calm=False leaves CALM's rows out; stop_tails: an OracleStop row for each of these tail sizes (7
+    groups after 2 base layers, as tune.py's expert_choice, fewer where the model has fewer layers). -> (rows,
+    calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -862,6 +941,10 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
         print(f"[{time.time() - t_start:6.0f} s] {what}", flush=True)
 
     influence = block_influence(model, calib, bs)
+    try:
+        stops = {t: OracleStop(model, 0.0, t, max(1, min(7, L - 2 - t))) for t in stop_tails}
+    except ValueError as e:
+        raise SystemExit(f"error: ppl_stop_tails={tuple(stop_tails)}: {e}") from None
     progress("block influence per layer (1 - cos(in, out), calibration text): "
              + " ".join(f"{l}:{b:.3f}" for l, b in enumerate(influence)))
     full = {d: eval_ppl(DepthAdapter(model), held[d], bs, keep_argmax=True) for d in names}
@@ -898,6 +981,10 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
             make = lambda v: OracleSkip(model, v, mlp_only)
             v, _, ok = search_cutoff(lambda v: eval_ppl(make(v), calib, bs), 0.0, 4.0, target, target_tol)
             row(depth, method, f"||f(h)|| / ||h|| >= {v:.4g}" + ("" if ok else " (target missed)"), make(v))
+        for tail, stop in stops.items():               # the same for early stopping (expert_choice)
+            v, _, ok = search_cutoff(lambda v: eval_ppl(stop.at(v), calib, bs), 0.0, 30.0, target, target_tol)
+            row(depth, f"oracle stop, expert_choice + tail {tail}", f"KL < {v:.4g}" + ("" if ok else
+                                                                                       " (target missed)"), stop.at(v))
         for kind, lo, hi in (("confidence", 1e-6, 1.0), ("entropy", 0.0, 12.0)) if calm else ():   # any layer
             v, _, ok = search_cutoff(lambda v: exit_ratio(stats, kind, v), lo, hi, target, target_tol)
             row(depth, f"{kind} exit (training-free)", f"threshold {v:.4g}" + ("" if ok else " (target missed)"),
@@ -927,7 +1014,7 @@ def bench_ppl():
         raise SystemExit(f"error: {e}")
     names = [d for d in dataset.split(",") if d]
     table, calib = quality_table(model, tok, trained, names, ppl_depths, T, batch_size, calib_windows, ppl_windows,
-                                 seed, target_tol, lambda r: emit("ppl", r), ppl_calm)
+                                 seed, target_tol, lambda r: emit("ppl", r), ppl_calm, ppl_stop_tails)
     cols = ["text", "target depth", "method", "setting", "ratio", "kv-only %", "head checks %", "ppl", "vs full %",
             "agree %", "gap closed"]
     print_table(f"perplexity at matched layer calls: {hf} ({L} layers), {ppl_windows} held-out windows of {T} "
@@ -935,7 +1022,8 @@ def bench_ppl():
                 f"{device_name()}; "
                 "ratio = layer calls / (tokens * L) on the held-out text (attention alone = its share of a layer), "
                 "kv-only = K/V-only work, head checks = LM-head calls of the exits, both in layers / (tokens * L); "
-                "the oracles see each layer's true update (optimistic, not optimal: OracleSkip); gap closed = "
+                "the oracles see each layer's true update, or each stop's true prediction (optimistic, not "
+                "optimal: OracleSkip, OracleStop); gap closed = "
                 "(static - ppl) / (static - oracle skip), above 1 beats the oracle",
                 table, cols)
     for d in names:
