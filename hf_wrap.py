@@ -251,13 +251,9 @@ class FrozenRouters(nn.Module):
                                                                     ("tail ", self.tail_layers),
                                                                     ("healing r", self.heal_rank)) if n)
 
-    def continue_weights(self, u, h, carry=None, hard=False, capacity=None, aux=None):
+    def continue_weights(self, u, h, carry=None, hard=False):
         """Training: unit u's continue weight w_u (B, T, 1) from the state h entering it, and what to
-        carry to unit u + 1. hard: straight-through (the 0/1 decision forward, the soft gradient back).
-        capacity (expert_choice): MoR's expert choice, non-causal as in its training: of the batch's tokens that
-        reach unit u, exactly the top `capacity` share by gate logit goes on (0/1 forward, straight-through back);
-        aux (a list) gets the BCE that teaches the causal gate to make that choice at bias 0 (MoR's auxiliary
-        loss), as inference decides token by token."""
+        carry to unit u + 1. hard: straight-through (the 0/1 decision forward, the soft gradient back)."""
         if self.kind == "token_choice":
             if u == 0:                                                        # one decision for all units
                 p = torch.softmax(self.gates[0](h), -1)                       # (B, T, U + 1) over depths
@@ -267,15 +263,7 @@ class FrozenRouters(nn.Module):
             return carry[..., u:u + 1], carry
         z = self.gates[u](h)                                                  # (B, T, 1)
         w = torch.sigmoid(z)
-        if capacity is not None:
-            reach = carry.detach() > 0.5 if carry is not None else torch.ones_like(z, dtype=torch.bool)
-            k = round(capacity * int(reach.sum()))
-            top = z.detach().float().masked_fill(~reach, -math.inf).flatten().topk(k).indices
-            chosen = torch.zeros(z.numel(), dtype=w.dtype, device=z.device).index_fill_(0, top, 1.0).view_as(z)
-            if aux is not None:                                               # over the tokens that reach u
-                aux.append(F.binary_cross_entropy_with_logits(z.float()[reach], chosen.float()[reach]))
-            w = chosen + w - w.detach()
-        elif hard:
+        if hard:
             w = (z > 0).to(w.dtype) + w - w.detach()
         if self.kind == "expert_choice" and carry is not None:
             w = w * carry                                                     # hierarchical: out is out for good

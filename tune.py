@@ -82,13 +82,6 @@ gate_entropy_weight = 0.1       # > 0 pushes soft weights toward 0/1, closer to 
 hard_gate_frac = -1.0           # the last fraction of max_iters runs 0/1 gates forward (straight-through gradients);
                                 # without it soft gates learn "run every layer at partial strength" (README table);
                                 # -1: the router kind's default (KIND_DEFAULTS: 0.5 for skip / ffn, 0 for the rest)
-budget = "penalty"              # how training holds target_active_ratio. penalty: the loss term above. topk
-                                # (expert_choice): MoR's expert choice, each group runs exactly the top
-                                # group_keep(target_active_ratio) share of the batch's tokens that reach it, by gate
-                                # logit (0/1 forward, straight-through back), and a BCE toward that choice
-                                # (aux_loss_weight) teaches the causal gate to make it at bias 0 (MoR's auxiliary
-                                # loss)
-aux_loss_weight = 0.1           # budget=topk's BCE weight
 # AdamW on the router parameters only, warmup then cosine (configurator.lr_at)
 learning_rate = 5e-3            # only ~100k router parameters: a high rate is fine
 min_lr = 5e-4
@@ -166,14 +159,13 @@ def _causal_mask(T, window, like):
     return torch.zeros(T, T, dtype=like.dtype, device=like.device).masked_fill_(~ok, -math.inf)[None, None]
 
 
-def soft_forward(model, routers, ids, influence=None, hard=False, capacity=None, aux=None):
+def soft_forward(model, routers, ids, influence=None, hard=False):
     """The tuning forward (module docstring) through HF's own layers, healed while routers carry healing
     (FrozenRouters.healed); w_u (B, T, 1) is read from the state entering unit u and weighs each of its layers'
     updates, so at 0/1 a stopped token keeps its state through the unit and writes its K/V from it, as in the
     adapter. routers=None: the model itself. ids (B, T) -> logits (B, T, V), weights (B, T, U) float32 (or None),
     {exit layer: its input state (B, T, C)}. influence: a list to append, per layer, sum over tokens of
-    1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward. capacity, aux:
-    budget=topk (FrozenRouters.continue_weights)."""
+    1 - cos(x_in, x_out). hard: 0/1 weights forward, the soft ones' gradient backward."""
     inner = model.model
     B, T = ids.shape
     x = inner.embed_tokens(ids)                                               # (B, T, C)
@@ -186,7 +178,7 @@ def soft_forward(model, routers, ids, influence=None, hard=False, capacity=None,
                 states[l] = x
             u = None if routers is None else routers.unit_of.get(l)
             if u is not None and routers.units[u][0] == l:                    # a unit starts: its weight, its input
-                w, carry = routers.continue_weights(u, x, carry, hard, capacity, aux)
+                w, carry = routers.continue_weights(u, x, carry, hard)
                 weights.append(w)
                 w, x_unit = w.to(x.dtype), x
             window = hf_wrap.layer_window(model.config, l)
@@ -328,8 +320,7 @@ VALUE_RULES = {
     "min_lr": _num(lambda v: v >= 0, ">= 0"), "weight_decay": _num(lambda v: v >= 0, ">= 0"),
     "beta1": _num(lambda v: 0 <= v < 1, "in [0, 1)"), "beta2": _num(lambda v: 0 <= v < 1, "in [0, 1)"),
     "grad_clip": _num(lambda v: v >= 0, ">= 0 (0 = off)"), "penalty_weight": _num(lambda v: v >= 0, ">= 0"),
-    "gate_entropy_weight": _num(lambda v: v >= 0, ">= 0"), "aux_loss_weight": _num(lambda v: v >= 0, ">= 0"),
-    "budget": ((lambda v: v in ("penalty", "topk")), "'penalty' or 'topk'"),
+    "gate_entropy_weight": _num(lambda v: v >= 0, ">= 0"),
     "target_mean_layers": _num(lambda v: v >= 0, ">= 0 (0 = off)"),
     "target_tol": _num(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.005"),
     "self_distill_temperature": _num(lambda v: v >= 0, ">= 0 (0 = greedy)"),
@@ -375,8 +366,6 @@ def check_config(cfg):
                           ("stand_in_rank", cfg["stand_in_rank"] == 0 or (cfg["router"] in ("skip", "ffn")
                                                                            and cfg["router_group"] == 1),
                            "0 unless router is skip or ffn with router_group=1"),
-                          ("budget", cfg["budget"] == "penalty" or cfg["router"] == "expert_choice",
-                           "'penalty' unless router is expert_choice (topk: the top of each group's tokens)"),
                           ("tail_layers", cfg["tail_layers"] == 0 or cfg["router"] in ("expert_choice", "token_choice"),
                            "0 unless router is expert_choice or token_choice"),
                           ("drafter", not (cfg["drafter"] and cfg["exit_head_layer"]), "False with exit_head_layer > 0 "
@@ -555,10 +544,6 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib, start=0,
     dev = model.get_input_embeddings().weight.device
     sizes = torch.tensor([float(b - a) for a, b in routers.units], device=dev)   # layers under each unit
     B, block, iters = cfg["batch_size"], cfg["block_size"], cfg["max_iters"]
-    capacity, loss_cfg = None, cfg                # budget=topk: each group's capacity holds the budget exactly
-    if cfg["budget"] == "topk":
-        capacity = hf_wrap.group_keep(cfg["target_active_ratio"], len(routers.units))
-        loss_cfg = dict(cfg, penalty_weight=0.0, gate_entropy_weight=0.0)
 
     def step(it):
         hard = it >= (1 - cfg["hard_gate_frac"]) * iters                      # the last part: straight-through
@@ -567,16 +552,12 @@ def train_gates(model, routers, cfg, train_ids, gen, checkpoint, calib, start=0,
         if cfg["loss"] == "kl":
             with torch.no_grad():
                 full_logits = soft_forward(model, None, X)[0]                 # the full model: what to keep
-        aux = []
-        logits, weights, _ = soft_forward(model, routers, X, hard=hard, capacity=capacity, aux=aux)
-        loss, parts = _tuning_loss(logits, Y, weights, loss_cfg, it, sizes, full_logits)
-        if aux:                                   # budget topk: the BCE that makes bias 0 the top-k's choice
-            parts["penalty"] = sum(a.item() for a in aux) / len(aux)
-            loss = loss + cfg["aux_loss_weight"] * sum(aux) / len(aux)
-        return loss, lambda lr: (f"loss {loss.item():.4f} ({cfg['loss']} {parts['fit']:.4f}, "
-                                 f"{'aux BCE' if aux else 'penalty'} {parts['penalty']:.4f}, entropy "
-                                 f"{parts['entropy']:.3f}), mean {'hard' if hard or aux else 'soft'} weight "
-                                 f"{parts['mean_weight']:.3f} (target {cfg['target_active_ratio']}), lr {lr:.2e}")
+        logits, weights, _ = soft_forward(model, routers, X, hard=hard)
+        loss, parts = _tuning_loss(logits, Y, weights, cfg, it, sizes, full_logits)
+        return loss, lambda lr: (f"loss {loss.item():.4f} ({cfg['loss']} {parts['fit']:.4f}, penalty "
+                                 f"{parts['penalty']:.4f}, entropy {parts['entropy']:.3f}), mean "
+                                 f"{'hard' if hard else 'soft'} weight {parts['mean_weight']:.3f} (target "
+                                 f"{cfg['target_active_ratio']}), lr {lr:.2e}")
 
     trained = [p for m in (routers.gates, routers.stand_ins) if m is not None for p in m.parameters()]
     if routers.heals is not None:                          # healing at its own rate (a LoRA moves the layers)

@@ -231,26 +231,6 @@ def test_continue_weights_follow_each_kind():
         torch.testing.assert_close(H, (depth > torch.arange(4)).float())
 
 
-def test_topk_budget_runs_exactly_each_groups_capacity():
-    """budget='topk' (MoR's expert choice in training): of the tokens that reach group u, exactly round(q * reached)
-    go on, the ones of highest gate logit, never one that an earlier group stopped; forward 0/1, backward the
-    sigmoid's gradient (straight-through); aux gets one BCE a group, toward that choice."""
-    ec = spread_routers("expert_choice").train()
-    h = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(4)).requires_grad_()
-    carry, ws, aux, q = None, [], [], 0.7
-    for u in range(4):
-        reached = torch.ones(3, 11, 1) if carry is None else carry.detach()
-        w, carry = ec.continue_weights(u, h, carry, capacity=q, aux=aux)
-        z = ec.gates[u](h).detach()
-        assert is_0_or_1(w) and int(w.sum()) == round(q * int(reached.sum()))
-        assert (w.detach() <= reached).all()                          # out is out for good
-        assert z[w > 0.5].min() >= z[(w < 0.5) & (reached > 0.5)].max()   # the top logits of those reached
-        ws.append(w)
-    assert len(aux) == 4 and all(a.ndim == 0 and a > 0 for a in aux)
-    (torch.cat(ws, -1).sum() + sum(aux)).backward()
-    assert all(g.net[-1].weight.grad.abs().sum() > 0 for g in ec.gates) and h.grad.abs().sum() > 0
-
-
 def test_token_choice_straight_through_gradient_is_the_soft_one():
     """hard=True forward is one-hot on the chosen depth; backward it is the softmax's (straight-through)."""
     tc = spread_routers("token_choice").train()
@@ -747,27 +727,6 @@ def test_tuning_trains_healing_and_tail_layers(tmp_path, monkeypatch):
     for key, value in [("tail_layers", 1), ("heal_rank", -1)]:
         with pytest.raises(SystemExit, match=key):
             tune.tune_routers(tune_config(out_dir=str(tmp_path / "e"), hf="x", dataset=text, **{key: value}))
-
-
-def test_tuning_with_the_topk_budget(tmp_path, monkeypatch, capsys):
-    """--budget=topk: the gates learn from the top-k choice (a log of its BCE, 0/1 weights at the budget), the file
-    loads and routes; with any other router kind it is refused."""
-    model, tok, text = served(tmp_path, monkeypatch)
-    common = dict(hf="some/model", dataset=text, router="expert_choice", R=2, keep_ratios=(0.5,), tail_layers=1,
-                  budget="topk")
-    tune.tune_routers(tune_config(out_dir=str(tmp_path / "a"), max_iters=0, **common))
-    start, _ = hf_wrap.load_routers(str(tmp_path / "a" / "routers.pt"), model.config, unfinished_ok=True)
-    tune.tune_routers(tune_config(out_dir=str(tmp_path / "b"), target_active_ratio=0.6, **common))
-    out = capsys.readouterr().out
-    assert "aux BCE" in out and "mean hard weight 0.6" in out
-    path = str(tmp_path / "b" / "routers.pt")
-    trained, _ = hf_wrap.load_routers(path, model.config)
-    before, after = start.gates.state_dict(), trained.gates.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    ad = DepthAdapter(model, router="expert_choice", router_path=path, keep_ratio=0.5)
-    assert ad.generate(torch.tensor([tok(TEXT[:40])["input_ids"]]), max_new_tokens=4)[1]["compute_saved_pct"] > 0
-    with pytest.raises(SystemExit, match="budget"):
-        tune.tune_routers(tune_config(out_dir=str(tmp_path / "c"), hf="x", dataset=text, router="skip", budget="topk"))
 
 
 # -----------------------------------------------------------------------------
