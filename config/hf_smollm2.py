@@ -42,8 +42,14 @@
 # 57.59); --router expert_choice (soft gates, 2 tail layers) 29.1 min (81.85 / 631.5). The healing run with
 # --dataset=pydoc (answers to prompts of pydoc's training words, 42.4 min): pydoc 15.47 / 21.73, Shakespeare 47.65 /
 # 61.71 (below the oracle at 80% on both texts; README's table).
-# Early exit (expert_choice, token_choice: a stopped token skips the last layers too) fails on this model: its last
-# layers turn a state into a prediction. Skipping, with the last layers kept, is what works.
+# Early exit (expert_choice, token_choice: a stopped token skips the last layers too) needs more than 2 tail layers on
+# this model: its last layers turn a state into a prediction. 2026-12-04, one thread, the same bench with
+# --ppl_stop_tails="(2,8)" --ppl_calm=False (40 min; 90 / 80% on pydoc, Shakespeare):
+#   --router=expert_choice --tail_layers=8 --target_active_ratio=0.7 --dataset=pydoc (21.4 min): 21.64 / 43.19, 62.60 /
+#   93.22 (README; tail 2: 81.85 / 631.5). Its oracle (bench.OracleStop): 17.97 / 41.56 with 8 tail layers, 24.07 /
+#   282.6 with 2. + --heal_rank=2 (22.0 min): 21.12 / 42.44, 71.55 / 120.3. MoR's own top-k training (each group keeps exactly its
+#   capacity of the batch's tokens, straight-through, an auxiliary BCE; tried and removed): 131.4 / 205.6 with 8 tail
+#   layers, 229.4 / 7,310 with 2. Skipping, with the last layers kept, is what works.
 # Speed (1 thread, 2026-12-04, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts:
 #   python bench.py --mode=spec --hf=smollm2-135m --routers=<best>,<healing r2> \
 #       --decoders='no_skip,static drop,routed' --graphs=on --new_tokens=64 --repeats=3 --threads=1 --lookup=0):
