@@ -77,7 +77,7 @@ ppl_depths = (0.9, 0.8, 0.7)    # layer-call ratios to match, as fractions of th
 ppl_windows = 128               # held-out windows of block_size tokens for the perplexities
 calib_windows = 32              # train-split windows: block influence and every threshold search use these
 target_tol = 0.005              # threshold searches stop within this of the target layer-call ratio
-ppl_stop_tails = (2,)           # expert_choice's oracle stop row for each of these tail sizes (bench.OracleStop; () = none)
+ppl_stop_tails = (2,)           # expert_choice's oracle stop row at each of these tail sizes (OracleStop; () = none)
 ppl_calm = True                 # CALM's training-free exit rows too (~7 of a CPU run's ~35 min; False: leave them out)
 # --mode=diffusion: adaptive refinement against fixed passes (diffusion.py)
 diffusion_dir = "out-diffusion-tiny"   # the model (python train.py config/diffusion_tiny.py)

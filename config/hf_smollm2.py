@@ -47,9 +47,9 @@
 # --ppl_stop_tails="(2,8)" --ppl_calm=False (40 min; 90 / 80% on pydoc, Shakespeare):
 #   --router=expert_choice --tail_layers=8 --target_active_ratio=0.7 --dataset=pydoc (21.4 min): 21.64 / 43.19, 62.60 /
 #   93.22 (README; tail 2: 81.85 / 631.5). Its oracle (bench.OracleStop): 17.97 / 41.56 with 8 tail layers, 24.07 /
-#   282.6 with 2. + --heal_rank=2 (22.0 min): 21.12 / 42.44, 71.55 / 120.3. MoR's own top-k training (each group keeps exactly its
-#   capacity of the batch's tokens, straight-through, an auxiliary BCE; tried and removed): 131.4 / 205.6 with 8 tail
-#   layers, 229.4 / 7,310 with 2. Skipping, with the last layers kept, is what works.
+#   282.6 with 2. + --heal_rank=2 (22.0 min): 21.12 / 42.44, 71.55 / 120.3. MoR's own top-k training (each group
+#   keeps exactly its capacity of the batch's tokens, straight-through, an auxiliary BCE; tried and removed): 131.4 /
+#   205.6 with 8 tail layers, 229.4 / 7,310 with 2. Skipping, with the last layers kept, is what works.
 # Speed (1 thread, 2026-12-04, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts:
 #   python bench.py --mode=spec --hf=smollm2-135m --routers=<best>,<healing r2> \
 #       --decoders='no_skip,static drop,routed' --graphs=on --new_tokens=64 --repeats=3 --threads=1 --lookup=0):
