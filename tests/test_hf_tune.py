@@ -12,6 +12,7 @@ model, every gate shut = those layers dropped); ffn routing never skips attentio
 that fraction; static dropping removes the lowest-influence layers and never layer 0; the bias search lands on
 its target; the oracle (bench.OracleSkip) is exact at share 1 and its perplexity monotone in the share.
 """
+import functools
 import math
 import os
 import subprocess
@@ -19,6 +20,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -835,29 +837,51 @@ def test_oracle_is_exact_at_full_share_and_keeps_h_below_its_threshold(arch):
     assert st["layer_calls"] == pytest.approx((attn_share * n + (1 - attn_share) * B) * LAYERS)
 
 
-def test_oracle_stop_is_exact_at_threshold_0_and_stops_by_the_adapters_rule():
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])                # qwen2: sliding-window layers in the tail
+def test_oracle_stop_is_exact_at_threshold_0_and_stops_by_the_adapters_rule(arch):
     """bench.OracleStop (expert_choice's oracle, tail 1 on 6 layers: groups 2, 3, 4, then layer 5 for everyone).
-    KL < 0 stops nobody: the model's own logits, every layer call. A threshold every stop is under: every token but
-    the first (the sink) stops at the first group, so it keeps the state entering layer 2 through layers 2-4 (the
-    model with those layers' outputs replaced by their inputs after the first token), and the tail runs for all.
-    Between, fewer layer calls as the threshold rises; at() reuses the stops' KLs."""
-    model = tiny("llama")
+    Each group's stop KL is the KL to full depth of the model whose layers from that group to the tail return their
+    input (everyone stopped there). KL < 0 stops nobody: the model's own logits, every layer call. A middle threshold:
+    each token (but the first, the sink) runs the groups before its first close one, and the logits and the work are
+    those of the model whose group layers keep the input of the tokens that stopped before them. Above every KL:
+    everyone but the sink stops at the first group. at() reuses the stops' KLs; fewer calls as the threshold rises."""
+    model = tiny(arch)
     ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(8))
     (B, T), n = ids.shape, ids.numel()
+
+    def hooked(keep):                                              # layers 2..4 keep y where keep(l), else h
+        def edit(layer, args, kwargs, y, l):
+            return torch.where(keep(l)[..., None], y, args[0] if args else kwargs["hidden_states"])
+        hooks = [model.model.layers[l].register_forward_hook(functools.partial(edit, l=l), with_kwargs=True)
+                 for l in (2, 3, 4)]
+        with torch.no_grad():
+            out = model(ids).logits.float()
+        for hook in hooks:
+            hook.remove()
+        return out
+
     with torch.no_grad():
         want = model(ids).logits
+    full = F.log_softmax(want.float(), -1)
     stop = bench.OracleStop(model, 0.0, tail_layers=1, R=3)
     assert stop.units == [(2, 3), (3, 4), (4, 5)]
+    kl = stop._stop_kl(ids)
+    for g, a in enumerate((2, 3, 4)):
+        q = F.log_softmax(hooked(lambda l: torch.full((B, T), l < a)), -1)
+        torch.testing.assert_close(kl[..., g], (full.exp() * (full - q)).sum(-1).clamp_min(0), atol=1e-5, rtol=1e-4)
     logits, st = stop.prefill_logits(ids)
     assert torch.equal(logits, want) and st["layer_calls"] == n * LAYERS and st["kv_only_layer_calls"] == 0
+    v = float(kl[:, 1:].flatten().quantile(0.3))
+    depth = torch.full((B, T), 3)
+    for b in range(B):
+        for t in range(1, T):
+            depth[b, t] = next((g for g in range(3) if kl[b, t, g] < v), 3)
+    assert 3 in depth[:, 1:] and len(set(depth[:, 1:].flatten().tolist())) >= 2   # mixed: some never stop
+    logits, st = stop.at(v).prefill_logits(ids)
+    torch.testing.assert_close(logits, hooked(lambda l: depth > l - 2))
+    assert st["layer_calls"] == n * 3 + int(depth.sum())
     logits, st = stop.at(1e9).prefill_logits(ids)
-    def keep_first(layer, args, kwargs, y):                       # the sink's output; the others' input
-        return torch.cat([y[:, :1], (args[0] if args else kwargs["hidden_states"])[:, 1:]], 1)
-    hooks = [model.model.layers[l].register_forward_hook(keep_first, with_kwargs=True) for l in (2, 3, 4)]
-    with torch.no_grad():
-        torch.testing.assert_close(logits, model(ids).logits)
-    for hook in hooks:
-        hook.remove()
+    torch.testing.assert_close(logits, hooked(lambda l: torch.arange(T)[None].expand(B, T) == 0))
     assert st["layer_calls"] == n * 3 + B * 3 and st["kv_only_layer_calls"] == (n - B) * 3
     ratios = [tune.eval_ppl(stop.at(v), ids)["layer_ratio"] for v in (0.0, 1e-3, 1e-2, 0.1, 1.0, 1e9)]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] == 1.0 > ratios[-1]
