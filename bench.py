@@ -859,6 +859,7 @@ class OracleStop(OracleSkip):
         self.threshold = threshold
         return self
 
+    @torch.no_grad()
     def _stop_kl(self, ids):
         """(B, T, groups): KL(full depth || stopped at group g) per token, kept per batch of ids."""
         from tune import _causal_mask
