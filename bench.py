@@ -929,8 +929,8 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
     ([(FrozenRouters, file dict)]) to that layer-call ratio by search_cutoff on names[0]'s train split; then
     perplexity, agreement with full depth, work and gap_closed on every dataset's held-out split. emit(row) as each
     row exists; calm=False leaves CALM's rows out; stop_tails: an OracleStop row for each of these tail sizes (7
-    groups after 2 base layers, as tune.py's expert_choice, fewer where the model has fewer layers). -> (rows,
-    calib)."""
+    groups after 2 base layers, as tune.py's expert_choice; fewer of both where the model has fewer layers). ->
+    (rows, calib)."""
     from hf_wrap import DepthAdapter
     from tune import block_influence, eval_ppl, search_cutoff
     L = model.config.num_hidden_layers
@@ -944,7 +944,8 @@ def quality_table(model, tok, trained, names, depths, T, batch_size, calib_windo
 
     influence = block_influence(model, calib, bs)
     try:
-        stops = {t: OracleStop(model, 0.0, t, max(1, min(7, L - 2 - t))) for t in stop_tails}
+        base = {t: max(1, min(2, L - 1 - t)) for t in stop_tails}        # fewer where the model is small
+        stops = {t: OracleStop(model, 0.0, t, max(1, min(7, L - base[t] - t)), base[t]) for t in stop_tails}
     except ValueError as e:
         raise SystemExit(f"error: ppl_stop_tails={tuple(stop_tails)}: {e}") from None
     progress("block influence per layer (1 - cos(in, out), calibration text): "

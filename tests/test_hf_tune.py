@@ -939,6 +939,11 @@ def test_gap_closed_column(tmp_path):
     rows, _ = bench.quality_table(model, tok, [], [str(tmp_path / "text.txt")], (0.8,), 16, 4, 4, 4, 0, 0.02,
                                   calm=False)                                     # --ppl_calm=False: no CALM rows
     assert [r["method"] for r in rows] == ["full depth", bench.STATIC_ROW, bench.ORACLE_ROW, "oracle skip, MLPs only"]
+    rows, _ = bench.quality_table(model, tok, [], [str(tmp_path / "text.txt")], (0.8,), 16, 4, 4, 4, 0, 0.02,
+                                  calm=False, stop_tails=(2,))                   # --ppl_stop_tails: OracleStop's row
+    assert rows[-1]["method"] == "oracle stop, expert_choice + tail 2" and rows[-1]["gap closed"] is not None
+    with pytest.raises(SystemExit, match=r"ppl_stop_tails=\(6,\).*tail_layers=6"):   # no layers left to route
+        bench.quality_table(model, tok, [], [str(tmp_path / "text.txt")], (0.8,), 16, 4, 4, 4, 0, 0.02, stop_tails=(6,))
 
 
 # -----------------------------------------------------------------------------
