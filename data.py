@@ -17,6 +17,7 @@ by position (the last 10% is validation).
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -447,9 +448,9 @@ def load_hf(name_or_path, device="cpu", dtype="float32", trust_remote_code=False
 
 
 def cpu_linears(model, kernel="onednn"):
-    """The CPU kernel of the model's float32 nn.Linear layers without gradients: "onednn" (load_hf's choice, so
-    transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the weights
-    for a few rows far below memory bandwidth (bench.py --mode=spec: the "MKL linears" row). Results equal
+    """The CPU kernel of the model's float32 and bfloat16 nn.Linear layers without gradients: "onednn" (load_hf's
+    choice, so transformers and DepthAdapter run the same kernels) or "mkl" (torch's default), which streams the
+    weights for a few rows far below memory bandwidth (bench.py --mode=spec: the "MKL linears" row). Results equal
     F.linear's to float32 rounding; unaligned weights are copied once. -> the number of layers switched."""
     if kernel not in ("onednn", "mkl"):
         raise ValueError(f"cpu_linears kernel={kernel!r}: use 'onednn' or 'mkl' (torch's default).")
@@ -459,7 +460,8 @@ def cpu_linears(model, kernel="onednn"):
         if type(m) is not torch.nn.Linear:
             continue
         m.__dict__.pop("forward", None)                                       # back to nn.Linear.forward
-        if kernel == "onednn" and op is not None and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
+        if (kernel == "onednn" and op is not None and m.weight.device.type == "cpu"
+                and m.weight.dtype in (torch.float32, torch.bfloat16)):
             for p in m.parameters():
                 if p.data_ptr() % 64:
                     p.data = p.data.clone()                                   # aligned (ties stay tied: one Parameter)
@@ -469,19 +471,56 @@ def cpu_linears(model, kernel="onednn"):
 
 
 def _onednn_forward(self, x):
-    """nn.Linear.forward through oneDNN; F.linear where autograd needs a gradient (oneDNN's op has none). Under
-    torch.compile, one row (a decode step at batch 1) is F.linear, which inductor turns into its own matrix-vector
-    kernel, and more rows (a batched step, a verify chunk) call oneDNN opaquely (_onednn_linear): inductor cannot
-    lower the op on plain weights,
-    and its own code for a few rows is MKL's, which streams the weights slowly (the compiled rows of
-    bench.py --mode=spec --graphs=on's verify table)."""
+    """nn.Linear.forward through oneDNN (float32; bfloat16 eager: F.linear); F.linear where autograd needs a
+    gradient (oneDNN's op has none). Under torch.compile, up to FEW_ROWS rows (a decode step at batch 1, a
+    speculative verify chunk) are few_rows_linear, a multiply and a sum that reads each weight once for all rows;
+    more rows (a batched step) call oneDNN opaquely (_onednn_linear): inductor cannot lower the op on plain
+    weights, and its own code for a few rows is MKL's, which streams the weights slowly."""
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return torch.nn.functional.linear(x, self.weight, self.bias)
     if torch.compiler.is_compiling():
-        if x.numel() == x.shape[-1]:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return _onednn_linear(x, self.weight, self.bias)
+        if x.numel() <= FEW_ROWS * x.shape[-1]:
+            return few_rows_linear(x, self.weight, self.bias)
+        if self.weight.dtype == torch.float32:
+            return _onednn_linear(x, self.weight, self.bias)
+    if self.weight.dtype != torch.float32:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+FEW_ROWS = 8     # a verify chunk of K + 1 tokens at batch 1 (sample.py's --speculative is at most 7 here)
+
+
+def few_rows_linear(x, weight, bias=None, block=16):
+    """F.linear for x (..., in) of at most FEW_ROWS rows, written as multiplies and sums accumulated in float32,
+    which inductor fuses into one pass over the weight at about the speed a `sum` streams memory; a matrix-vector
+    product (MKL's, oneDNN's) reads it ~1.7x slower on one thread of this CPU (a float32 decode step of
+    SmolLM2-135M: 40 -> 21 ms). Two rows inductor fuses as they are. Three or more are blocked: `block` outputs at
+    a time, every row's sums over that block's weights while they sit in cache, after the rows are copied out
+    (_rows: fused into the sums, their producer, a norm or an activation, would be recomputed for every output).
+    So a verify chunk of 2 / 3 / 5 tokens reads the weights once (bench.py --mode=spec's verify table). Compiled
+    code only (eager, it would build the (rows, out, in) products); the row count is part of the graph."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    w, (n, d), out = weight.float(), rows.shape, weight.shape[0]
+    if n <= 2:                                                                # inductor fuses two sums itself
+        y = torch.stack([(rows[i] * w).sum(-1) for i in range(n)])           # (n, out)
+    else:
+        block = math.gcd(out, block)
+        y = (w.view(out // block, 1, block, d) * _rows(rows)[None, :, None, :]).sum(-1)   # (out/block, n, block)
+        y = y.permute(1, 0, 2).reshape(n, out)
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out)
+
+
+@torch.library.custom_op("nanomor::rows", mutates_args=())
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a buffer of their own: an op torch.compile calls, not fuses (few_rows_linear)."""
+    return x.clone()
+
+
+@_rows.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("nanomor::onednn_linear", mutates_args=())

@@ -1022,16 +1022,18 @@ class DepthAdapter:
     def decode_step(self, cache, tok, pos, slot):
         """tok, pos (B,): one token per row into cache slot `slot` -> Pass (logits (B, V)); or (B, T): a short chunk
         into slots slot.. (speculative decoding's verify pass) -> Pass (every position's logits, (B, T, V)). A
-        compiled cache runs a static plan's _static_step (graphs for T = 1, for the first longer T, then one for
-        any T: torch.compile's automatic dynamic shapes), else forward_chunk (on compiled layers at T = 1)."""
+        compiled cache runs a static plan's _static_step (a graph for each T: on a CPU, data.few_rows_linear
+        unrolls the rows), else forward_chunk (on compiled layers at T = 1)."""
         one = tok.dim() == 1
         ids, pos = (tok[:, None], pos[:, None]) if one else (tok, pos)
         if not cache.static or self.static_layers is None:
             return self.forward_chunk(cache, ids, pos, slot, all_logits=not one)
         (B, T), dev = ids.shape, ids.device
         cache.pos[:, slot:slot + T] = pos
-        logits, h = self.compiled_step(cache.k, cache.v, cache.key_valid, ids, pos,
-                                       torch.arange(slot, slot + T, device=dev))
+        slots = torch.arange(slot, slot + T, device=dev)
+        for t in (ids, pos, slots):                                           # one graph per width T
+            torch._dynamo.mark_static(t, -1)
+        logits, h = self.compiled_step(cache.k, cache.v, cache.key_valid, ids, pos, slots)
         return Pass(logits[:, 0].clone() if one else logits.clone(), torch.full((B, T), self.static_depth, device=dev),
                     torch.full((B, T), float(len(self.static_layers)), device=dev), h.clone(), 0, 0)
 

@@ -522,6 +522,39 @@ def test_smollm2_full_depth_equals_generate():
 
 
 # -----------------------------------------------------------------------------
+@pytest.mark.slow                                                              # cold compiles: ~20 s
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_batch1_decode_on_cpu_linears(dtype):
+    """At batch 1 a compiled step's Linear layers (load_hf's, data.cpu_linears) are data.few_rows_linear, multiplies
+    and sums that inductor streams: F.linear's numbers to rounding for 1 to FEW_ROWS rows (eager and compiled), the
+    eager loop's greedy tokens and logits, and a verify chunk of 2 and of 5 tokens (speculative decoding's, one
+    graph each) equal to the eager chunk's logits, with float32 and bfloat16 weights (qwen2: the q/k/v biases)."""
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    w, b = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
+    fast = torch.compile(data.few_rows_linear, fullgraph=True, dynamic=False)
+    for n in (1, 2, 3, 5, data.FEW_ROWS):
+        x = torch.randn(1, n, 64, dtype=dtype)
+        torch.testing.assert_close(data.few_rows_linear(x, w, b), F.linear(x, w, b), **tol)
+        torch.testing.assert_close(fast(x, w, b), F.linear(x, w, b), **tol)
+    model = tiny("qwen2").to(dtype)
+    assert data.cpu_linears(model) == sum(type(m) is nn.Linear for m in model.modules())
+    ids = prompts(1)[0]
+    ad = DepthAdapter(model)
+    ref, st_ref = ad.generate(ids, max_new_tokens=12, return_logits=True)
+    out, st = ad.generate(ids, max_new_tokens=12, return_logits=True, compile=True)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(st["logits"], st_ref["logits"], **tol)
+    with torch.no_grad():
+        for T in (2, 5):
+            chunk = ref[:, ids.shape[1]:ids.shape[1] + T]
+            passes = []
+            for static in (False, True):
+                cache, x, pos, _ = ad.new_cache(ids, max_new_tokens=8, compile=static)
+                ad.forward_chunk(cache, x, pos, 0)
+                passes.append(ad.decode_step(cache, chunk, pos[:, -1:] + 1 + torch.arange(T), x.shape[1]))
+            torch.testing.assert_close(passes[1].logits, passes[0].logits, **tol)
+
+
 # Decode a CUDA graph can capture: a static plan's step compiled whole (CPU proxy: inductor on the CPU)
 
 @pytest.mark.slow                                                              # a cold compile: 5-15 s
