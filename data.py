@@ -488,7 +488,7 @@ def _onednn_forward(self, x):
     return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-FEW_ROWS = 8     # a verify chunk of K + 1 tokens at batch 1 (sample.py's --speculative is at most 7 here)
+FEW_ROWS = 8     # a verify chunk of K + 1 tokens at batch 1 (hf_wrap.DepthAdapter.decode_step: a graph per width)
 
 
 def few_rows_linear(x, weight, bias=None, block=16):

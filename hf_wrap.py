@@ -1022,8 +1022,8 @@ class DepthAdapter:
     def decode_step(self, cache, tok, pos, slot):
         """tok, pos (B,): one token per row into cache slot `slot` -> Pass (logits (B, V)); or (B, T): a short chunk
         into slots slot.. (speculative decoding's verify pass) -> Pass (every position's logits, (B, T, V)). A
-        compiled cache runs a static plan's _static_step (a graph for each T: on a CPU, data.few_rows_linear
-        unrolls the rows), else forward_chunk (on compiled layers at T = 1)."""
+        compiled cache runs a static plan's _static_step (a graph for each T up to 8 rows, then one for any T:
+        torch.compile's automatic dynamic shapes), else forward_chunk (on compiled layers at T = 1)."""
         one = tok.dim() == 1
         ids, pos = (tok[:, None], pos[:, None]) if one else (tok, pos)
         if not cache.static or self.static_layers is None:
@@ -1031,8 +1031,9 @@ class DepthAdapter:
         (B, T), dev = ids.shape, ids.device
         cache.pos[:, slot:slot + T] = pos
         slots = torch.arange(slot, slot + T, device=dev)
-        for t in (ids, pos, slots):                                           # one graph per width T
-            torch._dynamo.mark_static(t, -1)
+        if B * T <= 8:               # a graph per width: on a CPU its rows unroll (data.few_rows_linear, FEW_ROWS)
+            for t in (ids, pos, slots):
+                torch._dynamo.mark_static(t, -1)
         logits, h = self.compiled_step(cache.k, cache.v, cache.key_valid, ids, pos, slots)
         return Pass(logits[:, 0].clone() if one else logits.clone(), torch.full((B, T), self.static_depth, device=dev),
                     torch.full((B, T), float(len(self.static_layers)), device=dev), h.clone(), 0, 0)
