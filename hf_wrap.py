@@ -35,6 +35,7 @@ import contextlib
 import math
 import os
 import time
+import types
 import warnings
 from collections import namedtuple
 
@@ -632,7 +633,7 @@ class DepthAdapter:
         self.counts_groups = router in GROUP_ROUTERS                         # depth: groups run (else layers)
         self.attn_always = router == "ffn"                                   # ffn: attention always runs
         # generate(compile=True): pooled caches, a static plan's step, the layer step of the routed kinds
-        self.static_cache, self.compiled_step, self.compiled_layer = {}, None, None
+        self.static_cache, self.compiled_step, self.compiled_layer, self.compiled_head = {}, None, None, None
         self._full = self if router == "none" else None    # full_depth(): the verify pass of speculative decoding
 
     @staticmethod
@@ -932,7 +933,8 @@ class DepthAdapter:
             x, depth, cost, kv_only = self._routed(c, x)
             cache.calibrate_next = False
         h = x.unflatten(0, (B, T))
-        return Pass(self._logits(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T), h, kv_only,
+        head = self.compiled_head if c.compiled and self.compiled_head is not None else self._logits
+        return Pass(head(h if all_logits else h[:, -1]), depth.view(B, T), cost.view(B, T), h, kv_only,
                     c.head_checks)
 
     def _routed(self, c, x):
@@ -1160,7 +1162,15 @@ class DepthAdapter:
         if self.compiled_layer is None:
             mode = "reduce-overhead" if self.embed.weight.device.type == "cuda" else None
             self.compiled_step = torch.compile(self._static_step, fullgraph=True, mode=mode)
-            self.compiled_layer = torch.compile(self._decode_layer, fullgraph=True)
+            # A routed step calls the layer step ~30 times, and torch.compile checks its guards at every call: those
+            # on the torch.nn modules (Linear, Embedding: their attributes) are skipped, which is sound because this
+            # adapter's layers all share one structure and nothing changes them after loading; the guards on shapes
+            # and on the arguments (healing, stand-in, gate, or None) stay. Guards live with the compiled code, so
+            # this adapter gets a copy of _decode_layer's code of its own: another model's graphs never run here.
+            self.compiled_layer = torch.compile(_own_code(self._decode_layer), fullgraph=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe})
+            if self.exit_head is None:                  # the final norm and LM head of a routed step: 21% of its bytes
+                self.compiled_head = torch.compile(_own_code(self._logits), fullgraph=True)
             # _decode_layer's graphs: one per (attn, MLP, healing, stand-in, gate) that occurs, up to 16 or so
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
@@ -1236,6 +1246,15 @@ class DepthAdapter:
 
 def n_weights(module):
     return sum(p.numel() for p in module.parameters())
+
+
+def _own_code(method):
+    """The bound method with a fresh copy of its code object: torch.compile keeps its graphs and their guards per
+    code object, so a compiled copy shares them with nobody (DepthAdapter.compile)."""
+    f = method.__func__
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    return types.MethodType(g, method.__self__)
 
 
 def now(device):
