@@ -559,6 +559,20 @@ def decode_mask(key_valid, slot, window):
     return (seen if window is None else seen & (j > slot[:, None] - window))[:, None]
 
 
+def decode_attention(q, k, v, mask, scale):
+    """A compiled step's attention: q (B, H, T, hd) over the whole cache k, v (B, H_kv, S, hd) under mask (B, 1, T,
+    S). On a CPU, for a few rows, written as multiplies, sums and a softmax that inductor fuses with the layer
+    around it (SDPA is an opaque call there, ~4% of a SmolLM2-135M decode step); elsewhere SDPA."""
+    B, H, T, hd = q.shape
+    if q.device.type != "cpu" or B * T > 8 or not torch.compiler.is_compiling():
+        return sdpa(q, k, v, mask, scale=scale)
+    g = H // k.shape[1]                                                       # query heads per K/V head
+    q = q.float().unflatten(1, (-1, g))[:, :, :, :, None]                      # (B, H_kv, g, T, 1, hd)
+    scores = (q * k.float()[:, :, None, None]).sum(-1) * scale               # (B, H_kv, g, T, S)
+    p = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(-1)
+    return (p[..., None] * v.float()[:, :, None, None]).sum(-2).flatten(1, 2).to(v.dtype)    # (B, H, T, hd)
+
+
 def layer_window(config, i):
     """Layer i's sliding window, None = full attention: config.layer_types (Qwen2/Qwen3), else sliding_window."""
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
@@ -1073,7 +1087,7 @@ class DepthAdapter:
         if attn_on:
             q = self._proj(attn.q_proj, a, heal, "q_proj")
             q = apply_rope(self._heads(q, getattr(attn, "q_norm", None)), cos, sin)   # (B, [T,] H, hd)
-            o = sdpa(by_head(q), k, v, mask, scale=attn.scaling)             # (B, H, T, hd)
+            o = decode_attention(by_head(q), k, v, mask, attn.scaling)       # (B, H, T, hd)
             x = x + self._proj(attn.o_proj, o.transpose(1, 2).reshape(x.shape[:-1] + (-1,)), heal, "o_proj")
         if mlp_on:
             x = x + self._mlp(layer.mlp, layer.post_attention_layernorm(x), heal)
