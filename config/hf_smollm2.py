@@ -50,13 +50,13 @@
 #   282.6 with 2. + --heal_rank=2 (22.0 min): 21.12 / 42.44, 71.55 / 120.3. MoR's own top-k training (each group
 #   keeps exactly its capacity of the batch's tokens, straight-through, an auxiliary BCE; tried and removed): 131.4 /
 #   205.6 with 8 tail layers, 229.4 / 7,310 with 2. Skipping, with the last layers kept, is what works.
-# Speed (1 thread, 2026-12-07, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts,
-# a tuning run on the other core; the best row retuned in 18.8 min: held-out ppl 12.38 vs 8.78 at 70.6% of calls):
-#   python bench.py --mode=spec --hf=smollm2-135m --routers=<best> --decoders='no_skip,routed,prompt lookup' \
-#       --graphs=on --speculative=3 --lookup=3 --new_tokens=64 --repeats=3 --threads=1
-# --no_skip compiled 50.7 tok/s (data.few_rows_linear; 17.6 on 2026-12-04); the best routers at bias 0 (69.6% of
-# layer calls) compiled 52.7 (1.04x; eager 33.9). Batch-1 compiled decode runs each layer's gate inside the layer
-# before's compiled call (hf_wrap._routed_one); what is left is ~30 graph calls a step, each with its guard checks.
+# Speed (1 thread, 2026-12-07, medians of 3 interleaved runs, prefill included, 64 greedy tokens on the chat prompts;
+# the best row retuned in 18.8 min: held-out ppl 12.38 vs 8.78 at 70.6% of layer calls), the README's command
+#   python bench.py --mode=spec --hf=smollm2-135m --routers=<best>,<drafter> --decoders='no_skip,routed,prompt \
+#       lookup,drafter' --graphs=on --speculative=3 --lookup=3 --new_tokens=64 --repeats=3 --threads=1
+# --no_skip compiled 42.3 tok/s; the best routers at bias 0 (69.6% of layer calls) compiled 51.5 (1.22x; eager 30.0).
+# Batch-1 compiled decode runs each layer's gate inside the layer before's compiled call (hf_wrap._routed_one), ~30
+# compiled calls a step without guard checks on torch.nn modules; the LM head (21% of a token's bytes) always runs.
 hf = "smollm2-135m"
 router = "ffn"
 # the text: 256 answers, made as config/hf_spec_draft.py makes its (128 new tokens each, temperature 0.7, 16 at a

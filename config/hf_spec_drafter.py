@@ -8,9 +8,9 @@
 # Measured on the 2-core AMD EPYC CPU: the answers took 8.2 min, the base states 1.6 min, the 400 steps ~11 min. On
 # the held-out tenth, its first 1 / 2 / 3 drafts in a row are the full model's 51.0% / 29.6% / 20.1% (tuning's last
 # line); decoding the bench prompts, its first draft is kept ~26-32% of the time, and adaptive K settles at 1.
-# Rerun 2026-12-04 (one thread, sharing the 2 cores with a tuning run: 60.4 min, 28 of them the answers): the same
-# 51.0% / 29.6% / 20.1%. Decoding (README's speculative table, 1 thread): behind prompt lookup and compiled, 1.27x
-# transformers generate and 1.08x compiled full depth; alone, compiled, 1.17x and 0.99x.
+# Rerun 2026-12-07 (one thread, 21.4 min with the answers made): 50.9% / 29.8% / 20.0%. Decoding (README's
+# speculative table, 1 thread, compiled steps at ~the bandwidth): behind prompt lookup, 1.04x compiled full depth;
+# alone 0.99x. A verify pass of 2 tokens costs 1.14 steps, and the first draft is kept ~27% on the bench prompts.
 # Plain text as well, on the answers this run saves (held out 49.0% / 27.6% / 17.2%):
 #   python tune.py config/hf_spec_drafter.py --self_distill=0 --dataset=out-spec-drafter-greedy/self_distill.txt \
 #       --drafter_text=pydoc --out_dir=out-spec-drafter-pydoc
