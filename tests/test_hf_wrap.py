@@ -613,16 +613,18 @@ def test_compiled_layer_steps_are_not_shared_between_models():
     """DepthAdapter.compile skips torch.compile's guards on the torch.nn modules (~30 layer calls a routed step), so
     each adapter compiles its own copy of the layer step: two llamas of the same shapes and classes, one with biases
     (attention_bias, mlp_bias: an nn.Linear attribute, so unguarded), routed and compiled in one process, each give
-    its own eager tokens and logits; so does a qwen2."""
+    its own eager tokens and logits; so does a qwen2. The same for the static full-depth step (a graph of the whole
+    model, its guards skipped alike)."""
     torch._dynamo.reset()
     for arch, kw in (("llama", {}), ("llama", dict(attention_bias=True, mlp_bias=True)), ("qwen2", {})):
         model = tiny(arch, **kw)
         for m in model.modules():                                              # biases: not HF's zeros
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.normal_(m.bias, std=0.5)
-        ad = DepthAdapter(model, router="skip", R=3, random_routers=True)
         ids = prompts(1)[0]
-        ref, st_ref = ad.generate(ids, max_new_tokens=12, return_logits=True)
-        out, st = ad.generate(ids, max_new_tokens=12, return_logits=True, compile=True)
-        assert 0 < st_ref["compute_saved_pct"] < 100 and torch.equal(out, ref), (arch, kw)
-        torch.testing.assert_close(st["logits"], st_ref["logits"], atol=1e-4, rtol=1e-4)
+        for ad in (DepthAdapter(model, router="skip", R=3, random_routers=True), DepthAdapter(model, no_skip=True)):
+            ref, st_ref = ad.generate(ids, max_new_tokens=12, return_logits=True)
+            out, st = ad.generate(ids, max_new_tokens=12, return_logits=True, compile=True)
+            assert (0 < st_ref["compute_saved_pct"] < 100) == (ad.router == "skip"), (arch, kw)
+            assert torch.equal(out, ref), (arch, kw, ad.router)
+            torch.testing.assert_close(st["logits"], st_ref["logits"], atol=1e-4, rtol=1e-4)
