@@ -17,7 +17,6 @@ by position (the last 10% is validation).
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -491,23 +490,19 @@ def _onednn_forward(self, x):
 FEW_ROWS = 8     # a verify chunk of K + 1 tokens at batch 1 (hf_wrap.DepthAdapter.decode_step: a graph per width)
 
 
-def few_rows_linear(x, weight, bias=None, block=16):
+def few_rows_linear(x, weight, bias=None):
     """F.linear for x (..., in) of at most FEW_ROWS rows, written as multiplies and sums accumulated in float32,
     which inductor fuses into one pass over the weight at about the speed a `sum` streams memory; a matrix-vector
-    product (MKL's, oneDNN's) reads it ~1.7x slower on one thread of this CPU (a float32 decode step of
-    SmolLM2-135M: 40 -> 21 ms). Two rows inductor fuses as they are. Three or more are blocked: `block` outputs at
-    a time, every row's sums over that block's weights while they sit in cache, after the rows are copied out
-    (_rows: fused into the sums, their producer, a norm or an activation, would be recomputed for every output).
-    So a verify chunk of 2 / 3 / 5 tokens reads the weights once (bench.py --mode=spec's verify table). Compiled
-    code only (eager, it would build the (rows, out, in) products); the row count is part of the graph."""
+    product (MKL's, oneDNN's) reads it ~1.7x slower on one thread of an AVX2 CPU (a float32 decode step of
+    SmolLM2-135M: 40 -> 21 ms). Every row's sum runs in one loop over the weight, each with its own accumulator, so
+    a verify chunk of 2 / 3 / 5 tokens reads the weights once (bench.py --mode=spec's verify table). From three rows
+    on, the rows are first copied out (_rows): fused into the sums, their producer (a norm, an activation) would be
+    recomputed for every output of every row. Compiled code only (eager, it would build the (out, in) product per
+    row); the row count is part of the graph."""
     rows = x.reshape(-1, x.shape[-1]).float()
-    w, (n, d), out = weight.float(), rows.shape, weight.shape[0]
-    if n <= 2:                                                                # inductor fuses two sums itself
-        y = torch.stack([(rows[i] * w).sum(-1) for i in range(n)])           # (n, out)
-    else:
-        block = math.gcd(out, block)
-        y = (w.view(out // block, 1, block, d) * _rows(rows)[None, :, None, :]).sum(-1)   # (out/block, n, block)
-        y = y.permute(1, 0, 2).reshape(n, out)
+    w, n, out = weight.float(), rows.shape[0], weight.shape[0]
+    rows = rows if n <= 2 else _rows(rows)
+    y = torch.stack([(rows[i] * w).sum(-1) for i in range(n)])           # (n, out)
     y = y if bias is None else y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], out)
 
