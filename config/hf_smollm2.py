@@ -55,6 +55,8 @@
 #   python bench.py --mode=spec --hf=smollm2-135m --routers=<best>,<drafter> --decoders='no_skip,routed,prompt \
 #       lookup,drafter' --graphs=on --speculative=3 --lookup=3 --new_tokens=64 --repeats=3 --threads=1
 # --no_skip compiled 42.3 tok/s; the best routers at bias 0 (69.6% of layer calls) compiled 51.5 (1.22x; eager 30.0).
+# Again 2026-12-07 on an AVX-512 CPU, --speculative=1, after the full-depth step also skipped the torch.nn guards:
+# --no_skip compiled 39.1 tok/s, the best routers compiled 44.0 (1.13x; 1.19x in the run before).
 # Batch-1 compiled decode runs each layer's gate inside the layer before's compiled call (hf_wrap._routed_one), ~30
 # compiled calls a step without guard checks on torch.nn modules; the LM head (21% of a token's bytes) always runs.
 hf = "smollm2-135m"
