@@ -12,8 +12,8 @@
 # speculative table, 1 thread, compiled steps at ~the bandwidth): behind prompt lookup, 1.04x compiled full depth;
 # alone 0.99x. A verify pass of 2 tokens costs 1.14 steps, and the first draft is kept ~27% on the bench prompts.
 # On an AVX-512 CPU (2-token verify 1.06 steps), adaptive from K=1 (--speculative=1): prompt lookup else it
-# 1.06-1.14x compiled full depth, alone 1.02-1.05x. Retrained on answers to pydoc words' prompts (--dataset=pydoc, 32.7 min):
-# held out 48.6% / 27.1% / 17.6%, alone 1.04x in the same run: no better.
+# 1.06-1.14x compiled full depth, alone 1.02-1.05x. Retrained on answers to pydoc words' prompts
+# (--dataset=pydoc, 32.7 min): held out 48.6% / 27.1% / 17.6%, alone 1.04x in the same run: no better.
 # Plain text as well, on the answers this run saves (held out 49.0% / 27.6% / 17.2%):
 #   python tune.py config/hf_spec_drafter.py --self_distill=0 --dataset=out-spec-drafter-greedy/self_distill.txt \
 #       --drafter_text=pydoc --out_dir=out-spec-drafter-pydoc
