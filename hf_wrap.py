@@ -1179,10 +1179,12 @@ class DepthAdapter:
             # skipped, which is sound because this adapter's layers all share one structure and nothing changes them
             # after loading; the guards on shapes and on the arguments (healing, stand-in, gate, or None) stay.
             # Guards live with the compiled code, so this adapter compiles copies of the methods' code of its own:
-            # another model's graphs never run here. On a GPU, CUDA graphs ("reduce-overhead") as well.
-            opts = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe,
-                    "triton.cudagraphs": self.embed.weight.device.type == "cuda"}
-            self.compiled_step = torch.compile(_own_code(self._static_step), fullgraph=True, options=opts)
+            # another model's graphs never run here. On a GPU the static step also replays as a CUDA graph
+            # ("reduce-overhead"); the layer step does not: a routed step calls it ~30 times a token, and a replay
+            # would overwrite the outputs of the call before.
+            opts = {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}
+            cuda = {"triton.cudagraphs": self.embed.weight.device.type == "cuda"}
+            self.compiled_step = torch.compile(_own_code(self._static_step), fullgraph=True, options={**opts, **cuda})
             self.compiled_layer = torch.compile(_own_code(self._decode_layer), fullgraph=True, options=opts)
             if self.exit_head is None:                  # the final norm and LM head of a routed step: 21% of its bytes
                 self.compiled_head = torch.compile(_own_code(self._logits), fullgraph=True, options=opts)
